@@ -1,0 +1,577 @@
+//! `Core`: one event-loop thread. It owns its poll, listeners, connections,
+//! timer wheel, scratch buffer and inbound channel; other threads reach it
+//! only through [`Shared`] (mesh inboxes, directory, counters, flags).
+//!
+//! One iteration: poll (park only if nothing is pending, after announcing it)
+//! -> note readiness -> accept (capped) -> drain the inbound channel -> read
+//! ready connections (budgeted; skipped under backpressure or drain) -> apply
+//! local deliveries and kicks -> timers -> flush dirty connections (one
+//! writev run each) -> send this iteration's cross-core batches.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use super::conn::{CloseReason, Conn, Queued};
+use super::directory::Directory;
+use super::listener::{Listener, ListenerKind};
+use super::mesh::{Batch, Envelope, Inbox, Outgoing};
+use super::metrics::CoreMetrics;
+use super::outbox::{Chunk, Flush};
+use super::rely::{self, Actions};
+use super::timer::{Timer, Wheel};
+use super::ConnId;
+use crate::config::Config;
+
+/// Timer resolution.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Timer wheel buckets (51.2 s per turn at 100 ms ticks).
+const WHEEL_SLOTS: usize = 512;
+/// Reads per connection per iteration before yielding to the others.
+const READS_PER_ITERATION: usize = 4;
+/// How long an accept failure (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses a
+/// listener instead of spinning on it.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Poll timeout while cross-core batches wait for room.
+const OVERFLOW_RETRY: Duration = Duration::from_millis(1);
+
+const WAKER: Token = Token(usize::MAX);
+const LISTENER_BASE: usize = usize::MAX / 2;
+
+/// What all cores share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The validated configuration.
+    pub cfg: Config,
+    /// Client id -> connection.
+    pub directory: Directory,
+    /// One inbox per core.
+    pub inboxes: Arc<[Inbox]>,
+    /// One counter set per core.
+    pub metrics: Box<[CoreMetrics]>,
+    /// Set once to begin a graceful shutdown.
+    pub shutdown: AtomicBool,
+}
+
+impl Shared {
+    /// Begins a graceful shutdown on every core.
+    pub fn begin_shutdown(&self) {
+        if !self.shutdown.swap(true, Ordering::SeqCst) {
+            for inbox in self.inboxes.iter() {
+                inbox.wake();
+            }
+        }
+    }
+}
+
+/// Everything a core thread needs, built before the thread starts so that
+/// bind errors surface in `Server::start`.
+pub struct CoreSetup {
+    /// Core index.
+    pub index: usize,
+    /// Its poll (the waker is registered on it).
+    pub poll: Poll,
+    /// Its inbound channel.
+    pub rx: Receiver<Batch>,
+    /// Its listeners (one per configured address).
+    pub listeners: Vec<(ListenerKind, std::net::TcpListener)>,
+}
+
+/// One event loop.
+pub struct Core {
+    index: usize,
+    shared: Arc<Shared>,
+    poll: Poll,
+    listeners: Vec<Listener>,
+    conns: Slab<Conn>,
+    next_gen: u64,
+    max_conns: usize,
+    scratch: Box<[u8]>,
+    rx: Receiver<Batch>,
+    mesh: Outgoing,
+    actions: Actions,
+    /// Connections with unread input (key, gen).
+    ready: Vec<(usize, u64)>,
+    /// Connections with queued output (key, gen).
+    dirty: Vec<(usize, u64)>,
+    wheel: Wheel,
+    fired: Vec<Timer>,
+    epoch: Instant,
+    now: u64,
+    idle_ticks: Option<u64>,
+    drain_deadline: Option<Instant>,
+}
+
+impl Core {
+    /// Builds the core; registers its listeners.
+    pub fn new(setup: CoreSetup, shared: Arc<Shared>) -> io::Result<Core> {
+        let cfg = &shared.cfg;
+        let mut listeners = Vec::new();
+        for (i, (kind, l)) in setup.listeners.into_iter().enumerate() {
+            let addr = l.local_addr()?;
+            let mut sock = mio::net::TcpListener::from_std(l);
+            setup.poll.registry().register(
+                &mut sock,
+                Token(LISTENER_BASE + i),
+                Interest::READABLE,
+            )?;
+            listeners.push(Listener {
+                sock,
+                kind,
+                addr,
+                pending: true,
+                paused_until: None,
+            });
+        }
+        let max_conns = cfg.max_connections.div_ceil(cfg.workers).max(1);
+        let idle_ticks = cfg
+            .rely
+            .idle_timeout
+            .map(|d| (d.as_millis() / TICK.as_millis()).max(1) as u64);
+        Ok(Core {
+            index: setup.index,
+            poll: setup.poll,
+            listeners,
+            conns: Slab::with_capacity(1024.min(max_conns)),
+            next_gen: 1,
+            max_conns,
+            scratch: vec![0u8; cfg.read_buffer].into_boxed_slice(),
+            rx: setup.rx,
+            mesh: Outgoing::new(shared.inboxes.clone()),
+            actions: Actions::default(),
+            ready: Vec::new(),
+            dirty: Vec::new(),
+            wheel: Wheel::new(WHEEL_SLOTS, 0),
+            fired: Vec::new(),
+            epoch: Instant::now(),
+            now: 0,
+            idle_ticks,
+            drain_deadline: None,
+            shared,
+        })
+    }
+
+    fn metrics(&self) -> &CoreMetrics {
+        &self.shared.metrics[self.index]
+    }
+
+    /// Runs until shutdown completes.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let busy_poll = self.shared.cfg.busy_poll;
+        loop {
+            let timeout = self.poll_timeout(busy_poll);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("core {}: poll failed: {e}", self.index);
+                    break;
+                }
+            }
+            self.shared.inboxes[self.index].unpark();
+            let instant = Instant::now();
+            self.now = (instant - self.epoch).as_millis() as u64 / TICK.as_millis() as u64;
+            self.metrics().loop_iterations.inc();
+
+            for ev in events.iter() {
+                let t = ev.token();
+                if t == WAKER {
+                    continue;
+                }
+                if t.0 >= LISTENER_BASE {
+                    if let Some(l) = self.listeners.get_mut(t.0 - LISTENER_BASE) {
+                        l.pending = true;
+                    }
+                    continue;
+                }
+                let Some(c) = self.conns.get_mut(t.0) else {
+                    continue;
+                };
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    c.readable = true;
+                    if !c.in_ready {
+                        c.in_ready = true;
+                        self.ready.push((t.0, c.gen));
+                    }
+                }
+                if ev.is_writable() {
+                    c.writable = true;
+                    if !c.out.is_empty() && !c.in_dirty {
+                        c.in_dirty = true;
+                        self.dirty.push((t.0, c.gen));
+                    }
+                }
+            }
+
+            if self.drain_deadline.is_none() && self.shared.shutdown.load(Ordering::Acquire) {
+                self.begin_drain(instant);
+            }
+            if self.drain_deadline.is_none() {
+                self.accept(instant);
+            }
+            self.drain_inbox();
+            if self.drain_deadline.is_none() {
+                if self.mesh.backpressured() {
+                    self.metrics().mesh_backpressure.inc();
+                } else {
+                    self.read_ready();
+                }
+            }
+            self.apply_actions();
+            self.run_timers();
+            self.flush_dirty();
+            self.mesh.flush();
+
+            if let Some(deadline) = self.drain_deadline {
+                let flushed =
+                    self.conns.iter().all(|(_, c)| c.out.is_empty()) && !self.mesh.has_pending();
+                if flushed || instant >= deadline {
+                    if !flushed {
+                        log::warn!(
+                            "core {}: shutdown grace expired with output still queued",
+                            self.index
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.close(k, CloseReason::Shutdown);
+        }
+        log::debug!("core {} stopped", self.index);
+    }
+
+    fn poll_timeout(&self, busy_poll: bool) -> Option<Duration> {
+        let now = Instant::now();
+        let accept_ready = self.drain_deadline.is_none()
+            && self
+                .listeners
+                .iter()
+                .any(|l| l.pending && l.paused_until.is_none_or(|t| t <= now));
+        if busy_poll || !self.ready.is_empty() || accept_ready {
+            return Some(Duration::ZERO);
+        }
+        if self.mesh.has_pending() || self.drain_deadline.is_some() {
+            return Some(OVERFLOW_RETRY);
+        }
+        let inbox = &self.shared.inboxes[self.index];
+        inbox.park();
+        if !self.rx.is_empty() {
+            inbox.unpark();
+            return Some(Duration::ZERO);
+        }
+        let mut t = TICK;
+        for l in &self.listeners {
+            if let Some(until) = l.paused_until {
+                t = t.min(until.saturating_duration_since(now));
+            }
+        }
+        Some(t)
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        log::debug!("core {}: draining", self.index);
+        for mut l in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut l.sock);
+        }
+        self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
+    }
+
+    fn accept(&mut self, now: Instant) {
+        let batch = self.shared.cfg.accept_batch;
+        for li in 0..self.listeners.len() {
+            let l = &mut self.listeners[li];
+            if !l.pending || l.paused_until.is_some_and(|t| t > now) {
+                continue;
+            }
+            l.paused_until = None;
+            let mut accepted = 0;
+            while accepted < batch {
+                let l = &mut self.listeners[li];
+                match l.sock.accept() {
+                    Ok((stream, peer)) => {
+                        accepted += 1;
+                        self.add_conn(stream, peer);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        l.pending = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                    Err(e) => {
+                        // EMFILE, ENFILE, ENOBUFS, ENOMEM: pause rather than spin.
+                        log::warn!(
+                            "core {}: accept on {} failed: {e}; pausing {:?}",
+                            self.index,
+                            l.addr,
+                            ACCEPT_PAUSE
+                        );
+                        l.paused_until = Some(now + ACCEPT_PAUSE);
+                        self.shared.metrics[self.index].accept_errors.inc();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
+        let m = &self.shared.metrics[self.index];
+        if self.conns.len() >= self.max_conns {
+            m.rejected_limit.inc();
+            log::debug!(
+                "core {}: connection limit {} reached, refusing {peer}",
+                self.index,
+                self.max_conns
+            );
+            return;
+        }
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("{peer}: TCP_NODELAY failed: {e}");
+        }
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("{peer}: register failed: {e}");
+            return;
+        }
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        entry.insert(Conn::new(gen, stream, peer, self.now));
+        if let Some(idle) = self.idle_ticks {
+            self.wheel.arm(Timer {
+                due: self.now + idle,
+                key,
+                gen,
+            });
+        }
+        m.accepted.inc();
+        m.connections.set(self.conns.len() as u64);
+        log::debug!("core {}: accepted {peer}", self.index);
+    }
+
+    fn drain_inbox(&mut self) {
+        // Bounded: at most what was in the channel when we started.
+        for _ in 0..self.rx.len() {
+            let Ok(batch) = self.rx.try_recv() else { break };
+            for env in batch {
+                match env {
+                    Envelope::Deliver { to, data } => self.deliver(to, data),
+                    Envelope::Kick { conn } => self.kick(conn),
+                }
+            }
+        }
+    }
+
+    fn live(&self, id: ConnId) -> bool {
+        debug_assert_eq!(id.core as usize, self.index);
+        self.conns
+            .get(id.slot as usize)
+            .is_some_and(|c| c.gen == id.gen)
+    }
+
+    fn kick(&mut self, id: ConnId) {
+        if self.live(id) {
+            self.shared.metrics[self.index].kicked_login.inc();
+            self.close(id.slot as usize, CloseReason::Kicked);
+        }
+    }
+
+    fn deliver(&mut self, to: ConnId, data: Chunk) {
+        let m = &self.shared.metrics[self.index];
+        let key = to.slot as usize;
+        let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == to.gen) else {
+            m.dropped_dead_conn.inc();
+            return;
+        };
+        let rely = &self.shared.cfg.rely;
+        match c.queue(data, rely.max_output_bytes, rely.slow_consumer) {
+            Queued::Yes => {
+                m.delivered.inc();
+                if !c.in_dirty {
+                    c.in_dirty = true;
+                    self.dirty.push((key, c.gen));
+                }
+            }
+            Queued::Dropped => m.slow_consumer_drop.inc(),
+            Queued::Disconnect => {
+                m.slow_consumer_disconnect.inc();
+                log::debug!(
+                    "{}: slow consumer ({} bytes queued), disconnecting",
+                    c.peer,
+                    c.out.bytes()
+                );
+                self.close(key, CloseReason::SlowConsumer);
+            }
+        }
+    }
+
+    fn read_ready(&mut self) {
+        let ready = std::mem::take(&mut self.ready);
+        let mut again = Vec::new();
+        for (key, gen) in ready {
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.gen == gen) else {
+                continue;
+            };
+            conn.in_ready = false;
+            let m = &self.shared.metrics[self.index];
+            let mut cx = rely::Ctx {
+                core: self.index as u16,
+                dir: &self.shared.directory,
+                cfg: &self.shared.cfg.rely,
+                metrics: m,
+                mesh: &mut self.mesh,
+                actions: &mut self.actions,
+                now: self.now,
+            };
+            let mut close = None;
+            let mut reads = 0;
+            while conn.readable {
+                if reads == READS_PER_ITERATION {
+                    conn.in_ready = true;
+                    again.push((key, gen));
+                    break;
+                }
+                reads += 1;
+                match conn.stream.read(&mut self.scratch) {
+                    Ok(0) => {
+                        close = Some(CloseReason::PeerClosed);
+                        break;
+                    }
+                    Ok(n) => {
+                        m.bytes_in.add(n as u64);
+                        // A short read drained the socket; a new arrival
+                        // raises a new edge.
+                        if n < self.scratch.len() {
+                            conn.readable = false;
+                        }
+                        if let Some(r) = rely::on_bytes(conn, key, &self.scratch[..n], &mut cx) {
+                            close = Some(r);
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log::debug!("{}: read error: {e}", conn.peer);
+                        close = Some(CloseReason::IoError);
+                        break;
+                    }
+                }
+            }
+            if let Some(r) = close {
+                self.count_close(r);
+                self.close(key, r);
+            }
+            // Deliveries to this core go out in read order before the next
+            // connection's, keeping per-pair order.
+            self.apply_actions();
+        }
+        self.ready.extend(again);
+    }
+
+    fn count_close(&self, r: CloseReason) {
+        let m = self.metrics();
+        match r {
+            CloseReason::Protocol => m.protocol_errors.inc(),
+            CloseReason::NotLoggedIn => m.not_logged_in.inc(),
+            CloseReason::Spoofed => m.spoofed_from.inc(),
+            _ => {}
+        }
+    }
+
+    fn apply_actions(&mut self) {
+        let mut local = std::mem::take(&mut self.actions.local);
+        for (to, data) in local.drain(..) {
+            self.deliver(to, data);
+        }
+        self.actions.local = local;
+        let mut kicks = std::mem::take(&mut self.actions.kicks);
+        for id in kicks.drain(..) {
+            self.kick(id);
+        }
+        self.actions.kicks = kicks;
+    }
+
+    fn run_timers(&mut self) {
+        let Some(idle) = self.idle_ticks else { return };
+        self.wheel.advance(self.now, &mut self.fired);
+        let fired = std::mem::take(&mut self.fired);
+        for t in &fired {
+            let Some(c) = self.conns.get(t.key).filter(|c| c.gen == t.gen) else {
+                continue;
+            };
+            let due = c.last_active + idle;
+            if due <= self.now {
+                log::debug!("{}: idle timeout", c.peer);
+                self.metrics().idle_timeouts.inc();
+                self.close(t.key, CloseReason::Idle);
+            } else {
+                self.wheel.arm(Timer { due, ..*t });
+            }
+        }
+        self.fired = fired;
+        self.fired.clear();
+    }
+
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut queued = 0u64;
+        for &(key, gen) in &dirty {
+            let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == gen) else {
+                continue;
+            };
+            c.in_dirty = false;
+            if !c.writable {
+                queued += c.out.bytes() as u64;
+                continue; // a writable event re-lists it
+            }
+            match c.out.flush_to(&mut c.stream) {
+                Ok((n, status)) => {
+                    self.shared.metrics[self.index].bytes_out.add(n as u64);
+                    if status == Flush::WouldBlock {
+                        c.writable = false;
+                        queued += c.out.bytes() as u64;
+                    }
+                }
+                Err(e) => {
+                    log::debug!("{}: write error: {e}", c.peer);
+                    self.close(key, CloseReason::IoError);
+                }
+            }
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+        self.metrics().queued_bytes.set(queued);
+    }
+
+    /// Closes a connection: directory cleanup (epoch-checked), slab removal,
+    /// socket drop.
+    fn close(&mut self, key: usize, reason: CloseReason) {
+        let Some(mut c) = self.conns.try_remove(key) else {
+            return;
+        };
+        if let Some(l) = c.login.take() {
+            self.shared.directory.logout(&l.id, l.epoch);
+        }
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let m = &self.shared.metrics[self.index];
+        m.closed.inc();
+        m.connections.set(self.conns.len() as u64);
+        log::debug!("core {}: closed {} ({reason:?})", self.index, c.peer);
+    }
+}

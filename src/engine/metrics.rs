@@ -1,0 +1,111 @@
+//! Per-core counters. Each core is the only writer of its own
+//! [`CoreMetrics`], so an increment is a plain load and store (no locked
+//! instruction on the hot path); any thread may read them for reports.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A counter written by one thread and read by any.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one. Only the owning core may call this.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// Adds `n`. Only the owning core may call this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    /// Sets a gauge. Only the owning core may call this.
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+macro_rules! metrics {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// One core's counters.
+        #[derive(Debug, Default)]
+        pub struct CoreMetrics { $( $(#[$doc])* pub $name: Counter, )* }
+
+        /// A point-in-time copy of counters (one core or summed).
+        #[derive(Debug, Default, Clone, PartialEq, Eq)]
+        pub struct Snapshot { $( $(#[$doc])* pub $name: u64, )* }
+
+        impl CoreMetrics {
+            /// Copies the counters.
+            pub fn snapshot(&self) -> Snapshot {
+                Snapshot { $( $name: self.$name.get(), )* }
+            }
+        }
+
+        impl Snapshot {
+            /// Adds another snapshot into this one.
+            pub fn add(&mut self, o: &Snapshot) {
+                $( self.$name += o.$name; )*
+            }
+            /// (name, value) pairs, for text reports.
+            pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name), )* ]
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Open connections (gauge).
+    connections,
+    /// Connections accepted.
+    accepted,
+    /// Connections closed for any reason.
+    closed,
+    /// Connections refused because the core was at its connection limit.
+    rejected_limit,
+    /// accept(2) failures (EMFILE and friends); the listener pauses.
+    accept_errors,
+    /// Frames decoded.
+    frames_in,
+    /// Bytes read from sockets.
+    bytes_in,
+    /// Bytes written to sockets.
+    bytes_out,
+    /// Messages queued for a local or remote connection.
+    delivered,
+    /// Messages handed to another core.
+    cross_core,
+    /// Heartbeats received.
+    heartbeats,
+    /// Transfers to an id nobody is logged in as (discarded).
+    dropped_offline,
+    /// Messages for a connection that closed or whose slot was reused.
+    dropped_dead_conn,
+    /// Messages dropped by the `drop` slow-consumer policy.
+    slow_consumer_drop,
+    /// Connections closed by the `disconnect` slow-consumer policy.
+    slow_consumer_disconnect,
+    /// Connections closed because a newer login took their id.
+    kicked_login,
+    /// Connections closed for malformed frames.
+    protocol_errors,
+    /// Transfers before login (closed).
+    not_logged_in,
+    /// Transfers whose FromClientID is not the login id (closed).
+    spoofed_from,
+    /// Connections closed for inactivity.
+    idle_timeouts,
+    /// Loop iterations in which reading was paused because a cross-core
+    /// channel was full.
+    mesh_backpressure,
+    /// Bytes queued in output buffers (gauge, updated each iteration).
+    queued_bytes,
+    /// Event-loop iterations.
+    loop_iterations,
+}

@@ -1,0 +1,199 @@
+//! A connection's output queue: chunks written with `writev`, bounded in
+//! bytes by its owner (see `Conn::queue`). Chunks are either owned by this
+//! queue or shared by reference with other queues (fan-out encodes once).
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// iovecs per `writev`; Linux's IOV_MAX is 1024. No cap on how many queued
+/// messages one flush takes beyond this (uWebSockets' cap of 32 costs 10x).
+const IOV_BATCH: usize = 512;
+
+/// Bytes to send, owned or shared.
+#[derive(Debug, Clone)]
+pub enum Chunk {
+    /// Bytes for this connection only.
+    Owned(Box<[u8]>),
+    /// Bytes shared with other connections (encoded once).
+    Shared(Arc<[u8]>),
+}
+
+impl Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(b) => b,
+            Chunk::Shared(a) => a,
+        }
+    }
+}
+
+impl From<&[u8]> for Chunk {
+    fn from(b: &[u8]) -> Self {
+        Chunk::Owned(b.into())
+    }
+}
+
+/// Outcome of a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Everything was written.
+    Done,
+    /// The socket is full; wait for a writable event.
+    WouldBlock,
+}
+
+/// The queue.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    q: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    head: usize,
+    /// Unwritten bytes in the queue.
+    bytes: usize,
+}
+
+impl Outbox {
+    /// Unwritten bytes.
+    #[inline]
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// True when nothing is waiting.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Queued chunks.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// Heap bytes held by the queue's index (not the chunks).
+    pub fn index_capacity(&self) -> usize {
+        self.q.capacity() * std::mem::size_of::<Chunk>()
+    }
+
+    /// Appends a chunk (empty chunks are ignored).
+    #[inline]
+    pub fn push(&mut self, c: Chunk) {
+        if c.is_empty() {
+            return;
+        }
+        self.bytes += c.len();
+        self.q.push_back(c);
+    }
+
+    /// Writes as much as the socket takes, `IOV_BATCH` chunks per `writev`,
+    /// until empty or `WouldBlock`. Returns the bytes written and the outcome.
+    pub fn flush_to<W: Write>(&mut self, w: &mut W) -> io::Result<(usize, Flush)> {
+        let mut written = 0;
+        while !self.q.is_empty() {
+            let mut iov: [IoSlice<'_>; IOV_BATCH] = [IoSlice::new(&[]); IOV_BATCH];
+            let mut n = 0;
+            for (i, c) in self.q.iter().take(IOV_BATCH).enumerate() {
+                iov[i] = IoSlice::new(if i == 0 { &c[self.head..] } else { c });
+                n += 1;
+            }
+            match w.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    written += k;
+                    self.consume(k);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok((written, Flush::WouldBlock))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.q.capacity() > 64 {
+            // A burst grew the index; give it back once drained.
+            self.q = VecDeque::new();
+        }
+        Ok((written, Flush::Done))
+    }
+
+    fn consume(&mut self, mut k: usize) {
+        self.bytes -= k;
+        while k > 0 {
+            let front = self.q.front().map_or(0, |c| c.len() - self.head);
+            if k >= front {
+                k -= front;
+                self.q.pop_front();
+                self.head = 0;
+            } else {
+                self.head += k;
+                k = 0;
+            }
+        }
+    }
+
+    /// Drops everything queued.
+    pub fn clear(&mut self) {
+        self.q.clear();
+        self.head = 0;
+        self.bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that accepts at most `cap` bytes per call, then blocks.
+    struct Trickle {
+        out: Vec<u8>,
+        cap: usize,
+        budget: usize,
+    }
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(b)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.cap - n).min(self.budget);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                self.budget -= take;
+                if n == self.cap || self.budget == 0 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_order() {
+        let mut o = Outbox::default();
+        let shared: Arc<[u8]> = Arc::from(&b"shared"[..]);
+        o.push(Chunk::from(&b"hello "[..]));
+        o.push(Chunk::Shared(shared));
+        o.push(Chunk::from(&b" world"[..]));
+        let mut w = Trickle {
+            out: vec![],
+            cap: 4,
+            budget: 7,
+        };
+        assert_eq!(o.flush_to(&mut w).unwrap(), (7, Flush::WouldBlock));
+        assert_eq!(o.bytes(), 11);
+        w.budget = 100;
+        assert_eq!(o.flush_to(&mut w).unwrap(), (11, Flush::Done));
+        assert_eq!(w.out, b"hello shared world");
+        assert!(o.is_empty());
+    }
+}

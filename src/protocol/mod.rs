@@ -1,0 +1,4 @@
+//! Wire codecs. Sans-io: bytes in, frames or "need more" or a typed error
+//! out; no sockets, no clocks, no routing.
+
+pub mod rely;

@@ -1,0 +1,226 @@
+//! `Server::start`: binds every listener (so bind errors surface before any
+//! thread runs), builds the mesh, and spawns one pinned core thread per
+//! worker. [`ServerHandle`] stops the server (gracefully) and reports on it.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::config::Config;
+use crate::engine::core::{Core, CoreSetup, Shared};
+use crate::engine::directory::Directory;
+use crate::engine::listener::{bind_group, ListenerKind};
+use crate::engine::mesh::Inbox;
+use crate::engine::metrics::{CoreMetrics, Snapshot};
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// A listener could not bind.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Creating a poll, waker or thread failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::Io(e) => write!(f, "cannot start: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<io::Error> for StartError {
+    fn from(e: io::Error) -> Self {
+        StartError::Io(e)
+    }
+}
+
+/// The server.
+pub struct Server;
+
+impl Server {
+    /// Binds, spawns the cores and returns once every listener is accepting.
+    pub fn start(cfg: Config) -> Result<ServerHandle, StartError> {
+        let workers = cfg.workers;
+        let mut per_core: Vec<Vec<(ListenerKind, std::net::TcpListener)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut rely_addrs = Vec::new();
+        for &addr in &cfg.rely.listen {
+            let (bound, group) = bind_group(addr, workers, cfg.backlog)
+                .map_err(|source| StartError::Bind { addr, source })?;
+            rely_addrs.push(bound);
+            for (core, l) in group.into_iter().enumerate() {
+                per_core[core].push((ListenerKind::Rely, l));
+            }
+        }
+
+        let mut setups = Vec::with_capacity(workers);
+        let mut inboxes = Vec::with_capacity(workers);
+        for (index, listeners) in per_core.into_iter().enumerate() {
+            let poll = mio::Poll::new()?;
+            let waker = mio::Waker::new(poll.registry(), mio::Token(usize::MAX))?;
+            let (inbox, rx) = Inbox::new(cfg.mesh_capacity, waker);
+            inboxes.push(inbox);
+            setups.push(CoreSetup {
+                index,
+                poll,
+                rx,
+                listeners,
+            });
+        }
+
+        let cpus = resolve_cpus(&cfg);
+        let shared = Arc::new(Shared {
+            directory: Directory::new(workers),
+            inboxes: inboxes.into(),
+            metrics: (0..workers).map(|_| CoreMetrics::default()).collect(),
+            shutdown: AtomicBool::new(false),
+            cfg,
+        });
+
+        let mut threads = Vec::with_capacity(workers);
+        for setup in setups {
+            let index = setup.index;
+            let core = Core::new(setup, shared.clone())?;
+            let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+            let t = std::thread::Builder::new()
+                .name(format!("corerelay-core-{index}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                            log::warn!("core {index}: could not pin to cpu {cpu}");
+                        }
+                    }
+                    core.run();
+                })
+                .map_err(StartError::Io);
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.begin_shutdown();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ServerHandle {
+            shared,
+            threads,
+            rely_addrs,
+            cpus,
+        })
+    }
+}
+
+fn resolve_cpus(cfg: &Config) -> Vec<usize> {
+    if !cfg.pin {
+        return Vec::new();
+    }
+    if !cfg.cpus.is_empty() {
+        return cfg.cpus.clone();
+    }
+    core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect())
+        .unwrap_or_default()
+}
+
+/// A running server. Dropping it shuts the server down and waits.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    rely_addrs: Vec<SocketAddr>,
+    cpus: Vec<usize>,
+}
+
+/// A cheap, cloneable way to begin shutdown from another thread (signals).
+#[derive(Clone)]
+pub struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    /// Begins a graceful shutdown (idempotent).
+    pub fn stop(&self) {
+        self.0.begin_shutdown();
+    }
+}
+
+impl ServerHandle {
+    /// The bound RELY addresses, in config order.
+    pub fn rely_addrs(&self) -> &[SocketAddr] {
+        &self.rely_addrs
+    }
+
+    /// The CPUs workers are pinned to (empty: not pinned).
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    /// Begins a graceful shutdown: stop accepting, flush within the grace
+    /// period, close. Returns at once; `wait` joins.
+    pub fn shutdown(&self) {
+        self.shared.begin_shutdown();
+    }
+
+    /// A handle for signal threads.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shared.clone())
+    }
+
+    /// Waits for every core to stop (after `shutdown`).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Which core owns the connection logged in as `id`, if any.
+    pub fn owner_core(&self, id: &[u8]) -> Option<usize> {
+        self.shared.directory.lookup(id).map(|c| c.core as usize)
+    }
+
+    /// Counters summed over cores.
+    pub fn metrics(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        for m in self.shared.metrics.iter() {
+            s.add(&m.snapshot());
+        }
+        s
+    }
+
+    /// One core's counters.
+    pub fn core_metrics(&self, core: usize) -> Option<Snapshot> {
+        self.shared.metrics.get(core).map(CoreMetrics::snapshot)
+    }
+
+    /// Ids currently logged in.
+    pub fn logged_in(&self) -> usize {
+        self.shared.directory.len()
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shared.begin_shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Config loading as a user meets it.
+
+use corerelay::config::Config;
+
+#[test]
+fn example_config_is_valid_and_documents_every_key() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example");
+    let cfg = Config::load(std::path::Path::new(path)).expect("example loads");
+    assert_eq!(cfg.rely.listen[0].port(), 33333);
+    let text = std::fs::read_to_string(path).unwrap();
+    for key in [
+        "workers",
+        "cpus",
+        "pin",
+        "busy_poll",
+        "max_connections",
+        "accept_batch",
+        "read_buffer",
+        "mesh_capacity",
+        "shutdown_grace",
+        "backlog",
+        "rely",
+        "listen",
+        "max_payload",
+        "check_from",
+        "idle_timeout",
+        "max_output_bytes",
+        "slow_consumer",
+    ] {
+        assert!(
+            text.contains(&format!("{key}:")),
+            "config.yaml.example documents {key}"
+        );
+    }
+}
+
+#[test]
+fn errors_name_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("corerelay-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("bad.yaml");
+    std::fs::write(
+        &p,
+        "workers: 2\nrely:\n  listen: [\"127.0.0.1:0\"]\n  max_payload: huge\n",
+    )
+    .unwrap();
+    let e = Config::load(&p).unwrap_err().to_string();
+    assert!(e.contains("bad.yaml:4"), "{e}");
+    assert!(e.contains("rely.max_payload"), "{e}");
+    std::fs::write(&p, "wrokers: 2\n").unwrap();
+    let e = Config::load(&p).unwrap_err().to_string();
+    assert!(e.contains("bad.yaml:1") && e.contains("wrokers"), "{e}");
+    std::fs::write(&p, "rely:\n  slow_consumer: explode\n").unwrap();
+    let e = Config::load(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.yaml:2") && e.contains("slow_consumer"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

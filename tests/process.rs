@@ -1,0 +1,210 @@
+//! The `corerelay` binary as an operator runs it: CLI, config errors before
+//! binding, signals and graceful shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use corerelay::client::rely::RelyClient;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_corerelay");
+
+fn write_config(name: &str, body: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("corerelay-proc-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+/// Starts the binary and returns it with its RELY address, read from the
+/// start-up log (bounded).
+fn spawn(config: &std::path::Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["-c", config.to_str().unwrap(), "-v"])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(a) = line.split("listening: rely on ").nth(1) {
+                let _ = tx.send(a.trim().parse::<SocketAddr>().unwrap());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(WAIT).expect("server logs its listener");
+    (child, addr)
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn version_and_check_config() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let good = write_config("good", "workers: 1\nrely:\n  listen: [\"127.0.0.1:0\"]\n");
+    let out = Command::new(BIN)
+        .args(["--check-config", "-c", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn bad_config_exits_nonzero_before_binding() {
+    // The port in the bad file must stay free: nothing binds on error.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bad = write_config(
+        "bad",
+        &format!("rely:\n  listen: [\"127.0.0.1:{port}\"]\n  idle_timeout: forever\n"),
+    );
+    let out = Command::new(BIN)
+        .args(["-c", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.yaml:3"), "{err}");
+    assert!(err.contains("rely.idle_timeout"), "{err}");
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "nothing was bound"
+    );
+    let out = Command::new(BIN)
+        .args(["-c", "/nonexistent/corerelay.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/corerelay.yaml"));
+}
+
+#[test]
+fn sigterm_flushes_then_exits_zero() {
+    let cfg = write_config(
+        "term",
+        "workers: 2\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\n",
+    );
+    let (mut child, addr) = spawn(&cfg);
+    let mut alice = RelyClient::connect(addr, b"alice").unwrap();
+    let mut bob = RelyClient::connect(addr, b"bob").unwrap();
+    // Make sure both logins are in before sending (round trip through the relay).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        alice.send(b"bob", b"sync").unwrap();
+        if bob.recv(Some(Duration::from_millis(50))).unwrap().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    while bob.recv(Some(Duration::from_millis(50))).unwrap().is_some() {}
+    for i in 0..1000u32 {
+        alice.send(b"bob", &i.to_be_bytes()).unwrap();
+    }
+    // Everything sent before the signal and read by the server is delivered.
+    let mut got = 0u32;
+    while got < 1000 {
+        let m = bob.recv(Some(WAIT)).unwrap().expect("delivered");
+        assert_eq!(m.payload, got.to_be_bytes());
+        got += 1;
+    }
+    signal(&child, libc::SIGTERM);
+    assert!(
+        bob.reader.closed_within(WAIT),
+        "clients are closed at shutdown"
+    );
+    let st = wait_exit(&mut child);
+    assert_eq!(st.code(), Some(0), "graceful exit is 0");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "no longer accepting"
+    );
+}
+
+#[test]
+fn second_signal_exits_at_once() {
+    // A receiver that never reads keeps output queued, so the graceful drain
+    // would wait for the whole (long) grace period.
+    let cfg = write_config(
+        "twice",
+        "workers: 1\npin: false\nshutdown_grace: 60s\nrely:\n  listen: [\"127.0.0.1:0\"]\n  max_output_bytes: 64MiB\n",
+    );
+    let (mut child, addr) = spawn(&cfg);
+    let mut stuck = RelyClient::connect(addr, b"stuck").unwrap();
+    // A message to itself proves the login is registered.
+    stuck.send(b"stuck", b"in").unwrap();
+    assert!(stuck.recv(Some(WAIT)).unwrap().is_some());
+    let mut alice = RelyClient::connect(addr, b"alice").unwrap();
+    let payload = vec![1u8; 64 * 1024];
+    // 16 MiB: write_all returns only once the server has read most of it
+    // into the stuck receiver's queue (kernel buffers hold a few MiB).
+    for _ in 0..256 {
+        alice.send(b"stuck", &payload).unwrap();
+    }
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    let t = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let st = wait_exit(&mut child);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_ne!(st.code(), Some(0));
+}
+
+#[test]
+fn positional_port_like_relayd() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .arg(port.to_string())
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut c = loop {
+        if let Ok(c) = RelyClient::connect(("127.0.0.1", port), b"solo") {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server listens on the given port"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    c.send(b"solo", b"echo to self").unwrap();
+    assert_eq!(
+        c.recv(Some(WAIT)).unwrap().unwrap().payload,
+        b"echo to self"
+    );
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}

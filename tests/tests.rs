@@ -1,0 +1,9 @@
+//! corerelay's integration tests: real servers on 127.0.0.1 with ephemeral
+//! ports, real clients. One binary, one module per area.
+
+mod support;
+
+mod config;
+mod engine;
+mod process;
+mod rely;
