@@ -105,6 +105,8 @@ pub struct Core {
     now: u64,
     idle_ticks: Option<u64>,
     drain_deadline: Option<Instant>,
+    /// Bytes waiting in all of this core's output queues.
+    queued: u64,
 }
 
 impl Core {
@@ -152,6 +154,7 @@ impl Core {
             now: 0,
             idle_ticks,
             drain_deadline: None,
+            queued: 0,
             shared,
         })
     }
@@ -396,8 +399,10 @@ impl Core {
             return;
         };
         let rely = &self.shared.cfg.rely;
+        let len = data.len() as u64;
         match c.queue(data, rely.max_output_bytes, rely.slow_consumer) {
             Queued::Yes => {
+                self.queued += len;
                 m.delivered.inc();
                 if !c.in_dirty {
                     c.in_dirty = true;
@@ -526,23 +531,21 @@ impl Core {
     }
 
     fn flush_dirty(&mut self) {
-        let dirty = std::mem::take(&mut self.dirty);
-        let mut queued = 0u64;
+        let mut dirty = std::mem::take(&mut self.dirty);
         for &(key, gen) in &dirty {
             let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == gen) else {
                 continue;
             };
             c.in_dirty = false;
             if !c.writable {
-                queued += c.out.bytes() as u64;
                 continue; // a writable event re-lists it
             }
             match c.out.flush_to(&mut c.stream) {
                 Ok((n, status)) => {
+                    self.queued -= n as u64;
                     self.shared.metrics[self.index].bytes_out.add(n as u64);
                     if status == Flush::WouldBlock {
                         c.writable = false;
-                        queued += c.out.bytes() as u64;
                     }
                 }
                 Err(e) => {
@@ -551,12 +554,13 @@ impl Core {
                 }
             }
         }
-        let mut dirty = dirty;
         dirty.clear();
         if self.dirty.is_empty() {
-            self.dirty = dirty;
+            self.dirty = dirty; // keep the allocation
         }
-        self.metrics().queued_bytes.set(queued);
+        self.shared.metrics[self.index]
+            .queued_bytes
+            .set(self.queued);
     }
 
     /// Closes a connection: directory cleanup (epoch-checked), slab removal,

@@ -1,1 +1,587 @@
-fn main() {}
+//! corerelay-bench: load generator for corerelay and, on the same work, a
+//! redis-server pub/sub baseline (each client subscribes to a channel named
+//! by its id and publishes to its peer's).
+//!
+//! Modes:
+//! - `pingpong`: P pairs, one message in flight per pair, round-trip
+//!   percentiles (HdrHistogram).
+//! - `stream`: P pairs, each sender keeps up to `--window` messages in
+//!   flight, written in batches; delivered messages per second.
+//!
+//! Server CPU per message comes from /proc: `--pid` for a server process,
+//! or the `corerelay-core-*` threads when `--inproc` runs corerelay inside
+//! this process. `--inproc` also lets `--placement cross|same` put each
+//! pair's two clients on different (or the same) cores with certainty, by
+//! asking the server's directory and reconnecting. The tool reports its own
+//! CPU so a reader can tell when the client is the bottleneck.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use corerelay::config::Config;
+use corerelay::protocol::rely::{self, Decoder, Frame};
+use corerelay::{Server, ServerHandle};
+use hdrhistogram::Histogram;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Load generator for corerelay (RELY) with a Redis pub/sub baseline")]
+struct Args {
+    /// pingpong or stream.
+    #[arg(value_enum)]
+    mode: Mode,
+    /// rely (corerelay) or redis (pub/sub baseline).
+    #[arg(long, value_enum, default_value = "rely")]
+    proto: Proto,
+    /// Server address (ignored with --inproc).
+    #[arg(long, default_value = "127.0.0.1:33333")]
+    target: SocketAddr,
+    /// Run corerelay in this process with this many workers.
+    #[arg(long)]
+    inproc: Option<usize>,
+    /// With --inproc: spin instead of parking.
+    #[arg(long)]
+    busy_poll: bool,
+    /// With --inproc: where each pair's two clients live.
+    #[arg(long, value_enum, default_value = "any")]
+    placement: Placement,
+    /// PID of an external server, for its CPU time.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Client pairs.
+    #[arg(long, default_value_t = 1)]
+    pairs: usize,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// stream: messages in flight per pair.
+    #[arg(long, default_value_t = 256)]
+    window: u64,
+    /// stream: messages per write.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Warm-up seconds (not measured).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Pingpong,
+    Stream,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Rely,
+    Redis,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Any,
+    Cross,
+    Same,
+}
+
+/// One logical client: sends to its peer, receives what is sent to it.
+struct Client {
+    proto: Proto,
+    id: String,
+    /// RELY: the one connection. Redis: the subscriber.
+    rx: TcpStream,
+    /// RELY: a clone of `rx`. Redis: the publisher (CLIENT REPLY OFF).
+    tx: TcpStream,
+    buf: Vec<u8>,
+    rbuf: Box<[u8]>,
+    dec: Decoder,
+    resp: Vec<u8>,
+}
+
+impl Client {
+    fn connect(proto: Proto, addr: SocketAddr, id: &str) -> io::Result<Client> {
+        let rx = TcpStream::connect(addr)?;
+        rx.set_nodelay(true)?;
+        let mut c = match proto {
+            Proto::Rely => {
+                let tx = rx.try_clone()?;
+                Client::new(proto, id, rx, tx)
+            }
+            Proto::Redis => {
+                let tx = TcpStream::connect(addr)?;
+                tx.set_nodelay(true)?;
+                Client::new(proto, id, rx, tx)
+            }
+        };
+        match proto {
+            Proto::Rely => {
+                rely::encode_login(&mut c.buf, id.as_bytes());
+                c.tx.write_all(&c.buf)?;
+            }
+            Proto::Redis => {
+                c.tx.write_all(&resp_cmd(&[b"CLIENT", b"REPLY", b"OFF"]))?;
+                c.rx.write_all(&resp_cmd(&[b"SUBSCRIBE", id.as_bytes()]))?;
+                // Wait for the subscribe confirmation: *3 $9 subscribe $n id :1
+                let mut got = Vec::new();
+                c.rx.set_read_timeout(Some(Duration::from_secs(5)))?;
+                while !got.ends_with(b":1\r\n") {
+                    let n = c.rx.read(&mut c.rbuf)?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    got.extend_from_slice(&c.rbuf[..n]);
+                }
+                c.rx.set_read_timeout(None)?;
+            }
+        }
+        Ok(c)
+    }
+
+    fn new(proto: Proto, id: &str, rx: TcpStream, tx: TcpStream) -> Client {
+        Client {
+            proto,
+            id: id.to_owned(),
+            rx,
+            tx,
+            buf: Vec::new(),
+            rbuf: vec![0; 256 * 1024].into_boxed_slice(),
+            dec: Decoder::new(),
+            resp: Vec::new(),
+        }
+    }
+
+    /// Appends one message for `to` to the write buffer.
+    fn push(&mut self, to: &str, payload: &[u8]) {
+        match self.proto {
+            Proto::Rely => {
+                rely::encode_transfer(&mut self.buf, self.id.as_bytes(), to.as_bytes(), payload)
+            }
+            Proto::Redis => {
+                self.buf
+                    .extend_from_slice(&resp_cmd(&[b"PUBLISH", to.as_bytes(), payload]));
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tx.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Blocks for at least one message; calls `f` for each payload read.
+    fn recv(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<usize> {
+        loop {
+            let n = self.rx.read(&mut self.rbuf)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut count = 0;
+            match self.proto {
+                Proto::Rely => {
+                    self.dec
+                        .feed(&self.rbuf[..n], u32::MAX, |fr| {
+                            if let Frame::Transfer { payload, .. } = fr {
+                                count += 1;
+                                f(payload);
+                            }
+                            true
+                        })
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                }
+                Proto::Redis => {
+                    self.resp.extend_from_slice(&self.rbuf[..n]);
+                    let mut at = 0;
+                    while let Some((payload, used)) = parse_resp_message(&self.resp[at..]) {
+                        count += 1;
+                        f(payload);
+                        at += used;
+                    }
+                    self.resp.drain(..at);
+                }
+            }
+            if count > 0 {
+                return Ok(count);
+            }
+        }
+    }
+}
+
+fn resp_cmd(parts: &[&[u8]]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", parts.len()).into_bytes();
+    for p in parts {
+        v.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
+        v.extend_from_slice(p);
+        v.extend_from_slice(b"\r\n");
+    }
+    v
+}
+
+/// Parses `*3 $7 message $n channel $m payload` from the front of `b`.
+fn parse_resp_message(b: &[u8]) -> Option<(&[u8], usize)> {
+    fn line(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = b[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((&b[at..end], end + 2))
+    }
+    fn bulk(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let (hdr, at) = line(b, at)?;
+        let n: usize = std::str::from_utf8(hdr.strip_prefix(b"$")?)
+            .ok()?
+            .parse()
+            .ok()?;
+        if b.len() < at + n + 2 {
+            return None;
+        }
+        Some((&b[at..at + n], at + n + 2))
+    }
+    let (hdr, at) = line(b, 0)?;
+    if hdr != b"*3" {
+        return None;
+    }
+    let (_kind, at) = bulk(b, at)?;
+    let (_chan, at) = bulk(b, at)?;
+    let (payload, at) = bulk(b, at)?;
+    Some((payload, at))
+}
+
+/// CPU seconds (user + system) from a /proc stat line.
+fn stat_cpu(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// CPU of the server: an external pid, or this process's core threads.
+fn server_cpu(pid: Option<u32>, inproc: bool) -> Option<f64> {
+    if let Some(p) = pid {
+        return stat_cpu(&format!("/proc/{p}/stat"));
+    }
+    if !inproc {
+        return None;
+    }
+    let mut total = 0.0;
+    for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = e.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.starts_with("corerelay-core") {
+            total += stat_cpu(dir.join("stat").to_str()?)?;
+        }
+    }
+    Some(total)
+}
+
+fn self_cpu() -> f64 {
+    stat_cpu("/proc/self/stat").unwrap_or(0.0)
+}
+
+struct Setup {
+    server: Option<ServerHandle>,
+    addr: SocketAddr,
+}
+
+fn setup(a: &Args) -> Setup {
+    match a.inproc {
+        None => Setup {
+            server: None,
+            addr: a.target,
+        },
+        Some(workers) => {
+            let mut cfg = Config::defaults();
+            cfg.workers = workers;
+            cfg.busy_poll = a.busy_poll;
+            cfg.rely.listen = vec!["127.0.0.1:0".parse().expect("literal address")];
+            cfg.rely.idle_timeout = None;
+            let server = Server::start(cfg).unwrap_or_else(|e| {
+                eprintln!("corerelay-bench: {e}");
+                std::process::exit(1)
+            });
+            let addr = server.rely_addrs()[0];
+            Setup {
+                server: Some(server),
+                addr,
+            }
+        }
+    }
+}
+
+/// Connects `id`; with an in-process server, retries until it lands on a
+/// core that satisfies `want` (bounded).
+fn connect_placed(a: &Args, s: &Setup, id: &str, want: impl Fn(usize) -> bool) -> Client {
+    for _ in 0..1000 {
+        let c = Client::connect(a.proto, s.addr, id).unwrap_or_else(|e| {
+            eprintln!("corerelay-bench: connect {id} to {}: {e}", s.addr);
+            std::process::exit(1)
+        });
+        let Some(server) = &s.server else { return c };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let core = loop {
+            if let Some(core) = server.owner_core(id.as_bytes()) {
+                break core;
+            }
+            assert!(Instant::now() < deadline, "login of {id} never registered");
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        if want(core) {
+            return c;
+        }
+        drop(c);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.owner_core(id.as_bytes()).is_some() {
+            assert!(Instant::now() < deadline, "old login of {id} never left");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    eprintln!("corerelay-bench: could not place {id}");
+    std::process::exit(1)
+}
+
+fn make_pairs(a: &Args, s: &Setup) -> Vec<(Client, Client)> {
+    let workers = a.inproc.unwrap_or(1).max(1);
+    (0..a.pairs)
+        .map(|p| {
+            let (ia, ib) = (format!("bench-a{p}"), format!("bench-b{p}"));
+            let home = p % workers;
+            let ca = connect_placed(a, s, &ia, |c| a.placement == Placement::Any || c == home);
+            let core_a = s.server.as_ref().and_then(|h| h.owner_core(ia.as_bytes()));
+            let cb = connect_placed(a, s, &ib, |c| match (a.placement, core_a) {
+                (Placement::Cross, Some(ca)) => c != ca,
+                (Placement::Same, Some(ca)) => c == ca,
+                _ => true,
+            });
+            (ca, cb)
+        })
+        .collect()
+}
+
+struct Measure {
+    server_cpu0: Option<f64>,
+    self_cpu0: f64,
+    t0: Instant,
+}
+
+impl Measure {
+    fn start(a: &Args) -> Measure {
+        Measure {
+            server_cpu0: server_cpu(a.pid, a.inproc.is_some()),
+            self_cpu0: self_cpu(),
+            t0: Instant::now(),
+        }
+    }
+    /// (elapsed s, server cpu s, client cpu s)
+    fn end(&self, a: &Args) -> (f64, Option<f64>, f64) {
+        let el = self.t0.elapsed().as_secs_f64();
+        let srv = server_cpu(a.pid, a.inproc.is_some())
+            .zip(self.server_cpu0)
+            .map(|(b, a)| b - a);
+        let mut me = self_cpu() - self.self_cpu0;
+        if a.inproc.is_some() {
+            me -= srv.unwrap_or(0.0);
+        }
+        (el, srv, me)
+    }
+}
+
+fn pingpong(a: &Args, s: &Setup) {
+    let pairs = make_pairs(a, s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = pairs
+        .into_iter()
+        .map(|(mut ca, mut cb)| {
+            let (stop, measuring, count) = (stop.clone(), measuring.clone(), count.clone());
+            let payload = vec![0x42u8; a.payload];
+            std::thread::spawn(move || {
+                let mut h =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+                let (ida, idb) = (ca.id.clone(), cb.id.clone());
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    ca.push(&idb, &payload);
+                    ca.flush().expect("send a->b");
+                    let mut got = vec![];
+                    cb.recv(|p| got = p.to_vec()).expect("recv at b");
+                    cb.push(&ida, &got);
+                    cb.flush().expect("send b->a");
+                    ca.recv(|_| {}).expect("recv at a");
+                    if measuring.load(Ordering::Relaxed) {
+                        let _ = h.record(t.elapsed().as_nanos() as u64);
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                h
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(a.warmup));
+    let m = Measure::start(a);
+    measuring.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(a.duration));
+    measuring.store(false, Ordering::Relaxed);
+    let (el, srv, me) = m.end(a);
+    stop.store(true, Ordering::Relaxed);
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    for t in threads {
+        h.add(t.join().expect("pair thread")).expect("same bounds");
+    }
+    let rt = count.load(Ordering::Relaxed);
+    let msgs = rt * 2;
+    report(a, "pingpong", el, msgs, srv, me, Some(&h));
+}
+
+fn stream(a: &Args, s: &Setup) {
+    let pairs = make_pairs(a, s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for (mut ca, mut cb) in pairs {
+        let received = Arc::new(AtomicU64::new(0));
+        let (stop_r, total_r, recv_r) = (stop.clone(), total.clone(), received.clone());
+        cb.rx
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let receiver = std::thread::spawn(move || {
+            while !stop_r.load(Ordering::Relaxed) {
+                match cb.recv(|_| {}) {
+                    Ok(n) => {
+                        recv_r.fetch_add(n as u64, Ordering::Release);
+                        total_r.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => panic!("receiver: {e}"),
+                }
+            }
+        });
+        let (stop_s, window, batch) = (stop.clone(), a.window, a.batch as u64);
+        let payload = vec![0x42u8; a.payload];
+        let to = format!("bench-b{}", &ca.id["bench-a".len()..]);
+        let sender = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop_s.load(Ordering::Relaxed) {
+                let inflight = sent - received.load(Ordering::Acquire);
+                if inflight + batch > window {
+                    std::thread::yield_now();
+                    continue;
+                }
+                for _ in 0..batch {
+                    ca.push(&to, &payload);
+                }
+                ca.flush().expect("send");
+                sent += batch;
+            }
+        });
+        threads.push(receiver);
+        threads.push(sender);
+    }
+    std::thread::sleep(Duration::from_secs_f64(a.warmup));
+    let m = Measure::start(a);
+    let n0 = total.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(a.duration));
+    let n1 = total.load(Ordering::Relaxed);
+    let (el, srv, me) = m.end(a);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    report(a, "stream", el, n1 - n0, srv, me, None);
+}
+
+fn report(
+    a: &Args,
+    mode: &str,
+    elapsed: f64,
+    msgs: u64,
+    srv: Option<f64>,
+    client: f64,
+    h: Option<&Histogram<u64>>,
+) {
+    let rate = msgs as f64 / elapsed;
+    let srv_ns = srv.map(|c| c * 1e9 / msgs.max(1) as f64);
+    let pct = |q: f64| h.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
+    if a.json {
+        let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
+        println!(
+            "{{\"mode\":\"{mode}\",\"proto\":\"{:?}\",\"inproc\":{},\"busy_poll\":{},\"placement\":\"{:?}\",\"pairs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"seconds\":{elapsed:.3},\"messages\":{msgs},\"msgs_per_s\":{rate:.1},\"server_cpu_s\":{},\"server_ns_per_msg\":{},\"client_cpu_s\":{client:.3},\"rtt_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}}}}",
+            a.proto,
+            a.inproc.unwrap_or(0),
+            a.busy_poll,
+            a.placement,
+            a.pairs,
+            a.payload,
+            a.window,
+            a.batch,
+            opt(srv),
+            opt(srv_ns),
+            opt(pct(0.5)),
+            opt(pct(0.9)),
+            opt(pct(0.99)),
+            opt(pct(0.999)),
+            opt(h.map(|h| h.max() as f64 / 1000.0)),
+        );
+        return;
+    }
+    println!(
+        "{mode} proto={:?} pairs={} payload={}B{}{}",
+        a.proto,
+        a.pairs,
+        a.payload,
+        a.inproc.map_or(String::new(), |w| format!(
+            " inproc workers={w} busy_poll={} placement={:?}",
+            a.busy_poll, a.placement
+        )),
+        if mode == "stream" {
+            format!(" window={} batch={}", a.window, a.batch)
+        } else {
+            String::new()
+        }
+    );
+    println!("  {msgs} messages in {elapsed:.2}s = {rate:.0} msgs/s");
+    if let Some(h) = h {
+        println!(
+            "  round trip us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.9) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.value_at_quantile(0.999) as f64 / 1000.0,
+            h.max() as f64 / 1000.0
+        );
+    }
+    match (srv, srv_ns) {
+        (Some(c), Some(ns)) => {
+            println!("  server cpu {c:.2}s = {ns:.0} ns/msg; client cpu {client:.2}s")
+        }
+        _ => println!("  server cpu unknown (pass --pid or --inproc); client cpu {client:.2}s"),
+    }
+}
+
+fn main() {
+    let a = Args::parse();
+    if a.proto == Proto::Redis && a.inproc.is_some() {
+        eprintln!("corerelay-bench: --inproc runs corerelay; use --target/--pid for redis");
+        std::process::exit(2);
+    }
+    let s = setup(&a);
+    match a.mode {
+        Mode::Pingpong => pingpong(&a, &s),
+        Mode::Stream => stream(&a, &s),
+    }
+    // Client threads may still hold sockets; exit without a graceful drain.
+    std::process::exit(0);
+}
