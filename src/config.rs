@@ -21,6 +21,9 @@ pub const DEFAULT_RELY_PORT: u16 = 33333;
 pub const DEFAULT_RELY_LISTEN: &str = "0.0.0.0:33333";
 /// relayd's per-frame payload limit: 8 MiB.
 pub const DEFAULT_MAX_PAYLOAD: u64 = crate::protocol::rely::DEFAULT_MAX_PAYLOAD as u64;
+/// Ceiling for `rely.max_payload`: 1 GiB keeps every frame and batch
+/// offset within u32.
+pub const MAX_MAX_PAYLOAD: u64 = 1 << 30;
 /// A connection with no frame for this long is closed. Clients heartbeat
 /// (ToClientIDLen 0) to stay connected; the chat client does so every 15 s.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -423,8 +426,13 @@ impl FileConfig {
             .listen
             .unwrap_or_else(|| vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_RELY_PORT))]);
         let max_payload = rely.max_payload.map_or(DEFAULT_MAX_PAYLOAD, |s| s.0);
-        let max_payload = u32::try_from(max_payload)
-            .map_err(|_| err("rely.max_payload", format!("{max_payload} is over 4GiB-1")))?;
+        if max_payload > MAX_MAX_PAYLOAD {
+            return Err(err(
+                "rely.max_payload",
+                format!("{max_payload} is over 1GiB"),
+            ));
+        }
+        let max_payload = max_payload as u32;
         let idle_timeout = rely.idle_timeout.map_or(Some(DEFAULT_IDLE_TIMEOUT), |d| {
             (!d.0.is_zero()).then_some(d.0)
         });

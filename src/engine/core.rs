@@ -20,7 +20,7 @@ use slab::Slab;
 use super::conn::{CloseReason, Conn, Queued};
 use super::directory::Directory;
 use super::listener::{Listener, ListenerKind};
-use super::mesh::{Batch, Envelope, Inbox, Outgoing};
+use super::mesh::{Batch, Inbox, Item, Outgoing};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Flush};
 use super::rely::{self, Actions};
@@ -107,6 +107,9 @@ pub struct Core {
     drain_deadline: Option<Instant>,
     /// Bytes waiting in all of this core's output queues.
     queued: u64,
+    /// This iteration's local delivery buffer once frozen; reclaimed for
+    /// reuse after the flush, when no queue refers to it any more.
+    local_batch: Option<Arc<Vec<u8>>>,
 }
 
 impl Core {
@@ -155,6 +158,7 @@ impl Core {
             idle_ticks,
             drain_deadline: None,
             queued: 0,
+            local_batch: None,
             shared,
         })
     }
@@ -227,6 +231,7 @@ impl Core {
             self.apply_actions();
             self.run_timers();
             self.flush_dirty();
+            self.reclaim_local_batch();
             self.mesh.flush();
 
             if let Some(deadline) = self.drain_deadline {
@@ -368,10 +373,18 @@ impl Core {
         // Bounded: at most what was in the channel when we started.
         for _ in 0..self.rx.len() {
             let Ok(batch) = self.rx.try_recv() else { break };
-            for env in batch {
-                match env {
-                    Envelope::Deliver { to, data } => self.deliver(to, data),
-                    Envelope::Kick { conn } => self.kick(conn),
+            let data = Arc::new(batch.data);
+            for item in batch.items {
+                match item {
+                    Item::Deliver { to, start, len } => self.deliver(
+                        to,
+                        Chunk::Slice {
+                            buf: data.clone(),
+                            start,
+                            len,
+                        },
+                    ),
+                    Item::Kick { conn } => self.kick(conn),
                 }
             }
         }
@@ -479,9 +492,6 @@ impl Core {
                 self.count_close(r);
                 self.close(key, r);
             }
-            // Deliveries to this core go out in read order before the next
-            // connection's, keeping per-pair order.
-            self.apply_actions();
         }
         self.ready.extend(again);
     }
@@ -496,17 +506,46 @@ impl Core {
         }
     }
 
+    /// Applies local deliveries (in read order, so per-pair order holds)
+    /// and kicks. The delivery bytes become one shared buffer for the
+    /// iteration; queues hold slices of it until the flush.
     fn apply_actions(&mut self) {
-        let mut local = std::mem::take(&mut self.actions.local);
-        for (to, data) in local.drain(..) {
-            self.deliver(to, data);
+        if !self.actions.local.is_empty() {
+            let data = Arc::new(std::mem::take(&mut self.actions.data));
+            let mut local = std::mem::take(&mut self.actions.local);
+            for (to, start, len) in local.drain(..) {
+                self.deliver(
+                    to,
+                    Chunk::Slice {
+                        buf: data.clone(),
+                        start,
+                        len,
+                    },
+                );
+            }
+            self.actions.local = local;
+            self.local_batch = Some(data);
         }
-        self.actions.local = local;
         let mut kicks = std::mem::take(&mut self.actions.kicks);
         for id in kicks.drain(..) {
             self.kick(id);
         }
         self.actions.kicks = kicks;
+    }
+
+    /// After the flush no queue holds a slice, so the local buffer can be
+    /// reused rather than reallocated.
+    fn reclaim_local_batch(&mut self) {
+        if let Some(arc) = self.local_batch.take() {
+            if let Ok(mut v) = Arc::try_unwrap(arc) {
+                if v.capacity() <= 4 * crate::engine::mesh::MAX_BATCH_BYTES
+                    && self.actions.data.capacity() == 0
+                {
+                    v.clear();
+                    self.actions.data = v;
+                }
+            }
+        }
     }
 
     fn run_timers(&mut self) {
@@ -538,6 +577,7 @@ impl Core {
             };
             c.in_dirty = false;
             if !c.writable {
+                c.out.detach_slices();
                 continue; // a writable event re-lists it
             }
             match c.out.flush_to(&mut c.stream) {
@@ -546,6 +586,7 @@ impl Core {
                     self.shared.metrics[self.index].bytes_out.add(n as u64);
                     if status == Flush::WouldBlock {
                         c.writable = false;
+                        c.out.detach_slices();
                     }
                 }
                 Err(e) => {

@@ -11,10 +11,12 @@
 //! Locks are sharded (many more shards than cores) and held only for one hash
 //! map operation, never across I/O; the wait is bounded by that.
 
-use std::collections::hash_map::{Entry as MapEntry, HashMap, RandomState};
+use std::collections::hash_map::{Entry as MapEntry, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
+
+use foldhash::fast::RandomState;
 
 use super::ConnId;
 
@@ -27,7 +29,8 @@ pub struct Holder {
     pub epoch: u64,
 }
 
-type Shard = RwLock<HashMap<Box<[u8]>, Holder>>;
+// Ids come from the network: the hasher is seeded per process (foldhash).
+type Shard = RwLock<HashMap<Box<[u8]>, Holder, RandomState>>;
 
 /// The directory.
 #[derive(Debug)]
@@ -42,8 +45,10 @@ impl Directory {
     pub fn new(workers: usize) -> Self {
         let n = (workers * 16).next_power_of_two().max(64);
         Directory {
-            shards: (0..n).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..n)
+                .map(|_| RwLock::new(HashMap::with_hasher(RandomState::default())))
+                .collect(),
+            hasher: RandomState::default(),
             epoch: AtomicU64::new(1),
         }
     }

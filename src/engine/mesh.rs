@@ -23,18 +23,20 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use super::outbox::Chunk;
 use super::ConnId;
 
 /// Something one core asks another to do.
-#[derive(Debug)]
-pub enum Envelope {
-    /// Queue bytes on a connection (checked against its generation).
+#[derive(Debug, Clone, Copy)]
+pub enum Item {
+    /// Queue `data[start..start + len]` of the batch on a connection
+    /// (checked against its generation).
     Deliver {
         /// Destination connection.
         to: ConnId,
-        /// The bytes, forwarded as they are.
-        data: Chunk,
+        /// Offset in the batch's data.
+        start: u32,
+        /// Length.
+        len: u32,
     },
     /// Close a connection replaced by a newer login.
     Kick {
@@ -43,8 +45,25 @@ pub enum Envelope {
     },
 }
 
-/// One cross-core batch.
-pub type Batch = Vec<Envelope>;
+/// One cross-core batch: the bytes of every delivery in one buffer (one
+/// allocation per batch, not per message), and what to do with them.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Delivery bytes, back to back.
+    pub data: Vec<u8>,
+    /// Items in order.
+    pub items: Vec<Item>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// A batch whose data passes this is sent on (and a new one started) even
+/// within an iteration, which bounds what one batch can pin.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// Overflow batches toward one core above which the sender stops reading.
 pub const BACKPRESSURE_BATCHES: usize = 64;
@@ -119,16 +138,34 @@ impl Outgoing {
     pub fn new(inboxes: Arc<[Inbox]>) -> Self {
         let n = inboxes.len();
         Outgoing {
-            building: (0..n).map(|_| Vec::new()).collect(),
+            building: (0..n).map(|_| Batch::default()).collect(),
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
             inboxes,
         }
     }
 
-    /// Adds an envelope for core `dst` to this iteration's batch.
+    /// Adds a delivery of `bytes` to `to` (on core `dst`) to this
+    /// iteration's batch.
     #[inline]
-    pub fn push(&mut self, dst: usize, e: Envelope) {
-        self.building[dst].push(e);
+    pub fn deliver(&mut self, dst: usize, to: ConnId, bytes: &[u8]) {
+        let b = &mut self.building[dst];
+        if !b.data.is_empty() && b.data.len() + bytes.len() > MAX_BATCH_BYTES {
+            let full = std::mem::take(b);
+            self.overflow[dst].push_back(full);
+        }
+        let b = &mut self.building[dst];
+        let start = b.data.len() as u32;
+        b.data.extend_from_slice(bytes);
+        b.items.push(Item::Deliver {
+            to,
+            start,
+            len: bytes.len() as u32,
+        });
+    }
+
+    /// Asks core `dst` to close `conn` (last login wins).
+    pub fn kick(&mut self, dst: usize, conn: ConnId) {
+        self.building[dst].items.push(Item::Kick { conn });
     }
 
     /// Sends this iteration's batches, oldest first, and wakes parked

@@ -18,14 +18,28 @@ pub enum Chunk {
     Owned(Box<[u8]>),
     /// Bytes shared with other connections (encoded once).
     Shared(Arc<[u8]>),
+    /// A region of a batch buffer that carries many deliveries of one loop
+    /// iteration, so relaying costs no allocation per message. A slice must
+    /// not outlive the iteration's flush (see [`Outbox::detach_slices`]), or
+    /// one slow receiver could pin whole batches.
+    Slice {
+        /// The batch buffer.
+        buf: Arc<Vec<u8>>,
+        /// Offset of this delivery.
+        start: u32,
+        /// Its length.
+        len: u32,
+    },
 }
 
 impl Deref for Chunk {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         match self {
             Chunk::Owned(b) => b,
             Chunk::Shared(a) => a,
+            Chunk::Slice { buf, start, len } => &buf[*start as usize..(*start + *len) as usize],
         }
     }
 }
@@ -53,6 +67,8 @@ pub struct Outbox {
     head: usize,
     /// Unwritten bytes in the queue.
     bytes: usize,
+    /// `Chunk::Slice` entries queued.
+    slices: usize,
 }
 
 impl Outbox {
@@ -85,6 +101,7 @@ impl Outbox {
             return;
         }
         self.bytes += c.len();
+        self.slices += matches!(c, Chunk::Slice { .. }) as usize;
         self.q.push_back(c);
     }
 
@@ -125,7 +142,9 @@ impl Outbox {
             let front = self.q.front().map_or(0, |c| c.len() - self.head);
             if k >= front {
                 k -= front;
-                self.q.pop_front();
+                if let Some(Chunk::Slice { .. }) = self.q.pop_front() {
+                    self.slices -= 1;
+                }
                 self.head = 0;
             } else {
                 self.head += k;
@@ -134,11 +153,27 @@ impl Outbox {
         }
     }
 
+    /// Copies queued batch slices into owned chunks, releasing the batch
+    /// buffers. Called after each flush that leaves bytes queued, so a
+    /// receiver that cannot keep up pins only its own (bounded) bytes.
+    pub fn detach_slices(&mut self) {
+        if self.slices == 0 {
+            return;
+        }
+        for c in self.q.iter_mut() {
+            if let Chunk::Slice { .. } = c {
+                *c = Chunk::Owned(Box::from(&c[..]));
+            }
+        }
+        self.slices = 0;
+    }
+
     /// Drops everything queued.
     pub fn clear(&mut self) {
         self.q.clear();
         self.head = 0;
         self.bytes = 0;
+        self.slices = 0;
     }
 }
 
@@ -191,9 +226,17 @@ mod tests {
         };
         assert_eq!(o.flush_to(&mut w).unwrap(), (7, Flush::WouldBlock));
         assert_eq!(o.bytes(), 11);
+        let batch = Arc::new(b"xx and more".to_vec());
+        o.push(Chunk::Slice {
+            buf: batch.clone(),
+            start: 2,
+            len: 9,
+        });
+        o.detach_slices();
+        assert_eq!(Arc::strong_count(&batch), 1, "no slice pins the batch");
         w.budget = 100;
-        assert_eq!(o.flush_to(&mut w).unwrap(), (11, Flush::Done));
-        assert_eq!(w.out, b"hello shared world");
+        assert_eq!(o.flush_to(&mut w).unwrap(), (20, Flush::Done));
+        assert_eq!(w.out, b"hello shared world and more");
         assert!(o.is_empty());
     }
 }

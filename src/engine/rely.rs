@@ -4,20 +4,31 @@
 
 use super::conn::{CloseReason, Conn, Login};
 use super::directory::Directory;
-use super::mesh::{Envelope, Outgoing};
+use super::mesh::Outgoing;
 use super::metrics::CoreMetrics;
-use super::outbox::Chunk;
 use super::ConnId;
 use crate::config::RelyConfig;
 use crate::protocol::rely::Frame;
 
-/// What reading produced that the core must apply.
+/// What reading produced that the core must apply, after the reads.
 #[derive(Debug, Default)]
 pub struct Actions {
-    /// Deliveries to connections on this core, in order.
-    pub local: Vec<(ConnId, Chunk)>,
+    /// Bytes of local deliveries, back to back (one buffer per iteration).
+    pub data: Vec<u8>,
+    /// Deliveries to connections on this core, in order: (to, start, len).
+    pub local: Vec<(ConnId, u32, u32)>,
     /// Local connections replaced by a newer login.
     pub kicks: Vec<ConnId>,
+}
+
+impl Actions {
+    /// Adds a local delivery.
+    #[inline]
+    pub fn deliver(&mut self, to: ConnId, bytes: &[u8]) {
+        let start = self.data.len() as u32;
+        self.data.extend_from_slice(bytes);
+        self.local.push((to, start, bytes.len() as u32));
+    }
 }
 
 /// Everything the adapter may touch besides the connection.
@@ -74,8 +85,7 @@ pub fn on_bytes(
                     if old.core == cx.core {
                         cx.actions.kicks.push(old);
                     } else {
-                        cx.mesh
-                            .push(old.core as usize, Envelope::Kick { conn: old });
+                        cx.mesh.kick(old.core as usize, old);
                     }
                 }
                 log::debug!("{peer}: login {:?}", String::from_utf8_lossy(id));
@@ -100,16 +110,10 @@ pub fn on_bytes(
                 }
                 match cx.dir.lookup(to) {
                     None => cx.metrics.dropped_offline.inc(),
-                    Some(dst) if dst.core == cx.core => cx.actions.local.push((dst, raw.into())),
+                    Some(dst) if dst.core == cx.core => cx.actions.deliver(dst, raw),
                     Some(dst) => {
                         cx.metrics.cross_core.inc();
-                        cx.mesh.push(
-                            dst.core as usize,
-                            Envelope::Deliver {
-                                to: dst,
-                                data: raw.into(),
-                            },
-                        );
+                        cx.mesh.deliver(dst.core as usize, dst, raw);
                     }
                 }
                 true
