@@ -244,3 +244,16 @@ fn relogin_on_same_connection_changes_id() {
     let want = transfer_frame("bob", "second", b"x");
     assert_eq!(c.read_exact(want.len()), want);
 }
+
+#[test]
+fn idle_timeout_fires_in_busy_poll_mode() {
+    // A spinning core with no traffic must still run its timers.
+    let s = TestServer::with(1, |c| {
+        c.busy_poll = true;
+        c.rely.idle_timeout = Some(Duration::from_millis(300));
+    });
+    let mut c = Raw::connect(s.addr);
+    c.send(&login_frame("idle"));
+    assert!(c.closed());
+    assert_eq!(s.handle.metrics().idle_timeouts, 1);
+}

@@ -180,6 +180,14 @@ impl Core {
                 }
             }
             self.shared.inboxes[self.index].unpark();
+            if busy_poll && events.is_empty() && self.rx.is_empty() && self.ready.is_empty() {
+                // Spinning, but idle: let any other runnable thread on this
+                // CPU go first. Costs one cheap syscall when there is none;
+                // when the machine is oversubscribed it saves the scheduler
+                // from preempting us a whole time slice later.
+                std::thread::yield_now();
+                continue;
+            }
             let instant = Instant::now();
             self.now = (instant - self.epoch).as_millis() as u64 / TICK.as_millis() as u64;
             self.metrics().loop_iterations.inc();

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Runs the RELY figures of the engine issue and the redis-server pub/sub
+# baseline in one go, each configuration RUNS times, and prints medians.
+# Usage: tools/bench/compare.sh [RUNS] [DURATION_S]
+# Needs redis-server on PATH (apt-get install redis-server) for the baseline.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${1:-3}
+DUR=${2:-3}
+cargo build --release --bin corerelay --bin corerelay-bench >/dev/null
+B=target/release/corerelay-bench
+OUT=$(mktemp -d)
+trap 'kill $(cat "$OUT"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$OUT"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+RPORT=$(free_port)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+  --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log"
+for _ in $(seq 50); do [ -s "$OUT/redis.pid" ] && break; sleep 0.1; done
+RPID=$(cat "$OUT/redis.pid")
+
+CPORT=$(free_port)
+printf 'workers: 2\nrely:\n  listen: ["127.0.0.1:%s"]\n  idle_timeout: 0\n' "$CPORT" > "$OUT/corerelay.yaml"
+target/release/corerelay -c "$OUT/corerelay.yaml" 2>"$OUT/corerelay.log" & echo $! > "$OUT/corerelay.pid"
+CPID=$(cat "$OUT/corerelay.pid")
+for _ in $(seq 50); do grep -q "listening" "$OUT/corerelay.log" 2>/dev/null && break; sleep 0.1; done
+
+run() { # name, args...
+  local name=$1; shift
+  for i in $(seq "$RUNS"); do
+    "$B" "$@" --warmup 1 --duration "$DUR" --json | sed "s/^{/{\"name\":\"$name\",/" >> "$OUT/results.jsonl"
+  done
+}
+
+run "rely pingpong 1 pair cross-core"            pingpong --inproc 2 --placement cross --pairs 1
+run "rely pingpong 1 pair same-core"             pingpong --inproc 2 --placement same --pairs 1
+run "rely pingpong 1 pair cross-core busy-poll"  pingpong --inproc 2 --placement cross --pairs 1 --busy-poll
+run "rely pingpong 1 pair same-core busy-poll"   pingpong --inproc 2 --placement same --pairs 1 --busy-poll
+run "rely pingpong 50 pairs cross-core"          pingpong --inproc 2 --placement cross --pairs 50
+run "rely pingpong 50 pairs cross-core busy-poll" pingpong --inproc 2 --placement cross --pairs 50 --busy-poll
+run "redis pingpong 1 pair"                      pingpong --proto redis --target "127.0.0.1:$RPORT" --pid "$RPID" --pairs 1
+run "redis pingpong 50 pairs"                    pingpong --proto redis --target "127.0.0.1:$RPORT" --pid "$RPID" --pairs 50
+run "rely stream 50 pairs, 1 worker"             stream --inproc 1 --pairs 50
+run "rely stream 50 pairs, 2 workers"            stream --inproc 2 --pairs 50
+run "rely stream 50 pairs, 2 workers, process"   stream --target "127.0.0.1:$CPORT" --pid "$CPID" --pairs 50
+run "redis stream 50 pairs"                      stream --proto redis --target "127.0.0.1:$RPORT" --pid "$RPID" --pairs 50
+
+python3 - "$OUT/results.jsonl" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    rows.setdefault(d["name"], []).append(d)
+def med(rs, f):
+    v = [f(r) for r in rs if f(r) is not None]
+    return statistics.median(v) if v else None
+fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
+print(f"{'configuration':46} {'msgs/s':>11} {'ns cpu/msg':>10} {'rtt p50 us':>10} {'rtt p99 us':>10} {'client cpu s':>12}")
+for name, rs in rows.items():
+    print(f"{name:46} {fmt(med(rs, lambda r: r['msgs_per_s']),0):>11} {fmt(med(rs, lambda r: r['server_ns_per_msg']),0):>10} "
+          f"{fmt(med(rs, lambda r: r['rtt_us']['p50'])):>10} {fmt(med(rs, lambda r: r['rtt_us']['p99'])):>10} {fmt(med(rs, lambda r: r['client_cpu_s']),2):>12}")
+m = {n: rs for n, rs in rows.items()}
+def ratio(a, b, f):
+    x, y = med(m[a], f), med(m[b], f)
+    return None if not x or not y else x / y
+print()
+print("stream msgs/s, corerelay (2 workers) / redis:      ", fmt(ratio("rely stream 50 pairs, 2 workers", "redis stream 50 pairs", lambda r: r["msgs_per_s"]), 2))
+print("server CPU/msg, corerelay (2 workers) / redis:     ", fmt(ratio("rely stream 50 pairs, 2 workers", "redis stream 50 pairs", lambda r: r["server_ns_per_msg"]), 2))
+print("stream msgs/s, 2 workers / 1 worker:               ", fmt(ratio("rely stream 50 pairs, 2 workers", "rely stream 50 pairs, 1 worker", lambda r: r["msgs_per_s"]), 2))
+print("msgs per server CPU-second, 2 workers / 1 worker:  ", fmt(ratio("rely stream 50 pairs, 1 worker", "rely stream 50 pairs, 2 workers", lambda r: r["server_ns_per_msg"]), 2))
+x = med(m["rely pingpong 1 pair cross-core busy-poll"], lambda r: r["rtt_us"]["p50"])
+y = med(m["rely pingpong 1 pair same-core busy-poll"], lambda r: r["rtt_us"]["p50"])
+print("busy-poll one-way cross-core added latency p50 us: ", fmt((x - y) / 2))
+PY
