@@ -184,9 +184,9 @@ impl Core {
                 // Spinning, but idle: let any other runnable thread on this
                 // CPU go first. Costs one cheap syscall when there is none;
                 // when the machine is oversubscribed it saves the scheduler
-                // from preempting us a whole time slice later.
+                // from preempting us a whole time slice later. The iteration
+                // still runs: timers and retries must not depend on traffic.
                 std::thread::yield_now();
-                continue;
             }
             let instant = Instant::now();
             self.now = (instant - self.epoch).as_millis() as u64 / TICK.as_millis() as u64;
