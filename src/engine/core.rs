@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::conn::{CloseReason, Conn, Queued};
-use super::directory::Directory;
+use super::directory::{Directory, LookupCache};
 use super::listener::{Listener, ListenerKind};
 use super::mesh::{Batch, Inbox, Item, Outgoing};
 use super::metrics::CoreMetrics;
@@ -110,6 +110,8 @@ pub struct Core {
     /// This iteration's local delivery buffer once frozen; reclaimed for
     /// reuse after the flush, when no queue refers to it any more.
     local_batch: Option<Arc<Vec<u8>>>,
+    /// Directory lookups, validated per shard version.
+    cache: LookupCache,
 }
 
 impl Core {
@@ -159,6 +161,7 @@ impl Core {
             drain_deadline: None,
             queued: 0,
             local_batch: None,
+            cache: LookupCache::default(),
             shared,
         })
     }
@@ -455,6 +458,7 @@ impl Core {
             let mut cx = rely::Ctx {
                 core: self.index as u16,
                 dir: &self.shared.directory,
+                cache: &mut self.cache,
                 cfg: &self.shared.cfg.rely,
                 metrics: m,
                 mesh: &mut self.mesh,

@@ -10,6 +10,13 @@
 //!
 //! Locks are sharded (many more shards than cores) and held only for one hash
 //! map operation, never across I/O; the wait is bounded by that.
+//!
+//! Lookups (one per relayed message) must not write shared memory, or the
+//! lock's reader count bounces between cores on every message. Each core
+//! keeps a [`LookupCache`]; an entry is valid while its shard's `version`
+//! (bumped under the write lock on every change, on its own cache line) is
+//! the one read when the entry was filled under the read lock. In steady
+//! state a lookup is a local hash probe plus one shared, unwritten load.
 
 use std::collections::hash_map::{Entry as MapEntry, HashMap};
 use std::hash::BuildHasher;
@@ -30,7 +37,33 @@ pub struct Holder {
 }
 
 // Ids come from the network: the hasher is seeded per process (foldhash).
-type Shard = RwLock<HashMap<Box<[u8]>, Holder, RandomState>>;
+type Map = HashMap<Box<[u8]>, Holder, RandomState>;
+
+/// One shard: the map and its change counter, each on its own cache line so
+/// readers of `version` are not disturbed by lock traffic.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Shard {
+    map: RwLock<Map>,
+    version: Padded,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+impl Shard {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Map> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Map> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Marks a change; call with the write lock held.
+    fn bump(&self) {
+        self.version.0.fetch_add(1, Ordering::Release);
+    }
+}
 
 /// The directory.
 #[derive(Debug)]
@@ -46,7 +79,10 @@ impl Directory {
         let n = (workers * 16).next_power_of_two().max(64);
         Directory {
             shards: (0..n)
-                .map(|_| RwLock::new(HashMap::with_hasher(RandomState::default())))
+                .map(|_| Shard {
+                    map: RwLock::new(HashMap::with_hasher(RandomState::default())),
+                    version: Padded::default(),
+                })
                 .collect(),
             hasher: RandomState::default(),
             epoch: AtomicU64::new(1),
@@ -54,65 +90,128 @@ impl Directory {
     }
 
     #[inline]
+    fn shard_index(&self, id: &[u8]) -> usize {
+        self.hasher.hash_one(id) as usize & (self.shards.len() - 1)
+    }
+
+    #[inline]
     fn shard(&self, id: &[u8]) -> &Shard {
-        let h = self.hasher.hash_one(id) as usize;
-        &self.shards[h & (self.shards.len() - 1)]
+        &self.shards[self.shard_index(id)]
     }
 
     /// Registers `conn` as the holder of `id`. Returns the new epoch and the
     /// connection it replaced, if any (never `conn` itself).
     pub fn login(&self, id: &[u8], conn: ConnId) -> (u64, Option<ConnId>) {
-        let mut map = self.shard(id).write().unwrap_or_else(|p| p.into_inner());
+        let shard = self.shard(id);
+        let mut map = shard.write();
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let new = Holder { conn, epoch };
-        match map.entry(id.into()) {
+        let replaced = match map.entry(id.into()) {
             MapEntry::Occupied(mut e) => {
                 let old = e.insert(new);
-                (epoch, (old.conn != conn).then_some(old.conn))
+                (old.conn != conn).then_some(old.conn)
             }
             MapEntry::Vacant(e) => {
                 e.insert(new);
-                (epoch, None)
+                None
             }
-        }
+        };
+        shard.bump();
+        (epoch, replaced)
     }
 
     /// Removes `id` if it is still held by the login with `epoch`.
     /// Returns whether it was removed.
     pub fn logout(&self, id: &[u8], epoch: u64) -> bool {
-        let mut map = self.shard(id).write().unwrap_or_else(|p| p.into_inner());
+        let shard = self.shard(id);
+        let mut map = shard.write();
         if map.get(id).is_some_and(|h| h.epoch == epoch) {
             map.remove(id);
+            shard.bump();
             true
         } else {
             false
         }
     }
 
-    /// The connection currently holding `id`.
-    #[inline]
+    /// The connection currently holding `id` (takes the shard's read lock;
+    /// cores use [`LookupCache::lookup`] on the hot path).
     pub fn lookup(&self, id: &[u8]) -> Option<ConnId> {
-        let map = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
-        map.get(id).map(|h| h.conn)
+        self.shard(id).read().get(id).map(|h| h.conn)
     }
 
     /// The holder with its epoch.
     pub fn holder(&self, id: &[u8]) -> Option<Holder> {
-        let map = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
-        map.get(id).copied()
+        self.shard(id).read().get(id).copied()
     }
 
     /// Number of ids registered (walks every shard; for reports).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| s.read().len()).sum()
     }
 
     /// True if no id is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Entries a core's cache holds before it starts over (bounds its memory
+/// whatever the id churn).
+pub const CACHE_MAX_ENTRIES: usize = 1 << 16;
+
+/// One core's cache of directory lookups (see the module doc).
+#[derive(Debug, Default)]
+pub struct LookupCache {
+    map: HashMap<Box<[u8]>, (ConnId, u64), RandomState>,
+}
+
+impl LookupCache {
+    /// The connection holding `id`, as the directory says now.
+    #[inline]
+    pub fn lookup(&mut self, dir: &Directory, id: &[u8]) -> Option<ConnId> {
+        let shard = &dir.shards[dir.shard_index(id)];
+        let version = shard.version.0.load(Ordering::Acquire);
+        if let Some(&(conn, v)) = self.map.get(id) {
+            if v == version {
+                return Some(conn);
+            }
+        }
+        // Slow path: read the map and the version together under the lock,
+        // so the pair is consistent (versions change only under the write lock).
+        let (found, version) = {
+            let map = shard.read();
+            (
+                map.get(id).map(|h| h.conn),
+                shard.version.0.load(Ordering::Relaxed),
+            )
+        };
+        match found {
+            Some(conn) => {
+                if let Some(e) = self.map.get_mut(id) {
+                    *e = (conn, version);
+                } else {
+                    if self.map.len() >= CACHE_MAX_ENTRIES {
+                        self.map.clear();
+                    }
+                    self.map.insert(id.into(), (conn, version));
+                }
+            }
+            None => {
+                self.map.remove(id);
+            }
+        }
+        found
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True if empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 
@@ -136,5 +235,23 @@ mod tests {
         assert_eq!(d.lookup(b"a"), Some(c(1, 1)));
         assert!(d.logout(b"a", e2));
         assert_eq!(d.lookup(b"a"), None);
+    }
+
+    #[test]
+    fn cache_follows_every_change() {
+        let d = Directory::new(2);
+        let mut cache = LookupCache::default();
+        assert_eq!(cache.lookup(&d, b"a"), None);
+        let (e1, _) = d.login(b"a", c(0, 1));
+        assert_eq!(cache.lookup(&d, b"a"), Some(c(0, 1)));
+        assert_eq!(cache.lookup(&d, b"a"), Some(c(0, 1)), "hit");
+        d.login(b"a", c(1, 2));
+        assert_eq!(cache.lookup(&d, b"a"), Some(c(1, 2)), "newer login seen");
+        let (e3, _) = d.login(b"a", c(1, 3));
+        assert!(!d.logout(b"a", e1));
+        assert_eq!(cache.lookup(&d, b"a"), Some(c(1, 3)));
+        assert!(d.logout(b"a", e3));
+        assert_eq!(cache.lookup(&d, b"a"), None, "logout seen");
+        assert!(cache.is_empty());
     }
 }

@@ -3,7 +3,7 @@
 //! connection's state, so the core applies local deliveries after the read.
 
 use super::conn::{CloseReason, Conn, Login};
-use super::directory::Directory;
+use super::directory::{Directory, LookupCache};
 use super::mesh::Outgoing;
 use super::metrics::CoreMetrics;
 use super::ConnId;
@@ -37,6 +37,8 @@ pub struct Ctx<'a> {
     pub core: u16,
     /// The directory.
     pub dir: &'a Directory,
+    /// This core's lookup cache.
+    pub cache: &'a mut LookupCache,
     /// RELY settings.
     pub cfg: &'a RelyConfig,
     /// This core's counters.
@@ -108,7 +110,7 @@ pub fn on_bytes(
                     cx.metrics.heartbeats.inc();
                     return true;
                 }
-                match cx.dir.lookup(to) {
+                match cx.cache.lookup(cx.dir, to) {
                     None => cx.metrics.dropped_offline.inc(),
                     Some(dst) if dst.core == cx.core => cx.actions.deliver(dst, raw),
                     Some(dst) => {
