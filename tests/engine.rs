@@ -253,3 +253,46 @@ fn dead_connection_deliveries_are_counted_not_misdelivered() {
             .is_none());
     }
 }
+
+/// With a one-batch channel, cross-core traffic overflows into the sender's
+/// local outbox all the time; nothing may be lost or reordered.
+#[test]
+fn full_cross_core_channel_loses_and_reorders_nothing() {
+    let s = TestServer::with(2, |c| c.mesh_capacity = 1);
+    const PAIRS: usize = 8;
+    const N: u32 = 50_000;
+    let mut threads = Vec::new();
+    for p in 0..PAIRS {
+        let (a, b) = (format!("a{p}"), format!("b{p}"));
+        let mut ca = s.login(&a);
+        let mut cb = s.login_not_on(&b, s.core_of(&a));
+        let sender = std::thread::spawn(move || {
+            // Frames written in large batches so one read carries many.
+            let mut buf = Vec::new();
+            for i in 0..N {
+                buf.extend_from_slice(&transfer_frame(&a, &b, &i.to_be_bytes()));
+                if buf.len() > 64 * 1024 {
+                    ca.writer.send_raw(&buf).unwrap();
+                    buf.clear();
+                }
+            }
+            ca.writer.send_raw(&buf).unwrap();
+            ca
+        });
+        let receiver = std::thread::spawn(move || {
+            for i in 0..N {
+                let m = cb.recv(Some(WAIT)).unwrap().expect("no loss");
+                assert_eq!(m.payload, i.to_be_bytes(), "order kept through overflow");
+            }
+        });
+        threads.push((sender, receiver));
+    }
+    for (snd, rcv) in threads {
+        rcv.join().unwrap();
+        drop(snd.join().unwrap());
+    }
+    assert!(
+        s.handle.metrics().mesh_overflow > 0,
+        "the channel was actually full"
+    );
+}

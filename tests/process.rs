@@ -208,3 +208,162 @@ fn positional_port_like_relayd() {
     signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child).code(), Some(0));
 }
+
+/// Spawns the binary under `sh -c "ulimit -n N; exec ..."`, returning the
+/// child, its RELY address and a channel of its log lines.
+fn spawn_limited(
+    config: &std::path::Path,
+    nofile: u32,
+) -> (Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n {nofile} && exec \"$0\" -c \"$1\" -v",
+            nofile = nofile
+        ))
+        .arg(BIN)
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("start-up log");
+        if let Some(a) = line.split("listening: rely on ").nth(1) {
+            break a.trim().parse().unwrap();
+        }
+    };
+    (child, addr, rx)
+}
+
+/// Out of file descriptors, the listener pauses instead of spinning, the
+/// connected clients keep working, and queued connections are accepted once
+/// descriptors free up.
+#[test]
+fn emfile_pauses_accept_and_recovers() {
+    let cfg = write_config(
+        "emfile",
+        "workers: 1\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\n",
+    );
+    let (mut child, addr, logs) = spawn_limited(&cfg, 48);
+    let mut conns: Vec<Raw> = (0..70)
+        .map(|i| {
+            let mut c = Raw::connect(addr);
+            c.send(&login_frame(&format!("c{i}")));
+            c
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("EMFILE logged");
+        if line.contains("accept on") && line.contains("pausing") {
+            break;
+        }
+    }
+    // Over about a second, a paused listener logs a handful of retries; a
+    // spinning one would log thousands.
+    let window = Instant::now() + Duration::from_millis(1000);
+    let mut retries = 0;
+    while let Ok(line) = logs.recv_timeout(window.saturating_duration_since(Instant::now())) {
+        retries += line.contains("pausing") as usize;
+    }
+    assert!(
+        retries <= 30,
+        "{retries} accept retries in a second: spinning"
+    );
+    // Free descriptors: every connection still open is (or becomes) served.
+    conns.drain(..35);
+    for (i, c) in conns.iter_mut().enumerate() {
+        let id = format!("c{}", i + 35);
+        let f = transfer_frame(&id, &id, b"me");
+        c.send(&f);
+        assert_eq!(c.read_exact(f.len()), f, "{id} served after recovery");
+    }
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}
+
+#[test]
+fn systemd_notify_ready_and_stopping() {
+    let dir = std::env::temp_dir().join(format!("corerelay-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let cfg = write_config(
+        "notify",
+        "workers: 1\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\n",
+    );
+    let mut child = Command::new(BIN)
+        .args(["-c", cfg.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 sent");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    signal(&child, libc::SIGTERM);
+    let n = sock.recv(&mut buf).expect("STOPPING=1 sent");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The chat client as a person uses it: two terminals, type, read, /quit.
+#[test]
+fn chat_clients_talk() {
+    use std::io::Write;
+    let s = TestServer::start(2);
+    let chat = |me: &str, peer: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_corerelay-chat"))
+            .args(["--host", "127.0.0.1", "--port", &s.addr.port().to_string()])
+            .args(["--client-id", me, "--to-client-id", peer])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = c.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        (c, rx)
+    };
+    let (mut alice, _alice_out) = chat("alice", "bob");
+    let (mut bob, bob_out) = chat("bob", "alice");
+    wait_until(|| s.handle.logged_in() == 2, "both chat clients logged in");
+    writeln!(alice.stdin.as_mut().unwrap(), "hello bob").unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = bob_out
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("bob prints");
+        if line.contains("[alice] hello bob") {
+            break;
+        }
+    }
+    writeln!(alice.stdin.as_mut().unwrap(), "/quit").unwrap();
+    writeln!(bob.stdin.as_mut().unwrap(), "/exit").unwrap();
+    assert!(wait_exit(&mut alice).success());
+    assert!(wait_exit(&mut bob).success());
+}

@@ -243,7 +243,10 @@ impl Core {
             self.run_timers();
             self.flush_dirty();
             self.reclaim_local_batch();
-            self.mesh.flush();
+            let waited = self.mesh.flush();
+            if waited > 0 {
+                self.metrics().mesh_overflow.add(waited);
+            }
 
             if let Some(deadline) = self.drain_deadline {
                 let flushed =
@@ -268,28 +271,35 @@ impl Core {
 
     fn poll_timeout(&self, busy_poll: bool) -> Option<Duration> {
         let now = Instant::now();
-        let accept_ready = self.drain_deadline.is_none()
+        let draining = self.drain_deadline.is_some();
+        let accept_ready = !draining
             && self
                 .listeners
                 .iter()
                 .any(|l| l.pending && l.paused_until.is_none_or(|t| t <= now));
-        if busy_poll || !self.ready.is_empty() || accept_ready {
+        // Reads wait while a cross-core channel is full; spinning on them
+        // would only burn the CPU the destination core needs.
+        let read_ready = !self.ready.is_empty() && !self.mesh.backpressured() && !draining;
+        if busy_poll || read_ready || accept_ready {
             return Some(Duration::ZERO);
         }
-        if self.mesh.has_pending() || self.drain_deadline.is_some() {
-            return Some(OVERFLOW_RETRY);
+        let mut t = if self.mesh.has_pending() || draining {
+            OVERFLOW_RETRY
+        } else {
+            TICK
+        };
+        for l in &self.listeners {
+            if let Some(until) = l.paused_until {
+                t = t.min(until.saturating_duration_since(now));
+            }
         }
+        // Announce the park even for a short sleep, so a delivery for us
+        // wakes us instead of waiting out the timeout.
         let inbox = &self.shared.inboxes[self.index];
         inbox.park();
         if !self.rx.is_empty() {
             inbox.unpark();
             return Some(Duration::ZERO);
-        }
-        let mut t = TICK;
-        for l in &self.listeners {
-            if let Some(until) = l.paused_until {
-                t = t.min(until.saturating_duration_since(now));
-            }
         }
         Some(t)
     }

@@ -169,8 +169,10 @@ impl Outgoing {
     }
 
     /// Sends this iteration's batches, oldest first, and wakes parked
-    /// destinations. Never blocks.
-    pub fn flush(&mut self) {
+    /// destinations. Never blocks. Returns how many batches had to wait
+    /// (channel full).
+    pub fn flush(&mut self) -> u64 {
+        let mut waited = 0;
         for dst in 0..self.building.len() {
             if !self.building[dst].is_empty() {
                 let b = std::mem::take(&mut self.building[dst]);
@@ -187,6 +189,7 @@ impl Outgoing {
                     Ok(()) => sent = true,
                     Err(TrySendError::Full(b)) => {
                         q.push_front(b);
+                        waited += q.len() as u64;
                         break;
                     }
                     Err(TrySendError::Disconnected(_)) => {
@@ -200,6 +203,7 @@ impl Outgoing {
                 inbox.wake_if_parked();
             }
         }
+        waited
     }
 
     /// True while any destination's overflow is long: stop reading.

@@ -101,6 +101,9 @@ metrics! {
     spoofed_from,
     /// Connections closed for inactivity.
     idle_timeouts,
+    /// Cross-core batches that found the channel full and waited locally
+    /// (counted once per iteration they waited).
+    mesh_overflow,
     /// Loop iterations in which reading was paused because a cross-core
     /// channel was full.
     mesh_backpressure,
