@@ -7,6 +7,8 @@
 //!   percentiles (HdrHistogram).
 //! - `stream`: P pairs, each sender keeps up to `--window` messages in
 //!   flight, written in batches; delivered messages per second.
+//! - `conns`: open `--conns` idle logged-in connections and report the
+//!   server's RSS growth per connection (`--pid`).
 //!
 //! Server CPU per message comes from /proc: `--pid` for a server process,
 //! or the `corerelay-core-*` threads when `--inproc` runs corerelay inside
@@ -69,6 +71,9 @@ struct Args {
     /// Measured seconds.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// conns: idle connections to open.
+    #[arg(long, default_value_t = 10_000)]
+    conns: usize,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -78,6 +83,7 @@ struct Args {
 enum Mode {
     Pingpong,
     Stream,
+    Conns,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,6 +509,64 @@ fn stream(a: &Args, s: &Setup) {
     report(a, "stream", el, n1 - n0, srv, me, None);
 }
 
+/// Resident set size of `pid` in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+fn conns(a: &Args, s: &Setup) {
+    let pid = a.pid.unwrap_or_else(|| {
+        eprintln!("corerelay-bench: conns needs --pid of the server");
+        std::process::exit(2)
+    });
+    let before = rss(pid).unwrap_or(0);
+    let t0 = Instant::now();
+    let mut open = Vec::with_capacity(a.conns);
+    for i in 0..a.conns {
+        // Spread over 127.0.0.x sources so large counts do not exhaust one
+        // source address's ephemeral ports.
+        let src = SocketAddr::from(([127, 0, 0, 1 + (i / 20_000) as u8], 0));
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&src.into()).expect("bind source");
+        sock.connect(&s.addr.into()).unwrap_or_else(|e| {
+            eprintln!("corerelay-bench: connection {i}: {e}");
+            std::process::exit(1)
+        });
+        let mut t: TcpStream = sock.into();
+        let mut f = Vec::new();
+        rely::encode_login(&mut f, format!("idle-{i}").as_bytes());
+        t.write_all(&f).expect("login");
+        open.push(t);
+    }
+    // Let the server finish accepting and reading the logins.
+    std::thread::sleep(Duration::from_secs_f64(a.warmup.max(0.5)));
+    let after = rss(pid).unwrap_or(0);
+    let per = after.saturating_sub(before) as f64 / a.conns as f64;
+    if a.json {
+        println!(
+            "{{\"mode\":\"conns\",\"conns\":{},\"rss_before\":{before},\"rss_after\":{after},\"bytes_per_conn\":{per:.1},\"open_seconds\":{:.3}}}",
+            a.conns,
+            t0.elapsed().as_secs_f64()
+        );
+    } else {
+        println!(
+            "conns={} server RSS {} -> {} KiB: {per:.0} bytes per idle connection",
+            a.conns,
+            before / 1024,
+            after / 1024
+        );
+    }
+}
+
 fn report(
     a: &Args,
     mode: &str,
@@ -581,6 +645,7 @@ fn main() {
     match a.mode {
         Mode::Pingpong => pingpong(&a, &s),
         Mode::Stream => stream(&a, &s),
+        Mode::Conns => conns(&a, &s),
     }
     // Client threads may still hold sockets; exit without a graceful drain.
     std::process::exit(0);
