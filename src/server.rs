@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -87,6 +87,7 @@ impl Server {
             inboxes: inboxes.into(),
             metrics: (0..workers).map(|_| CoreMetrics::default()).collect(),
             shutdown: AtomicBool::new(false),
+            quiesced: AtomicUsize::new(0),
             cfg,
         });
 

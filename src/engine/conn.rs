@@ -96,6 +96,8 @@ pub struct Conn {
     pub in_dirty: bool,
     /// Tick of the last complete frame.
     pub last_active: u64,
+    /// Wheel slot of this connection's idle timer, if armed.
+    pub timer_slot: Option<u32>,
 }
 
 impl Conn {
@@ -113,6 +115,7 @@ impl Conn {
             in_ready: false,
             in_dirty: false,
             last_active: now,
+            timer_slot: None,
         }
     }
 

@@ -9,7 +9,7 @@
 //! writev run each) -> send this iteration's cross-core batches.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,8 +30,9 @@ use crate::config::Config;
 
 /// Timer resolution.
 pub const TICK: Duration = Duration::from_millis(100);
-/// Timer wheel buckets (51.2 s per turn at 100 ms ticks).
-const WHEEL_SLOTS: usize = 512;
+/// Timer wheel buckets (409.6 s per turn at 100 ms ticks): enough that a
+/// slot stays short (cancel scans one) even with a million connections.
+const WHEEL_SLOTS: usize = 4096;
 /// Reads per connection per iteration before yielding to the others.
 const READS_PER_ITERATION: usize = 4;
 /// How long an accept failure (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses a
@@ -56,6 +57,11 @@ pub struct Shared {
     pub metrics: Box<[CoreMetrics]>,
     /// Set once to begin a graceful shutdown.
     pub shutdown: AtomicBool,
+    /// Draining cores that will never send to another core again (they have
+    /// stopped reading and their outgoing batches are all in channels). A
+    /// core exits only when this equals the worker count, so no delivery
+    /// read before the signal is lost on its way between cores.
+    pub quiesced: AtomicUsize,
 }
 
 impl Shared {
@@ -105,6 +111,8 @@ pub struct Core {
     now: u64,
     idle_ticks: Option<u64>,
     drain_deadline: Option<Instant>,
+    /// This core has counted itself in `Shared::quiesced`.
+    quiesced: bool,
     /// Bytes waiting in all of this core's output queues.
     queued: u64,
     /// This iteration's local delivery buffer once frozen; reclaimed for
@@ -159,6 +167,7 @@ impl Core {
             now: 0,
             idle_ticks,
             drain_deadline: None,
+            quiesced: false,
             queued: 0,
             local_batch: None,
             cache: LookupCache::default(),
@@ -249,13 +258,19 @@ impl Core {
             }
 
             if let Some(deadline) = self.drain_deadline {
-                let flushed =
-                    self.conns.iter().all(|(_, c)| c.out.is_empty()) && !self.mesh.has_pending();
+                if !self.quiesced && !self.mesh.has_pending() {
+                    self.quiesced = true;
+                    self.shared.quiesced.fetch_add(1, Ordering::SeqCst);
+                }
+                let all_quiet =
+                    self.shared.quiesced.load(Ordering::SeqCst) == self.shared.cfg.workers;
+                let flushed = all_quiet && self.rx.is_empty() && self.queued == 0;
                 if flushed || instant >= deadline {
                     if !flushed {
                         log::warn!(
-                            "core {}: shutdown grace expired with output still queued",
-                            self.index
+                            "core {}: shutdown grace expired with {} bytes still queued",
+                            self.index,
+                            self.queued
                         );
                     }
                     break;
@@ -575,16 +590,18 @@ impl Core {
         self.wheel.advance(self.now, &mut self.fired);
         let fired = std::mem::take(&mut self.fired);
         for t in &fired {
-            let Some(c) = self.conns.get(t.key).filter(|c| c.gen == t.gen) else {
+            let Some(c) = self.conns.get_mut(t.key).filter(|c| c.gen == t.gen) else {
                 continue;
             };
+            // The fired entry has left the wheel.
+            c.timer_slot = None;
             let due = c.last_active + idle;
             if due <= self.now {
                 log::debug!("{}: idle timeout", c.peer);
-                self.metrics().idle_timeouts.inc();
+                self.shared.metrics[self.index].idle_timeouts.inc();
                 self.close(t.key, CloseReason::Idle);
             } else {
-                self.wheel.arm(Timer { due, ..*t });
+                c.timer_slot = Some(self.wheel.arm(Timer { due, ..*t }));
             }
         }
         self.fired = fired;

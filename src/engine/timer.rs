@@ -3,7 +3,9 @@
 //! Entries are never moved when a connection is active: an entry records the
 //! deadline it was armed for, and when it fires the owner checks the
 //! connection's real deadline and re-arms if that moved. So activity costs a
-//! store of a timestamp, not a wheel operation.
+//! store of a timestamp, not a wheel operation. A closing connection cancels
+//! its entry (a scan of one short slot), so connection churn leaves no stale
+//! entries behind: the wheel holds at most one entry per live connection.
 
 /// A timer entry: which connection (slab key and generation) and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +49,25 @@ impl Wheel {
     }
 
     /// Arms an entry; a due tick in the past fires on the next advance.
-    pub fn arm(&mut self, t: Timer) {
+    /// Returns the slot, for [`Wheel::cancel`].
+    pub fn arm(&mut self, t: Timer) -> u32 {
         let due = t.due.max(self.now + 1);
         let mask = self.slots.len() as u64 - 1;
-        self.slots[(due & mask) as usize].push(Timer { due, ..t });
+        let slot = (due & mask) as usize;
+        self.slots[slot].push(Timer { due, ..t });
         self.len += 1;
+        slot as u32
+    }
+
+    /// Removes the entry for (`key`, `gen`) from `slot`, if there.
+    pub fn cancel(&mut self, slot: u32, key: usize, gen: u64) {
+        let Some(v) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if let Some(i) = v.iter().position(|t| t.key == key && t.gen == gen) {
+            v.swap_remove(i);
+            self.len -= 1;
+        }
     }
 
     /// Advances to tick `now`, appending due entries to `fired`. Entries
@@ -109,5 +125,27 @@ mod tests {
         w.advance(100, &mut f);
         assert_eq!(f.iter().map(|t| t.key).collect::<Vec<_>>(), vec![2]);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn cancel_removes_only_that_entry() {
+        let mut w = Wheel::new(8, 0);
+        let s1 = w.arm(Timer {
+            due: 3,
+            key: 1,
+            gen: 1,
+        });
+        w.arm(Timer {
+            due: 3,
+            key: 2,
+            gen: 1,
+        });
+        w.cancel(s1, 1, 2); // wrong generation: kept
+        assert_eq!(w.len(), 2);
+        w.cancel(s1, 1, 1);
+        assert_eq!(w.len(), 1);
+        let mut f = vec![];
+        w.advance(3, &mut f);
+        assert_eq!(f.iter().map(|t| t.key).collect::<Vec<_>>(), vec![2]);
     }
 }
