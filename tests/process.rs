@@ -20,11 +20,18 @@ fn write_config(name: &str, body: &str) -> std::path::PathBuf {
     p
 }
 
-/// Starts the binary and returns it with its RELY address, read from the
-/// start-up log (bounded).
+/// Starts the binary (`-c config -v`) and returns it with its RELY address,
+/// read from the start-up log (bounded).
 fn spawn(config: &std::path::Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["-c", config.to_str().unwrap(), "-v"])
+    let (child, addr, _logs) =
+        spawn_logged(Command::new(BIN).args(["-c", config.to_str().unwrap(), "-v"]));
+    (child, addr)
+}
+
+/// Runs `cmd` (which starts the server), returning it, its RELY address and
+/// a channel of its later log lines.
+fn spawn_logged(cmd: &mut Command) -> (Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let mut child = cmd
         .env_remove("RUST_LOG")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -33,14 +40,22 @@ fn spawn(config: &std::path::Path) -> (Child, SocketAddr) {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Drain to EOF even if nobody listens, so the server's log writes
+        // never fail on a closed pipe.
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(a) = line.split("listening: rely on ").nth(1) {
-                let _ = tx.send(a.trim().parse::<SocketAddr>().unwrap());
-            }
+            let _ = tx.send(line);
         }
     });
-    let addr = rx.recv_timeout(WAIT).expect("server logs its listener");
-    (child, addr)
+    let deadline = Instant::now() + WAIT;
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("server logs its listener");
+        if let Some(a) = line.split("listening: rely on ").nth(1) {
+            break a.trim().parse().unwrap();
+        }
+    };
+    (child, addr, rx)
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -209,44 +224,18 @@ fn positional_port_like_relayd() {
     assert_eq!(wait_exit(&mut child).code(), Some(0));
 }
 
-/// Spawns the binary under `sh -c "ulimit -n N; exec ..."`, returning the
-/// child, its RELY address and a channel of its log lines.
+/// Starts the binary under `sh -c "ulimit -n N; exec ..."`.
 fn spawn_limited(
     config: &std::path::Path,
     nofile: u32,
 ) -> (Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -n {nofile} && exec \"$0\" -c \"$1\" -v",
-            nofile = nofile
-        ))
-        .arg(BIN)
-        .arg(config)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + WAIT;
-    let addr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("start-up log");
-        if let Some(a) = line.split("listening: rely on ").nth(1) {
-            break a.trim().parse().unwrap();
-        }
-    };
-    (child, addr, rx)
+    spawn_logged(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" -c \"$1\" -v"))
+            .arg(BIN)
+            .arg(config),
+    )
 }
 
 /// Out of file descriptors, the listener pauses instead of spinning, the
