@@ -43,9 +43,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
 pub const DEFAULT_ACCEPT_BATCH: usize = 64;
 /// Per-worker scratch read buffer; connections hold only partial frames.
 pub const DEFAULT_READ_BUFFER: u64 = 256 * 1024;
-/// Cross-core channel capacity, in batches (one batch per loop iteration per
-/// destination core).
-pub const DEFAULT_MESH_CAPACITY: usize = 1024;
+/// Cross-core channel capacity, in batches. A source core sends at most one
+/// batch per destination per loop iteration (more only past 1 MiB), and the
+/// destination drains its whole channel each iteration, so 256 leaves room
+/// for 64 busy sources several iterations over; it also bounds what one
+/// stalled core can have waiting for it (capacity x batch size).
+pub const DEFAULT_MESH_CAPACITY: usize = 256;
 /// How long a graceful shutdown may spend flushing queued output.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// listen(2) backlog per listener.
