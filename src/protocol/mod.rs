@@ -1,4 +1,6 @@
 //! Wire codecs. Sans-io: bytes in, frames or "need more" or a typed error
 //! out; no sockets, no clocks, no routing.
 
+pub mod http;
 pub mod rely;
+pub mod ws;
