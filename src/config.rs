@@ -54,6 +54,21 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// listen(2) backlog per listener.
 pub const DEFAULT_BACKLOG: i32 = 4096;
 
+/// wsgateway's WebSocket listener.
+pub const DEFAULT_WS_LISTEN: &str = "0.0.0.0:5000";
+/// A connection must complete its HTTP upgrade within this (slowloris).
+pub const DEFAULT_WS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP request head accepted for an upgrade.
+pub const DEFAULT_WS_MAX_HANDSHAKE_BYTES: u64 = 8 * 1024;
+/// Server ping interval (wsproxy: WS_PING_INTERVAL_SECS=30).
+pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Close when a ping is not answered within this (wsproxy: 10 s).
+pub const DEFAULT_WS_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message (after reassembly) per endpoint unless set.
+pub const DEFAULT_WS_MAX_MESSAGE: u64 = 1024 * 1024;
+/// Output queue byte limit per WebSocket connection.
+pub const DEFAULT_WS_MAX_OUTPUT_BYTES: u64 = 16 * 1024 * 1024;
+
 /// What happens when a connection's output queue is over its byte limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -201,6 +216,69 @@ pub struct FileConfig {
     pub backlog: Option<i32>,
     /// RELY protocol section.
     pub rely: Option<RelyFile>,
+    /// WebSocket section.
+    pub websocket: Option<WsFile>,
+}
+
+/// What a WebSocket endpoint does with client messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMessage {
+    /// Discard them (counted): clients only receive.
+    None,
+    /// Send each message back to its sender.
+    Echo,
+    /// Send each message to the other connections sharing the endpoint's
+    /// `broadcast_tag` value.
+    Broadcast,
+    /// Binary messages are RELY transfer frames, routed by ToClientID to RELY
+    /// or WebSocket clients; a RELY transfer to this client's id arrives as a
+    /// binary message.
+    Rely,
+}
+
+/// The `websocket:` section as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsFile {
+    /// Addresses to listen on.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// Upgrade deadline.
+    pub handshake_timeout: Option<Dur>,
+    /// Request head cap.
+    pub max_handshake_bytes: Option<Size>,
+    /// Server ping interval; 0 disables.
+    pub ping_interval: Option<Dur>,
+    /// Pong deadline after a ping.
+    pub pong_timeout: Option<Dur>,
+    /// Close after this long without a client frame; 0 disables.
+    pub idle_timeout: Option<Dur>,
+    /// Output queue byte limit per connection.
+    pub max_output_bytes: Option<Size>,
+    /// Slow-consumer policy.
+    pub slow_consumer: Option<SlowConsumer>,
+    /// Endpoints (paths).
+    pub endpoints: Option<Vec<EndpointFile>>,
+}
+
+/// One endpoint as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointFile {
+    /// Path or template, e.g. `/connect` or `/{agent_id}/ws/{session_id}`.
+    pub path: String,
+    /// What client messages do.
+    pub on_message: Option<OnMessage>,
+    /// Largest message after reassembly.
+    pub max_message_size: Option<Size>,
+    /// Tags every connection of this endpoint gets.
+    pub set_tags: Option<std::collections::BTreeMap<String, String>>,
+    /// Path parameters that become tags (default: all of them).
+    pub tag_params: Option<Vec<String>>,
+    /// Path parameter that is the client id (default: a generated UUID).
+    pub id_param: Option<String>,
+    /// Tag whose value groups connections for `on_message: broadcast`.
+    pub broadcast_tag: Option<String>,
 }
 
 /// The `rely:` section as written.
@@ -248,6 +326,88 @@ pub struct Config {
     pub backlog: i32,
     /// RELY settings.
     pub rely: RelyConfig,
+    /// WebSocket settings (None: no WebSocket listener).
+    pub websocket: Option<WsConfig>,
+}
+
+/// One segment of an endpoint path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Must equal this text.
+    Literal(String),
+    /// Captures the segment under this name.
+    Param(String),
+}
+
+/// A validated endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The path as written.
+    pub path: String,
+    /// Its segments.
+    pub template: Vec<Segment>,
+    /// What client messages do.
+    pub on_message: OnMessage,
+    /// Largest message after reassembly.
+    pub max_message_size: usize,
+    /// Fixed tags.
+    pub set_tags: Vec<(String, String)>,
+    /// Path parameters that become tags.
+    pub tag_params: Vec<String>,
+    /// Path parameter used as the client id.
+    pub id_param: Option<String>,
+    /// Broadcast grouping tag.
+    pub broadcast_tag: Option<String>,
+}
+
+impl Endpoint {
+    /// Matches a request path; returns the captured parameters.
+    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if segs.len() != self.template.len() {
+            return None;
+        }
+        let mut params = Vec::new();
+        for (seg, t) in segs.iter().zip(&self.template) {
+            match t {
+                Segment::Literal(l) if l == seg => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(_) if seg.is_empty() => return None,
+                Segment::Param(name) => params.push((name.clone(), crate::protocol::http::url_decode(seg))),
+            }
+        }
+        Some(params)
+    }
+}
+
+/// Validated WebSocket settings.
+#[derive(Debug, Clone)]
+pub struct WsConfig {
+    /// Listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Upgrade deadline.
+    pub handshake_timeout: Duration,
+    /// Request head cap.
+    pub max_handshake_bytes: usize,
+    /// Server ping interval (None: no pings).
+    pub ping_interval: Option<Duration>,
+    /// Pong deadline.
+    pub pong_timeout: Duration,
+    /// Idle timeout (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// Output queue byte limit per connection.
+    pub max_output_bytes: usize,
+    /// Slow-consumer policy.
+    pub slow_consumer: SlowConsumer,
+    /// Endpoints, matched in order.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl WsConfig {
+    /// The first endpoint matching `path`, with its parameters.
+    pub fn route(&self, path: &str) -> Option<(usize, Vec<(String, String)>)> {
+        self.endpoints.iter().enumerate().find_map(|(i, e)| e.matches(path).map(|p| (i, p)))
+    }
 }
 
 /// Validated RELY settings.
@@ -445,8 +605,13 @@ impl FileConfig {
         if max_output == 0 {
             return Err(err("rely.max_output_bytes", "must be at least 1".into()));
         }
+        let websocket = match self.websocket {
+            None => None,
+            Some(ws) => Some(validate_ws(ws, &err)?),
+        };
         Ok(Config {
             source: path.map(Path::to_owned),
+            websocket,
             workers,
             pin,
             cpus,
@@ -467,6 +632,85 @@ impl FileConfig {
             },
         })
     }
+}
+
+fn validate_ws(ws: WsFile, err: &dyn Fn(&str, String) -> ConfigError) -> Result<WsConfig, ConfigError> {
+    let listen = ws
+        .listen
+        .unwrap_or_else(|| vec![DEFAULT_WS_LISTEN.parse().expect("literal address")]);
+    let files = ws.endpoints.unwrap_or_default();
+    if files.is_empty() {
+        return Err(err("websocket.endpoints", "list at least one endpoint (path: ...)".into()));
+    }
+    let mut endpoints = Vec::with_capacity(files.len());
+    for (i, e) in files.into_iter().enumerate() {
+        let key = |k: &str| format!("websocket.endpoints[{i}].{k}");
+        if !e.path.starts_with('/') {
+            return Err(err(&key("path"), format!("{:?} must start with /", e.path)));
+        }
+        let mut template = Vec::new();
+        for seg in e.path.trim_start_matches('/').split('/') {
+            if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                if name.is_empty() || template.contains(&Segment::Param(name.to_owned())) {
+                    return Err(err(&key("path"), format!("bad or repeated parameter {seg:?}")));
+                }
+                template.push(Segment::Param(name.to_owned()));
+            } else if seg.contains(['{', '}']) {
+                return Err(err(&key("path"), format!("segment {seg:?}: a parameter must be a whole segment")));
+            } else {
+                template.push(Segment::Literal(seg.to_owned()));
+            }
+        }
+        let params: Vec<String> = template
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Param(p) => Some(p.clone()),
+                Segment::Literal(_) => None,
+            })
+            .collect();
+        let tag_params = e.tag_params.unwrap_or_else(|| params.clone());
+        for p in tag_params.iter().chain(e.id_param.iter()) {
+            if !params.contains(p) {
+                return Err(err(&key("path"), format!("parameter {p:?} is not in the path")));
+            }
+        }
+        let on_message = e.on_message.unwrap_or(OnMessage::None);
+        if matches!(on_message, OnMessage::Broadcast | OnMessage::Rely) {
+            // Refused rather than silently discarding messages until the
+            // routing for these lands.
+            return Err(err(&key("on_message"), format!("{on_message:?} is not supported yet (use echo or none)")));
+        }
+        if on_message == OnMessage::Broadcast && e.broadcast_tag.is_none() {
+            return Err(err(&key("broadcast_tag"), "on_message: broadcast needs broadcast_tag".into()));
+        }
+        let max = e.max_message_size.map_or(DEFAULT_WS_MAX_MESSAGE, |s| s.0);
+        if max == 0 || max > MAX_MAX_PAYLOAD {
+            return Err(err(&key("max_message_size"), format!("{max} is outside 1..=1GiB")));
+        }
+        endpoints.push(Endpoint {
+            path: e.path,
+            template,
+            on_message,
+            max_message_size: max as usize,
+            set_tags: e.set_tags.unwrap_or_default().into_iter().collect(),
+            tag_params,
+            id_param: e.id_param,
+            broadcast_tag: e.broadcast_tag,
+        });
+    }
+    let nonzero = |d: Option<Dur>, def: Option<Duration>| d.map_or(def, |d| (!d.0.is_zero()).then_some(d.0));
+    Ok(WsConfig {
+        listen,
+        handshake_timeout: ws.handshake_timeout.map_or(DEFAULT_WS_HANDSHAKE_TIMEOUT, |d| d.0),
+        max_handshake_bytes: ws.max_handshake_bytes.map_or(DEFAULT_WS_MAX_HANDSHAKE_BYTES, |s| s.0).clamp(512, 1 << 20)
+            as usize,
+        ping_interval: nonzero(ws.ping_interval, Some(DEFAULT_WS_PING_INTERVAL)),
+        pong_timeout: ws.pong_timeout.map_or(DEFAULT_WS_PONG_TIMEOUT, |d| d.0),
+        idle_timeout: nonzero(ws.idle_timeout, None),
+        max_output_bytes: ws.max_output_bytes.map_or(DEFAULT_WS_MAX_OUTPUT_BYTES, |s| s.0).max(1) as usize,
+        slow_consumer: ws.slow_consumer.unwrap_or(DEFAULT_SLOW_CONSUMER),
+        endpoints,
+    })
 }
 
 #[cfg(test)]
@@ -494,6 +738,23 @@ mod tests {
         assert_eq!(c.rely.max_payload, 8 << 20);
         assert!(c.workers >= 1);
         assert_eq!(DEFAULT_RELY_LISTEN, "0.0.0.0:33333");
+    }
+
+    #[test]
+    fn websocket_endpoints() {
+        let c = Config::from_yaml(
+            "websocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /echo\n      on_message: echo\n    - path: /{agent_id}/ws/{session_id}\n      id_param: session_id\n",
+            None,
+        )
+        .unwrap();
+        let ws = c.websocket.unwrap();
+        assert_eq!(ws.route("/echo").unwrap().0, 0);
+        let (i, p) = ws.route("/a%20b/ws/s1").unwrap();
+        assert_eq!(i, 1);
+        assert_eq!(p, vec![("agent_id".into(), "a b".into()), ("session_id".into(), "s1".into())]);
+        assert!(ws.route("/a/ws/").is_none() && ws.route("/nope").is_none());
+        let e = Config::from_yaml("websocket:\n  endpoints:\n    - path: /x/{a}\n      id_param: b\n", None).unwrap_err();
+        assert!(e.to_string().contains("websocket.endpoints[0]"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     for a in server.rely_addrs() {
         log::info!("listening: rely on {a}");
     }
+    for a in server.ws_addrs() {
+        log::info!("listening: websocket on {a}");
+    }
+    for e in cfg.websocket.iter().flat_map(|w| &w.endpoints) {
+        log::info!("websocket endpoint {} on_message={:?}", e.path, e.on_message);
+    }
 
     let stopper = server.stopper();
     let mut signals = signal_hook::iterator::Signals::new([

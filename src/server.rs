@@ -65,6 +65,15 @@ impl Server {
                 per_core[core].push((ListenerKind::Rely, l));
             }
         }
+        let mut ws_addrs = Vec::new();
+        for &addr in cfg.websocket.iter().flat_map(|w| &w.listen) {
+            let (bound, group) =
+                bind_group(addr, workers, cfg.backlog).map_err(|source| StartError::Bind { addr, source })?;
+            ws_addrs.push(bound);
+            for (core, l) in group.into_iter().enumerate() {
+                per_core[core].push((ListenerKind::WebSocket, l));
+            }
+        }
 
         let mut setups = Vec::with_capacity(workers);
         let mut inboxes = Vec::with_capacity(workers);
@@ -122,6 +131,7 @@ impl Server {
             shared,
             threads,
             rely_addrs,
+            ws_addrs,
             cpus,
         })
     }
@@ -144,6 +154,7 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     rely_addrs: Vec<SocketAddr>,
+    ws_addrs: Vec<SocketAddr>,
     cpus: Vec<usize>,
 }
 
@@ -162,6 +173,11 @@ impl ServerHandle {
     /// The bound RELY addresses, in config order.
     pub fn rely_addrs(&self) -> &[SocketAddr] {
         &self.rely_addrs
+    }
+
+    /// The bound WebSocket addresses, in config order.
+    pub fn ws_addrs(&self) -> &[SocketAddr] {
+        &self.ws_addrs
     }
 
     /// The CPUs workers are pinned to (empty: not pinned).

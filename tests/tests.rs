@@ -7,3 +7,4 @@ mod config;
 mod engine;
 mod process;
 mod rely;
+mod websocket;

@@ -2,23 +2,29 @@
 //!
 //! LIFECYCLE
 //! 1. accept (`Core::accept`): TCP_NODELAY, registered edge-triggered for
-//!    read and write, idle timer armed, `connections` gauge up.
+//!    read and write, its first deadline armed, `connections` gauge up. A
+//!    RELY listener starts it as [`Proto::Rely`]; a WebSocket listener as
+//!    [`Proto::Handshake`].
 //! 2. read (`Core::read_ready`): read into the core's scratch buffer until a
-//!    short read or `WouldBlock` (or the per-iteration budget), feed the
-//!    protocol adapter, which decodes frames in place and turns them into
-//!    routing actions (`engine::rely`). A partial frame is the only input
-//!    state kept here.
+//!    short read or `WouldBlock` (or the per-iteration budget), and hand the
+//!    bytes to the protocol adapter of its stage (`engine::rely`,
+//!    `engine::ws`). Adapters decode in place and turn frames into routing
+//!    actions; a partial frame is the only input state kept here. The
+//!    handshake stage is consumed by value into the WebSocket stage.
 //! 3. deliver: bytes for this connection arrive from its own core (local
-//!    action list) or another (mesh `Deliver`, generation checked), and go
-//!    through [`Conn::queue`], which applies the byte limit and the
-//!    slow-consumer policy. Queuing marks the connection dirty.
+//!    action list, or its own replies such as pongs) or another (mesh
+//!    `Deliver`, generation checked), and go through [`Conn::queue`] /
+//!    [`Conn::push_own`], which apply the byte limit and the slow-consumer
+//!    policy. Queuing marks the connection dirty.
 //! 4. flush (`Core::flush_dirty`): once per loop iteration, one `writev`
 //!    run per dirty connection until empty or `WouldBlock`; a writable event
 //!    re-arms it.
-//! 5. close (`Core::close`): for a reason (peer closed, protocol error, kick,
-//!    idle, slow consumer, shutdown): unregistered from the directory only if
-//!    it still holds the id's epoch, removed from the slab, socket dropped,
-//!    counted and logged at debug level.
+//! 5. closing (`Conn::closing`): a connection that must say goodbye (an HTTP
+//!    error, a WebSocket close frame) stops reading, and closes once its
+//!    output is flushed or at its closing deadline.
+//! 6. close (`Core::close`): for a reason: unregistered from the directory
+//!    only if it still holds the id's epoch, timer cancelled, removed from
+//!    the slab, socket dropped, counted and logged at debug level.
 
 use std::net::SocketAddr;
 
@@ -26,9 +32,9 @@ use mio::net::TcpStream;
 
 use super::outbox::{Chunk, Outbox};
 use crate::config::SlowConsumer;
-use crate::protocol::rely::Decoder;
+use crate::protocol::{rely, ws};
 
-/// A RELY login held by a connection.
+/// A client id held by a connection.
 #[derive(Debug)]
 pub struct Login {
     /// The client id.
@@ -44,7 +50,7 @@ pub enum CloseReason {
     PeerClosed,
     /// A socket error.
     IoError,
-    /// A malformed frame.
+    /// A malformed frame or request.
     Protocol,
     /// A transfer before login.
     NotLoggedIn,
@@ -54,6 +60,12 @@ pub enum CloseReason {
     Kicked,
     /// No frame within the idle timeout.
     Idle,
+    /// The WebSocket upgrade did not complete in time.
+    HandshakeTimeout,
+    /// A ping went unanswered.
+    PingTimeout,
+    /// The closing handshake completed (or its deadline passed).
+    Closed,
     /// Output queue over its limit with the `disconnect` policy.
     SlowConsumer,
     /// Server shutdown.
@@ -71,6 +83,90 @@ pub enum Queued {
     Disconnect,
 }
 
+/// May `len` more bytes enter `out` under `limit`? A message is always
+/// accepted into an empty queue, so one maximal frame fits whatever the
+/// limit.
+#[inline]
+pub fn admit(out: &Outbox, len: usize, limit: usize, policy: SlowConsumer) -> Queued {
+    if !out.is_empty() && out.bytes() + len > limit {
+        match policy {
+            SlowConsumer::Drop => Queued::Dropped,
+            SlowConsumer::Disconnect => Queued::Disconnect,
+        }
+    } else {
+        Queued::Yes
+    }
+}
+
+/// RELY stage.
+#[derive(Debug, Default)]
+pub struct RelyState {
+    /// Partial-frame state.
+    pub decoder: rely::Decoder,
+}
+
+/// HTTP upgrade stage of a WebSocket listener's connection.
+#[derive(Debug)]
+pub struct Handshake {
+    /// The request head so far (capped).
+    pub buf: Vec<u8>,
+    /// Tick by which the upgrade must complete.
+    pub deadline: u64,
+}
+
+/// WebSocket stage.
+#[derive(Debug)]
+pub struct WsState {
+    /// Frame and message reassembly.
+    pub decoder: ws::Decoder,
+    /// Index of its endpoint in the config.
+    pub endpoint: usize,
+    /// Its tags (key, value), sorted by key.
+    pub tags: Vec<(Box<str>, Box<str>)>,
+    /// Tick of the next server ping (u64::MAX: none).
+    pub next_ping: u64,
+    /// Tick of the unanswered ping, if any.
+    pub ping_sent: Option<u64>,
+}
+
+/// The protocol stage.
+#[derive(Debug)]
+pub enum Proto {
+    /// A RELY client.
+    Rely(RelyState),
+    /// A WebSocket listener's connection before the upgrade.
+    Handshake(Handshake),
+    /// A WebSocket client.
+    Ws(WsState),
+}
+
+/// A connection on its way out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    /// Why.
+    pub reason: CloseReason,
+    /// Tick by which it closes even if output is still queued.
+    pub by: u64,
+}
+
+/// Deadlines in ticks, from the config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// RELY idle timeout.
+    pub rely_idle: Option<u64>,
+    /// WebSocket ping interval.
+    pub ws_ping: Option<u64>,
+    /// WebSocket pong deadline.
+    pub ws_pong: u64,
+    /// WebSocket idle timeout.
+    pub ws_idle: Option<u64>,
+    /// WebSocket handshake deadline.
+    pub ws_handshake: u64,
+}
+
+/// Ticks a closing connection may spend flushing its goodbye.
+pub const CLOSE_GRACE_TICKS: u64 = 20;
+
 /// A connection.
 #[derive(Debug)]
 pub struct Conn {
@@ -80,12 +176,16 @@ pub struct Conn {
     pub stream: TcpStream,
     /// Peer address, for logs.
     pub peer: SocketAddr,
-    /// Partial-frame state.
-    pub decoder: Decoder,
-    /// Login, once logged in.
+    /// Protocol stage.
+    pub proto: Proto,
+    /// Client id, once it has one (RELY login, WebSocket id).
     pub login: Option<Login>,
     /// Output queue.
     pub out: Outbox,
+    /// Output queue byte limit.
+    pub out_limit: usize,
+    /// What happens over the limit.
+    pub policy: SlowConsumer,
     /// Edge-triggered readiness remembered until drained.
     pub readable: bool,
     /// The socket can take bytes.
@@ -96,40 +196,97 @@ pub struct Conn {
     pub in_dirty: bool,
     /// Tick of the last complete frame.
     pub last_active: u64,
-    /// Wheel slot of this connection's idle timer, if armed.
-    pub timer_slot: Option<u32>,
+    /// Wheel slot and due tick of this connection's timer, if armed.
+    pub timer: Option<(u32, u64)>,
+    /// Set once the connection is on its way out.
+    pub closing: Option<Closing>,
 }
 
 impl Conn {
     /// A freshly accepted connection.
-    pub fn new(gen: u64, stream: TcpStream, peer: SocketAddr, now: u64) -> Self {
+    pub fn new(gen: u64, stream: TcpStream, peer: SocketAddr, proto: Proto, now: u64) -> Self {
         Conn {
             gen,
             stream,
             peer,
-            decoder: Decoder::new(),
+            proto,
             login: None,
             out: Outbox::default(),
+            out_limit: usize::MAX,
+            policy: SlowConsumer::Disconnect,
             readable: false,
             writable: true,
             in_ready: false,
             in_dirty: false,
             last_active: now,
-            timer_slot: None,
+            timer: None,
+            closing: None,
         }
     }
 
-    /// Offers bytes to the output queue under a byte limit. A message is
-    /// always accepted into an empty queue, so one maximal frame fits.
+    /// Offers bytes to the output queue under its byte limit.
     #[inline]
-    pub fn queue(&mut self, data: Chunk, limit: usize, policy: SlowConsumer) -> Queued {
-        if !self.out.is_empty() && self.out.bytes() + data.len() > limit {
-            return match policy {
-                SlowConsumer::Drop => Queued::Dropped,
-                SlowConsumer::Disconnect => Queued::Disconnect,
-            };
+    pub fn queue(&mut self, data: Chunk) -> Queued {
+        let q = admit(&self.out, data.len(), self.out_limit, self.policy);
+        if q == Queued::Yes {
+            self.out.push(data);
         }
-        self.out.push(data);
-        Queued::Yes
+        q
+    }
+
+    /// Like [`Conn::queue`], for the connection's own writes (echo, pong),
+    /// coalesced into the queue's tail buffer.
+    #[inline]
+    pub fn push_own(&mut self, parts: &[&[u8]]) -> Queued {
+        let len = parts.iter().map(|p| p.len()).sum();
+        let q = admit(&self.out, len, self.out_limit, self.policy);
+        if q == Queued::Yes {
+            self.out.push_bytes(parts);
+        }
+        q
+    }
+
+    /// Starts closing: stop reading; close once flushed or by `now + grace`.
+    pub fn begin_closing(&mut self, reason: CloseReason, now: u64) {
+        if self.closing.is_none() {
+            self.closing = Some(Closing { reason, by: now + CLOSE_GRACE_TICKS });
+        }
+    }
+
+    /// Sends a WebSocket close frame (bypassing the byte limit: it is tiny
+    /// and final) and starts closing. Anything not yet on the wire is
+    /// dropped first if `discard_queued` (a slow consumer).
+    pub fn ws_close(&mut self, code: u16, reason: &str, why: CloseReason, now: u64, discard_queued: bool) {
+        if self.closing.is_some() {
+            return;
+        }
+        if discard_queued {
+            self.out.truncate_unstarted();
+        }
+        let mut f = Vec::with_capacity(4 + reason.len());
+        ws::encode_close(&mut f, code, reason);
+        self.out.push_bytes(&[&f]);
+        self.begin_closing(why, now);
+    }
+
+    /// The tick at which this connection's timer must next fire.
+    pub fn due(&self, t: &Timing) -> Option<u64> {
+        if let Some(c) = self.closing {
+            return Some(c.by);
+        }
+        match &self.proto {
+            Proto::Rely(_) => t.rely_idle.map(|i| self.last_active + i),
+            Proto::Handshake(h) => Some(h.deadline),
+            Proto::Ws(w) => {
+                let mut due = match w.ping_sent {
+                    Some(sent) => sent + t.ws_pong,
+                    None => w.next_ping,
+                };
+                if let Some(i) = t.ws_idle {
+                    due = due.min(self.last_active + i);
+                }
+                (due != u64::MAX).then_some(due)
+            }
+        }
     }
 }

@@ -17,16 +17,18 @@ use crossbeam_channel::Receiver;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::conn::{CloseReason, Conn, Queued};
+use super::conn::{CloseReason, Conn, Proto, Queued, RelyState, Timing};
 use super::directory::{Directory, LookupCache};
 use super::listener::{Listener, ListenerKind};
 use super::mesh::{Batch, Inbox, Item, Outgoing};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Flush};
-use super::rely::{self, Actions};
+use super::route::{Actions, Ctx};
+use super::{rely, ws};
 use super::timer::{Timer, Wheel};
 use super::ConnId;
 use crate::config::Config;
+use crate::protocol::ws as wsproto;
 
 /// Timer resolution.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -109,7 +111,7 @@ pub struct Core {
     fired: Vec<Timer>,
     epoch: Instant,
     now: u64,
-    idle_ticks: Option<u64>,
+    timing: Timing,
     drain_deadline: Option<Instant>,
     /// This core has counted itself in `Shared::quiesced`.
     quiesced: bool,
@@ -144,10 +146,15 @@ impl Core {
             });
         }
         let max_conns = cfg.max_connections.div_ceil(cfg.workers).max(1);
-        let idle_ticks = cfg
-            .rely
-            .idle_timeout
-            .map(|d| (d.as_millis() / TICK.as_millis()).max(1) as u64);
+        let ticks = |d: Duration| (d.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1);
+        let ws = cfg.websocket.as_ref();
+        let timing = Timing {
+            rely_idle: cfg.rely.idle_timeout.map(ticks),
+            ws_ping: ws.and_then(|w| w.ping_interval).map(ticks),
+            ws_pong: ws.map_or(1, |w| ticks(w.pong_timeout)),
+            ws_idle: ws.and_then(|w| w.idle_timeout).map(ticks),
+            ws_handshake: ws.map_or(1, |w| ticks(w.handshake_timeout)),
+        };
         Ok(Core {
             index: setup.index,
             poll: setup.poll,
@@ -165,7 +172,7 @@ impl Core {
             fired: Vec::new(),
             epoch: Instant::now(),
             now: 0,
-            idle_ticks,
+            timing,
             drain_deadline: None,
             quiesced: false,
             queued: 0,
@@ -319,12 +326,28 @@ impl Core {
         Some(t)
     }
 
+    /// Stops accepting and reading; WebSocket clients get a close 1001 (the
+    /// drain then waits for it to flush); unfinished upgrades just close.
     fn begin_drain(&mut self, now: Instant) {
         log::debug!("core {}: draining", self.index);
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l.sock);
         }
         self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            match c.proto {
+                Proto::Ws(_) => {
+                    let before = c.out.bytes();
+                    c.ws_close(wsproto::CLOSE_GOING_AWAY, "server shutting down", CloseReason::Shutdown, self.now, false);
+                    self.queued += (c.out.bytes() - before) as u64;
+                    self.mark_dirty(key);
+                }
+                Proto::Handshake(_) => self.close(key, CloseReason::Shutdown),
+                Proto::Rely(_) => {}
+            }
+        }
     }
 
     fn accept(&mut self, now: Instant) {
@@ -341,7 +364,8 @@ impl Core {
                 match l.sock.accept() {
                     Ok((stream, peer)) => {
                         accepted += 1;
-                        self.add_conn(stream, peer);
+                        let kind = l.kind;
+                        self.add_conn(stream, peer, kind);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         l.pending = false;
@@ -366,15 +390,11 @@ impl Core {
         }
     }
 
-    fn add_conn(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
+    fn add_conn(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr, kind: ListenerKind) {
         let m = &self.shared.metrics[self.index];
         if self.conns.len() >= self.max_conns {
             m.rejected_limit.inc();
-            log::debug!(
-                "core {}: connection limit {} reached, refusing {peer}",
-                self.index,
-                self.max_conns
-            );
+            log::debug!("core {}: connection limit {} reached, refusing {peer}", self.index, self.max_conns);
             return;
         }
         if let Err(e) = stream.set_nodelay(true) {
@@ -382,27 +402,55 @@ impl Core {
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE) {
             log::warn!("{peer}: register failed: {e}");
             return;
         }
         let gen = self.next_gen;
         self.next_gen += 1;
-        entry.insert(Conn::new(gen, stream, peer, self.now));
-        if let Some(idle) = self.idle_ticks {
-            self.wheel.arm(Timer {
-                due: self.now + idle,
-                key,
-                gen,
-            });
+        let cfg = &self.shared.cfg;
+        let mut conn = match kind {
+            ListenerKind::Rely => {
+                let mut c = Conn::new(gen, stream, peer, Proto::Rely(RelyState::default()), self.now);
+                c.out_limit = cfg.rely.max_output_bytes;
+                c.policy = cfg.rely.slow_consumer;
+                c
+            }
+            ListenerKind::WebSocket => Conn::new(gen, stream, peer, ws::handshake_stage(&self.timing, self.now), self.now),
+        };
+        if let Some(due) = conn.due(&self.timing) {
+            conn.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
         }
+        entry.insert(conn);
         m.accepted.inc();
         m.connections.set(self.conns.len() as u64);
         log::debug!("core {}: accepted {peer}", self.index);
+    }
+
+    /// Lists a connection for this iteration's flush.
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if !c.in_dirty && !c.out.is_empty() {
+                c.in_dirty = true;
+                self.dirty.push((key, c.gen));
+            }
+        }
+    }
+
+    /// Re-arms a connection's timer if its deadline moved earlier (a state
+    /// change: upgrade done, closing started). Later deadlines are found
+    /// lazily when the old entry fires.
+    fn rearm_if_earlier(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(due) = c.due(&self.timing) else { return };
+        match c.timer {
+            Some((_, armed)) if armed <= due => {}
+            Some((slot, _)) => {
+                self.wheel.cancel(slot, key, c.gen);
+                c.timer = Some((self.wheel.arm(Timer { due, key, gen: c.gen }), due));
+            }
+            None => c.timer = Some((self.wheel.arm(Timer { due, key, gen: c.gen }), due)),
+        }
     }
 
     fn drain_inbox(&mut self) {
@@ -433,23 +481,39 @@ impl Core {
             .is_some_and(|c| c.gen == id.gen)
     }
 
+    /// Last login wins: the older connection goes (a WebSocket client with
+    /// close 1008 first).
     fn kick(&mut self, id: ConnId) {
-        if self.live(id) {
-            self.shared.metrics[self.index].kicked_login.inc();
-            self.close(id.slot as usize, CloseReason::Kicked);
+        if !self.live(id) {
+            return;
+        }
+        let key = id.slot as usize;
+        self.shared.metrics[self.index].kicked_login.inc();
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if let Proto::Ws(_) = c.proto {
+            // Its id now belongs to the newer connection: forget it here so
+            // cleanup cannot touch the newer login.
+            c.login = None;
+            let before = c.out.bytes();
+            c.ws_close(wsproto::CLOSE_POLICY, "replaced by a newer connection", CloseReason::Kicked, now, false);
+            self.queued += (c.out.bytes() - before) as u64;
+            self.mark_dirty(key);
+            self.rearm_if_earlier(key);
+        } else {
+            self.close(key, CloseReason::Kicked);
         }
     }
 
     fn deliver(&mut self, to: ConnId, data: Chunk) {
         let m = &self.shared.metrics[self.index];
         let key = to.slot as usize;
-        let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == to.gen) else {
+        let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == to.gen && c.closing.is_none()) else {
             m.dropped_dead_conn.inc();
             return;
         };
-        let rely = &self.shared.cfg.rely;
         let len = data.len() as u64;
-        match c.queue(data, rely.max_output_bytes, rely.slow_consumer) {
+        match c.queue(data) {
             Queued::Yes => {
                 self.queued += len;
                 m.delivered.inc();
@@ -461,13 +525,25 @@ impl Core {
             Queued::Dropped => m.slow_consumer_drop.inc(),
             Queued::Disconnect => {
                 m.slow_consumer_disconnect.inc();
-                log::debug!(
-                    "{}: slow consumer ({} bytes queued), disconnecting",
-                    c.peer,
-                    c.out.bytes()
-                );
-                self.close(key, CloseReason::SlowConsumer);
+                log::debug!("{}: slow consumer ({} bytes queued), disconnecting", c.peer, c.out.bytes());
+                self.slow_consumer(key);
             }
+        }
+    }
+
+    /// The `disconnect` policy: a WebSocket client gets close 1008 after
+    /// what is already on the wire; anything else closes at once.
+    fn slow_consumer(&mut self, key: usize) {
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if let Proto::Ws(_) = c.proto {
+            let before = c.out.bytes() as u64;
+            c.ws_close(wsproto::CLOSE_POLICY, "slow consumer", CloseReason::SlowConsumer, now, true);
+            self.queued = self.queued - before + c.out.bytes() as u64;
+            self.mark_dirty(key);
+            self.rearm_if_earlier(key);
+        } else {
+            self.close(key, CloseReason::SlowConsumer);
         }
     }
 
@@ -479,20 +555,27 @@ impl Core {
                 continue;
             };
             conn.in_ready = false;
+            if conn.closing.is_some() {
+                // On its way out: input no longer matters.
+                conn.readable = false;
+                continue;
+            }
             let m = &self.shared.metrics[self.index];
-            let mut cx = rely::Ctx {
+            let mut cx = Ctx {
                 core: self.index as u16,
+                cfg: &self.shared.cfg,
                 dir: &self.shared.directory,
                 cache: &mut self.cache,
-                cfg: &self.shared.cfg.rely,
                 metrics: m,
                 mesh: &mut self.mesh,
                 actions: &mut self.actions,
                 now: self.now,
+                timing: self.timing,
             };
+            let queued_before = conn.out.bytes();
             let mut close = None;
             let mut reads = 0;
-            while conn.readable {
+            while conn.readable && conn.closing.is_none() {
                 if reads == READS_PER_ITERATION {
                     conn.in_ready = true;
                     again.push((key, gen));
@@ -511,7 +594,19 @@ impl Core {
                         if n < self.scratch.len() {
                             conn.readable = false;
                         }
-                        if let Some(r) = rely::on_bytes(conn, key, &self.scratch[..n], &mut cx) {
+                        let input = &mut self.scratch[..n];
+                        let r = match conn.proto {
+                            Proto::Rely(_) => rely::on_bytes(conn, key, input, &mut cx),
+                            Proto::Handshake(_) => {
+                                ws::on_handshake_bytes(conn, key, input, &mut cx);
+                                None
+                            }
+                            Proto::Ws(_) => {
+                                ws::on_bytes(conn, key, input, &mut cx);
+                                None
+                            }
+                        };
+                        if let Some(r) = r {
                             close = Some(r);
                             break;
                         }
@@ -528,7 +623,12 @@ impl Core {
             if let Some(r) = close {
                 self.count_close(r);
                 self.close(key, r);
+                continue;
             }
+            // Replies the adapter queued itself (pongs, echoes, close frames).
+            self.queued += (conn.out.bytes() - queued_before) as u64;
+            self.mark_dirty(key);
+            self.rearm_if_earlier(key);
         }
         self.ready.extend(again);
     }
@@ -586,23 +686,54 @@ impl Core {
     }
 
     fn run_timers(&mut self) {
-        let Some(idle) = self.idle_ticks else { return };
         self.wheel.advance(self.now, &mut self.fired);
         let fired = std::mem::take(&mut self.fired);
         for t in &fired {
+            let now = self.now;
             let Some(c) = self.conns.get_mut(t.key).filter(|c| c.gen == t.gen) else {
                 continue;
             };
             // The fired entry has left the wheel.
-            c.timer_slot = None;
-            let due = c.last_active + idle;
-            if due <= self.now {
-                log::debug!("{}: idle timeout", c.peer);
-                self.shared.metrics[self.index].idle_timeouts.inc();
-                self.close(t.key, CloseReason::Idle);
-            } else {
-                c.timer_slot = Some(self.wheel.arm(Timer { due, ..*t }));
+            c.timer = None;
+            if c.due(&self.timing).is_some_and(|due| due <= now) {
+                let queued_before = c.out.bytes();
+                let close = match (&c.proto, c.closing) {
+                    (_, Some(closing)) => Some(closing.reason),
+                    (Proto::Rely(_), None) => {
+                        log::debug!("{}: idle timeout", c.peer);
+                        self.shared.metrics[self.index].idle_timeouts.inc();
+                        Some(CloseReason::Idle)
+                    }
+                    (Proto::Handshake(_), None) => {
+                        log::debug!("{}: WebSocket handshake timeout", c.peer);
+                        self.shared.metrics[self.index].ws_handshake_timeouts.inc();
+                        Some(CloseReason::HandshakeTimeout)
+                    }
+                    (Proto::Ws(_), None) => {
+                        let r = ws::on_deadline(c, now, &self.timing);
+                        match r {
+                            Some(CloseReason::PingTimeout) => {
+                                log::debug!("{}: ping unanswered", c.peer);
+                                self.shared.metrics[self.index].ws_ping_timeouts.inc();
+                            }
+                            _ if c.closing.is_some_and(|x| x.reason == CloseReason::Idle) => {
+                                self.shared.metrics[self.index].idle_timeouts.inc();
+                            }
+                            _ => {}
+                        }
+                        r
+                    }
+                };
+                if let Some(r) = close {
+                    self.close(t.key, r);
+                    continue;
+                }
+                if let Some(c) = self.conns.get(t.key) {
+                    self.queued += (c.out.bytes() - queued_before) as u64;
+                }
+                self.mark_dirty(t.key);
             }
+            self.rearm_if_earlier(t.key);
         }
         self.fired = fired;
         self.fired.clear();
@@ -626,6 +757,9 @@ impl Core {
                     if status == Flush::WouldBlock {
                         c.writable = false;
                         c.out.detach_slices();
+                    } else if let Some(closing) = c.closing {
+                        // The goodbye is on the wire.
+                        self.close(key, closing.reason);
                     }
                 }
                 Err(e) => {
@@ -638,17 +772,19 @@ impl Core {
         if self.dirty.is_empty() {
             self.dirty = dirty; // keep the allocation
         }
-        self.shared.metrics[self.index]
-            .queued_bytes
-            .set(self.queued);
+        self.shared.metrics[self.index].queued_bytes.set(self.queued);
     }
 
-    /// Closes a connection: directory cleanup (epoch-checked), slab removal,
-    /// socket drop.
+    /// Closes a connection: directory cleanup (epoch-checked), timer
+    /// cancelled, queued bytes forgotten, slab removal, socket drop.
     fn close(&mut self, key: usize, reason: CloseReason) {
         let Some(mut c) = self.conns.try_remove(key) else {
             return;
         };
+        self.queued -= c.out.bytes() as u64;
+        if let Some((slot, _)) = c.timer {
+            self.wheel.cancel(slot, key, c.gen);
+        }
         if let Some(l) = c.login.take() {
             self.shared.directory.logout(&l.id, l.epoch);
         }
@@ -656,6 +792,7 @@ impl Core {
         let m = &self.shared.metrics[self.index];
         m.closed.inc();
         m.connections.set(self.conns.len() as u64);
+        m.queued_bytes.set(self.queued);
         log::debug!("core {}: closed {} ({reason:?})", self.index, c.peer);
     }
 }

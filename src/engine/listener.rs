@@ -59,6 +59,8 @@ pub fn bind_group(
 pub enum ListenerKind {
     /// RELY clients.
     Rely,
+    /// WebSocket clients (HTTP upgrade first).
+    WebSocket,
 }
 
 /// A core's listener and its edge-triggered state.

@@ -144,23 +144,22 @@ impl Outgoing {
         }
     }
 
-    /// Adds a delivery of `bytes` to `to` (on core `dst`) to this
-    /// iteration's batch.
+    /// Adds a delivery of `parts` (concatenated) to `to` (on core `dst`) to
+    /// this iteration's batch.
     #[inline]
-    pub fn deliver(&mut self, dst: usize, to: ConnId, bytes: &[u8]) {
+    pub fn deliver(&mut self, dst: usize, to: ConnId, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let b = &mut self.building[dst];
-        if !b.data.is_empty() && b.data.len() + bytes.len() > MAX_BATCH_BYTES {
+        if !b.data.is_empty() && b.data.len() + len > MAX_BATCH_BYTES {
             let full = std::mem::take(b);
             self.overflow[dst].push_back(full);
         }
         let b = &mut self.building[dst];
         let start = b.data.len() as u32;
-        b.data.extend_from_slice(bytes);
-        b.items.push(Item::Deliver {
-            to,
-            start,
-            len: bytes.len() as u32,
-        });
+        for p in parts {
+            b.data.extend_from_slice(p);
+        }
+        b.items.push(Item::Deliver { to, start, len: len as u32 });
     }
 
     /// Asks core `dst` to close `conn` (last login wins).

@@ -101,6 +101,18 @@ metrics! {
     spoofed_from,
     /// Connections closed for inactivity.
     idle_timeouts,
+    /// WebSocket upgrades completed.
+    ws_upgrades,
+    /// Upgrade requests refused with a 4xx.
+    ws_handshake_errors,
+    /// Connections that did not complete the upgrade in time.
+    ws_handshake_timeouts,
+    /// WebSocket messages received.
+    ws_messages_in,
+    /// WebSocket messages discarded (`on_message: none`).
+    ws_discarded,
+    /// WebSocket connections closed for an unanswered ping.
+    ws_ping_timeouts,
     /// Cross-core batches that found the channel full and waited locally
     /// (counted once per iteration they waited).
     mesh_overflow,

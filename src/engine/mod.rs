@@ -6,6 +6,8 @@
 //! - `core.rs`: the loop (`Core`), accept, read, deliver, flush, shutdown.
 //! - `conn.rs`: one connection's state and its LIFECYCLE.
 //! - `rely.rs`: the RELY adapter: frames in, routing actions out.
+//! - `ws.rs`: the WebSocket adapter: HTTP upgrade, then frames.
+//! - `route.rs`: what adapters may touch, and the local actions they leave.
 //! - `mesh.rs`: cross-core channels and wake-only-if-parked.
 //! - `directory.rs`: client id -> connection, last login wins.
 //! - `outbox.rs`: bounded output queues written with writev.
@@ -21,7 +23,9 @@ pub mod mesh;
 pub mod metrics;
 pub mod outbox;
 pub mod rely;
+pub mod route;
 pub mod timer;
+pub mod ws;
 
 /// A connection's server-wide identity. Slab slots are reused, so `gen`
 /// (unique per core over the process lifetime) is checked on arrival: a

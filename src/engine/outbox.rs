@@ -10,12 +10,19 @@ use std::sync::Arc;
 /// iovecs per `writev`; Linux's IOV_MAX is 1024. No cap on how many queued
 /// messages one flush takes beyond this (uWebSockets' cap of 32 costs 10x).
 const IOV_BATCH: usize = 512;
+/// Smallest tail buffer allocated for own writes.
+const TAIL_MIN: usize = 4096;
+/// Tail buffers stop growing here; a new one starts.
+const TAIL_MAX: usize = 256 * 1024;
 
 /// Bytes to send, owned or shared.
 #[derive(Debug, Clone)]
 pub enum Chunk {
     /// Bytes for this connection only.
     Owned(Box<[u8]>),
+    /// A growable buffer for the connection's own small writes (echo, pong,
+    /// close), coalesced while it is the last chunk.
+    Buf(Vec<u8>),
     /// Bytes shared with other connections (encoded once).
     Shared(Arc<[u8]>),
     /// A region of a batch buffer that carries many deliveries of one loop
@@ -38,6 +45,7 @@ impl Deref for Chunk {
     fn deref(&self) -> &[u8] {
         match self {
             Chunk::Owned(b) => b,
+            Chunk::Buf(v) => v,
             Chunk::Shared(a) => a,
             Chunk::Slice { buf, start, len } => &buf[*start as usize..(*start + *len) as usize],
         }
@@ -153,6 +161,42 @@ impl Outbox {
         }
     }
 
+    /// Appends `parts` as one contiguous write, coalesced into the tail
+    /// buffer when the last chunk is one (one allocation for many small
+    /// frames, not one each).
+    pub fn push_bytes(&mut self, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len == 0 {
+            return;
+        }
+        self.bytes += len;
+        if let Some(Chunk::Buf(v)) = self.q.back_mut() {
+            if v.len() + len <= TAIL_MAX {
+                for p in parts {
+                    v.extend_from_slice(p);
+                }
+                return;
+            }
+        }
+        let mut v = Vec::with_capacity(len.max(TAIL_MIN));
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        self.q.push_back(Chunk::Buf(v));
+    }
+
+    /// Drops everything not yet started on the wire, keeping a partly
+    /// written front chunk whole, so a close frame can follow cleanly.
+    pub fn truncate_unstarted(&mut self) {
+        let keep = usize::from(self.head > 0);
+        while self.q.len() > keep {
+            if let Some(c) = self.q.pop_back() {
+                self.bytes -= c.len();
+                self.slices -= matches!(c, Chunk::Slice { .. }) as usize;
+            }
+        }
+    }
+
     /// Copies queued batch slices into owned chunks, releasing the batch
     /// buffers. Called after each flush that leaves bytes queued, so a
     /// receiver that cannot keep up pins only its own (bounded) bytes.
@@ -235,8 +279,11 @@ mod tests {
         o.detach_slices();
         assert_eq!(Arc::strong_count(&batch), 1, "no slice pins the batch");
         w.budget = 100;
-        assert_eq!(o.flush_to(&mut w).unwrap(), (20, Flush::Done));
-        assert_eq!(w.out, b"hello shared world and more");
+        o.push_bytes(&[b"!", b"?"]);
+        o.push_bytes(&[b"!"]);
+        assert_eq!(o.len(), 4, "own writes coalesce into one tail buffer");
+        assert_eq!(o.flush_to(&mut w).unwrap(), (23, Flush::Done));
+        assert_eq!(w.out, b"hello shared world and more!?!");
         assert!(o.is_empty());
     }
 }

@@ -140,3 +140,145 @@ pub fn transfer_frame(from: &str, to: &str, payload: &[u8]) -> Vec<u8> {
     corerelay::protocol::rely::encode_transfer(&mut v, from.as_bytes(), to.as_bytes(), payload);
     v
 }
+
+/// A raw WebSocket client: our own masked frames, byte-exact reads, so tests
+/// can send what no well-behaved library would.
+pub struct WsRaw(pub TcpStream);
+
+/// A server frame as read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct WsFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl WsFrame {
+    /// Close code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 0x8 && self.payload.len() >= 2).then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl WsRaw {
+    /// The upgrade request for `path`.
+    pub fn request(path: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    }
+
+    /// Connects and upgrades; panics unless the answer is 101.
+    pub fn connect(addr: SocketAddr, path: &str) -> WsRaw {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).unwrap();
+        s.write_all(Self::request(path).as_bytes()).unwrap();
+        let head = read_http_head(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        WsRaw(s)
+    }
+
+    /// A masked client frame.
+    pub fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut v = vec![opcode | if fin { 0x80 } else { 0 }];
+        let len = payload.len();
+        if len < 126 {
+            v.push(0x80 | len as u8);
+        } else if len <= 0xffff {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            v.push(0x80 | 127);
+            v.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        v.extend_from_slice(&mask);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        v
+    }
+
+    pub fn send(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
+        self.0.write_all(&Self::frame(opcode, fin, payload)).expect("write");
+    }
+
+    pub fn send_raw(&mut self, b: &[u8]) {
+        self.0.write_all(b).expect("write");
+    }
+
+    /// Reads one server frame within `WAIT`; None on EOF.
+    pub fn read(&mut self) -> Option<WsFrame> {
+        self.read_within(WAIT).expect("frame within the wait")
+    }
+
+    /// Reads one frame; Err(()) if nothing arrives within `d`.
+    pub fn read_within(&mut self, d: Duration) -> Result<Option<WsFrame>, ()> {
+        self.0.set_read_timeout(Some(d)).unwrap();
+        let mut h = [0u8; 2];
+        match self.0.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(()),
+            Err(_) => return Ok(None),
+        }
+        assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
+        let mut len = (h[1] & 0x7f) as usize;
+        self.0.set_read_timeout(Some(WAIT)).unwrap();
+        if len == 126 {
+            let mut b = [0u8; 2];
+            self.0.read_exact(&mut b).unwrap();
+            len = u16::from_be_bytes(b) as usize;
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            self.0.read_exact(&mut b).unwrap();
+            len = u64::from_be_bytes(b) as usize;
+        }
+        let mut payload = vec![0; len];
+        self.0.read_exact(&mut payload).unwrap();
+        Ok(Some(WsFrame { fin: h[0] & 0x80 != 0, opcode: h[0] & 0x0f, payload }))
+    }
+
+    /// Reads frames until a close frame; returns its code. Panics on EOF
+    /// without one.
+    pub fn expect_close(&mut self) -> u16 {
+        loop {
+            let f = self.read().expect("a close frame before EOF");
+            if f.opcode == 0x8 {
+                return f.close_code().unwrap_or(1005);
+            }
+        }
+    }
+
+    /// True if the server closes the TCP connection within `WAIT`.
+    pub fn eof(&mut self) -> bool {
+        Raw(self.0.try_clone().unwrap()).closed()
+    }
+}
+
+/// Reads an HTTP response head (to the blank line) within `WAIT`.
+pub fn read_http_head(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+        assert!(head.len() < 16 * 1024, "response head too long");
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A server with a WebSocket listener and the given endpoints (YAML list).
+pub fn ws_server(workers: usize, ws_yaml: &str, f: impl FnOnce(&mut Config)) -> (TestServer, SocketAddr) {
+    let yaml = format!("websocket:\n  listen: [\"127.0.0.1:0\"]\n{ws_yaml}");
+    let mut cfg = Config::from_yaml(&yaml, None).expect("test config");
+    cfg.workers = workers;
+    cfg.pin = false;
+    cfg.rely.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    f(&mut cfg);
+    let handle = Server::start(cfg).expect("server starts");
+    let addr = handle.rely_addrs()[0];
+    let ws = handle.ws_addrs()[0];
+    (TestServer { handle, addr }, ws)
+}

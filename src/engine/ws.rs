@@ -1,0 +1,193 @@
+//! The WebSocket adapter: the HTTP upgrade stage and the WebSocket stage.
+//!
+//! Handshake: the request head accumulates in the connection (capped at
+//! `max_handshake_bytes`, bounded in time by `handshake_timeout`), is parsed
+//! with httparse, routed to an endpoint, and answered with 101 or a 4xx
+//! (then the connection closes once that is flushed). Bytes that follow the
+//! head in the same read are frames and go straight to the new stage.
+//!
+//! WebSocket: frames are decoded in place; control frames are answered here
+//! (ping -> pong, close -> close echo); messages go where the endpoint says.
+//! A protocol error sends its close code (1002/1007/1009) and the
+//! connection closes once that is flushed.
+
+use super::conn::{admit, CloseReason, Conn, Handshake, Login, Proto, Queued, Timing, WsState};
+use super::route::Ctx;
+use super::ConnId;
+use crate::config::OnMessage;
+use crate::protocol::http::{self, HttpError};
+use crate::protocol::ws::{self, Event};
+
+/// A new WebSocket listener connection's first stage.
+pub fn handshake_stage(t: &Timing, now: u64) -> Proto {
+    Proto::Handshake(Handshake { buf: Vec::new(), deadline: now + t.ws_handshake })
+}
+
+fn refuse(conn: &mut Conn, e: HttpError, cx: &mut Ctx<'_>) {
+    log::debug!("{}: handshake refused: {e:?}", conn.peer);
+    cx.metrics.ws_handshake_errors.inc();
+    conn.out.push_bytes(&[&e.response()]);
+    conn.begin_closing(CloseReason::Protocol, cx.now);
+}
+
+/// Feeds bytes to a connection in the handshake stage.
+pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>) {
+    let Some(cfg) = cx.cfg.websocket.as_ref() else { return };
+    let Proto::Handshake(h) = &mut conn.proto else { return };
+    let room = cfg.max_handshake_bytes.saturating_sub(h.buf.len());
+    h.buf.extend_from_slice(&input[..input.len().min(room)]);
+    let req = match http::parse_request(&h.buf) {
+        Ok(Some(r)) => r,
+        Ok(None) if input.len() > room || h.buf.len() >= cfg.max_handshake_bytes => {
+            return refuse(conn, HttpError::HeadTooLarge, cx)
+        }
+        Ok(None) => return,
+        Err(e) => return refuse(conn, e, cx),
+    };
+    let Some((endpoint, params)) = cfg.route(&req.path) else {
+        return refuse(conn, HttpError::NotFound, cx);
+    };
+    let key = match req.websocket_key() {
+        Ok(k) => k.to_owned(),
+        Err(e) => return refuse(conn, e, cx),
+    };
+    let ep = &cfg.endpoints[endpoint];
+    // Frames the client sent right behind its request head.
+    let mut early: Vec<u8> = h.buf[req.head_len..].to_vec();
+    if input.len() > room {
+        early.extend_from_slice(&input[room..]);
+    }
+
+    let mut tags: Vec<(Box<str>, Box<str>)> =
+        ep.set_tags.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect();
+    for (k, v) in &params {
+        if ep.tag_params.contains(k) {
+            tags.retain(|(tk, _)| **tk != **k);
+            tags.push((k.as_str().into(), v.as_str().into()));
+        }
+    }
+    tags.sort();
+    let id = match &ep.id_param {
+        Some(p) => params.iter().find(|(k, _)| k == p).map(|(_, v)| v.clone()).unwrap_or_default(),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let me = ConnId { core: cx.core, slot: slot as u32, gen: conn.gen };
+    let epoch = cx.login(id.as_bytes(), me);
+    conn.login = Some(Login { id: id.as_bytes().into(), epoch });
+    conn.out.push_bytes(&[&http::switching_protocols(&key)]);
+    conn.out_limit = cfg.max_output_bytes;
+    conn.policy = cfg.slow_consumer;
+    conn.last_active = cx.now;
+    let next_ping = cx.timing.ws_ping.map_or(u64::MAX, |p| cx.now + p);
+    conn.proto = Proto::Ws(WsState {
+        decoder: ws::Decoder::new(ep.max_message_size),
+        endpoint,
+        tags,
+        next_ping,
+        ping_sent: None,
+    });
+    cx.metrics.ws_upgrades.inc();
+    log::debug!("{}: WebSocket {} id={id}", conn.peer, req.path);
+    if !early.is_empty() {
+        on_bytes(conn, slot, &mut early, cx);
+    }
+}
+
+/// Feeds bytes to a WebSocket connection.
+pub fn on_bytes(conn: &mut Conn, _slot: usize, input: &mut [u8], cx: &mut Ctx<'_>) {
+    let Some(cfg) = cx.cfg.websocket.as_ref() else { return };
+    let Conn { proto, out, last_active, peer, out_limit, policy, .. } = &mut *conn;
+    let (limit, policy) = (*out_limit, *policy);
+    let Proto::Ws(w) = proto else { return };
+    let on_message = cfg.endpoints[w.endpoint].on_message;
+    let mut header = Vec::with_capacity(10);
+    // What to do after the decoder stops: a close to send, if any.
+    let mut goodbye: Option<(u16, &'static str, CloseReason)> = None;
+    let mut slow = false;
+    let res = w.decoder.feed(input, |ev| {
+        *last_active = cx.now;
+        match ev {
+            Event::Message { text, data } => {
+                cx.metrics.ws_messages_in.inc();
+                match on_message {
+                    OnMessage::Echo => {
+                        header.clear();
+                        ws::encode_header(&mut header, if text { ws::OP_TEXT } else { ws::OP_BINARY }, true, data.len());
+                        // Own writes share the connection's queue and limit.
+                        match admit(out, header.len() + data.len(), limit, policy) {
+                            Queued::Yes => {
+                                out.push_bytes(&[&header, data]);
+                                true
+                            }
+                            Queued::Dropped => {
+                                cx.metrics.slow_consumer_drop.inc();
+                                true
+                            }
+                            Queued::Disconnect => {
+                                slow = true;
+                                false
+                            }
+                        }
+                    }
+                    OnMessage::None | OnMessage::Broadcast | OnMessage::Rely => {
+                        cx.metrics.ws_discarded.inc();
+                        true
+                    }
+                }
+            }
+            Event::Ping(p) => {
+                header.clear();
+                ws::encode_header(&mut header, ws::OP_PONG, true, p.len());
+                out.push_bytes(&[&header, p]);
+                true
+            }
+            Event::Pong(_) => {
+                w.ping_sent = None;
+                true
+            }
+            Event::Close { code, .. } => {
+                // Echo the peer's code (RFC 6455 5.5.1), then close.
+                goodbye = Some((code.unwrap_or(ws::CLOSE_NORMAL), "", CloseReason::Closed));
+                false
+            }
+        }
+    });
+    if let Err(e) = res {
+        log::debug!("{peer}: WebSocket {e}");
+        cx.metrics.protocol_errors.inc();
+        goodbye = Some((e.close_code(), "", CloseReason::Protocol));
+    }
+    if slow {
+        cx.metrics.slow_consumer_disconnect.inc();
+        conn.ws_close(ws::CLOSE_POLICY, "slow consumer", CloseReason::SlowConsumer, cx.now, true);
+    } else if let Some((code, reason, why)) = goodbye {
+        conn.ws_close(code, reason, why, cx.now, false);
+    }
+}
+
+/// A deadline passed on a WebSocket connection: send the next ping, or give
+/// up on an unanswered one or an idle client. Returns a reason if it must
+/// close at once.
+pub fn on_deadline(conn: &mut Conn, now: u64, t: &Timing) -> Option<CloseReason> {
+    let last_active = conn.last_active;
+    let Proto::Ws(w) = &mut conn.proto else { return None };
+    if w.ping_sent.is_some_and(|s| s + t.ws_pong <= now) {
+        return Some(CloseReason::PingTimeout);
+    }
+    if t.ws_idle.is_some_and(|i| last_active + i <= now) {
+        conn.ws_close(ws::CLOSE_NORMAL, "idle timeout", CloseReason::Idle, now, false);
+        return None;
+    }
+    if let Some(every) = t.ws_ping {
+        if w.next_ping <= now {
+            w.next_ping = now + every;
+            if w.ping_sent.is_none() {
+                w.ping_sent = Some(now);
+                let mut f = Vec::with_capacity(2);
+                ws::encode_frame(&mut f, ws::OP_PING, b"");
+                conn.out.push_bytes(&[&f]);
+            }
+        }
+    }
+    None
+}

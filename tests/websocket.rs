@@ -1,0 +1,218 @@
+//! The WebSocket server: handshake, echo, framing rules and their close
+//! codes, keepalive, handshake limits, shutdown. Real clients over loopback:
+//! tungstenite's client, and a raw client for what no library would send.
+
+use std::io::Write;
+use std::time::Duration;
+
+use tungstenite::Message;
+
+use crate::support::*;
+
+const ECHO: &str = "  endpoints:\n    - path: /echo\n      on_message: echo\n      max_message_size: 64KiB\n";
+
+#[test]
+fn library_client_echo_text_and_binary() {
+    let (_s, ws) = ws_server(2, ECHO, |_| {});
+    let (mut c, resp) = tungstenite::connect(format!("ws://{ws}/echo")).expect("upgrade");
+    assert_eq!(resp.status(), 101);
+    c.send(Message::Text("héllo".into())).unwrap();
+    assert_eq!(c.read().unwrap(), Message::Text("héllo".into()));
+    c.send(Message::Binary(vec![0u8, 1, 2, 255].into())).unwrap();
+    assert_eq!(c.read().unwrap(), Message::Binary(vec![0u8, 1, 2, 255].into()));
+    let big = "x".repeat(60_000);
+    c.send(Message::Text(big.clone().into())).unwrap();
+    assert_eq!(c.read().unwrap(), Message::Text(big.into()));
+    c.close(None).unwrap();
+}
+
+#[test]
+fn fragmented_message_with_interleaved_ping() {
+    let (_s, ws) = ws_server(1, ECHO, |_| {});
+    let mut c = WsRaw::connect(ws, "/echo");
+    c.send(0x1, false, "frag".as_bytes());
+    c.send(0x9, true, b"mid");
+    c.send(0x0, false, "men".as_bytes());
+    c.send(0x0, true, "ted €".as_bytes());
+    let pong = c.read().unwrap();
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"mid"[..]));
+    let m = c.read().unwrap();
+    assert_eq!((m.opcode, m.fin, m.payload), (0x1, true, "fragmented €".as_bytes().to_vec()));
+}
+
+#[test]
+fn frames_split_byte_by_byte_and_many_per_read() {
+    let (_s, ws) = ws_server(1, ECHO, |_| {});
+    let mut c = WsRaw::connect(ws, "/echo");
+    let mut stream = Vec::new();
+    for i in 0..50 {
+        stream.extend(WsRaw::frame(0x2, true, format!("m{i}").as_bytes()));
+    }
+    for chunk in stream[..40].chunks(1) {
+        c.send_raw(chunk);
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    c.send_raw(&stream[40..]);
+    for i in 0..50 {
+        assert_eq!(c.read().unwrap().payload, format!("m{i}").as_bytes());
+    }
+}
+
+fn assert_closes_with(ws: std::net::SocketAddr, bytes: &[u8], code: u16, what: &str) {
+    let mut c = WsRaw::connect(ws, "/echo");
+    c.send_raw(bytes);
+    assert_eq!(c.expect_close(), code, "{what}");
+    assert!(c.eof(), "{what}: TCP closed after the close frame");
+}
+
+#[test]
+fn protocol_errors_send_the_right_close_code() {
+    let (s, ws) = ws_server(2, ECHO, |_| {});
+    let mut bystander = WsRaw::connect(ws, "/echo");
+    let mut unmasked = vec![0x81, 0x02];
+    unmasked.extend_from_slice(b"hi");
+    assert_closes_with(ws, &unmasked, 1002, "unmasked client frame");
+    let mut rsv = WsRaw::frame(0x1, true, b"x");
+    rsv[0] |= 0x40;
+    assert_closes_with(ws, &rsv, 1002, "reserved bit without extension");
+    assert_closes_with(ws, &WsRaw::frame(0x3, true, b""), 1002, "reserved opcode");
+    assert_closes_with(ws, &WsRaw::frame(0x0, true, b"x"), 1002, "continuation without start");
+    assert_closes_with(ws, &WsRaw::frame(0x9, false, b""), 1002, "fragmented ping");
+    assert_closes_with(ws, &WsRaw::frame(0x9, true, &[0; 126]), 1002, "ping over 125 bytes");
+    assert_closes_with(ws, &WsRaw::frame(0x1, true, &[0xc3, 0x28]), 1007, "invalid UTF-8");
+    assert_closes_with(ws, &WsRaw::frame(0x8, true, &[0x03, 0xe8, 0xff]), 1007, "close reason not UTF-8");
+    assert_closes_with(ws, &WsRaw::frame(0x8, true, &[0x03, 0xed]), 1002, "close code 1005 on the wire");
+    assert_closes_with(ws, &WsRaw::frame(0x2, true, &vec![0; 65 * 1024]), 1009, "message over max_message_size");
+    // Over the limit by fragments: rejected when the total passes it.
+    let mut frags = WsRaw::frame(0x2, false, &vec![0; 40 * 1024]);
+    frags.extend(WsRaw::frame(0x0, true, &vec![0; 40 * 1024]));
+    assert_closes_with(ws, &frags, 1009, "fragments over max_message_size");
+    // A header announcing 2^62 bytes: 1009 without waiting for any payload.
+    let mut huge = vec![0x82, 0x80 | 127];
+    huge.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    huge.extend_from_slice(&[1, 2, 3, 4]);
+    assert_closes_with(ws, &huge, 1009, "huge length");
+    assert!(s.handle.metrics().protocol_errors >= 11);
+    // Nobody else was affected.
+    bystander.send(0x1, true, b"still here");
+    assert_eq!(bystander.read().unwrap().payload, b"still here");
+}
+
+#[test]
+fn client_close_is_echoed_then_tcp_closes() {
+    let (_s, ws) = ws_server(1, ECHO, |_| {});
+    let mut c = WsRaw::connect(ws, "/echo");
+    c.send(0x1, true, b"last words");
+    c.send(0x8, true, &[0x0f, 0xa0, b'b', b'y', b'e']); // 4000 "bye"
+    assert_eq!(c.read().unwrap().payload, b"last words", "echo before the close");
+    assert_eq!(c.expect_close(), 4000, "the peer's code is echoed");
+    assert!(c.eof());
+    let mut c = WsRaw::connect(ws, "/echo");
+    c.send(0x8, true, b"");
+    assert_eq!(c.read().unwrap().payload, vec![0x03, 0xe8], "empty close answered with 1000");
+}
+
+#[test]
+fn server_pings_and_closes_silent_clients() {
+    let (s, ws) = ws_server(1, ECHO, |c| {
+        let w = c.websocket.as_mut().unwrap();
+        w.ping_interval = Some(Duration::from_millis(200));
+        w.pong_timeout = Duration::from_millis(300);
+    });
+    let mut polite = WsRaw::connect(ws, "/echo");
+    let mut silent = WsRaw::connect(ws, "/echo");
+    // The polite one answers three pings and stays.
+    for _ in 0..3 {
+        let ping = polite.read().unwrap();
+        assert_eq!(ping.opcode, 0x9);
+        polite.send(0xA, true, &ping.payload);
+    }
+    // The silent one got a ping, never answered, and was closed.
+    assert_eq!(silent.read().unwrap().opcode, 0x9);
+    assert!(silent.eof());
+    assert_eq!(s.handle.metrics().ws_ping_timeouts, 1);
+    polite.send(0x1, true, b"alive");
+    loop {
+        let f = polite.read().unwrap();
+        if f.opcode == 0x1 {
+            assert_eq!(f.payload, b"alive");
+            break;
+        }
+        polite.send(0xA, true, &f.payload);
+    }
+}
+
+#[test]
+fn handshake_refusals() {
+    let (s, ws) = ws_server(1, ECHO, |c| {
+        c.websocket.as_mut().unwrap().handshake_timeout = Duration::from_millis(300);
+    });
+    let status = |req: &[u8]| {
+        let mut t = std::net::TcpStream::connect(ws).unwrap();
+        t.write_all(req).unwrap();
+        let head = read_http_head(&mut t);
+        let mut body = Vec::new();
+        // read_to_end returns only at EOF: the server closes after the body.
+        std::io::Read::read_to_end(&mut t, &mut body).expect("closed after the refusal");
+        head.lines().next().unwrap_or("").to_owned()
+    };
+    assert!(status(WsRaw::request("/nope").as_bytes()).contains("404"));
+    assert!(status(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").contains("426"));
+    let v8 = WsRaw::request("/echo").replace("Version: 13", "Version: 8");
+    assert!(status(v8.as_bytes()).contains("426"));
+    let nokey = WsRaw::request("/echo").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
+    assert!(status(nokey.as_bytes()).contains("400"));
+    assert!(status(b"\x16\x03\x01\x02\x00garbage\r\n\r\n").contains("400"));
+    let mut huge = WsRaw::request("/echo").replace("\r\n\r\n", "\r\n");
+    huge.push_str(&format!("X-Pad: {}\r\n\r\n", "a".repeat(9000)));
+    assert!(status(huge.as_bytes()).contains("431"));
+    // Slowloris: half a request, then nothing: closed at the deadline.
+    let mut slow = Raw::connect(ws);
+    slow.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n");
+    assert!(slow.closed());
+    assert_eq!(s.handle.metrics().ws_handshake_timeouts, 1);
+    assert_eq!(s.handle.metrics().ws_handshake_errors, 6);
+}
+
+#[test]
+fn shutdown_sends_going_away() {
+    let (s, ws) = ws_server(2, ECHO, |_| {});
+    let mut a = WsRaw::connect(ws, "/echo");
+    let mut b = WsRaw::connect(ws, "/echo");
+    a.send(0x1, true, b"sync");
+    assert_eq!(a.read().unwrap().payload, b"sync");
+    b.send(0x1, true, b"sync");
+    assert_eq!(b.read().unwrap().payload, b"sync");
+    s.handle.shutdown();
+    assert_eq!(a.expect_close(), 1001);
+    assert_eq!(b.expect_close(), 1001);
+    assert!(a.eof() && b.eof());
+}
+
+#[test]
+fn echo_to_a_client_that_never_reads_is_bounded() {
+    let (s, ws) = ws_server(1, ECHO, |c| {
+        c.websocket.as_mut().unwrap().max_output_bytes = 256 * 1024;
+    });
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&ws.into()).unwrap();
+    let mut t: std::net::TcpStream = sock.into();
+    t.write_all(WsRaw::request("/echo").as_bytes()).unwrap();
+    assert!(read_http_head(&mut t).starts_with("HTTP/1.1 101"));
+    let mut c = WsRaw(t);
+    let frame = WsRaw::frame(0x2, true, &[7u8; 32 * 1024]);
+    c.0.set_write_timeout(Some(WAIT)).unwrap();
+    let mut sent = 0;
+    while s.handle.metrics().slow_consumer_disconnect == 0 {
+        assert!(sent < 4096, "never disconnected");
+        if c.0.write_all(&frame).is_err() {
+            break; // the server closed us
+        }
+        sent += 1;
+    }
+    wait_until(|| s.handle.metrics().slow_consumer_disconnect == 1, "slow consumer counted");
+    assert!(s.handle.metrics().queued_bytes <= 256 * 1024 + 64 * 1024);
+    wait_until(|| s.handle.metrics().connections == 0, "slow consumer closed");
+    wait_until(|| s.handle.metrics().queued_bytes == 0, "queue accounting released");
+}
