@@ -373,7 +373,9 @@ impl Endpoint {
                 Segment::Literal(l) if l == seg => {}
                 Segment::Literal(_) => return None,
                 Segment::Param(_) if seg.is_empty() => return None,
-                Segment::Param(name) => params.push((name.clone(), crate::protocol::http::url_decode(seg))),
+                Segment::Param(name) => {
+                    params.push((name.clone(), crate::protocol::http::url_decode(seg)))
+                }
             }
         }
         Some(params)
@@ -406,7 +408,10 @@ pub struct WsConfig {
 impl WsConfig {
     /// The first endpoint matching `path`, with its parameters.
     pub fn route(&self, path: &str) -> Option<(usize, Vec<(String, String)>)> {
-        self.endpoints.iter().enumerate().find_map(|(i, e)| e.matches(path).map(|p| (i, p)))
+        self.endpoints
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| e.matches(path).map(|p| (i, p)))
     }
 }
 
@@ -634,13 +639,19 @@ impl FileConfig {
     }
 }
 
-fn validate_ws(ws: WsFile, err: &dyn Fn(&str, String) -> ConfigError) -> Result<WsConfig, ConfigError> {
+fn validate_ws(
+    ws: WsFile,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<WsConfig, ConfigError> {
     let listen = ws
         .listen
         .unwrap_or_else(|| vec![DEFAULT_WS_LISTEN.parse().expect("literal address")]);
     let files = ws.endpoints.unwrap_or_default();
     if files.is_empty() {
-        return Err(err("websocket.endpoints", "list at least one endpoint (path: ...)".into()));
+        return Err(err(
+            "websocket.endpoints",
+            "list at least one endpoint (path: ...)".into(),
+        ));
     }
     let mut endpoints = Vec::with_capacity(files.len());
     for (i, e) in files.into_iter().enumerate() {
@@ -652,11 +663,17 @@ fn validate_ws(ws: WsFile, err: &dyn Fn(&str, String) -> ConfigError) -> Result<
         for seg in e.path.trim_start_matches('/').split('/') {
             if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                 if name.is_empty() || template.contains(&Segment::Param(name.to_owned())) {
-                    return Err(err(&key("path"), format!("bad or repeated parameter {seg:?}")));
+                    return Err(err(
+                        &key("path"),
+                        format!("bad or repeated parameter {seg:?}"),
+                    ));
                 }
                 template.push(Segment::Param(name.to_owned()));
             } else if seg.contains(['{', '}']) {
-                return Err(err(&key("path"), format!("segment {seg:?}: a parameter must be a whole segment")));
+                return Err(err(
+                    &key("path"),
+                    format!("segment {seg:?}: a parameter must be a whole segment"),
+                ));
             } else {
                 template.push(Segment::Literal(seg.to_owned()));
             }
@@ -671,21 +688,33 @@ fn validate_ws(ws: WsFile, err: &dyn Fn(&str, String) -> ConfigError) -> Result<
         let tag_params = e.tag_params.unwrap_or_else(|| params.clone());
         for p in tag_params.iter().chain(e.id_param.iter()) {
             if !params.contains(p) {
-                return Err(err(&key("path"), format!("parameter {p:?} is not in the path")));
+                return Err(err(
+                    &key("path"),
+                    format!("parameter {p:?} is not in the path"),
+                ));
             }
         }
         let on_message = e.on_message.unwrap_or(OnMessage::None);
         if matches!(on_message, OnMessage::Broadcast | OnMessage::Rely) {
             // Refused rather than silently discarding messages until the
             // routing for these lands.
-            return Err(err(&key("on_message"), format!("{on_message:?} is not supported yet (use echo or none)")));
+            return Err(err(
+                &key("on_message"),
+                format!("{on_message:?} is not supported yet (use echo or none)"),
+            ));
         }
         if on_message == OnMessage::Broadcast && e.broadcast_tag.is_none() {
-            return Err(err(&key("broadcast_tag"), "on_message: broadcast needs broadcast_tag".into()));
+            return Err(err(
+                &key("broadcast_tag"),
+                "on_message: broadcast needs broadcast_tag".into(),
+            ));
         }
         let max = e.max_message_size.map_or(DEFAULT_WS_MAX_MESSAGE, |s| s.0);
         if max == 0 || max > MAX_MAX_PAYLOAD {
-            return Err(err(&key("max_message_size"), format!("{max} is outside 1..=1GiB")));
+            return Err(err(
+                &key("max_message_size"),
+                format!("{max} is outside 1..=1GiB"),
+            ));
         }
         endpoints.push(Endpoint {
             path: e.path,
@@ -698,16 +727,24 @@ fn validate_ws(ws: WsFile, err: &dyn Fn(&str, String) -> ConfigError) -> Result<
             broadcast_tag: e.broadcast_tag,
         });
     }
-    let nonzero = |d: Option<Dur>, def: Option<Duration>| d.map_or(def, |d| (!d.0.is_zero()).then_some(d.0));
+    let nonzero =
+        |d: Option<Dur>, def: Option<Duration>| d.map_or(def, |d| (!d.0.is_zero()).then_some(d.0));
     Ok(WsConfig {
         listen,
-        handshake_timeout: ws.handshake_timeout.map_or(DEFAULT_WS_HANDSHAKE_TIMEOUT, |d| d.0),
-        max_handshake_bytes: ws.max_handshake_bytes.map_or(DEFAULT_WS_MAX_HANDSHAKE_BYTES, |s| s.0).clamp(512, 1 << 20)
-            as usize,
+        handshake_timeout: ws
+            .handshake_timeout
+            .map_or(DEFAULT_WS_HANDSHAKE_TIMEOUT, |d| d.0),
+        max_handshake_bytes: ws
+            .max_handshake_bytes
+            .map_or(DEFAULT_WS_MAX_HANDSHAKE_BYTES, |s| s.0)
+            .clamp(512, 1 << 20) as usize,
         ping_interval: nonzero(ws.ping_interval, Some(DEFAULT_WS_PING_INTERVAL)),
         pong_timeout: ws.pong_timeout.map_or(DEFAULT_WS_PONG_TIMEOUT, |d| d.0),
         idle_timeout: nonzero(ws.idle_timeout, None),
-        max_output_bytes: ws.max_output_bytes.map_or(DEFAULT_WS_MAX_OUTPUT_BYTES, |s| s.0).max(1) as usize,
+        max_output_bytes: ws
+            .max_output_bytes
+            .map_or(DEFAULT_WS_MAX_OUTPUT_BYTES, |s| s.0)
+            .max(1) as usize,
         slow_consumer: ws.slow_consumer.unwrap_or(DEFAULT_SLOW_CONSUMER),
         endpoints,
     })
@@ -751,9 +788,19 @@ mod tests {
         assert_eq!(ws.route("/echo").unwrap().0, 0);
         let (i, p) = ws.route("/a%20b/ws/s1").unwrap();
         assert_eq!(i, 1);
-        assert_eq!(p, vec![("agent_id".into(), "a b".into()), ("session_id".into(), "s1".into())]);
+        assert_eq!(
+            p,
+            vec![
+                ("agent_id".into(), "a b".into()),
+                ("session_id".into(), "s1".into())
+            ]
+        );
         assert!(ws.route("/a/ws/").is_none() && ws.route("/nope").is_none());
-        let e = Config::from_yaml("websocket:\n  endpoints:\n    - path: /x/{a}\n      id_param: b\n", None).unwrap_err();
+        let e = Config::from_yaml(
+            "websocket:\n  endpoints:\n    - path: /x/{a}\n      id_param: b\n",
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("websocket.endpoints[0]"), "{e}");
     }
 

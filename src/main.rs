@@ -89,7 +89,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         log::info!("listening: websocket on {a}");
     }
     for e in cfg.websocket.iter().flat_map(|w| &w.endpoints) {
-        log::info!("websocket endpoint {} on_message={:?}", e.path, e.on_message);
+        log::info!(
+            "websocket endpoint {} on_message={:?}",
+            e.path,
+            e.on_message
+        );
     }
 
     let stopper = server.stopper();

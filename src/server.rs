@@ -67,8 +67,8 @@ impl Server {
         }
         let mut ws_addrs = Vec::new();
         for &addr in cfg.websocket.iter().flat_map(|w| &w.listen) {
-            let (bound, group) =
-                bind_group(addr, workers, cfg.backlog).map_err(|source| StartError::Bind { addr, source })?;
+            let (bound, group) = bind_group(addr, workers, cfg.backlog)
+                .map_err(|source| StartError::Bind { addr, source })?;
             ws_addrs.push(bound);
             for (core, l) in group.into_iter().enumerate() {
                 per_core[core].push((ListenerKind::WebSocket, l));

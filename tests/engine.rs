@@ -169,7 +169,10 @@ fn slow_receiver_is_disconnected_and_sender_never_blocks() {
     }
     assert!(eof, "slow receiver closed");
     // Its queued bytes left with it (a graceful drain waits for this to be 0).
-    wait_until(|| s.handle.metrics().queued_bytes == 0, "queue accounting released");
+    wait_until(
+        || s.handle.metrics().queued_bytes == 0,
+        "queue accounting released",
+    );
     // Everyone else carries on.
     sender.send(b"fast-rx", b"still fast").unwrap();
     assert_eq!(

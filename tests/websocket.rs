@@ -9,7 +9,8 @@ use tungstenite::Message;
 
 use crate::support::*;
 
-const ECHO: &str = "  endpoints:\n    - path: /echo\n      on_message: echo\n      max_message_size: 64KiB\n";
+const ECHO: &str =
+    "  endpoints:\n    - path: /echo\n      on_message: echo\n      max_message_size: 64KiB\n";
 
 #[test]
 fn library_client_echo_text_and_binary() {
@@ -18,8 +19,12 @@ fn library_client_echo_text_and_binary() {
     assert_eq!(resp.status(), 101);
     c.send(Message::Text("héllo".into())).unwrap();
     assert_eq!(c.read().unwrap(), Message::Text("héllo".into()));
-    c.send(Message::Binary(vec![0u8, 1, 2, 255].into())).unwrap();
-    assert_eq!(c.read().unwrap(), Message::Binary(vec![0u8, 1, 2, 255].into()));
+    c.send(Message::Binary(vec![0u8, 1, 2, 255].into()))
+        .unwrap();
+    assert_eq!(
+        c.read().unwrap(),
+        Message::Binary(vec![0u8, 1, 2, 255].into())
+    );
     let big = "x".repeat(60_000);
     c.send(Message::Text(big.clone().into())).unwrap();
     assert_eq!(c.read().unwrap(), Message::Text(big.into()));
@@ -37,7 +42,10 @@ fn fragmented_message_with_interleaved_ping() {
     let pong = c.read().unwrap();
     assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"mid"[..]));
     let m = c.read().unwrap();
-    assert_eq!((m.opcode, m.fin, m.payload), (0x1, true, "fragmented €".as_bytes().to_vec()));
+    assert_eq!(
+        (m.opcode, m.fin, m.payload),
+        (0x1, true, "fragmented €".as_bytes().to_vec())
+    );
 }
 
 #[test]
@@ -76,13 +84,43 @@ fn protocol_errors_send_the_right_close_code() {
     rsv[0] |= 0x40;
     assert_closes_with(ws, &rsv, 1002, "reserved bit without extension");
     assert_closes_with(ws, &WsRaw::frame(0x3, true, b""), 1002, "reserved opcode");
-    assert_closes_with(ws, &WsRaw::frame(0x0, true, b"x"), 1002, "continuation without start");
+    assert_closes_with(
+        ws,
+        &WsRaw::frame(0x0, true, b"x"),
+        1002,
+        "continuation without start",
+    );
     assert_closes_with(ws, &WsRaw::frame(0x9, false, b""), 1002, "fragmented ping");
-    assert_closes_with(ws, &WsRaw::frame(0x9, true, &[0; 126]), 1002, "ping over 125 bytes");
-    assert_closes_with(ws, &WsRaw::frame(0x1, true, &[0xc3, 0x28]), 1007, "invalid UTF-8");
-    assert_closes_with(ws, &WsRaw::frame(0x8, true, &[0x03, 0xe8, 0xff]), 1007, "close reason not UTF-8");
-    assert_closes_with(ws, &WsRaw::frame(0x8, true, &[0x03, 0xed]), 1002, "close code 1005 on the wire");
-    assert_closes_with(ws, &WsRaw::frame(0x2, true, &vec![0; 65 * 1024]), 1009, "message over max_message_size");
+    assert_closes_with(
+        ws,
+        &WsRaw::frame(0x9, true, &[0; 126]),
+        1002,
+        "ping over 125 bytes",
+    );
+    assert_closes_with(
+        ws,
+        &WsRaw::frame(0x1, true, &[0xc3, 0x28]),
+        1007,
+        "invalid UTF-8",
+    );
+    assert_closes_with(
+        ws,
+        &WsRaw::frame(0x8, true, &[0x03, 0xe8, 0xff]),
+        1007,
+        "close reason not UTF-8",
+    );
+    assert_closes_with(
+        ws,
+        &WsRaw::frame(0x8, true, &[0x03, 0xed]),
+        1002,
+        "close code 1005 on the wire",
+    );
+    assert_closes_with(
+        ws,
+        &WsRaw::frame(0x2, true, &vec![0; 65 * 1024]),
+        1009,
+        "message over max_message_size",
+    );
     // Over the limit by fragments: rejected when the total passes it.
     let mut frags = WsRaw::frame(0x2, false, &vec![0; 40 * 1024]);
     frags.extend(WsRaw::frame(0x0, true, &vec![0; 40 * 1024]));
@@ -104,12 +142,20 @@ fn client_close_is_echoed_then_tcp_closes() {
     let mut c = WsRaw::connect(ws, "/echo");
     c.send(0x1, true, b"last words");
     c.send(0x8, true, &[0x0f, 0xa0, b'b', b'y', b'e']); // 4000 "bye"
-    assert_eq!(c.read().unwrap().payload, b"last words", "echo before the close");
+    assert_eq!(
+        c.read().unwrap().payload,
+        b"last words",
+        "echo before the close"
+    );
     assert_eq!(c.expect_close(), 4000, "the peer's code is echoed");
     assert!(c.eof());
     let mut c = WsRaw::connect(ws, "/echo");
     c.send(0x8, true, b"");
-    assert_eq!(c.read().unwrap().payload, vec![0x03, 0xe8], "empty close answered with 1000");
+    assert_eq!(
+        c.read().unwrap().payload,
+        vec![0x03, 0xe8],
+        "empty close answered with 1000"
+    );
 }
 
 #[test]
@@ -160,7 +206,8 @@ fn handshake_refusals() {
     assert!(status(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").contains("426"));
     let v8 = WsRaw::request("/echo").replace("Version: 13", "Version: 8");
     assert!(status(v8.as_bytes()).contains("426"));
-    let nokey = WsRaw::request("/echo").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
+    let nokey =
+        WsRaw::request("/echo").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
     assert!(status(nokey.as_bytes()).contains("400"));
     assert!(status(b"\x16\x03\x01\x02\x00garbage\r\n\r\n").contains("400"));
     let mut huge = WsRaw::request("/echo").replace("\r\n\r\n", "\r\n");
@@ -211,8 +258,17 @@ fn echo_to_a_client_that_never_reads_is_bounded() {
         }
         sent += 1;
     }
-    wait_until(|| s.handle.metrics().slow_consumer_disconnect == 1, "slow consumer counted");
+    wait_until(
+        || s.handle.metrics().slow_consumer_disconnect == 1,
+        "slow consumer counted",
+    );
     assert!(s.handle.metrics().queued_bytes <= 256 * 1024 + 64 * 1024);
-    wait_until(|| s.handle.metrics().connections == 0, "slow consumer closed");
-    wait_until(|| s.handle.metrics().queued_bytes == 0, "queue accounting released");
+    wait_until(
+        || s.handle.metrics().connections == 0,
+        "slow consumer closed",
+    );
+    wait_until(
+        || s.handle.metrics().queued_bytes == 0,
+        "queue accounting released",
+    );
 }

@@ -249,14 +249,24 @@ impl Conn {
     /// Starts closing: stop reading; close once flushed or by `now + grace`.
     pub fn begin_closing(&mut self, reason: CloseReason, now: u64) {
         if self.closing.is_none() {
-            self.closing = Some(Closing { reason, by: now + CLOSE_GRACE_TICKS });
+            self.closing = Some(Closing {
+                reason,
+                by: now + CLOSE_GRACE_TICKS,
+            });
         }
     }
 
     /// Sends a WebSocket close frame (bypassing the byte limit: it is tiny
     /// and final) and starts closing. Anything not yet on the wire is
     /// dropped first if `discard_queued` (a slow consumer).
-    pub fn ws_close(&mut self, code: u16, reason: &str, why: CloseReason, now: u64, discard_queued: bool) {
+    pub fn ws_close(
+        &mut self,
+        code: u16,
+        reason: &str,
+        why: CloseReason,
+        now: u64,
+        discard_queued: bool,
+    ) {
         if self.closing.is_some() {
             return;
         }

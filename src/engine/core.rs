@@ -24,9 +24,9 @@ use super::mesh::{Batch, Inbox, Item, Outgoing};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Flush};
 use super::route::{Actions, Ctx};
-use super::{rely, ws};
 use super::timer::{Timer, Wheel};
 use super::ConnId;
+use super::{rely, ws};
 use crate::config::Config;
 use crate::protocol::ws as wsproto;
 
@@ -146,7 +146,11 @@ impl Core {
             });
         }
         let max_conns = cfg.max_connections.div_ceil(cfg.workers).max(1);
-        let ticks = |d: Duration| (d.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1);
+        let ticks = |d: Duration| {
+            (d.as_millis() as u64)
+                .div_ceil(TICK.as_millis() as u64)
+                .max(1)
+        };
         let ws = cfg.websocket.as_ref();
         let timing = Timing {
             rely_idle: cfg.rely.idle_timeout.map(ticks),
@@ -336,11 +340,19 @@ impl Core {
         self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let Some(c) = self.conns.get_mut(key) else { continue };
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
             match c.proto {
                 Proto::Ws(_) => {
                     let before = c.out.bytes();
-                    c.ws_close(wsproto::CLOSE_GOING_AWAY, "server shutting down", CloseReason::Shutdown, self.now, false);
+                    c.ws_close(
+                        wsproto::CLOSE_GOING_AWAY,
+                        "server shutting down",
+                        CloseReason::Shutdown,
+                        self.now,
+                        false,
+                    );
                     self.queued += (c.out.bytes() - before) as u64;
                     self.mark_dirty(key);
                 }
@@ -390,11 +402,20 @@ impl Core {
         }
     }
 
-    fn add_conn(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr, kind: ListenerKind) {
+    fn add_conn(
+        &mut self,
+        mut stream: mio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        kind: ListenerKind,
+    ) {
         let m = &self.shared.metrics[self.index];
         if self.conns.len() >= self.max_conns {
             m.rejected_limit.inc();
-            log::debug!("core {}: connection limit {} reached, refusing {peer}", self.index, self.max_conns);
+            log::debug!(
+                "core {}: connection limit {} reached, refusing {peer}",
+                self.index,
+                self.max_conns
+            );
             return;
         }
         if let Err(e) = stream.set_nodelay(true) {
@@ -402,7 +423,11 @@ impl Core {
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             log::warn!("{peer}: register failed: {e}");
             return;
         }
@@ -411,12 +436,24 @@ impl Core {
         let cfg = &self.shared.cfg;
         let mut conn = match kind {
             ListenerKind::Rely => {
-                let mut c = Conn::new(gen, stream, peer, Proto::Rely(RelyState::default()), self.now);
+                let mut c = Conn::new(
+                    gen,
+                    stream,
+                    peer,
+                    Proto::Rely(RelyState::default()),
+                    self.now,
+                );
                 c.out_limit = cfg.rely.max_output_bytes;
                 c.policy = cfg.rely.slow_consumer;
                 c
             }
-            ListenerKind::WebSocket => Conn::new(gen, stream, peer, ws::handshake_stage(&self.timing, self.now), self.now),
+            ListenerKind::WebSocket => Conn::new(
+                gen,
+                stream,
+                peer,
+                ws::handshake_stage(&self.timing, self.now),
+                self.now,
+            ),
         };
         if let Some(due) = conn.due(&self.timing) {
             conn.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
@@ -441,15 +478,35 @@ impl Core {
     /// change: upgrade done, closing started). Later deadlines are found
     /// lazily when the old entry fires.
     fn rearm_if_earlier(&mut self, key: usize) {
-        let Some(c) = self.conns.get_mut(key) else { return };
-        let Some(due) = c.due(&self.timing) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(due) = c.due(&self.timing) else {
+            return;
+        };
         match c.timer {
             Some((_, armed)) if armed <= due => {}
             Some((slot, _)) => {
                 self.wheel.cancel(slot, key, c.gen);
-                c.timer = Some((self.wheel.arm(Timer { due, key, gen: c.gen }), due));
+                c.timer = Some((
+                    self.wheel.arm(Timer {
+                        due,
+                        key,
+                        gen: c.gen,
+                    }),
+                    due,
+                ));
             }
-            None => c.timer = Some((self.wheel.arm(Timer { due, key, gen: c.gen }), due)),
+            None => {
+                c.timer = Some((
+                    self.wheel.arm(Timer {
+                        due,
+                        key,
+                        gen: c.gen,
+                    }),
+                    due,
+                ))
+            }
         }
     }
 
@@ -490,13 +547,21 @@ impl Core {
         let key = id.slot as usize;
         self.shared.metrics[self.index].kicked_login.inc();
         let now = self.now;
-        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
         if let Proto::Ws(_) = c.proto {
             // Its id now belongs to the newer connection: forget it here so
             // cleanup cannot touch the newer login.
             c.login = None;
             let before = c.out.bytes();
-            c.ws_close(wsproto::CLOSE_POLICY, "replaced by a newer connection", CloseReason::Kicked, now, false);
+            c.ws_close(
+                wsproto::CLOSE_POLICY,
+                "replaced by a newer connection",
+                CloseReason::Kicked,
+                now,
+                false,
+            );
             self.queued += (c.out.bytes() - before) as u64;
             self.mark_dirty(key);
             self.rearm_if_earlier(key);
@@ -508,7 +573,11 @@ impl Core {
     fn deliver(&mut self, to: ConnId, data: Chunk) {
         let m = &self.shared.metrics[self.index];
         let key = to.slot as usize;
-        let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == to.gen && c.closing.is_none()) else {
+        let Some(c) = self
+            .conns
+            .get_mut(key)
+            .filter(|c| c.gen == to.gen && c.closing.is_none())
+        else {
             m.dropped_dead_conn.inc();
             return;
         };
@@ -525,7 +594,11 @@ impl Core {
             Queued::Dropped => m.slow_consumer_drop.inc(),
             Queued::Disconnect => {
                 m.slow_consumer_disconnect.inc();
-                log::debug!("{}: slow consumer ({} bytes queued), disconnecting", c.peer, c.out.bytes());
+                log::debug!(
+                    "{}: slow consumer ({} bytes queued), disconnecting",
+                    c.peer,
+                    c.out.bytes()
+                );
                 self.slow_consumer(key);
             }
         }
@@ -535,10 +608,18 @@ impl Core {
     /// what is already on the wire; anything else closes at once.
     fn slow_consumer(&mut self, key: usize) {
         let now = self.now;
-        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
         if let Proto::Ws(_) = c.proto {
             let before = c.out.bytes() as u64;
-            c.ws_close(wsproto::CLOSE_POLICY, "slow consumer", CloseReason::SlowConsumer, now, true);
+            c.ws_close(
+                wsproto::CLOSE_POLICY,
+                "slow consumer",
+                CloseReason::SlowConsumer,
+                now,
+                true,
+            );
             self.queued = self.queued - before + c.out.bytes() as u64;
             self.mark_dirty(key);
             self.rearm_if_earlier(key);
@@ -772,7 +853,9 @@ impl Core {
         if self.dirty.is_empty() {
             self.dirty = dirty; // keep the allocation
         }
-        self.shared.metrics[self.index].queued_bytes.set(self.queued);
+        self.shared.metrics[self.index]
+            .queued_bytes
+            .set(self.queued);
     }
 
     /// Closes a connection: directory cleanup (epoch-checked), timer

@@ -159,7 +159,11 @@ impl Outgoing {
         for p in parts {
             b.data.extend_from_slice(p);
         }
-        b.items.push(Item::Deliver { to, start, len: len as u32 });
+        b.items.push(Item::Deliver {
+            to,
+            start,
+            len: len as u32,
+        });
     }
 
     /// Asks core `dst` to close `conn` (last login wins).

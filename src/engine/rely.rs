@@ -8,9 +8,24 @@ use crate::protocol::rely::Frame;
 
 /// Feeds bytes read from `conn` (slab key `slot`). Returns a close reason if
 /// the connection must close.
-pub fn on_bytes(conn: &mut Conn, slot: usize, input: &[u8], cx: &mut Ctx<'_>) -> Option<CloseReason> {
-    let me = ConnId { core: cx.core, slot: slot as u32, gen: conn.gen };
-    let Conn { proto, login, last_active, peer, .. } = conn;
+pub fn on_bytes(
+    conn: &mut Conn,
+    slot: usize,
+    input: &[u8],
+    cx: &mut Ctx<'_>,
+) -> Option<CloseReason> {
+    let me = ConnId {
+        core: cx.core,
+        slot: slot as u32,
+        gen: conn.gen,
+    };
+    let Conn {
+        proto,
+        login,
+        last_active,
+        peer,
+        ..
+    } = conn;
     let Proto::Rely(state) = proto else {
         debug_assert!(false, "RELY bytes for a non-RELY connection");
         return Some(CloseReason::Protocol);
@@ -30,7 +45,10 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &[u8], cx: &mut Ctx<'_>) ->
                 }
                 let epoch = cx.login(id, me);
                 log::debug!("{peer}: login {:?}", String::from_utf8_lossy(id));
-                *login = Some(Login { id: id.into(), epoch });
+                *login = Some(Login {
+                    id: id.into(),
+                    epoch,
+                });
                 true
             }
             Frame::Transfer { from, to, raw, .. } => {

@@ -20,7 +20,10 @@ use crate::protocol::ws::{self, Event};
 
 /// A new WebSocket listener connection's first stage.
 pub fn handshake_stage(t: &Timing, now: u64) -> Proto {
-    Proto::Handshake(Handshake { buf: Vec::new(), deadline: now + t.ws_handshake })
+    Proto::Handshake(Handshake {
+        buf: Vec::new(),
+        deadline: now + t.ws_handshake,
+    })
 }
 
 fn refuse(conn: &mut Conn, e: HttpError, cx: &mut Ctx<'_>) {
@@ -32,8 +35,12 @@ fn refuse(conn: &mut Conn, e: HttpError, cx: &mut Ctx<'_>) {
 
 /// Feeds bytes to a connection in the handshake stage.
 pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>) {
-    let Some(cfg) = cx.cfg.websocket.as_ref() else { return };
-    let Proto::Handshake(h) = &mut conn.proto else { return };
+    let Some(cfg) = cx.cfg.websocket.as_ref() else {
+        return;
+    };
+    let Proto::Handshake(h) = &mut conn.proto else {
+        return;
+    };
     let room = cfg.max_handshake_bytes.saturating_sub(h.buf.len());
     h.buf.extend_from_slice(&input[..input.len().min(room)]);
     let req = match http::parse_request(&h.buf) {
@@ -58,8 +65,11 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
         early.extend_from_slice(&input[room..]);
     }
 
-    let mut tags: Vec<(Box<str>, Box<str>)> =
-        ep.set_tags.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect();
+    let mut tags: Vec<(Box<str>, Box<str>)> = ep
+        .set_tags
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+        .collect();
     for (k, v) in &params {
         if ep.tag_params.contains(k) {
             tags.retain(|(tk, _)| **tk != **k);
@@ -68,12 +78,23 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
     }
     tags.sort();
     let id = match &ep.id_param {
-        Some(p) => params.iter().find(|(k, _)| k == p).map(|(_, v)| v.clone()).unwrap_or_default(),
+        Some(p) => params
+            .iter()
+            .find(|(k, _)| k == p)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
         None => uuid::Uuid::new_v4().to_string(),
     };
-    let me = ConnId { core: cx.core, slot: slot as u32, gen: conn.gen };
+    let me = ConnId {
+        core: cx.core,
+        slot: slot as u32,
+        gen: conn.gen,
+    };
     let epoch = cx.login(id.as_bytes(), me);
-    conn.login = Some(Login { id: id.as_bytes().into(), epoch });
+    conn.login = Some(Login {
+        id: id.as_bytes().into(),
+        epoch,
+    });
     conn.out.push_bytes(&[&http::switching_protocols(&key)]);
     conn.out_limit = cfg.max_output_bytes;
     conn.policy = cfg.slow_consumer;
@@ -95,8 +116,18 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
 
 /// Feeds bytes to a WebSocket connection.
 pub fn on_bytes(conn: &mut Conn, _slot: usize, input: &mut [u8], cx: &mut Ctx<'_>) {
-    let Some(cfg) = cx.cfg.websocket.as_ref() else { return };
-    let Conn { proto, out, last_active, peer, out_limit, policy, .. } = &mut *conn;
+    let Some(cfg) = cx.cfg.websocket.as_ref() else {
+        return;
+    };
+    let Conn {
+        proto,
+        out,
+        last_active,
+        peer,
+        out_limit,
+        policy,
+        ..
+    } = &mut *conn;
     let (limit, policy) = (*out_limit, *policy);
     let Proto::Ws(w) = proto else { return };
     let on_message = cfg.endpoints[w.endpoint].on_message;
@@ -112,7 +143,12 @@ pub fn on_bytes(conn: &mut Conn, _slot: usize, input: &mut [u8], cx: &mut Ctx<'_
                 match on_message {
                     OnMessage::Echo => {
                         header.clear();
-                        ws::encode_header(&mut header, if text { ws::OP_TEXT } else { ws::OP_BINARY }, true, data.len());
+                        ws::encode_header(
+                            &mut header,
+                            if text { ws::OP_TEXT } else { ws::OP_BINARY },
+                            true,
+                            data.len(),
+                        );
                         // Own writes share the connection's queue and limit.
                         match admit(out, header.len() + data.len(), limit, policy) {
                             Queued::Yes => {
@@ -159,7 +195,13 @@ pub fn on_bytes(conn: &mut Conn, _slot: usize, input: &mut [u8], cx: &mut Ctx<'_
     }
     if slow {
         cx.metrics.slow_consumer_disconnect.inc();
-        conn.ws_close(ws::CLOSE_POLICY, "slow consumer", CloseReason::SlowConsumer, cx.now, true);
+        conn.ws_close(
+            ws::CLOSE_POLICY,
+            "slow consumer",
+            CloseReason::SlowConsumer,
+            cx.now,
+            true,
+        );
     } else if let Some((code, reason, why)) = goodbye {
         conn.ws_close(code, reason, why, cx.now, false);
     }
@@ -170,12 +212,20 @@ pub fn on_bytes(conn: &mut Conn, _slot: usize, input: &mut [u8], cx: &mut Ctx<'_
 /// close at once.
 pub fn on_deadline(conn: &mut Conn, now: u64, t: &Timing) -> Option<CloseReason> {
     let last_active = conn.last_active;
-    let Proto::Ws(w) = &mut conn.proto else { return None };
+    let Proto::Ws(w) = &mut conn.proto else {
+        return None;
+    };
     if w.ping_sent.is_some_and(|s| s + t.ws_pong <= now) {
         return Some(CloseReason::PingTimeout);
     }
     if t.ws_idle.is_some_and(|i| last_active + i <= now) {
-        conn.ws_close(ws::CLOSE_NORMAL, "idle timeout", CloseReason::Idle, now, false);
+        conn.ws_close(
+            ws::CLOSE_NORMAL,
+            "idle timeout",
+            CloseReason::Idle,
+            now,
+            false,
+        );
         return None;
     }
     if let Some(every) = t.ws_ping {

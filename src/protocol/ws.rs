@@ -161,17 +161,81 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     out.extend_from_slice(r);
 }
 
+/// UTF-8 validation across chunk boundaries: std's validator does the bulk;
+/// this keeps only what a sequence split between chunks still needs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Utf8Stream {
+    need: u8,
+    lo: u8,
+    hi: u8,
+}
+
+impl Utf8Stream {
+    /// Feeds the next bytes; false as soon as they cannot be UTF-8.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        let mut i = 0;
+        while self.need > 0 && i < bytes.len() {
+            if !self.cont(bytes[i]) {
+                return false;
+            }
+            i += 1;
+        }
+        if self.need > 0 {
+            return true;
+        }
+        let rest = &bytes[i..];
+        match std::str::from_utf8(rest) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_some() => false,
+            Err(e) => {
+                // A valid prefix of one sequence ends the chunk.
+                let tail = &rest[e.valid_up_to()..];
+                let (need, lo, hi) = match tail[0] {
+                    0xC2..=0xDF => (1, 0x80, 0xBF),
+                    0xE0 => (2, 0xA0, 0xBF),
+                    0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
+                    0xED => (2, 0x80, 0x9F),
+                    0xF0 => (3, 0x90, 0xBF),
+                    0xF1..=0xF3 => (3, 0x80, 0xBF),
+                    0xF4 => (3, 0x80, 0x8F),
+                    _ => return false,
+                };
+                *self = Utf8Stream { need, lo, hi };
+                tail[1..].iter().all(|&b| self.cont(b))
+            }
+        }
+    }
+
+    fn cont(&mut self, b: u8) -> bool {
+        if b < self.lo || b > self.hi {
+            return false;
+        }
+        self.need -= 1;
+        self.lo = 0x80;
+        self.hi = 0xBF;
+        true
+    }
+
+    /// True if no sequence is left open.
+    pub fn complete(&self) -> bool {
+        self.need == 0
+    }
+}
+
 /// Incremental decoder for one connection (client -> server frames).
 #[derive(Debug)]
 pub struct Decoder {
-    /// Bytes of a frame that spans reads (header and payload, masked).
+    /// Bytes of a frame that spans reads (header masked; payload unmasked
+    /// up to `prepared`).
     partial: Vec<u8>,
+    /// Payload bytes of `partial` already unmasked (and UTF-8 checked).
+    prepared: usize,
     /// A fragmented message so far (unmasked).
     message: Vec<u8>,
     /// The fragmented message's kind, while one is open.
     open: Option<bool>,
-    /// `message[..utf8_checked]` is known valid UTF-8 (text only).
-    utf8_checked: usize,
+    /// UTF-8 state of the text message being received.
+    utf8: Utf8Stream,
     max_message: usize,
 }
 
@@ -182,8 +246,11 @@ enum Step {
         header_len: usize,
         payload_len: usize,
     },
-    /// At least this many bytes are needed.
-    Need(usize),
+    /// At least `total` bytes are needed; the header, once complete.
+    Need {
+        total: usize,
+        header: Option<(FrameHeader, usize)>,
+    },
 }
 
 impl Decoder {
@@ -191,9 +258,10 @@ impl Decoder {
     pub fn new(max_message: usize) -> Self {
         Decoder {
             partial: Vec::new(),
+            prepared: 0,
             message: Vec::new(),
             open: None,
-            utf8_checked: 0,
+            utf8: Utf8Stream::default(),
             max_message,
         }
     }
@@ -207,7 +275,12 @@ impl Decoder {
         let mut cur = Cursor::new(buf);
         let (header, len) = match FrameHeader::parse(&mut cur) {
             Ok(Some(h)) => h,
-            Ok(None) => return Ok(Step::Need(buf.len() + 1)),
+            Ok(None) => {
+                return Ok(Step::Need {
+                    total: buf.len() + 1,
+                    header: None,
+                })
+            }
             Err(_) => return Err(WsError::Protocol("reserved opcode")),
         };
         if header.rsv1 || header.rsv2 || header.rsv3 {
@@ -248,13 +321,47 @@ impl Decoder {
         let payload_len = len as usize;
         let total = header_len + payload_len;
         if buf.len() < total {
-            return Ok(Step::Need(total));
+            return Ok(Step::Need {
+                total,
+                header: Some((header, header_len)),
+            });
         }
         Ok(Step::Frame {
             header,
             header_len,
             payload_len,
         })
+    }
+
+    /// Is a data frame with this opcode part of a text message?
+    fn is_text(&self, op: OpCode) -> bool {
+        match op {
+            OpCode::Data(Data::Text) => true,
+            OpCode::Data(Data::Continue) => self.open == Some(true),
+            _ => false,
+        }
+    }
+
+    /// Unmasks the payload bytes of `partial` that arrived since the last
+    /// call and checks text as it comes (fail fast on invalid UTF-8).
+    fn prepare_partial(&mut self, h: &FrameHeader, header_len: usize) -> Result<(), WsError> {
+        let start = self.prepared;
+        if self.partial.len() <= header_len + start {
+            return Ok(());
+        }
+        let text = self.is_text(h.opcode);
+        if text && start == 0 && h.opcode == OpCode::Data(Data::Text) {
+            self.utf8 = Utf8Stream::default();
+        }
+        let fresh = &mut self.partial[header_len + start..];
+        if let Some(mask) = h.mask {
+            apply_mask(fresh, mask, start);
+        }
+        if text && !self.utf8.feed(fresh) {
+            return Err(WsError::InvalidUtf8);
+        }
+        self.prepared += fresh.len();
+        Ok(())
     }
 
     /// Feeds bytes (unmasked in place where whole frames lie in `input`)
@@ -265,19 +372,16 @@ impl Decoder {
         F: FnMut(Event<'_>) -> bool,
     {
         while !self.partial.is_empty() {
-            let step = self.step(&self.partial)?;
-            match step {
+            match self.step(&self.partial)? {
                 Step::Frame {
                     header,
                     header_len,
                     payload_len,
                 } => {
                     let mut frame = std::mem::take(&mut self.partial);
-                    let go_on = self.frame(
-                        &header,
-                        &mut frame[header_len..header_len + payload_len],
-                        &mut on_event,
-                    )?;
+                    let prepared = std::mem::take(&mut self.prepared);
+                    let payload = &mut frame[header_len..header_len + payload_len];
+                    let go_on = self.frame(&header, payload, prepared, &mut on_event)?;
                     frame.clear();
                     if frame.capacity() <= 64 * 1024 {
                         self.partial = frame; // keep a small buffer for reuse
@@ -286,7 +390,7 @@ impl Decoder {
                         return Ok(());
                     }
                 }
-                Step::Need(total) => {
+                Step::Need { total, header } => {
                     if input.is_empty() {
                         return Ok(());
                     }
@@ -294,6 +398,9 @@ impl Decoder {
                     let (head, rest) = std::mem::take(&mut input).split_at_mut(take);
                     self.partial.extend_from_slice(head);
                     input = rest;
+                    if let Some((h, header_len)) = header {
+                        self.prepare_partial(&h, header_len)?;
+                    }
                 }
             }
         }
@@ -306,13 +413,17 @@ impl Decoder {
                 } => {
                     let (frame, rest) =
                         std::mem::take(&mut input).split_at_mut(header_len + payload_len);
-                    if !self.frame(&header, &mut frame[header_len..], &mut on_event)? {
+                    if !self.frame(&header, &mut frame[header_len..], 0, &mut on_event)? {
                         return Ok(());
                     }
                     input = rest;
                 }
-                Step::Need(_) => {
+                Step::Need { header, .. } => {
                     self.partial.extend_from_slice(input);
+                    self.prepared = 0;
+                    if let Some((h, header_len)) = header {
+                        self.prepare_partial(&h, header_len)?;
+                    }
                     return Ok(());
                 }
             }
@@ -320,26 +431,20 @@ impl Decoder {
         Ok(())
     }
 
-    fn check_utf8(&mut self, fin: bool) -> Result<(), WsError> {
-        match std::str::from_utf8(&self.message[self.utf8_checked..]) {
-            Ok(_) => self.utf8_checked = self.message.len(),
-            Err(e) if e.error_len().is_none() && !fin => self.utf8_checked += e.valid_up_to(),
-            Err(_) => return Err(WsError::InvalidUtf8),
-        }
-        Ok(())
-    }
-
+    /// Handles one complete frame whose first `prepared` payload bytes are
+    /// already unmasked and UTF-8 checked.
     fn frame<F>(
         &mut self,
         h: &FrameHeader,
         payload: &mut [u8],
+        prepared: usize,
         on_event: &mut F,
     ) -> Result<bool, WsError>
     where
         F: FnMut(Event<'_>) -> bool,
     {
         if let Some(mask) = h.mask {
-            apply_mask(payload, mask, 0);
+            apply_mask(&mut payload[prepared..], mask, prepared);
         }
         match h.opcode {
             OpCode::Control(Control::Ping) => Ok(on_event(Event::Ping(payload))),
@@ -366,36 +471,39 @@ impl Decoder {
                 Err(WsError::Protocol("reserved opcode"))
             }
             OpCode::Data(kind) => {
-                let text = match kind {
-                    Data::Text => true,
-                    Data::Binary => false,
-                    _ => self.open.unwrap_or(false),
-                };
-                if h.is_final && self.open.is_none() {
-                    // Whole message in one frame: hand out the slice.
-                    if text && std::str::from_utf8(payload).is_err() {
+                let text = self.is_text(h.opcode);
+                let starts = kind != Data::Continue;
+                if prepared == 0 && text {
+                    if starts {
+                        self.utf8 = Utf8Stream::default();
+                    }
+                    if !self.utf8.feed(payload) {
                         return Err(WsError::InvalidUtf8);
                     }
+                }
+                if text && h.is_final && !self.utf8.complete() {
+                    return Err(WsError::InvalidUtf8);
+                }
+                if h.is_final && self.open.is_none() {
+                    // Whole message in one frame: hand out the slice.
                     return Ok(on_event(Event::Message {
                         text,
                         data: payload,
                     }));
                 }
-                self.open = Some(text);
-                self.message.extend_from_slice(payload);
-                if text {
-                    self.check_utf8(h.is_final)?;
+                if starts {
+                    self.open = Some(text);
                 }
+                self.message.extend_from_slice(payload);
                 if !h.is_final {
                     return Ok(true);
                 }
                 let message = std::mem::take(&mut self.message);
+                self.open = None;
                 let go_on = on_event(Event::Message {
                     text,
                     data: &message,
                 });
-                self.open = None;
-                self.utf8_checked = 0;
                 if message.capacity() <= 64 * 1024 {
                     self.message = message;
                     self.message.clear();
@@ -533,6 +641,46 @@ mod tests {
         let mut d = Decoder::new(1 << 20);
         assert_eq!(events(&mut d, &[&f]), Err(WsError::TooBig));
         assert!(d.capacity() < 64);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_inside_one_frame() {
+        // One text frame whose invalid bytes arrive before its end.
+        let f = client_frame(
+            OP_TEXT,
+            true,
+            &[0xce, 0xba, 0xf4, 0x90, 0x80, 0x80, b'x', b'y'],
+        );
+        let mut d = Decoder::new(1000);
+        assert!(
+            events(&mut d, &[&f[..8]]).unwrap().is_empty(),
+            "valid so far"
+        );
+        assert_eq!(
+            events(&mut d, &[&f[8..10]]),
+            Err(WsError::InvalidUtf8),
+            "rejected before the frame ends"
+        );
+    }
+
+    #[test]
+    fn utf8_stream_matches_std_on_every_split() {
+        let samples: [&[u8]; 6] = [
+            "ascii é € 𝄞 ok".as_bytes(),
+            &[0xed, 0xa0, 0x80],
+            &[0xf4, 0x90, 0x80, 0x80],
+            &[0xe0, 0x80, 0x80],
+            &[0xc3],
+            &[0xf0, 0x9d, 0x84, 0x9e, 0xc3, 0xa9],
+        ];
+        for s in samples {
+            let want = std::str::from_utf8(s).is_ok();
+            for cut in 0..=s.len() {
+                let mut u = Utf8Stream::default();
+                let ok = u.feed(&s[..cut]) && u.feed(&s[cut..]) && u.complete();
+                assert_eq!(ok, want, "{s:?} cut at {cut}");
+            }
+        }
     }
 
     #[test]

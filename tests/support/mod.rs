@@ -156,7 +156,8 @@ pub struct WsFrame {
 impl WsFrame {
     /// Close code of a close frame.
     pub fn close_code(&self) -> Option<u16> {
-        (self.opcode == 0x8 && self.payload.len() >= 2).then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+        (self.opcode == 0x8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
     }
 }
 
@@ -175,7 +176,10 @@ impl WsRaw {
         s.write_all(Self::request(path).as_bytes()).unwrap();
         let head = read_http_head(&mut s);
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
-        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        assert!(
+            head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "{head}"
+        );
         WsRaw(s)
     }
 
@@ -199,7 +203,9 @@ impl WsRaw {
     }
 
     pub fn send(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
-        self.0.write_all(&Self::frame(opcode, fin, payload)).expect("write");
+        self.0
+            .write_all(&Self::frame(opcode, fin, payload))
+            .expect("write");
     }
 
     pub fn send_raw(&mut self, b: &[u8]) {
@@ -217,7 +223,14 @@ impl WsRaw {
         let mut h = [0u8; 2];
         match self.0.read_exact(&mut h) {
             Ok(()) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(())
+            }
             Err(_) => return Ok(None),
         }
         assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
@@ -234,7 +247,11 @@ impl WsRaw {
         }
         let mut payload = vec![0; len];
         self.0.read_exact(&mut payload).unwrap();
-        Ok(Some(WsFrame { fin: h[0] & 0x80 != 0, opcode: h[0] & 0x0f, payload }))
+        Ok(Some(WsFrame {
+            fin: h[0] & 0x80 != 0,
+            opcode: h[0] & 0x0f,
+            payload,
+        }))
     }
 
     /// Reads frames until a close frame; returns its code. Panics on EOF
@@ -270,7 +287,11 @@ pub fn read_http_head(s: &mut TcpStream) -> String {
 }
 
 /// A server with a WebSocket listener and the given endpoints (YAML list).
-pub fn ws_server(workers: usize, ws_yaml: &str, f: impl FnOnce(&mut Config)) -> (TestServer, SocketAddr) {
+pub fn ws_server(
+    workers: usize,
+    ws_yaml: &str,
+    f: impl FnOnce(&mut Config),
+) -> (TestServer, SocketAddr) {
     let yaml = format!("websocket:\n  listen: [\"127.0.0.1:0\"]\n{ws_yaml}");
     let mut cfg = Config::from_yaml(&yaml, None).expect("test config");
     cfg.workers = workers;
