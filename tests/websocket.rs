@@ -272,3 +272,78 @@ fn echo_to_a_client_that_never_reads_is_bounded() {
         "queue accounting released",
     );
 }
+
+const ROOMS: &str = "  endpoints:\n    - path: /room/{room}/{id}\n      id_param: id\n      on_message: broadcast\n      broadcast_tag: room\n";
+
+/// Connects `id` to `room`; returns it and its core.
+fn join(s: &TestServer, ws: std::net::SocketAddr, room: &str, id: &str) -> (WsRaw, usize) {
+    let c = WsRaw::connect(ws, &format!("/room/{room}/{id}"));
+    wait_until(
+        || s.handle.owner_core(id.as_bytes()).is_some(),
+        "registered",
+    );
+    (c, s.core_of(id))
+}
+
+#[test]
+fn broadcast_reaches_every_other_member_on_every_core_once_in_order() {
+    let (s, ws) = ws_server(4, ROOMS, |_| {});
+    let (mut sender, _) = join(&s, ws, "a", "sender");
+    let mut members = Vec::new();
+    let mut cores = std::collections::HashSet::new();
+    for i in 0..12 {
+        let (c, core) = join(&s, ws, "a", &format!("m{i}"));
+        cores.insert(core);
+        members.push(c);
+    }
+    // Certainty, not luck: members must span several cores.
+    let mut extra = 0;
+    while cores.len() < 2 {
+        assert!(extra < 100, "could not spread members over cores");
+        let (c, core) = join(&s, ws, "a", &format!("x{extra}"));
+        cores.insert(core);
+        members.push(c);
+        extra += 1;
+    }
+    let (mut other_room, _) = join(&s, ws, "b", "outsider");
+    const N: usize = 100;
+    for i in 0..N {
+        sender.send(0x1, true, format!("msg {i}").as_bytes());
+    }
+    for (k, m) in members.iter_mut().enumerate() {
+        for i in 0..N {
+            let f = m.read().unwrap();
+            assert_eq!(
+                (f.opcode, f.payload.as_slice()),
+                (0x1, format!("msg {i}").as_bytes()),
+                "member {k}"
+            );
+        }
+        assert!(
+            m.read_within(Duration::from_millis(20)).is_err(),
+            "member {k}: nothing extra"
+        );
+    }
+    assert!(
+        sender.read_within(Duration::from_millis(50)).is_err(),
+        "the sender does not get its own messages"
+    );
+    assert!(
+        other_room.read_within(Duration::from_millis(50)).is_err(),
+        "other rooms get nothing"
+    );
+    assert_eq!(
+        s.handle.metrics().fanout_deliveries,
+        (N * members.len()) as u64
+    );
+}
+
+#[test]
+fn binary_broadcast_stays_binary() {
+    let (s, ws) = ws_server(2, ROOMS, |_| {});
+    let (mut a, _) = join(&s, ws, "r", "a");
+    let (mut b, _) = join(&s, ws, "r", "b");
+    a.send(0x2, true, &[0, 1, 2]);
+    let f = b.read().unwrap();
+    assert_eq!((f.opcode, f.payload), (0x2, vec![0, 1, 2]));
+}

@@ -127,6 +127,9 @@ pub struct WsState {
     pub next_ping: u64,
     /// Tick of the unanswered ping, if any.
     pub ping_sent: Option<u64>,
+    /// For `on_message: broadcast`: the connections sharing this one's
+    /// `broadcast_tag` value (None: it has no such tag).
+    pub broadcast: Option<std::sync::Arc<super::tags::Selector>>,
 }
 
 /// The protocol stage.

@@ -17,13 +17,14 @@ use crossbeam_channel::Receiver;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::conn::{CloseReason, Conn, Proto, Queued, RelyState, Timing};
+use super::conn::{admit, CloseReason, Conn, Proto, Queued, RelyState, Timing};
 use super::directory::{Directory, LookupCache};
 use super::listener::{Listener, ListenerKind};
 use super::mesh::{Batch, Inbox, Item, Outgoing};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Flush};
-use super::route::{Actions, Ctx};
+use super::route::{Actions, Ctx, Fanout, Local};
+use super::tags::{Selector, TagIndex};
 use super::timer::{Timer, Wheel};
 use super::ConnId;
 use super::{rely, ws};
@@ -122,6 +123,10 @@ pub struct Core {
     local_batch: Option<Arc<Vec<u8>>>,
     /// Directory lookups, validated per shard version.
     cache: LookupCache,
+    /// Tags of this core's WebSocket connections.
+    tags: TagIndex,
+    /// Reused buffer of selected slots.
+    selected: Vec<usize>,
 }
 
 impl Core {
@@ -182,6 +187,8 @@ impl Core {
             queued: 0,
             local_batch: None,
             cache: LookupCache::default(),
+            tags: TagIndex::default(),
+            selected: Vec::new(),
             shared,
         })
     }
@@ -515,6 +522,7 @@ impl Core {
         for _ in 0..self.rx.len() {
             let Ok(batch) = self.rx.try_recv() else { break };
             let data = Arc::new(batch.data);
+            let mut fanouts = batch.fanouts.into_iter();
             for item in batch.items {
                 match item {
                     Item::Deliver { to, start, len } => self.deliver(
@@ -526,9 +534,53 @@ impl Core {
                         },
                     ),
                     Item::Kick { conn } => self.kick(conn),
+                    Item::Fanout(_) => {
+                        if let Some(f) = fanouts.next() {
+                            self.fanout(f);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Queues a fan-out's frame on every local connection it selects.
+    /// Returns how many received it.
+    fn fanout(&mut self, f: Fanout) -> u64 {
+        let mut slots = std::mem::take(&mut self.selected);
+        slots.clear();
+        match &*f.selector {
+            Selector::Tags(want) => self.tags.select(want, &mut slots),
+            Selector::Ids(ids) => {
+                for id in ids {
+                    if let Some(c) = self.cache.lookup(&self.shared.directory, id.as_bytes()) {
+                        if c.core as usize == self.index {
+                            slots.push(c.slot as usize);
+                        }
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for &slot in &slots {
+            let Some(c) = self.conns.get(slot) else {
+                continue;
+            };
+            let id = ConnId {
+                core: self.index as u16,
+                slot: slot as u32,
+                gen: c.gen,
+            };
+            if Some(id) == f.exclude || !matches!(c.proto, Proto::Ws(_)) {
+                continue;
+            }
+            if self.queue_on(slot, Chunk::Shared(f.frame.clone()), None) {
+                n += 1;
+            }
+        }
+        self.shared.metrics[self.index].fanout_deliveries.add(n);
+        self.selected = slots;
+        n
     }
 
     fn live(&self, id: ConnId) -> bool {
@@ -570,28 +622,57 @@ impl Core {
         }
     }
 
+    /// Delivers a RELY transfer frame: as it is to a RELY client, as a
+    /// binary message to a WebSocket client (rely mode).
     fn deliver(&mut self, to: ConnId, data: Chunk) {
-        let m = &self.shared.metrics[self.index];
         let key = to.slot as usize;
-        let Some(c) = self
+        let live = self
             .conns
-            .get_mut(key)
-            .filter(|c| c.gen == to.gen && c.closing.is_none())
-        else {
-            m.dropped_dead_conn.inc();
+            .get(key)
+            .is_some_and(|c| c.gen == to.gen && c.closing.is_none());
+        if !live {
+            self.shared.metrics[self.index].dropped_dead_conn.inc();
             return;
+        }
+        let header = match self.conns.get(key).map(|c| &c.proto) {
+            Some(Proto::Ws(_)) => {
+                let mut h = Vec::with_capacity(10);
+                wsproto::encode_header(&mut h, wsproto::OP_BINARY, true, data.len());
+                Some(h)
+            }
+            _ => None,
         };
-        let len = data.len() as u64;
-        match c.queue(data) {
+        self.queue_on(key, data, header.as_deref());
+    }
+
+    /// Queues `data` (after `header`, if any) on a live connection under its
+    /// byte limit, applying the slow-consumer policy. Returns whether it
+    /// was queued.
+    fn queue_on(&mut self, key: usize, data: Chunk, header: Option<&[u8]>) -> bool {
+        let m = &self.shared.metrics[self.index];
+        let Some(c) = self.conns.get_mut(key) else {
+            return false;
+        };
+        let hlen = header.map_or(0, <[u8]>::len);
+        let len = (data.len() + hlen) as u64;
+        match admit(&c.out, len as usize, c.out_limit, c.policy) {
             Queued::Yes => {
+                if let Some(h) = header {
+                    c.out.push_bytes(&[h]);
+                }
+                c.out.push(data);
                 self.queued += len;
                 m.delivered.inc();
                 if !c.in_dirty {
                     c.in_dirty = true;
                     self.dirty.push((key, c.gen));
                 }
+                true
             }
-            Queued::Dropped => m.slow_consumer_drop.inc(),
+            Queued::Dropped => {
+                m.slow_consumer_drop.inc();
+                false
+            }
             Queued::Disconnect => {
                 m.slow_consumer_disconnect.inc();
                 log::debug!(
@@ -600,6 +681,7 @@ impl Core {
                     c.out.bytes()
                 );
                 self.slow_consumer(key);
+                false
             }
         }
     }
@@ -647,6 +729,7 @@ impl Core {
                 cfg: &self.shared.cfg,
                 dir: &self.shared.directory,
                 cache: &mut self.cache,
+                tags: &mut self.tags,
                 metrics: m,
                 mesh: &mut self.mesh,
                 actions: &mut self.actions,
@@ -724,31 +807,33 @@ impl Core {
         }
     }
 
-    /// Applies local deliveries (in read order, so per-pair order holds)
-    /// and kicks. The delivery bytes become one shared buffer for the
-    /// iteration; queues hold slices of it until the flush.
+    /// Applies local actions in order (so per-pair order holds). Delivery
+    /// bytes become one shared buffer for the iteration; queues hold slices
+    /// of it until the flush.
     fn apply_actions(&mut self) {
-        if !self.actions.local.is_empty() {
-            let data = Arc::new(std::mem::take(&mut self.actions.data));
-            let mut local = std::mem::take(&mut self.actions.local);
-            for (to, start, len) in local.drain(..) {
-                self.deliver(
+        if self.actions.local.is_empty() {
+            return;
+        }
+        let data = Arc::new(std::mem::take(&mut self.actions.data));
+        let mut local = std::mem::take(&mut self.actions.local);
+        for action in local.drain(..) {
+            match action {
+                Local::Deliver { to, start, len } => self.deliver(
                     to,
                     Chunk::Slice {
                         buf: data.clone(),
                         start,
                         len,
                     },
-                );
+                ),
+                Local::Fanout(f) => {
+                    self.fanout(f);
+                }
+                Local::Kick(id) => self.kick(id),
             }
-            self.actions.local = local;
-            self.local_batch = Some(data);
         }
-        let mut kicks = std::mem::take(&mut self.actions.kicks);
-        for id in kicks.drain(..) {
-            self.kick(id);
-        }
-        self.actions.kicks = kicks;
+        self.actions.local = local;
+        self.local_batch = Some(data);
     }
 
     /// After the flush no queue holds a slice, so the local buffer can be
@@ -870,6 +955,9 @@ impl Core {
         }
         if let Some(l) = c.login.take() {
             self.shared.directory.logout(&l.id, l.epoch);
+        }
+        if let Proto::Ws(w) = &c.proto {
+            self.tags.remove(key, &w.tags);
         }
         let _ = self.poll.registry().deregister(&mut c.stream);
         let m = &self.shared.metrics[self.index];

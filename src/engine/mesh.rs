@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use super::route::Fanout;
 use super::ConnId;
 
 /// Something one core asks another to do.
@@ -43,6 +44,8 @@ pub enum Item {
         /// The connection to close.
         conn: ConnId,
     },
+    /// Run `Batch::fanouts[i]` on this core.
+    Fanout(u32),
 }
 
 /// One cross-core batch: the bytes of every delivery in one buffer (one
@@ -53,6 +56,8 @@ pub struct Batch {
     pub data: Vec<u8>,
     /// Items in order.
     pub items: Vec<Item>,
+    /// Fan-outs referred to by `Item::Fanout`.
+    pub fanouts: Vec<Fanout>,
 }
 
 impl Batch {
@@ -164,6 +169,13 @@ impl Outgoing {
             start,
             len: len as u32,
         });
+    }
+
+    /// Asks core `dst` to run a fan-out on its connections.
+    pub fn fanout(&mut self, dst: usize, f: Fanout) {
+        let b = &mut self.building[dst];
+        b.items.push(Item::Fanout(b.fanouts.len() as u32));
+        b.fanouts.push(f);
     }
 
     /// Asks core `dst` to close `conn` (last login wins).

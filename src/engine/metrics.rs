@@ -109,8 +109,11 @@ metrics! {
     ws_handshake_timeouts,
     /// WebSocket messages received.
     ws_messages_in,
-    /// WebSocket messages discarded (`on_message: none`).
+    /// WebSocket messages discarded (`on_message: none`, or nothing to
+    /// broadcast to).
     ws_discarded,
+    /// Frames queued by fan-outs (one per receiving connection).
+    fanout_deliveries,
     /// WebSocket connections closed for an unanswered ping.
     ws_ping_timeouts,
     /// Cross-core batches that found the channel full and waited locally

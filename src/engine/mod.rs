@@ -8,6 +8,7 @@
 //! - `rely.rs`: the RELY adapter: frames in, routing actions out.
 //! - `ws.rs`: the WebSocket adapter: HTTP upgrade, then frames.
 //! - `route.rs`: what adapters may touch, and the local actions they leave.
+//! - `tags.rs`: per-core tag index and selectors.
 //! - `mesh.rs`: cross-core channels and wake-only-if-parked.
 //! - `directory.rs`: client id -> connection, last login wins.
 //! - `outbox.rs`: bounded output queues written with writev.
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod rely;
 pub mod route;
+pub mod tags;
 pub mod timer;
 pub mod ws;
 

@@ -7,18 +7,50 @@ use super::conn::Timing;
 use super::directory::{Directory, LookupCache};
 use super::mesh::Outgoing;
 use super::metrics::CoreMetrics;
+use std::sync::Arc;
+
+use super::tags::{Selector, TagIndex};
 use super::ConnId;
 use crate::config::Config;
 
-/// Local actions, applied by the core after the reads, in order.
+/// A message for many connections, framed once per core.
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    /// Who receives it (evaluated by each core on its own index).
+    pub selector: Arc<Selector>,
+    /// The WebSocket frame, this core's own copy (or a shared one when
+    /// large), so reference counting stays on the core.
+    pub frame: Arc<[u8]>,
+    /// A connection that must not receive it (the sender).
+    pub exclude: Option<ConnId>,
+}
+
+/// A local action, applied by the core after the reads, in order (so a
+/// connection sees one sender's deliveries, fan-outs and kicks in order).
+#[derive(Debug)]
+pub enum Local {
+    /// Deliver `data[start..start + len]` (a RELY transfer frame).
+    Deliver {
+        /// Destination.
+        to: ConnId,
+        /// Offset in `Actions::data`.
+        start: u32,
+        /// Length.
+        len: u32,
+    },
+    /// A fan-out to this core's matching connections.
+    Fanout(Fanout),
+    /// Close a connection replaced by a newer login.
+    Kick(ConnId),
+}
+
+/// Local actions and the bytes of their deliveries.
 #[derive(Debug, Default)]
 pub struct Actions {
     /// Bytes of local deliveries, back to back (one buffer per iteration).
     pub data: Vec<u8>,
-    /// Deliveries to connections on this core: (to, start, len).
-    pub local: Vec<(ConnId, u32, u32)>,
-    /// Local connections replaced by a newer login.
-    pub kicks: Vec<ConnId>,
+    /// The actions, in order.
+    pub local: Vec<Local>,
 }
 
 impl Actions {
@@ -29,9 +61,15 @@ impl Actions {
         for p in parts {
             self.data.extend_from_slice(p);
         }
-        self.local.push((to, start, self.data.len() as u32 - start));
+        let len = self.data.len() as u32 - start;
+        self.local.push(Local::Deliver { to, start, len });
     }
 }
+
+/// Frames at least this large are shared by one reference across cores
+/// rather than copied once per core (the copy would cost more than the
+/// contended reference count).
+pub const SHARE_FRAME_ACROSS_CORES: usize = 64 * 1024;
 
 /// Everything an adapter may touch besides the connection.
 pub struct Ctx<'a> {
@@ -43,6 +81,8 @@ pub struct Ctx<'a> {
     pub dir: &'a Directory,
     /// This core's lookup cache.
     pub cache: &'a mut LookupCache,
+    /// This core's tag index.
+    pub tags: &'a mut TagIndex,
     /// This core's counters.
     pub metrics: &'a CoreMetrics,
     /// Cross-core batches.
@@ -62,7 +102,7 @@ impl Ctx<'_> {
         let (epoch, replaced) = self.dir.login(id, me);
         if let Some(old) = replaced {
             if old.core == self.core {
-                self.actions.kicks.push(old);
+                self.actions.local.push(Local::Kick(old));
             } else {
                 self.mesh.kick(old.core as usize, old);
             }
@@ -83,6 +123,26 @@ impl Ctx<'_> {
                 self.metrics.cross_core.inc();
                 self.mesh.deliver(dst.core as usize, dst, parts);
                 true
+            }
+        }
+    }
+
+    /// Sends one WebSocket frame to every connection `selector` matches on
+    /// every core (except `exclude`): one fan-out per core, not per client.
+    pub fn fanout(&mut self, selector: Arc<Selector>, frame: &[u8], exclude: Option<ConnId>) {
+        let cores = self.cfg.workers;
+        let shared: Option<Arc<[u8]>> =
+            (frame.len() >= SHARE_FRAME_ACROSS_CORES).then(|| Arc::from(frame));
+        for core in 0..cores {
+            let f = Fanout {
+                selector: selector.clone(),
+                frame: shared.clone().unwrap_or_else(|| Arc::from(frame)),
+                exclude,
+            };
+            if core == self.core as usize {
+                self.actions.local.push(Local::Fanout(f));
+            } else {
+                self.mesh.fanout(core, f);
             }
         }
     }

@@ -12,7 +12,10 @@
 //! connection closes once that is flushed.
 
 use super::conn::{admit, CloseReason, Conn, Handshake, Login, Proto, Queued, Timing, WsState};
+use std::sync::Arc;
+
 use super::route::Ctx;
+use super::tags::Selector;
 use super::ConnId;
 use crate::config::OnMessage;
 use crate::protocol::http::{self, HttpError};
@@ -100,12 +103,15 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
     conn.policy = cfg.slow_consumer;
     conn.last_active = cx.now;
     let next_ping = cx.timing.ws_ping.map_or(u64::MAX, |p| cx.now + p);
+    cx.tags.insert(slot, &tags);
+    let broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
     conn.proto = Proto::Ws(WsState {
         decoder: ws::Decoder::new(ep.max_message_size),
         endpoint,
         tags,
         next_ping,
         ping_sent: None,
+        broadcast,
     });
     cx.metrics.ws_upgrades.inc();
     log::debug!("{}: WebSocket {} id={id}", conn.peer, req.path);
@@ -114,8 +120,24 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
     }
 }
 
+/// The selector for `on_message: broadcast`: connections whose `tag` has
+/// this connection's value.
+pub fn broadcast_selector(
+    tag: Option<&str>,
+    tags: &[(Box<str>, Box<str>)],
+) -> Option<Arc<Selector>> {
+    let tag = tag?;
+    let (k, v) = tags.iter().find(|(k, _)| **k == *tag)?;
+    Some(Arc::new(Selector::Tags(vec![(k.clone(), v.clone())])))
+}
+
 /// Feeds bytes to a WebSocket connection.
-pub fn on_bytes(conn: &mut Conn, _slot: usize, input: &mut [u8], cx: &mut Ctx<'_>) {
+pub fn on_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>) {
+    let me = ConnId {
+        core: cx.core,
+        slot: slot as u32,
+        gen: conn.gen,
+    };
     let Some(cfg) = cx.cfg.websocket.as_ref() else {
         return;
     };
@@ -165,7 +187,24 @@ pub fn on_bytes(conn: &mut Conn, _slot: usize, input: &mut [u8], cx: &mut Ctx<'_
                             }
                         }
                     }
-                    OnMessage::None | OnMessage::Broadcast | OnMessage::Rely => {
+                    OnMessage::Broadcast => {
+                        match &w.broadcast {
+                            Some(sel) => {
+                                header.clear();
+                                ws::encode_header(
+                                    &mut header,
+                                    if text { ws::OP_TEXT } else { ws::OP_BINARY },
+                                    true,
+                                    data.len(),
+                                );
+                                header.extend_from_slice(data);
+                                cx.fanout(sel.clone(), &header, Some(me));
+                            }
+                            None => cx.metrics.ws_discarded.inc(),
+                        }
+                        true
+                    }
+                    OnMessage::None | OnMessage::Rely => {
                         cx.metrics.ws_discarded.inc();
                         true
                     }

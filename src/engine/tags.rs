@@ -1,0 +1,188 @@
+//! TagIndex: one core's index of its connections' tags, and the selector
+//! rules (wsgateway's): an id list wins over tags; otherwise every tag pair
+//! must match (AND); an empty selector matches nothing.
+//!
+//! Invariant: (key, value) -> slots holds exactly the live WebSocket
+//! connections that carry that tag now. A tag change removes the old entry
+//! (and an emptied set), so no stale entry ever matches (wsgateway's
+//! stale-tag bug is not copied).
+
+use std::collections::{HashMap, HashSet};
+
+/// One tag: (key, value).
+pub type Tag = (Box<str>, Box<str>);
+
+/// Which connections a fan-out, tag change or close targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// These client ids (resolved through the directory).
+    Ids(Vec<Box<str>>),
+    /// Connections carrying all of these tags.
+    Tags(Vec<Tag>),
+}
+
+impl Selector {
+    /// Builds a selector from query pairs: `id=a,b` wins; else all pairs
+    /// AND-ed; no pairs (or an empty id list) selects nothing (None).
+    pub fn from_pairs(pairs: &[(String, String)]) -> Option<Selector> {
+        if let Some((_, ids)) = pairs.iter().find(|(k, _)| k == "id") {
+            let ids: Vec<Box<str>> = ids
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(Into::into)
+                .collect();
+            return (!ids.is_empty()).then_some(Selector::Ids(ids));
+        }
+        let mut tags: Vec<Tag> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+            .collect();
+        tags.sort();
+        tags.dedup();
+        (!tags.is_empty()).then_some(Selector::Tags(tags))
+    }
+}
+
+/// The index.
+#[derive(Debug, Default)]
+pub struct TagIndex {
+    by_tag: HashMap<Box<str>, HashMap<Box<str>, HashSet<usize>>>,
+}
+
+impl TagIndex {
+    /// Adds `slot` under each tag.
+    pub fn insert(&mut self, slot: usize, tags: &[Tag]) {
+        for (k, v) in tags {
+            self.by_tag
+                .entry(k.clone())
+                .or_default()
+                .entry(v.clone())
+                .or_default()
+                .insert(slot);
+        }
+    }
+
+    /// Removes `slot` from each tag, dropping emptied sets.
+    pub fn remove(&mut self, slot: usize, tags: &[Tag]) {
+        for (k, v) in tags {
+            if let Some(values) = self.by_tag.get_mut(k) {
+                if let Some(set) = values.get_mut(v) {
+                    set.remove(&slot);
+                    if set.is_empty() {
+                        values.remove(v);
+                    }
+                }
+                if values.is_empty() {
+                    self.by_tag.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Slots carrying every tag in `want` (non-empty), smallest set first.
+    pub fn select(&self, want: &[Tag], out: &mut Vec<usize>) {
+        let mut sets = Vec::with_capacity(want.len());
+        for (k, v) in want {
+            match self.by_tag.get(k).and_then(|vals| vals.get(v)) {
+                Some(set) => sets.push(set),
+                None => return,
+            }
+        }
+        sets.sort_by_key(|s| s.len());
+        let Some((first, rest)) = sets.split_first() else {
+            return;
+        };
+        out.extend(
+            first
+                .iter()
+                .copied()
+                .filter(|slot| rest.iter().all(|s| s.contains(slot))),
+        );
+    }
+
+    /// Distinct (key, value) entries (for memory checks and tests).
+    pub fn entries(&self) -> usize {
+        self.by_tag.values().map(HashMap::len).sum()
+    }
+}
+
+/// Applies a `settags` body to a sorted tag list: an empty value deletes.
+/// Returns (removed, added) pairs for the index.
+pub fn apply_changes(tags: &mut Vec<Tag>, changes: &[(String, String)]) -> (Vec<Tag>, Vec<Tag>) {
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
+    for (k, v) in changes {
+        if let Some(i) = tags.iter().position(|(tk, _)| **tk == **k) {
+            if *tags[i].1 == **v {
+                continue;
+            }
+            removed.push(tags.remove(i));
+        }
+        if !v.is_empty() {
+            let pair: Tag = (k.as_str().into(), v.as_str().into());
+            added.push(pair.clone());
+            tags.push(pair);
+        }
+    }
+    tags.sort();
+    (removed, added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(pairs: &[(&str, &str)]) -> Vec<Tag> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn selector_rules() {
+        let p = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(Selector::from_pairs(&p(&[])), None, "empty selects nothing");
+        assert_eq!(
+            Selector::from_pairs(&p(&[("room", "1"), ("id", "a,b")])),
+            Some(Selector::Ids(vec!["a".into(), "b".into()])),
+            "id wins"
+        );
+        assert_eq!(Selector::from_pairs(&p(&[("id", "")])), None);
+        assert_eq!(
+            Selector::from_pairs(&p(&[("b", "2"), ("a", "1")])),
+            Some(Selector::Tags(t(&[("a", "1"), ("b", "2")])))
+        );
+    }
+
+    #[test]
+    fn and_of_tags_and_no_stale_entries() {
+        let mut ix = TagIndex::default();
+        let mut a = t(&[("role", "admin"), ("room", "1")]);
+        ix.insert(1, &a);
+        ix.insert(2, &t(&[("room", "1")]));
+        let mut out = vec![];
+        ix.select(&t(&[("room", "1"), ("role", "admin")]), &mut out);
+        assert_eq!(out, vec![1]);
+        // Change room 1 -> 2 on slot 1: it leaves room 1 entirely.
+        let (removed, added) = apply_changes(
+            &mut a,
+            &[("room".into(), "2".into()), ("role".into(), "".into())],
+        );
+        ix.remove(1, &removed);
+        ix.insert(1, &added);
+        assert_eq!(a, t(&[("room", "2")]));
+        out.clear();
+        ix.select(&t(&[("room", "1")]), &mut out);
+        assert_eq!(out, vec![2]);
+        out.clear();
+        ix.select(&t(&[("role", "admin")]), &mut out);
+        assert!(out.is_empty(), "deleted tag matches nothing");
+        ix.remove(1, &a);
+        ix.remove(2, &t(&[("room", "1")]));
+        assert_eq!(ix.entries(), 0);
+    }
+}
