@@ -695,14 +695,6 @@ fn validate_ws(
             }
         }
         let on_message = e.on_message.unwrap_or(OnMessage::None);
-        if on_message == OnMessage::Rely {
-            // Refused rather than silently discarding messages until the
-            // routing for these lands.
-            return Err(err(
-                &key("on_message"),
-                format!("{on_message:?} is not supported yet (use echo, broadcast or none)"),
-            ));
-        }
         if on_message == OnMessage::Broadcast && e.broadcast_tag.is_none() {
             return Err(err(
                 &key("broadcast_tag"),

@@ -347,3 +347,98 @@ fn binary_broadcast_stays_binary() {
     let f = b.read().unwrap();
     assert_eq!((f.opcode, f.payload), (0x2, vec![0, 1, 2]));
 }
+
+const RELY_WS: &str =
+    "  endpoints:\n    - path: /rely/{id}\n      id_param: id\n      on_message: rely\n";
+
+#[test]
+fn rely_mode_websocket_and_rely_clients_address_each_other_across_cores() {
+    let (s, ws) = ws_server(4, RELY_WS, |_| {});
+    let mut bob = s.login("bob");
+    let bob_core = s.core_of("bob");
+    // Land the WebSocket client on another core (bounded retries).
+    let mut web = None;
+    for _ in 0..100 {
+        let (c, core) = join_path(&s, ws, "/rely/web", "web");
+        if core != bob_core {
+            web = Some(c);
+            break;
+        }
+        drop(c);
+        wait_until(|| s.handle.owner_core(b"web").is_none(), "old login gone");
+    }
+    let mut web = web.expect("WebSocket client on another core");
+
+    // WebSocket -> RELY: the binary message is the RELY frame, forwarded byte for byte.
+    let frame = transfer_frame("web", "bob", b"from the browser");
+    web.send(0x2, true, &frame);
+    let m = bob.recv(Some(WAIT)).unwrap().expect("bob receives");
+    assert_eq!(
+        (m.from.as_slice(), m.payload.as_slice()),
+        (&b"web"[..], &b"from the browser"[..])
+    );
+
+    // RELY -> WebSocket: arrives as one binary message holding the frame.
+    bob.send(b"web", b"from a RELY client").unwrap();
+    let f = web.read().unwrap();
+    assert_eq!(
+        (f.opcode, f.payload),
+        (0x2, transfer_frame("bob", "web", b"from a RELY client"))
+    );
+
+    // Heartbeats are accepted and not forwarded; offline ids are discarded.
+    web.send(0x2, true, &transfer_frame("web", "", b""));
+    web.send(0x2, true, &transfer_frame("web", "nobody", b"x"));
+    wait_until(
+        || s.handle.metrics().dropped_offline == 1,
+        "offline counted",
+    );
+    assert!(bob.recv(Some(Duration::from_millis(50))).unwrap().is_none());
+}
+
+#[test]
+fn rely_mode_rejects_text_garbage_and_spoofing() {
+    let (s, ws) = ws_server(1, RELY_WS, |_| {});
+    let (mut c, _) = join_path(&s, ws, "/rely/a", "a");
+    c.send(0x1, true, b"text is not a RELY frame");
+    assert_eq!(c.expect_close(), 1003);
+    let (mut c, _) = join_path(&s, ws, "/rely/a", "a");
+    c.send(0x2, true, b"RELY garbage");
+    assert_eq!(c.expect_close(), 1007);
+    let (mut c, _) = join_path(&s, ws, "/rely/a", "a");
+    let mut two = transfer_frame("a", "b", b"1");
+    two.extend(transfer_frame("a", "b", b"2"));
+    c.send(0x2, true, &two);
+    assert_eq!(c.expect_close(), 1007, "exactly one frame per message");
+    let (mut c, _) = join_path(&s, ws, "/rely/a", "a");
+    c.send(0x2, true, &transfer_frame("mallory", "b", b"x"));
+    assert_eq!(c.expect_close(), 1008);
+    assert_eq!(s.handle.metrics().spoofed_from, 1);
+}
+
+#[test]
+fn websocket_id_last_login_wins_with_1008() {
+    let (s, ws) = ws_server(2, RELY_WS, |_| {});
+    let (mut old, _) = join_path(&s, ws, "/rely/dup", "dup");
+    let new = WsRaw::connect(ws, "/rely/dup");
+    assert_eq!(old.expect_close(), 1008);
+    assert!(old.eof());
+    let mut bob = s.login("bob");
+    bob.send(b"dup", b"to the newest").unwrap();
+    let mut new = new;
+    assert_eq!(
+        new.read().unwrap().payload,
+        transfer_frame("bob", "dup", b"to the newest")
+    );
+}
+
+/// Connects to `path`, waits for `id` to register; returns it and its core.
+fn join_path(s: &TestServer, ws: std::net::SocketAddr, path: &str, id: &str) -> (WsRaw, usize) {
+    let before = s.handle.metrics().ws_upgrades;
+    let c = WsRaw::connect(ws, path);
+    wait_until(
+        || s.handle.metrics().ws_upgrades > before && s.handle.owner_core(id.as_bytes()).is_some(),
+        "registered",
+    );
+    (c, s.core_of(id))
+}

@@ -19,6 +19,7 @@ use super::tags::Selector;
 use super::ConnId;
 use crate::config::OnMessage;
 use crate::protocol::http::{self, HttpError};
+use crate::protocol::rely::{self, Frame, Parse};
 use crate::protocol::ws::{self, Event};
 
 /// A new WebSocket listener connection's first stage.
@@ -27,6 +28,53 @@ pub fn handshake_stage(t: &Timing, now: u64) -> Proto {
         buf: Vec::new(),
         deadline: now + t.ws_handshake,
     })
+}
+
+/// `on_message: rely`: a binary message is one RELY transfer frame, routed
+/// by ToClientID exactly as a RELY client's would be. Errors carry the close
+/// to send.
+fn rely_message(
+    text: bool,
+    data: &[u8],
+    login: Option<&Login>,
+    cx: &mut Ctx<'_>,
+) -> Result<(), (u16, &'static str, CloseReason)> {
+    if text {
+        return Err((
+            ws::CLOSE_UNSUPPORTED,
+            "send RELY transfer frames as binary messages",
+            CloseReason::Protocol,
+        ));
+    }
+    let malformed = (
+        ws::CLOSE_INVALID_DATA,
+        "not one RELY transfer frame",
+        CloseReason::Protocol,
+    );
+    let (from, to) = match rely::parse(data, cx.cfg.rely.max_payload) {
+        Ok(Parse::Frame(Frame::Transfer { from, to, .. }, used)) if used == data.len() => {
+            (from, to)
+        }
+        _ => {
+            cx.metrics.protocol_errors.inc();
+            return Err(malformed);
+        }
+    };
+    if cx.cfg.rely.check_from && login.is_none_or(|l| *l.id != *from) {
+        cx.metrics.spoofed_from.inc();
+        return Err((
+            ws::CLOSE_POLICY,
+            "FromClientID is not this connection's id",
+            CloseReason::Spoofed,
+        ));
+    }
+    cx.metrics.frames_in.inc();
+    if to.is_empty() {
+        cx.metrics.heartbeats.inc();
+    } else if !cx.send_to_id(to, &[data]) {
+        cx.metrics.dropped_offline.inc();
+    }
+    Ok(())
 }
 
 fn refuse(conn: &mut Conn, e: HttpError, cx: &mut Ctx<'_>) {
@@ -148,6 +196,7 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>
         peer,
         out_limit,
         policy,
+        login,
         ..
     } = &mut *conn;
     let (limit, policy) = (*out_limit, *policy);
@@ -204,7 +253,14 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>
                         }
                         true
                     }
-                    OnMessage::None | OnMessage::Rely => {
+                    OnMessage::Rely => match rely_message(text, data, login.as_ref(), cx) {
+                        Ok(()) => true,
+                        Err(bad) => {
+                            goodbye = Some(bad);
+                            false
+                        }
+                    },
+                    OnMessage::None => {
                         cx.metrics.ws_discarded.inc();
                         true
                     }

@@ -23,6 +23,8 @@ pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Protocol error.
 pub const CLOSE_PROTOCOL: u16 = 1002;
+/// Unsupported data (e.g. text where binary is required).
+pub const CLOSE_UNSUPPORTED: u16 = 1003;
 /// Invalid payload data (bad UTF-8).
 pub const CLOSE_INVALID_DATA: u16 = 1007;
 /// Policy violation (slow consumer, replaced by a newer login).
