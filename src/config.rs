@@ -69,6 +69,13 @@ pub const DEFAULT_WS_MAX_MESSAGE: u64 = 1024 * 1024;
 /// Output queue byte limit per WebSocket connection.
 pub const DEFAULT_WS_MAX_OUTPUT_BYTES: u64 = 16 * 1024 * 1024;
 
+/// wsgateway's admin API address (loopback only by default).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:6666";
+/// Networks allowed to use the admin API.
+pub const DEFAULT_ADMIN_ALLOW: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+/// Largest admin request (head and body).
+pub const DEFAULT_ADMIN_MAX_REQUEST: u64 = 1024 * 1024;
+
 /// What happens when a connection's output queue is over its byte limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -218,6 +225,23 @@ pub struct FileConfig {
     pub rely: Option<RelyFile>,
     /// WebSocket section.
     pub websocket: Option<WsFile>,
+    /// Admin API section.
+    pub admin: Option<AdminFile>,
+}
+
+/// The `admin:` section as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminFile {
+    /// Addresses to listen on; [] disables the admin listener.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// CIDR networks allowed to call it.
+    pub allow: Option<Vec<String>>,
+    /// Largest request, head and body.
+    pub max_request_bytes: Option<Size>,
+    /// Also answer plain (non-upgrade) HTTP requests on the WebSocket
+    /// listeners.
+    pub on_websocket_listener: Option<bool>,
 }
 
 /// What a WebSocket endpoint does with client messages.
@@ -328,6 +352,87 @@ pub struct Config {
     pub rely: RelyConfig,
     /// WebSocket settings (None: no WebSocket listener).
     pub websocket: Option<WsConfig>,
+    /// Admin API settings (None: no admin API).
+    pub admin: Option<AdminConfig>,
+}
+
+/// An IP network, `addr/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a single host).
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("{s:?}: bad prefix length"))?
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// True if `ip` is inside (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Validated admin API settings.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Listen addresses (may be empty).
+    pub listen: Vec<SocketAddr>,
+    /// Allowed networks.
+    pub allow: Vec<Cidr>,
+    /// Largest request.
+    pub max_request_bytes: usize,
+    /// Answer plain HTTP on the WebSocket listeners too.
+    pub on_websocket_listener: bool,
+}
+
+impl AdminConfig {
+    /// May `ip` use the admin API?
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        self.allow.iter().any(|c| c.contains(ip))
+    }
 }
 
 /// One segment of an endpoint path template.
@@ -614,9 +719,40 @@ impl FileConfig {
             None => None,
             Some(ws) => Some(validate_ws(ws, &err)?),
         };
+        // On by default with WebSocket (wsgateway), off for a pure relayd
+        // setup; `admin: {listen: []}` turns it off.
+        let admin = match (self.admin, websocket.is_some()) {
+            (None, false) => None,
+            (a, _) => {
+                let a = a.unwrap_or_default();
+                let allow = match a.allow {
+                    None => DEFAULT_ADMIN_ALLOW
+                        .iter()
+                        .map(|c| Cidr::parse(c).expect("literal network"))
+                        .collect(),
+                    Some(list) => list
+                        .iter()
+                        .map(|c| Cidr::parse(c))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| err("admin.allow", e))?,
+                };
+                Some(AdminConfig {
+                    listen: a.listen.unwrap_or_else(|| {
+                        vec![DEFAULT_ADMIN_LISTEN.parse().expect("literal address")]
+                    }),
+                    allow,
+                    max_request_bytes: a
+                        .max_request_bytes
+                        .map_or(DEFAULT_ADMIN_MAX_REQUEST, |s| s.0)
+                        .clamp(1024, 1 << 30) as usize,
+                    on_websocket_listener: a.on_websocket_listener.unwrap_or(false),
+                })
+            }
+        };
         Ok(Config {
             source: path.map(Path::to_owned),
             websocket,
+            admin,
             workers,
             pin,
             cpus,
@@ -685,7 +821,14 @@ fn validate_ws(
                 Segment::Literal(_) => None,
             })
             .collect();
-        let tag_params = e.tag_params.unwrap_or_else(|| params.clone());
+        // By default every parameter but the id becomes a tag.
+        let tag_params = e.tag_params.unwrap_or_else(|| {
+            params
+                .iter()
+                .filter(|p| Some(*p) != e.id_param.as_ref())
+                .cloned()
+                .collect()
+        });
         for p in tag_params.iter().chain(e.id_param.iter()) {
             if !params.contains(p) {
                 return Err(err(
@@ -794,6 +937,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("websocket.endpoints[0]"), "{e}");
+    }
+
+    #[test]
+    fn cidr() {
+        let n = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        let lo = Cidr::parse("127.0.0.0/8").unwrap();
+        assert!(
+            lo.contains("::ffff:127.0.0.1".parse().unwrap()),
+            "v4-mapped"
+        );
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err() && Cidr::parse("nope").is_err());
+        assert!(
+            Config::defaults().admin.is_none(),
+            "pure relayd defaults bind no admin port"
+        );
     }
 
     #[test]

@@ -88,6 +88,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     for a in server.ws_addrs() {
         log::info!("listening: websocket on {a}");
     }
+    for a in server.admin_addrs() {
+        log::info!("listening: admin on {a}");
+    }
     for e in cfg.websocket.iter().flat_map(|w| &w.endpoints) {
         log::info!(
             "websocket endpoint {} on_message={:?}",

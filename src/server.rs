@@ -74,6 +74,15 @@ impl Server {
                 per_core[core].push((ListenerKind::WebSocket, l));
             }
         }
+        let mut admin_addrs = Vec::new();
+        for &addr in cfg.admin.iter().flat_map(|a| &a.listen) {
+            let (bound, group) = bind_group(addr, workers, cfg.backlog)
+                .map_err(|source| StartError::Bind { addr, source })?;
+            admin_addrs.push(bound);
+            for (core, l) in group.into_iter().enumerate() {
+                per_core[core].push((ListenerKind::Admin, l));
+            }
+        }
 
         let mut setups = Vec::with_capacity(workers);
         let mut inboxes = Vec::with_capacity(workers);
@@ -132,6 +141,7 @@ impl Server {
             threads,
             rely_addrs,
             ws_addrs,
+            admin_addrs,
             cpus,
         })
     }
@@ -155,6 +165,7 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
     rely_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
+    admin_addrs: Vec<SocketAddr>,
     cpus: Vec<usize>,
 }
 
@@ -178,6 +189,11 @@ impl ServerHandle {
     /// The bound WebSocket addresses, in config order.
     pub fn ws_addrs(&self) -> &[SocketAddr] {
         &self.ws_addrs
+    }
+
+    /// The bound admin API addresses, in config order.
+    pub fn admin_addrs(&self) -> &[SocketAddr] {
+        &self.admin_addrs
     }
 
     /// The CPUs workers are pinned to (empty: not pinned).

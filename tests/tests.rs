@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admin;
 mod config;
 mod engine;
 mod process;

@@ -141,6 +141,8 @@ pub enum Proto {
     Handshake(Handshake),
     /// A WebSocket client.
     Ws(WsState),
+    /// An admin API client.
+    Admin(super::admin::AdminState),
 }
 
 /// A connection on its way out.
@@ -150,6 +152,12 @@ pub struct Closing {
     pub reason: CloseReason,
     /// Tick by which it closes even if output is still queued.
     pub by: u64,
+    /// After the goodbye is flushed, half-close and read (discarding) until
+    /// the peer closes or `by`: closing with unread input would send a reset
+    /// that can destroy an HTTP error response before the client reads it.
+    pub linger: bool,
+    /// The write side has been shut down (lingering).
+    pub shut: bool,
 }
 
 /// Deadlines in ticks, from the config.
@@ -165,6 +173,8 @@ pub struct Timing {
     pub ws_idle: Option<u64>,
     /// WebSocket handshake deadline.
     pub ws_handshake: u64,
+    /// Admin connection idle timeout.
+    pub admin_idle: u64,
 }
 
 /// Ticks a closing connection may spend flushing its goodbye.
@@ -255,6 +265,8 @@ impl Conn {
             self.closing = Some(Closing {
                 reason,
                 by: now + CLOSE_GRACE_TICKS,
+                linger: matches!(self.proto, Proto::Handshake(_) | Proto::Admin(_)),
+                shut: false,
             });
         }
     }
@@ -290,6 +302,7 @@ impl Conn {
         match &self.proto {
             Proto::Rely(_) => t.rely_idle.map(|i| self.last_active + i),
             Proto::Handshake(h) => Some(h.deadline),
+            Proto::Admin(_) => Some(self.last_active + t.admin_idle),
             Proto::Ws(w) => {
                 let mut due = match w.ping_sent {
                     Some(sent) => sent + t.ws_pong,

@@ -17,14 +17,17 @@ use crossbeam_channel::Receiver;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::admin::{self, AdminState};
 use super::conn::{admit, CloseReason, Conn, Proto, Queued, RelyState, Timing};
 use super::directory::{Directory, LookupCache};
 use super::listener::{Listener, ListenerKind};
 use super::mesh::{Batch, Inbox, Item, Outgoing};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Flush};
-use super::route::{Actions, Ctx, Fanout, Local};
-use super::tags::{Selector, TagIndex};
+use super::route::{
+    Actions, AdminCall, Ctx, FanOp, Fanout, Local, ReplyTo, SHARE_FRAME_ACROSS_CORES,
+};
+use super::tags::{apply_changes, Selector, TagIndex};
 use super::timer::{Timer, Wheel};
 use super::ConnId;
 use super::{rely, ws};
@@ -41,6 +44,8 @@ const READS_PER_ITERATION: usize = 4;
 /// How long an accept failure (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses a
 /// listener instead of spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// An admin connection with no request for this long is closed.
+const ADMIN_IDLE: Duration = Duration::from_secs(60);
 /// Poll timeout while cross-core batches wait for room.
 const OVERFLOW_RETRY: Duration = Duration::from_millis(1);
 
@@ -127,6 +132,67 @@ pub struct Core {
     tags: TagIndex,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
+    /// Admin requests waiting for the cores' replies.
+    pending: std::collections::HashMap<u64, PendingAdmin>,
+    next_req: u64,
+}
+
+/// An admin request in flight.
+#[derive(Debug)]
+struct PendingAdmin {
+    conn: ConnId,
+    waiting: usize,
+    count: u64,
+    text: Vec<u8>,
+    status: bool,
+    json: bool,
+    keep_alive: bool,
+}
+
+/// Reads and drops a lingering connection's input; a reason once the peer
+/// has closed (or the socket failed).
+fn discard_input(conn: &mut Conn, scratch: &mut [u8]) -> Option<CloseReason> {
+    for _ in 0..READS_PER_ITERATION {
+        match conn.stream.read(scratch) {
+            Ok(0) => return conn.closing.map(|c| c.reason),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.readable = false;
+                return None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Some(CloseReason::IoError),
+        }
+    }
+    None
+}
+
+/// Appends one /status entry for a WebSocket connection.
+fn status_line(out: &mut Vec<u8>, c: &Conn, json: bool) {
+    let Proto::Ws(w) = &c.proto else { return };
+    let id = c
+        .login
+        .as_ref()
+        .map(|l| String::from_utf8_lossy(&l.id).into_owned())
+        .unwrap_or_default();
+    if json {
+        let tags: serde_json::Map<String, serde_json::Value> = w
+            .tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(&**v)))
+            .collect();
+        let entry = serde_json::json!({ "id": id, "tags": tags });
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(entry.to_string().as_bytes());
+    } else {
+        out.extend_from_slice(format!("id={id}").as_bytes());
+        for (k, v) in &w.tags {
+            out.extend_from_slice(format!(" {k}={v}").as_bytes());
+        }
+        out.push(b'\n');
+    }
 }
 
 impl Core {
@@ -146,6 +212,7 @@ impl Core {
                 sock,
                 kind,
                 addr,
+                token: LISTENER_BASE + i,
                 pending: true,
                 paused_until: None,
             });
@@ -163,6 +230,7 @@ impl Core {
             ws_pong: ws.map_or(1, |w| ticks(w.pong_timeout)),
             ws_idle: ws.and_then(|w| w.idle_timeout).map(ticks),
             ws_handshake: ws.map_or(1, |w| ticks(w.handshake_timeout)),
+            admin_idle: ticks(ADMIN_IDLE),
         };
         Ok(Core {
             index: setup.index,
@@ -189,6 +257,8 @@ impl Core {
             cache: LookupCache::default(),
             tags: TagIndex::default(),
             selected: Vec::new(),
+            pending: std::collections::HashMap::new(),
+            next_req: 1,
             shared,
         })
     }
@@ -228,7 +298,8 @@ impl Core {
                     continue;
                 }
                 if t.0 >= LISTENER_BASE {
-                    if let Some(l) = self.listeners.get_mut(t.0 - LISTENER_BASE) {
+                    // By token, not position: draining drops listeners.
+                    if let Some(l) = self.listeners.iter_mut().find(|l| l.token == t.0) {
                         l.pending = true;
                     }
                     continue;
@@ -255,16 +326,13 @@ impl Core {
             if self.drain_deadline.is_none() && self.shared.shutdown.load(Ordering::Acquire) {
                 self.begin_drain(instant);
             }
-            if self.drain_deadline.is_none() {
-                self.accept(instant);
-            }
+            // While draining only the admin listeners remain (for /ready).
+            self.accept(instant);
             self.drain_inbox();
-            if self.drain_deadline.is_none() {
-                if self.mesh.backpressured() {
-                    self.metrics().mesh_backpressure.inc();
-                } else {
-                    self.read_ready();
-                }
+            if self.mesh.backpressured() {
+                self.metrics().mesh_backpressure.inc();
+            } else {
+                self.read_ready();
             }
             self.apply_actions();
             self.run_timers();
@@ -305,11 +373,10 @@ impl Core {
     fn poll_timeout(&self, busy_poll: bool) -> Option<Duration> {
         let now = Instant::now();
         let draining = self.drain_deadline.is_some();
-        let accept_ready = !draining
-            && self
-                .listeners
-                .iter()
-                .any(|l| l.pending && l.paused_until.is_none_or(|t| t <= now));
+        let accept_ready = self
+            .listeners
+            .iter()
+            .any(|l| l.pending && l.paused_until.is_none_or(|t| t <= now));
         // Reads wait while a cross-core channel is full; spinning on them
         // would only burn the CPU the destination core needs.
         let read_ready = !self.ready.is_empty() && !self.mesh.backpressured() && !draining;
@@ -341,9 +408,15 @@ impl Core {
     /// drain then waits for it to flush); unfinished upgrades just close.
     fn begin_drain(&mut self, now: Instant) {
         log::debug!("core {}: draining", self.index);
-        for mut l in self.listeners.drain(..) {
+        // The admin API stays up while draining: /ready answers 503.
+        let (admin, others): (Vec<Listener>, Vec<Listener>) = self
+            .listeners
+            .drain(..)
+            .partition(|l| l.kind == ListenerKind::Admin);
+        for mut l in others {
             let _ = self.poll.registry().deregister(&mut l.sock);
         }
+        self.listeners = admin;
         self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
@@ -364,7 +437,7 @@ impl Core {
                     self.mark_dirty(key);
                 }
                 Proto::Handshake(_) => self.close(key, CloseReason::Shutdown),
-                Proto::Rely(_) => {}
+                Proto::Rely(_) | Proto::Admin(_) => {}
             }
         }
     }
@@ -461,6 +534,13 @@ impl Core {
                 ws::handshake_stage(&self.timing, self.now),
                 self.now,
             ),
+            ListenerKind::Admin => Conn::new(
+                gen,
+                stream,
+                peer,
+                Proto::Admin(AdminState::default()),
+                self.now,
+            ),
         };
         if let Some(due) = conn.due(&self.timing) {
             conn.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
@@ -539,13 +619,22 @@ impl Core {
                             self.fanout(f);
                         }
                     }
+                    Item::Reply {
+                        req,
+                        count,
+                        start,
+                        len,
+                    } => {
+                        let text = &data[start as usize..(start + len) as usize];
+                        self.on_reply(req, count, text);
+                    }
                 }
             }
         }
     }
 
-    /// Queues a fan-out's frame on every local connection it selects.
-    /// Returns how many received it.
+    /// Runs a fan-out on every local connection it selects, and reports the
+    /// count (and status text) to its reply address. Returns the count.
     fn fanout(&mut self, f: Fanout) -> u64 {
         let mut slots = std::mem::take(&mut self.selected);
         slots.clear();
@@ -560,8 +649,15 @@ impl Core {
                     }
                 }
             }
+            Selector::All => slots.extend(
+                self.conns
+                    .iter()
+                    .filter(|(_, c)| matches!(c.proto, Proto::Ws(_)))
+                    .map(|(k, _)| k),
+            ),
         }
         let mut n = 0;
+        let mut text = Vec::new();
         for &slot in &slots {
             let Some(c) = self.conns.get(slot) else {
                 continue;
@@ -571,16 +667,185 @@ impl Core {
                 slot: slot as u32,
                 gen: c.gen,
             };
-            if Some(id) == f.exclude || !matches!(c.proto, Proto::Ws(_)) {
+            if Some(id) == f.exclude || c.closing.is_some() || !matches!(c.proto, Proto::Ws(_)) {
                 continue;
             }
-            if self.queue_on(slot, Chunk::Shared(f.frame.clone()), None) {
-                n += 1;
+            let touched = match &f.op {
+                FanOp::Send => self.queue_on(slot, Chunk::Shared(f.frame.clone()), None),
+                FanOp::Close => {
+                    if !f.frame.is_empty() {
+                        self.queue_on(slot, Chunk::Shared(f.frame.clone()), None);
+                    }
+                    self.close_ws(
+                        slot,
+                        wsproto::CLOSE_NORMAL,
+                        "Closed by server",
+                        CloseReason::Closed,
+                    );
+                    true
+                }
+                FanOp::SetTags(changes) => self.set_tags(slot, changes),
+                FanOp::Status { json } => {
+                    status_line(&mut text, c, *json);
+                    true
+                }
+            };
+            n += u64::from(touched);
+        }
+        if matches!(f.op, FanOp::Send | FanOp::Close) {
+            self.shared.metrics[self.index].fanout_deliveries.add(n);
+        }
+        self.selected = slots;
+        if let Some(r) = f.reply {
+            if r.core as usize == self.index {
+                self.on_reply(r.req, n, &text);
+            } else {
+                self.mesh.reply(r.core as usize, r.req, n, &text);
             }
         }
-        self.shared.metrics[self.index].fanout_deliveries.add(n);
-        self.selected = slots;
         n
+    }
+
+    /// Sends a WebSocket close and starts closing (flushed with the rest).
+    fn close_ws(&mut self, key: usize, code: u16, reason: &str, why: CloseReason) {
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let before = c.out.bytes();
+        c.ws_close(code, reason, why, now, false);
+        self.queued += (c.out.bytes() - before) as u64;
+        self.mark_dirty(key);
+        self.rearm_if_earlier(key);
+    }
+
+    /// Applies tag changes to one connection, keeping the index exact.
+    fn set_tags(&mut self, key: usize, changes: &[(String, String)]) -> bool {
+        let Some(c) = self.conns.get_mut(key) else {
+            return false;
+        };
+        let Proto::Ws(w) = &mut c.proto else {
+            return false;
+        };
+        let (removed, added) = apply_changes(&mut w.tags, changes);
+        self.tags.remove(key, &removed);
+        self.tags.insert(key, &added);
+        if let Some(ep) = self
+            .shared
+            .cfg
+            .websocket
+            .as_ref()
+            .and_then(|ws| ws.endpoints.get(w.endpoint))
+        {
+            w.broadcast = ws::broadcast_selector(ep.broadcast_tag.as_deref(), &w.tags);
+        }
+        true
+    }
+
+    /// Starts an admin request on every core.
+    fn admin_call(&mut self, call: AdminCall) {
+        let req = self.next_req;
+        self.next_req += 1;
+        let json = matches!(call.op, FanOp::Status { json: true });
+        self.pending.insert(
+            req,
+            PendingAdmin {
+                conn: call.conn,
+                waiting: self.shared.cfg.workers,
+                count: 0,
+                text: Vec::new(),
+                status: matches!(call.op, FanOp::Status { .. }),
+                json,
+                keep_alive: call.keep_alive,
+            },
+        );
+        let shared: Option<Arc<[u8]>> = (call.frame.len() >= SHARE_FRAME_ACROSS_CORES)
+            .then(|| Arc::from(call.frame.as_slice()));
+        let reply = Some(ReplyTo {
+            core: self.index as u16,
+            req,
+        });
+        let mut mine = None;
+        for core in 0..self.shared.cfg.workers {
+            let f = Fanout {
+                selector: call.selector.clone(),
+                frame: shared
+                    .clone()
+                    .unwrap_or_else(|| Arc::from(call.frame.as_slice())),
+                exclude: None,
+                op: call.op.clone(),
+                reply,
+            };
+            if core == self.index {
+                mine = Some(f);
+            } else {
+                self.mesh.fanout(core, f);
+            }
+        }
+        if let Some(f) = mine {
+            self.fanout(f);
+        }
+    }
+
+    /// A core's answer to an admin request; the last one answers the client.
+    fn on_reply(&mut self, req: u64, count: u64, text: &[u8]) {
+        let Some(p) = self.pending.get_mut(&req) else {
+            return;
+        };
+        p.count += count;
+        if p.json && !text.is_empty() && !p.text.is_empty() {
+            p.text.push(b',');
+        }
+        p.text.extend_from_slice(text);
+        p.waiting -= 1;
+        if p.waiting > 0 {
+            return;
+        }
+        let Some(p) = self.pending.remove(&req) else {
+            return;
+        };
+        let key = p.conn.slot as usize;
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == p.conn.gen) else {
+            return;
+        };
+        let before = c.out.bytes();
+        if p.status && p.json {
+            let mut body = Vec::with_capacity(p.text.len() + 2);
+            body.push(b'[');
+            body.extend_from_slice(&p.text);
+            body.push(b']');
+            admin::respond(c, "200 OK", "application/json", &body, p.keep_alive, now);
+        } else if p.status {
+            admin::respond(
+                c,
+                "200 OK",
+                "text/plain; charset=utf-8",
+                &p.text,
+                p.keep_alive,
+                now,
+            );
+        } else {
+            admin::respond(
+                c,
+                "200 OK",
+                "text/plain; charset=utf-8",
+                p.count.to_string().as_bytes(),
+                p.keep_alive,
+                now,
+            );
+        }
+        if let Proto::Admin(st) = &mut c.proto {
+            st.pending = false;
+            // Pipelined requests wait in the buffer: read them next.
+            if !st.buf.is_empty() && !c.in_ready {
+                c.in_ready = true;
+                self.ready.push((key, c.gen));
+            }
+        }
+        self.queued += (c.out.bytes() - before) as u64;
+        self.mark_dirty(key);
+        self.rearm_if_earlier(key);
     }
 
     fn live(&self, id: ConnId) -> bool {
@@ -718,9 +983,20 @@ impl Core {
                 continue;
             };
             conn.in_ready = false;
-            if conn.closing.is_some() {
-                // On its way out: input no longer matters.
-                conn.readable = false;
+            if self.drain_deadline.is_some() && !matches!(conn.proto, Proto::Admin(_)) {
+                // Draining: only the admin API is still read (/ready).
+                continue;
+            }
+            if let Some(closing) = conn.closing {
+                // On its way out: input no longer matters, but a lingering
+                // HTTP connection reads (and drops) it until the peer closes.
+                if closing.shut {
+                    if let Some(r) = discard_input(conn, &mut self.scratch) {
+                        self.close(key, r);
+                    }
+                } else {
+                    conn.readable = false;
+                }
                 continue;
             }
             let m = &self.shared.metrics[self.index];
@@ -735,8 +1011,16 @@ impl Core {
                 actions: &mut self.actions,
                 now: self.now,
                 timing: self.timing,
+                all_metrics: &self.shared.metrics,
+                draining: self.drain_deadline.is_some(),
             };
             let queued_before = conn.out.bytes();
+            if let Proto::Admin(st) = &conn.proto {
+                // Pipelined requests left in the buffer by an earlier read.
+                if !st.pending && !st.buf.is_empty() {
+                    admin::on_bytes(conn, key, &[], &mut cx);
+                }
+            }
             let mut close = None;
             let mut reads = 0;
             while conn.readable && conn.closing.is_none() {
@@ -767,6 +1051,10 @@ impl Core {
                             }
                             Proto::Ws(_) => {
                                 ws::on_bytes(conn, key, input, &mut cx);
+                                None
+                            }
+                            Proto::Admin(_) => {
+                                admin::on_bytes(conn, key, input, &mut cx);
                                 None
                             }
                         };
@@ -830,6 +1118,7 @@ impl Core {
                     self.fanout(f);
                 }
                 Local::Kick(id) => self.kick(id),
+                Local::Admin(call) => self.admin_call(call),
             }
         }
         self.actions.local = local;
@@ -870,6 +1159,7 @@ impl Core {
                         self.shared.metrics[self.index].idle_timeouts.inc();
                         Some(CloseReason::Idle)
                     }
+                    (Proto::Admin(_), None) => Some(CloseReason::Idle),
                     (Proto::Handshake(_), None) => {
                         log::debug!("{}: WebSocket handshake timeout", c.peer);
                         self.shared.metrics[self.index].ws_handshake_timeouts.inc();
@@ -923,9 +1213,19 @@ impl Core {
                     if status == Flush::WouldBlock {
                         c.writable = false;
                         c.out.detach_slices();
-                    } else if let Some(closing) = c.closing {
+                    } else if let Some(closing) = c.closing.as_mut() {
                         // The goodbye is on the wire.
-                        self.close(key, closing.reason);
+                        if closing.linger && !closing.shut {
+                            closing.shut = true;
+                            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                            if c.readable && !c.in_ready {
+                                c.in_ready = true;
+                                self.ready.push((key, c.gen));
+                            }
+                        } else if !closing.linger {
+                            let reason = closing.reason;
+                            self.close(key, reason);
+                        }
                     }
                 }
                 Err(e) => {

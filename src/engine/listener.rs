@@ -61,6 +61,8 @@ pub enum ListenerKind {
     Rely,
     /// WebSocket clients (HTTP upgrade first).
     WebSocket,
+    /// The admin HTTP API.
+    Admin,
 }
 
 /// A core's listener and its edge-triggered state.
@@ -72,6 +74,8 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// Bound address.
     pub addr: SocketAddr,
+    /// Its poll token.
+    pub token: usize,
     /// Readiness seen and not yet drained to WouldBlock.
     pub pending: bool,
     /// After EMFILE and friends: do not accept before this instant.

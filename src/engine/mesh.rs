@@ -46,6 +46,18 @@ pub enum Item {
     },
     /// Run `Batch::fanouts[i]` on this core.
     Fanout(u32),
+    /// A core's answer to a fan-out with a reply address: how many of its
+    /// connections it touched, and `data[start..start + len]` of status text.
+    Reply {
+        /// Request number on the receiving core.
+        req: u64,
+        /// Connections touched.
+        count: u64,
+        /// Offset of the status text.
+        start: u32,
+        /// Its length.
+        len: u32,
+    },
 }
 
 /// One cross-core batch: the bytes of every delivery in one buffer (one
@@ -176,6 +188,19 @@ impl Outgoing {
         let b = &mut self.building[dst];
         b.items.push(Item::Fanout(b.fanouts.len() as u32));
         b.fanouts.push(f);
+    }
+
+    /// Answers core `dst`'s request `req`.
+    pub fn reply(&mut self, dst: usize, req: u64, count: u64, text: &[u8]) {
+        let b = &mut self.building[dst];
+        let start = b.data.len() as u32;
+        b.data.extend_from_slice(text);
+        b.items.push(Item::Reply {
+            req,
+            count,
+            start,
+            len: text.len() as u32,
+        });
     }
 
     /// Asks core `dst` to close `conn` (last login wins).

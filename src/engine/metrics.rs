@@ -126,4 +126,59 @@ metrics! {
     queued_bytes,
     /// Event-loop iterations.
     loop_iterations,
+    /// Nanoseconds spent working (not waiting in epoll) in iterations.
+    loop_busy_ns,
+    /// Cross-core batches waiting in this core's channel (gauge).
+    mesh_queue_depth,
+    /// Admin API requests handled.
+    admin_requests,
+    /// Admin API requests refused (4xx).
+    admin_errors,
+}
+
+/// Counters that are levels, not totals.
+const GAUGES: [&str; 3] = ["connections", "queued_bytes", "mesh_queue_depth"];
+
+/// Renders every core's counters in the Prometheus text format, one series
+/// per core (`core` label).
+pub fn prometheus(cores: &[CoreMetrics]) -> String {
+    use std::fmt::Write;
+    let snaps: Vec<Snapshot> = cores.iter().map(CoreMetrics::snapshot).collect();
+    let mut out = String::with_capacity(64 * 40 * cores.len().max(1));
+    let names: Vec<&'static str> = Snapshot::default()
+        .pairs()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let kind = if GAUGES.contains(name) {
+            "gauge"
+        } else {
+            "counter"
+        };
+        let _ = writeln!(out, "# TYPE corerelay_{name} {kind}");
+        for (core, s) in snaps.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "corerelay_{name}{{core=\"{core}\"}} {}",
+                s.pairs()[i].1
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text() {
+        let cores = [CoreMetrics::default(), CoreMetrics::default()];
+        cores[1].connections.set(3);
+        cores[0].accepted.add(7);
+        let t = prometheus(&cores);
+        assert!(t.contains("# TYPE corerelay_connections gauge\ncorerelay_connections{core=\"0\"} 0\ncorerelay_connections{core=\"1\"} 3\n"));
+        assert!(t.contains("# TYPE corerelay_accepted counter\ncorerelay_accepted{core=\"0\"} 7\n"));
+    }
 }

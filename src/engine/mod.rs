@@ -7,6 +7,7 @@
 //! - `conn.rs`: one connection's state and its LIFECYCLE.
 //! - `rely.rs`: the RELY adapter: frames in, routing actions out.
 //! - `ws.rs`: the WebSocket adapter: HTTP upgrade, then frames.
+//! - `admin.rs`: the admin HTTP API.
 //! - `route.rs`: what adapters may touch, and the local actions they leave.
 //! - `tags.rs`: per-core tag index and selectors.
 //! - `mesh.rs`: cross-core channels and wake-only-if-parked.
@@ -16,6 +17,7 @@
 //! - `listener.rs`: SO_REUSEPORT listener groups.
 //! - `metrics.rs`: per-core counters.
 
+pub mod admin;
 pub mod conn;
 pub mod core;
 pub mod directory;

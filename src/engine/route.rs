@@ -13,16 +13,61 @@ use super::tags::{Selector, TagIndex};
 use super::ConnId;
 use crate::config::Config;
 
-/// A message for many connections, framed once per core.
+/// What a fan-out does to each selected connection.
+#[derive(Debug, Clone)]
+pub enum FanOp {
+    /// Queue the frame.
+    Send,
+    /// Queue the frame (if any), then close 1000 "Closed by server".
+    Close,
+    /// Apply tag changes (an empty value deletes).
+    SetTags(Arc<Vec<(String, String)>>),
+    /// Report the connection's id and tags (JSON lines if `json`).
+    Status {
+        /// JSON objects instead of `id=.. k=v` lines.
+        json: bool,
+    },
+}
+
+/// Where a core reports how many connections a fan-out touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The core holding the admin request.
+    pub core: u16,
+    /// Its request number on that core.
+    pub req: u64,
+}
+
+/// One operation for many connections, framed once per core.
 #[derive(Debug, Clone)]
 pub struct Fanout {
-    /// Who receives it (evaluated by each core on its own index).
+    /// Who it applies to (evaluated by each core on its own index).
     pub selector: Arc<Selector>,
     /// The WebSocket frame, this core's own copy (or a shared one when
-    /// large), so reference counting stays on the core.
+    /// large), so reference counting stays on the core. Empty: none.
     pub frame: Arc<[u8]>,
     /// A connection that must not receive it (the sender).
     pub exclude: Option<ConnId>,
+    /// What to do.
+    pub op: FanOp,
+    /// Report the count (and status text) here.
+    pub reply: Option<ReplyTo>,
+}
+
+/// An admin request that needs every core: the core fans it out and
+/// answers `conn` once all cores have replied.
+#[derive(Debug)]
+pub struct AdminCall {
+    /// The admin connection.
+    pub conn: ConnId,
+    /// Target connections.
+    pub selector: Arc<Selector>,
+    /// Frame to send (may be empty).
+    pub frame: Vec<u8>,
+    /// Operation.
+    pub op: FanOp,
+    /// Keep the HTTP connection open after answering.
+    pub keep_alive: bool,
 }
 
 /// A local action, applied by the core after the reads, in order (so a
@@ -42,6 +87,8 @@ pub enum Local {
     Fanout(Fanout),
     /// Close a connection replaced by a newer login.
     Kick(ConnId),
+    /// An admin request to fan out to every core.
+    Admin(AdminCall),
 }
 
 /// Local actions and the bytes of their deliveries.
@@ -93,6 +140,10 @@ pub struct Ctx<'a> {
     pub now: u64,
     /// Deadlines in ticks.
     pub timing: Timing,
+    /// Every core's counters (for /metrics).
+    pub all_metrics: &'a [CoreMetrics],
+    /// The server is shutting down (/ready answers 503).
+    pub draining: bool,
 }
 
 impl Ctx<'_> {
@@ -138,6 +189,8 @@ impl Ctx<'_> {
                 selector: selector.clone(),
                 frame: shared.clone().unwrap_or_else(|| Arc::from(frame)),
                 exclude,
+                op: FanOp::Send,
+                reply: None,
             };
             if core == self.core as usize {
                 self.actions.local.push(Local::Fanout(f));

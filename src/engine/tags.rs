@@ -19,6 +19,8 @@ pub enum Selector {
     Ids(Vec<Box<str>>),
     /// Connections carrying all of these tags.
     Tags(Vec<Tag>),
+    /// Every WebSocket connection (for /status; not reachable from a query).
+    All,
 }
 
 impl Selector {

@@ -14,6 +14,7 @@
 use super::conn::{admit, CloseReason, Conn, Handshake, Login, Proto, Queued, Timing, WsState};
 use std::sync::Arc;
 
+use super::admin::{self, AdminState};
 use super::route::Ctx;
 use super::tags::Selector;
 use super::ConnId;
@@ -102,6 +103,26 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
         Ok(None) => return,
         Err(e) => return refuse(conn, e, cx),
     };
+    let plain = req.header("upgrade").is_none();
+    if plain
+        && cx
+            .cfg
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.on_websocket_listener)
+    {
+        // A plain request on a WebSocket port: the admin API answers it
+        // (with the same allowed-network check).
+        let mut buf = std::mem::take(&mut h.buf);
+        if input.len() > room {
+            buf.extend_from_slice(&input[room..]);
+        }
+        conn.proto = Proto::Admin(AdminState {
+            buf,
+            pending: false,
+        });
+        return admin::on_bytes(conn, slot, &[], cx);
+    }
     let Some((endpoint, params)) = cfg.route(&req.path) else {
         return refuse(conn, HttpError::NotFound, cx);
     };

@@ -297,9 +297,70 @@ pub fn ws_server(
     cfg.workers = workers;
     cfg.pin = false;
     cfg.rely.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    if let Some(a) = cfg.admin.as_mut() {
+        a.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    }
     f(&mut cfg);
     let handle = Server::start(cfg).expect("server starts");
     let addr = handle.rely_addrs()[0];
     let ws = handle.ws_addrs()[0];
     (TestServer { handle, addr }, ws)
+}
+
+/// An HTTP response as a test reads it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response (head, then a Content-Length body) within `WAIT`.
+pub fn read_response(s: &mut TcpStream) -> HttpResponse {
+    let head = read_http_head(s);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).expect("response body");
+    HttpResponse { status, head, body }
+}
+
+/// One request on a fresh connection (`Connection: close`).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // The server may answer (413) before taking the whole body.
+    let _ = s.write_all(body);
+    read_response(&mut s)
 }

@@ -18,6 +18,8 @@ workers: 2
 pin: false
 rely:
   listen: []
+admin:
+  listen: []
 websocket:
   listen: ["127.0.0.1:$PORT"]
   max_output_bytes: 64MiB
