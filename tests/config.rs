@@ -34,6 +34,50 @@ fn example_config_is_valid_and_documents_every_key() {
     }
 }
 
+/// The commented WebSocket/admin block of the example, uncommented as the
+/// example tells a user to, is valid and documents every key.
+#[test]
+fn example_websocket_block_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example"))
+        .unwrap();
+    let start = text.find("#websocket:").expect("websocket block");
+    let end = text.find("# --- end of the WebSocket").expect("end marker");
+    let block: String = text[start..end]
+        .lines()
+        .map(|l| l.strip_prefix('#').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
+    let ws = cfg.websocket.expect("websocket");
+    assert_eq!(ws.endpoints.len(), 2);
+    assert_eq!(cfg.admin.expect("admin").listen[0].port(), 6666);
+    for key in [
+        "handshake_timeout",
+        "max_handshake_bytes",
+        "ping_interval",
+        "pong_timeout",
+        "idle_timeout",
+        "max_output_bytes",
+        "slow_consumer",
+        "endpoints",
+        "path",
+        "on_message",
+        "max_message_size",
+        "set_tags",
+        "tag_params",
+        "id_param",
+        "broadcast_tag",
+        "allow",
+        "max_request_bytes",
+        "on_websocket_listener",
+    ] {
+        assert!(
+            block.contains(&format!("{key}:")),
+            "example documents {key}"
+        );
+    }
+}
+
 #[test]
 fn errors_name_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("corerelay-cfg-{}", std::process::id()));
