@@ -442,3 +442,46 @@ fn join_path(s: &TestServer, ws: std::net::SocketAddr, path: &str, id: &str) -> 
     );
     (c, s.core_of(id))
 }
+
+#[test]
+fn slow_member_is_cut_while_the_others_keep_receiving() {
+    let (s, ws) = ws_server(2, ROOMS, |c| {
+        c.websocket.as_mut().unwrap().max_output_bytes = 128 * 1024
+    });
+    // A member that never reads, with a tiny receive buffer.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&ws.into()).unwrap();
+    let mut slow: std::net::TcpStream = sock.into();
+    slow.write_all(WsRaw::request("/room/r/slow").as_bytes())
+        .unwrap();
+    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    wait_until(|| s.handle.owner_core(b"slow").is_some(), "slow in");
+    let (mut sender, _) = join(&s, ws, "r", "sender");
+    let mut readers: Vec<WsRaw> = (0..3)
+        .map(|i| join(&s, ws, "r", &format!("ok{i}")).0)
+        .collect();
+    // Well past what kernel buffers absorb (the server's send buffer
+    // autotunes up to several MiB).
+    const N: usize = 600;
+    let payload = vec![b'x'; 16 * 1024];
+    let mut got = vec![0usize; readers.len()];
+    for i in 0..N {
+        sender.send(0x2, true, &payload);
+        // Readers keep up: each takes every message as it comes.
+        {
+            for (k, r) in readers.iter_mut().enumerate() {
+                while got[k] <= i {
+                    assert_eq!(r.read().unwrap().payload.len(), 16 * 1024);
+                    got[k] += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(got, vec![N; 3], "every reader got every message");
+    wait_until(
+        || s.handle.metrics().slow_consumer_disconnect == 1,
+        "slow member cut",
+    );
+    assert!(s.handle.metrics().queued_bytes < 4 * 128 * 1024);
+}
