@@ -10,6 +10,8 @@ use std::sync::Arc;
 /// iovecs per `writev`; Linux's IOV_MAX is 1024. No cap on how many queued
 /// messages one flush takes beyond this (uWebSockets' cap of 32 costs 10x).
 const IOV_BATCH: usize = 512;
+/// Queues up to this many chunks are written from a stack iovec.
+const SMALL_IOV: usize = 16;
 /// Smallest tail buffer allocated for own writes.
 const TAIL_MIN: usize = 4096;
 /// Tail buffers stop growing here; a new one starts.
@@ -118,13 +120,7 @@ impl Outbox {
     pub fn flush_to<W: Write>(&mut self, w: &mut W) -> io::Result<(usize, Flush)> {
         let mut written = 0;
         while !self.q.is_empty() {
-            let mut iov: [IoSlice<'_>; IOV_BATCH] = [IoSlice::new(&[]); IOV_BATCH];
-            let mut n = 0;
-            for (i, c) in self.q.iter().take(IOV_BATCH).enumerate() {
-                iov[i] = IoSlice::new(if i == 0 { &c[self.head..] } else { c });
-                n += 1;
-            }
-            match w.write_vectored(&iov[..n]) {
+            match self.write_some(w) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => {
                     written += k;
@@ -142,6 +138,35 @@ impl Outbox {
             self.q = VecDeque::new();
         }
         Ok((written, Flush::Done))
+    }
+
+    /// One write of as many queued chunks as fit an iovec. The iovec is
+    /// sized to what is queued: building a full IOV_BATCH array for every
+    /// flush of one small frame cost more than the frame (fan-out flushes
+    /// thousands of connections per iteration).
+    fn write_some<W: Write>(&self, w: &mut W) -> io::Result<usize> {
+        let n = self.q.len().min(IOV_BATCH);
+        // The front chunk may be partly written already.
+        let start = |i: usize| if i == 0 { self.head } else { 0 };
+        if n == 1 {
+            let c = &self.q[0];
+            return w.write(&c[self.head..]);
+        }
+        if n <= SMALL_IOV {
+            let mut iov: [IoSlice<'_>; SMALL_IOV] = [IoSlice::new(&[]); SMALL_IOV];
+            for (i, c) in self.q.iter().take(n).enumerate() {
+                iov[i] = IoSlice::new(&c[start(i)..]);
+            }
+            return w.write_vectored(&iov[..n]);
+        }
+        let iov: Vec<IoSlice<'_>> = self
+            .q
+            .iter()
+            .take(n)
+            .enumerate()
+            .map(|(i, c)| IoSlice::new(&c[start(i)..]))
+            .collect();
+        w.write_vectored(&iov)
     }
 
     fn consume(&mut self, mut k: usize) {

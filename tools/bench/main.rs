@@ -29,6 +29,8 @@ use corerelay::protocol::rely::{self, Decoder, Frame};
 use corerelay::{Server, ServerHandle};
 use hdrhistogram::Histogram;
 
+mod ws;
+
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator for corerelay (RELY) with a Redis pub/sub baseline")]
 struct Args {
@@ -74,6 +76,20 @@ struct Args {
     /// conns: idle connections to open.
     #[arg(long, default_value_t = 10_000)]
     conns: usize,
+    /// ws-echo: concurrent echo connections.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// ws-fanout: subscribers.
+    #[arg(long, default_value_t = 1000)]
+    subs: usize,
+    /// WebSocket server address for ws modes (ignored with --inproc). It
+    /// must serve /echo (on_message: echo) and /fan/{id} (broadcast on a
+    /// fixed tag).
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    ws_target: SocketAddr,
+    /// conns: open WebSocket connections (on /echo) instead of RELY.
+    #[arg(long)]
+    ws: bool,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -84,6 +100,10 @@ enum Mode {
     Pingpong,
     Stream,
     Conns,
+    /// WebSocket echo round trips, with a raw TCP ping-pong baseline.
+    WsEcho,
+    /// One publisher, `--subs` subscribers on a broadcast endpoint.
+    WsFanout,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,30 +316,46 @@ fn self_cpu() -> f64 {
 struct Setup {
     server: Option<ServerHandle>,
     addr: SocketAddr,
+    ws_addr: SocketAddr,
 }
 
+/// The endpoints the ws modes use, for --inproc.
+const WS_ENDPOINTS: &str = r#"
+websocket:
+  listen: ["127.0.0.1:0"]
+  ping_interval: 0
+  max_output_bytes: 64MiB
+  endpoints:
+    - path: /echo
+      on_message: echo
+    - path: /fan/{id}
+      id_param: id
+      set_tags: {room: bench}
+      on_message: broadcast
+      broadcast_tag: room
+admin:
+  listen: []
+"#;
+
 fn setup(a: &Args) -> Setup {
-    match a.inproc {
-        None => Setup {
+    let Some(workers) = a.inproc else {
+        return Setup {
             server: None,
             addr: a.target,
-        },
-        Some(workers) => {
-            let mut cfg = Config::defaults();
-            cfg.workers = workers;
-            cfg.busy_poll = a.busy_poll;
-            cfg.rely.listen = vec!["127.0.0.1:0".parse().expect("literal address")];
-            cfg.rely.idle_timeout = None;
-            let server = Server::start(cfg).unwrap_or_else(|e| {
-                eprintln!("corerelay-bench: {e}");
-                std::process::exit(1)
-            });
-            let addr = server.rely_addrs()[0];
-            Setup {
-                server: Some(server),
-                addr,
-            }
-        }
+            ws_addr: a.ws_target,
+        };
+    };
+    let mut cfg = Config::from_yaml(WS_ENDPOINTS, None).expect("bench config");
+    cfg.workers = workers;
+    cfg.busy_poll = a.busy_poll;
+    cfg.rely.listen = vec!["127.0.0.1:0".parse().expect("literal address")];
+    cfg.rely.idle_timeout = None;
+    let server = Server::start(cfg).unwrap_or_else(|e| exit_err("start", e));
+    let (addr, ws_addr) = (server.rely_addrs()[0], server.ws_addrs()[0]);
+    Setup {
+        server: Some(server),
+        addr,
+        ws_addr,
     }
 }
 
@@ -533,19 +569,40 @@ fn conns(a: &Args, s: &Setup) {
     for i in 0..a.conns {
         // Spread over 127.0.0.x sources so large counts do not exhaust one
         // source address's ephemeral ports.
-        let src = SocketAddr::from(([127, 0, 0, 1 + (i / 20_000) as u8], 0));
+        // 5000 per source address, starting at one that varies per run, so
+        // TIME_WAIT sockets left by earlier runs do not exhaust the ports.
+        let host = 1 + ((std::process::id() as usize + i / 5000) % 250) as u8;
+        let src = SocketAddr::from(([127, 0, 1, host], 0));
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        sock.bind(&src.into()).expect("bind source");
-        sock.connect(&s.addr.into()).unwrap_or_else(|e| {
-            eprintln!("corerelay-bench: connection {i}: {e}");
-            std::process::exit(1)
-        });
+            .unwrap_or_else(|e| exit_err("socket", e));
+        sock.bind(&src.into())
+            .unwrap_or_else(|e| exit_err("bind source", e));
+        let target = if a.ws { s.ws_addr } else { s.addr };
+        sock.connect(&target.into())
+            .unwrap_or_else(|e| exit_err(&format!("connection {i}"), e));
         let mut t: TcpStream = sock.into();
-        let mut f = Vec::new();
-        rely::encode_login(&mut f, format!("idle-{i}").as_bytes());
-        t.write_all(&f).expect("login");
+        if a.ws {
+            write!(
+                t,
+                "GET /echo HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .expect("upgrade");
+        } else {
+            let mut f = Vec::new();
+            rely::encode_login(&mut f, format!("idle-{i}").as_bytes());
+            t.write_all(&f).expect("login");
+        }
         open.push(t);
+    }
+    if a.ws {
+        // Read each 101 so every connection has finished its upgrade.
+        for t in &mut open {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && t.read(&mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+        }
     }
     // Let the server finish accepting and reading the logins.
     std::thread::sleep(Duration::from_secs_f64(a.warmup.max(0.5)));
@@ -646,7 +703,143 @@ fn main() {
         Mode::Pingpong => pingpong(&a, &s),
         Mode::Stream => stream(&a, &s),
         Mode::Conns => conns(&a, &s),
+        Mode::WsEcho => ws_echo(&a, &s),
+        Mode::WsFanout => ws_fanout(&a, &s),
     }
     // Client threads may still hold sockets; exit without a graceful drain.
     std::process::exit(0);
+}
+
+fn exit_err(what: &str, e: impl std::fmt::Display) -> ! {
+    eprintln!("corerelay-bench: {what}: {e}");
+    std::process::exit(1)
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// WebSocket echo against corerelay and raw TCP ping-pong against a
+/// thread-per-connection echo server, same payload, same run.
+fn ws_echo(a: &Args, s: &Setup) {
+    let (warm, dur) = (
+        Duration::from_secs_f64(a.warmup),
+        Duration::from_secs_f64(a.duration),
+    );
+    let conns: Vec<ws::WsConn> = (0..a.clients)
+        .map(|_| {
+            ws::WsConn::connect(s.ws_addr, "/echo").unwrap_or_else(|e| exit_err("ws connect", e))
+        })
+        .collect();
+    let m = Measure::start(a);
+    let (n, h, el) = ws::pingpong(conns, a.payload, warm, dur, ws::ws_round_trip);
+    let (_, srv, me) = m.end(a);
+    let base = ws::tcp_echo_server().unwrap_or_else(|e| exit_err("tcp echo server", e));
+    let tcp: Vec<TcpStream> = (0..a.clients)
+        .map(|_| {
+            let t = TcpStream::connect(base).unwrap_or_else(|e| exit_err("tcp connect", e));
+            let _ = t.set_nodelay(true);
+            t
+        })
+        .collect();
+    let (tn, th, tel) = ws::pingpong(tcp, a.payload, warm, dur, ws::tcp_round_trip);
+    let rate = n as f64 / el;
+    let ratio = us(&h, 0.5) / us(&th, 0.5).max(0.001);
+    if a.json {
+        println!(
+            "{{\"mode\":\"ws-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2},\"p999\":{:.2}}},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2}}},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
+            a.clients,
+            a.payload,
+            us(&h, 0.5),
+            us(&h, 0.99),
+            us(&h, 0.999),
+            tn as f64 / tel,
+            us(&th, 0.5),
+            us(&th, 0.99),
+            srv.map_or("null".into(), |v| format!("{v:.3}"))
+        );
+    } else {
+        println!("ws-echo clients={} payload={}B", a.clients, a.payload);
+        println!(
+            "  corerelay WebSocket: {rate:.0} round trips/s, rtt us p50 {:.1} p99 {:.1} p99.9 {:.1}",
+            us(&h, 0.5),
+            us(&h, 0.99),
+            us(&h, 0.999)
+        );
+        println!(
+            "  raw TCP baseline:    {:.0} round trips/s, rtt us p50 {:.1} p99 {:.1}",
+            tn as f64 / tel,
+            us(&th, 0.5),
+            us(&th, 0.99)
+        );
+        println!("  p50 ratio WebSocket/TCP: {ratio:.2}");
+    }
+}
+
+/// One publisher on a broadcast endpoint, `--subs` subscribers.
+fn ws_fanout(a: &Args, s: &Setup) {
+    let (warm, dur) = (
+        Duration::from_secs_f64(a.warmup),
+        Duration::from_secs_f64(a.duration),
+    );
+    let start = std::cell::Cell::new(None);
+    let end = std::cell::Cell::new(None);
+    let r = ws::fanout(
+        s.ws_addr,
+        |id| format!("/fan/{id}"),
+        a.subs,
+        a.payload,
+        a.window,
+        a.batch,
+        warm,
+        dur,
+        || start.set(Some((server_cpu(a.pid, a.inproc.is_some()), self_cpu()))),
+        || end.set(Some((server_cpu(a.pid, a.inproc.is_some()), self_cpu()))),
+    )
+    .unwrap_or_else(|e| exit_err("fan-out", e));
+    let (s0, c0) = start.get().unwrap_or((None, 0.0));
+    let (s1, c1) = end.get().unwrap_or((None, 0.0));
+    let srv = s1.zip(s0).map(|(b, a)| b - a);
+    let client = c1
+        - c0
+        - if a.inproc.is_some() {
+            srv.unwrap_or(0.0)
+        } else {
+            0.0
+        };
+    let rate = r.delivered as f64 / r.seconds;
+    let ns = srv.map(|c| c * 1e9 / r.delivered.max(1) as f64);
+    if a.json {
+        println!(
+            "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"server_ns_per_delivery\":{},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"client_cpu_s\":{client:.3}}}",
+            a.subs,
+            a.payload,
+            r.published,
+            r.delivered,
+            r.gaps,
+            ns.map_or("null".into(), |v| format!("{v:.1}")),
+            us(&r.latency, 0.5),
+            us(&r.latency, 0.99)
+        );
+    } else {
+        println!(
+            "ws-fanout subs={} payload={}B window={}",
+            a.subs, a.payload, a.window
+        );
+        println!(
+            "  {} published, {} delivered in {:.2}s = {rate:.0} deliveries/s, {} gaps",
+            r.published, r.delivered, r.seconds, r.gaps
+        );
+        println!(
+            "  one-way latency us p50 {:.1} p99 {:.1}",
+            us(&r.latency, 0.5),
+            us(&r.latency, 0.99)
+        );
+        match ns {
+            Some(ns) => println!("  server cpu {ns:.0} ns per delivery; client cpu {client:.2}s"),
+            None => {
+                println!("  server cpu unknown (pass --pid or --inproc); client cpu {client:.2}s")
+            }
+        }
+    }
 }

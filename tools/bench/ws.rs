@@ -1,0 +1,354 @@
+//! WebSocket modes of corerelay-bench: echo round trips (with a raw TCP
+//! ping-pong baseline in the same run) and broadcast fan-out to many
+//! subscribers read by one mio thread.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::{Events, Interest, Poll, Token};
+
+/// A blocking WebSocket client connection (masked frames out).
+pub struct WsConn {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl WsConn {
+    /// Connects and upgrades on `path`.
+    pub fn connect(addr: SocketAddr, path: &str) -> io::Result<WsConn> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            head.push(b[0]);
+        }
+        if !head.starts_with(b"HTTP/1.1 101") {
+            return Err(io::Error::other(format!(
+                "upgrade refused: {}",
+                String::from_utf8_lossy(&head)
+            )));
+        }
+        Ok(WsConn {
+            s,
+            buf: Vec::new(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Appends a masked binary frame to the write buffer.
+    pub fn push(&mut self, payload: &[u8]) {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        self.out.push(0x82);
+        let len = payload.len();
+        if len < 126 {
+            self.out.push(0x80 | len as u8);
+        } else if len <= 0xffff {
+            self.out.push(0x80 | 126);
+            self.out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            self.out.push(0x80 | 127);
+            self.out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        self.out.extend_from_slice(&mask);
+        self.out
+            .extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    }
+
+    /// Writes the buffer.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.s.write_all(&self.out)?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Blocks for one server frame's payload.
+    pub fn recv(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some((payload, used)) = parse_server_frame(&self.buf) {
+                let p = payload.to_vec();
+                self.buf.drain(..used);
+                return Ok(p);
+            }
+            let mut tmp = [0u8; 64 * 1024];
+            let n = self.s.read(&mut tmp)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+}
+
+/// Parses an unmasked server frame from the front of `b`.
+pub fn parse_server_frame(b: &[u8]) -> Option<(&[u8], usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (len, hl) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (b.len() >= hl + len).then(|| (&b[hl..hl + len], hl + len))
+}
+
+/// A raw TCP echo server (one thread per connection), the baseline a
+/// WebSocket echo is compared with.
+pub fn tcp_echo_server() -> io::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut s = s;
+                let mut b = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Ping-pong over `conns` connections for `dur` (after `warmup`), each
+/// sending `payload` bytes and waiting for them back. Returns round trips
+/// and the RTT histogram (ns).
+pub fn pingpong<C: Send + 'static>(
+    conns: Vec<C>,
+    payload: usize,
+    warmup: Duration,
+    dur: Duration,
+    round_trip: fn(&mut C, &[u8]) -> io::Result<()>,
+) -> (u64, Histogram<u64>, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let (stop, measuring, count) = (stop.clone(), measuring.clone(), count.clone());
+            std::thread::spawn(move || {
+                let mut h =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
+                let p = vec![0x42u8; payload];
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    if round_trip(&mut c, &p).is_err() {
+                        break;
+                    }
+                    if measuring.load(Ordering::Relaxed) {
+                        let _ = h.record(t.elapsed().as_nanos() as u64);
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                h
+            })
+        })
+        .collect();
+    std::thread::sleep(warmup);
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(dur);
+    measuring.store(false, Ordering::Relaxed);
+    let el = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
+    for t in threads {
+        if let Ok(x) = t.join() {
+            let _ = h.add(x);
+        }
+    }
+    (count.load(Ordering::Relaxed), h, el)
+}
+
+/// WebSocket echo round trip.
+pub fn ws_round_trip(c: &mut WsConn, p: &[u8]) -> io::Result<()> {
+    c.push(p);
+    c.flush()?;
+    c.recv().map(|_| ())
+}
+
+/// Raw TCP round trip.
+pub fn tcp_round_trip(s: &mut TcpStream, p: &[u8]) -> io::Result<()> {
+    s.write_all(p)?;
+    let mut b = vec![0u8; p.len()];
+    s.read_exact(&mut b)
+}
+
+/// Results of a fan-out run.
+pub struct Fanout {
+    /// Messages published in the measured window.
+    pub published: u64,
+    /// Deliveries counted in the measured window.
+    pub delivered: u64,
+    /// Sequence gaps seen by subscribers (drops).
+    pub gaps: u64,
+    /// One-way latency (ns).
+    pub latency: Histogram<u64>,
+    /// Measured seconds.
+    pub seconds: f64,
+}
+
+/// One publisher on a broadcast room, `subs` subscribers read by one mio
+/// thread. Each message carries its sequence number and send time.
+#[allow(clippy::too_many_arguments)]
+pub fn fanout(
+    addr: SocketAddr,
+    room_path: impl Fn(&str) -> String,
+    subs: usize,
+    payload: usize,
+    window: u64,
+    batch: usize,
+    warmup: Duration,
+    dur: Duration,
+    on_start: impl FnOnce(),
+    on_end: impl FnOnce(),
+) -> io::Result<Fanout> {
+    let epoch = Instant::now();
+    let mut poll = Poll::new()?;
+    let mut streams = Vec::with_capacity(subs);
+    for i in 0..subs {
+        let c = WsConn::connect(addr, &room_path(&format!("sub{i}")))?;
+        c.s.set_nonblocking(true)?;
+        let mut m = mio::net::TcpStream::from_std(c.s);
+        poll.registry()
+            .register(&mut m, Token(i), Interest::READABLE)?;
+        streams.push((m, Vec::<u8>::new(), 0u64));
+    }
+    let mut publisher = WsConn::connect(addr, &room_path("publisher"))?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let gaps = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds"),
+    ));
+    let reader = {
+        let (delivered, gaps, measuring, stop, hist) = (
+            delivered.clone(),
+            gaps.clone(),
+            measuring.clone(),
+            stop.clone(),
+            hist.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut events = Events::with_capacity(1024);
+            let mut tmp = vec![0u8; 256 * 1024];
+            let mut local =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
+            while !stop.load(Ordering::Relaxed) {
+                if poll
+                    .poll(&mut events, Some(Duration::from_millis(50)))
+                    .is_err()
+                {
+                    break;
+                }
+                for ev in events.iter() {
+                    let (s, buf, next) = &mut streams[ev.token().0];
+                    loop {
+                        match s.read(&mut tmp) {
+                            Ok(0) => break,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut at = 0;
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    let m = measuring.load(Ordering::Relaxed);
+                    while let Some((p, used)) = parse_server_frame(&buf[at..]) {
+                        if p.len() >= 16 {
+                            let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+                            let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+                            if seq > *next {
+                                gaps.fetch_add(seq - *next, Ordering::Relaxed);
+                            }
+                            *next = seq + 1;
+                            if m {
+                                let _ = local.record(now.saturating_sub(sent).max(1));
+                            }
+                        }
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                        at += used;
+                    }
+                    buf.drain(..at);
+                }
+            }
+            if let Ok(mut h) = hist.lock() {
+                let _ = h.add(&local);
+            }
+        })
+    };
+    let published = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (delivered, published, stop) = (delivered.clone(), published.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seq = 0u64;
+            let mut p = vec![0x42u8; payload.max(16)];
+            while !stop.load(Ordering::Relaxed) {
+                let done = delivered.load(Ordering::Relaxed);
+                if seq * subs as u64 > done + window * subs as u64 {
+                    std::thread::yield_now();
+                    continue;
+                }
+                for _ in 0..batch.max(1) {
+                    p[..8].copy_from_slice(&seq.to_le_bytes());
+                    p[8..16].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                    publisher.push(&p);
+                    seq += 1;
+                }
+                if publisher.flush().is_err() {
+                    break;
+                }
+                published.store(seq, Ordering::Relaxed);
+            }
+        })
+    };
+    std::thread::sleep(warmup);
+    on_start();
+    let (d0, p0) = (
+        delivered.load(Ordering::Relaxed),
+        published.load(Ordering::Relaxed),
+    );
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(dur);
+    measuring.store(false, Ordering::Relaxed);
+    let seconds = t0.elapsed().as_secs_f64();
+    let (d1, p1) = (
+        delivered.load(Ordering::Relaxed),
+        published.load(Ordering::Relaxed),
+    );
+    on_end();
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let _ = reader.join();
+    let latency = hist
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| Histogram::new(3).expect("sigfig"));
+    Ok(Fanout {
+        published: p1 - p0,
+        delivered: d1 - d0,
+        gaps: gaps.load(Ordering::Relaxed),
+        latency,
+        seconds,
+    })
+}
