@@ -1206,6 +1206,7 @@ impl Core {
                 c.out.detach_slices();
                 continue; // a writable event re-lists it
             }
+            self.shared.metrics[self.index].flushes.inc();
             match c.out.flush_to(&mut c.stream) {
                 Ok((n, status)) => {
                     self.queued -= n as u64;

@@ -77,6 +77,9 @@ metrics! {
     bytes_in,
     /// Bytes written to sockets.
     bytes_out,
+    /// Socket flushes (each one writev run; messages per flush show how
+    /// well writes are batched).
+    flushes,
     /// Messages queued for a local or remote connection.
     delivered,
     /// Messages handed to another core.

@@ -809,6 +809,16 @@ fn ws_fanout(a: &Args, s: &Setup) {
         };
     let rate = r.delivered as f64 / r.seconds;
     let ns = srv.map(|c| c * 1e9 / r.delivered.max(1) as f64);
+    if let Some(h) = &s.server {
+        let m = h.metrics();
+        eprintln!(
+            "  server: {} deliveries in {} flushes ({:.1} per flush), {} loop iterations",
+            m.fanout_deliveries,
+            m.flushes,
+            m.fanout_deliveries as f64 / m.flushes.max(1) as f64,
+            m.loop_iterations
+        );
+    }
     if a.json {
         println!(
             "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"server_ns_per_delivery\":{},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"client_cpu_s\":{client:.3}}}",
