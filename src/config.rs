@@ -76,6 +76,22 @@ pub const DEFAULT_ADMIN_ALLOW: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 /// Largest admin request (head and body).
 pub const DEFAULT_ADMIN_MAX_REQUEST: u64 = 1024 * 1024;
 
+/// Veylor: messages a client's queue may hold (Veylor documents but ignores
+/// it; corerelay enforces it, with the slow-consumer policy).
+pub const DEFAULT_MAX_QUEUE_SIZE: usize = 1000;
+/// Veylor: first reconnect delay; later ones double up to the cap.
+pub const DEFAULT_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// Reconnect backoff ceiling.
+pub const DEFAULT_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(60);
+/// Veylor: 0 = retry forever.
+pub const DEFAULT_RECONNECT_MAX_ATTEMPTS: u32 = 0;
+/// A connection to a source must be open (TCP + upgrade) within this.
+pub const DEFAULT_SOURCE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unix socket file mode.
+pub const DEFAULT_UNIX_SOCKET_MODE: u32 = 0o660;
+/// Veylor binds source WebSocket servers on all interfaces.
+pub const DEFAULT_SOURCE_WS_HOST: &str = "0.0.0.0";
+
 /// What happens when a connection's output queue is over its byte limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -227,6 +243,51 @@ pub struct FileConfig {
     pub websocket: Option<WsFile>,
     /// Admin API section.
     pub admin: Option<AdminFile>,
+    /// Upstream sources (Veylor's key).
+    pub sources: Option<Vec<SourceFile>>,
+    /// Veylor's performance section.
+    pub performance: Option<PerformanceFile>,
+}
+
+/// One `sources[]` entry as written (Veylor's keys, plus corerelay's).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceFile {
+    /// `ws://` or `wss://` URL of the upstream feed.
+    pub url: String,
+    /// Extra request headers for the upgrade (e.g. Authorization).
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
+    /// Port of this source's WebSocket server.
+    pub websocket_port: Option<u16>,
+    /// Host of this source's WebSocket server.
+    pub websocket_host: Option<String>,
+    /// Path of this source's Unix socket.
+    pub unix_socket_path: Option<PathBuf>,
+    /// File mode of the Unix socket (octal as a string, e.g. "0660", or a number).
+    pub unix_socket_mode: Option<String>,
+    /// Rebroadcast every message as binary (Veylor's behaviour) instead of
+    /// keeping text as text.
+    pub force_binary: Option<bool>,
+    /// Send every upstream message back upstream (for conformance runs).
+    pub echo_upstream: Option<bool>,
+    /// Largest message from the source or its clients.
+    pub max_message_size: Option<Size>,
+    /// Connect and upgrade deadline.
+    pub connect_timeout: Option<Dur>,
+}
+
+/// Veylor's `performance:` section.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerformanceFile {
+    /// Messages a client's queue may hold.
+    pub max_queue_size: Option<usize>,
+    /// First reconnect delay.
+    pub reconnect_delay: Option<Dur>,
+    /// Reconnect attempts; 0 = forever.
+    pub reconnect_max_attempts: Option<u32>,
+    /// Backoff ceiling.
+    pub reconnect_max_delay: Option<Dur>,
 }
 
 /// The `admin:` section as written.
@@ -354,6 +415,107 @@ pub struct Config {
     pub websocket: Option<WsConfig>,
     /// Admin API settings (None: no admin API).
     pub admin: Option<AdminConfig>,
+    /// Upstream sources.
+    pub sources: Vec<SourceConfig>,
+    /// Reconnect and queue settings shared by sources.
+    pub performance: PerformanceConfig,
+}
+
+/// A parsed `ws://` / `wss://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsUrl {
+    /// TLS (`wss`).
+    pub tls: bool,
+    /// Host name or address, as written (brackets stripped).
+    pub host: String,
+    /// Port (default 80/443).
+    pub port: u16,
+    /// Path and query, at least "/".
+    pub path: String,
+}
+
+impl WsUrl {
+    /// Parses `ws[s]://host[:port][/path][?query]`.
+    pub fn parse(s: &str) -> Result<WsUrl, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("wss://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("ws://") {
+            (false, r)
+        } else {
+            return Err(format!("{s:?}: the URL must start with ws:// or wss://"));
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_owned()),
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(h) = authority.strip_prefix('[') {
+            let (h, after) = h
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: unclosed [ in host"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("{s:?}: bad port"))?,
+                None => default_port,
+            };
+            (h.to_owned(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_owned(),
+                    p.parse().map_err(|_| format!("{s:?}: bad port"))?,
+                ),
+                None => (authority.to_owned(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?}: no host"));
+        }
+        Ok(WsUrl {
+            tls,
+            host,
+            port,
+            path,
+        })
+    }
+}
+
+/// A validated upstream source.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// The URL as written (for logs and /status).
+    pub url: String,
+    /// Parsed URL.
+    pub target: WsUrl,
+    /// Extra upgrade headers.
+    pub headers: Vec<(String, String)>,
+    /// This source's WebSocket server address.
+    pub websocket: Option<SocketAddr>,
+    /// This source's Unix socket.
+    pub unix_socket: Option<PathBuf>,
+    /// Unix socket file mode.
+    pub unix_mode: u32,
+    /// Rebroadcast everything as binary.
+    pub force_binary: bool,
+    /// Echo upstream messages back upstream.
+    pub echo_upstream: bool,
+    /// Largest message.
+    pub max_message_size: usize,
+    /// Connect and upgrade deadline.
+    pub connect_timeout: Duration,
+}
+
+/// Validated `performance:` settings.
+#[derive(Debug, Clone)]
+pub struct PerformanceConfig {
+    /// Messages a client's queue may hold.
+    pub max_queue_size: usize,
+    /// First reconnect delay.
+    pub reconnect_delay: Duration,
+    /// Backoff ceiling.
+    pub reconnect_max_delay: Duration,
+    /// Attempts before giving up; 0 = forever.
+    pub reconnect_max_attempts: u32,
 }
 
 /// An IP network, `addr/prefix`.
@@ -749,10 +911,86 @@ impl FileConfig {
                 })
             }
         };
+        let perf = self.performance.unwrap_or_default();
+        let performance = PerformanceConfig {
+            max_queue_size: perf.max_queue_size.unwrap_or(DEFAULT_MAX_QUEUE_SIZE).max(1),
+            reconnect_delay: perf
+                .reconnect_delay
+                .map_or(DEFAULT_RECONNECT_DELAY, |d| d.0)
+                .max(Duration::from_millis(10)),
+            reconnect_max_delay: perf
+                .reconnect_max_delay
+                .map_or(DEFAULT_RECONNECT_MAX_DELAY, |d| d.0),
+            reconnect_max_attempts: perf
+                .reconnect_max_attempts
+                .unwrap_or(DEFAULT_RECONNECT_MAX_ATTEMPTS),
+        };
+        let mut sources = Vec::new();
+        for (i, s) in self.sources.unwrap_or_default().into_iter().enumerate() {
+            let key = |k: &str| format!("sources[{i}].{k}");
+            let target = WsUrl::parse(&s.url).map_err(|e| err(&key("url"), e))?;
+            if target.tls {
+                return Err(err(
+                    &key("url"),
+                    "wss:// is not supported yet (TLS arrives in the next release); use ws://"
+                        .into(),
+                ));
+            }
+            let host: std::net::IpAddr = s
+                .websocket_host
+                .as_deref()
+                .unwrap_or(DEFAULT_SOURCE_WS_HOST)
+                .parse()
+                .map_err(|_| err(&key("websocket_host"), "must be an IP address".into()))?;
+            let websocket = s.websocket_port.map(|p| SocketAddr::new(host, p));
+            if websocket.is_none() && s.unix_socket_path.is_none() {
+                return Err(err(
+                    &key("url"),
+                    "each source needs websocket_port or unix_socket_path".into(),
+                ));
+            }
+            let unix_mode = match s.unix_socket_mode.as_deref() {
+                None => DEFAULT_UNIX_SOCKET_MODE,
+                Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| {
+                        err(
+                            &key("unix_socket_mode"),
+                            format!("{m:?} is not an octal mode like 0660"),
+                        )
+                    })?,
+            };
+            let max = s
+                .max_message_size
+                .map_or(DEFAULT_WS_MAX_MESSAGE * 16, |x| x.0);
+            if max == 0 || max > MAX_MAX_PAYLOAD {
+                return Err(err(
+                    &key("max_message_size"),
+                    format!("{max} is outside 1..=1GiB"),
+                ));
+            }
+            sources.push(SourceConfig {
+                url: s.url,
+                target,
+                headers: s.headers.unwrap_or_default().into_iter().collect(),
+                websocket,
+                unix_socket: s.unix_socket_path,
+                unix_mode,
+                force_binary: s.force_binary.unwrap_or(false),
+                echo_upstream: s.echo_upstream.unwrap_or(false),
+                max_message_size: max as usize,
+                connect_timeout: s
+                    .connect_timeout
+                    .map_or(DEFAULT_SOURCE_CONNECT_TIMEOUT, |d| d.0),
+            });
+        }
         Ok(Config {
             source: path.map(Path::to_owned),
             websocket,
             admin,
+            sources,
+            performance,
             workers,
             pin,
             cpus,
@@ -937,6 +1175,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("websocket.endpoints[0]"), "{e}");
+    }
+
+    #[test]
+    fn veylor_config_as_written() {
+        let c = Config::from_yaml(
+            "sources:\n  - url: \"ws://127.0.0.1:9000/feed?x=1\"\n    headers:\n      Authorization: \"Bearer t\"\n    websocket_port: 8765\n    unix_socket_path: \"/tmp/v.sock\"\nperformance:\n  max_queue_size: 1000\n  reconnect_delay: 5\n  reconnect_max_attempts: 0  # 0 for infinite\n",
+            None,
+        )
+        .unwrap();
+        let s = &c.sources[0];
+        assert_eq!(
+            s.target,
+            WsUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 9000,
+                path: "/feed?x=1".into()
+            }
+        );
+        assert_eq!(s.websocket, Some("0.0.0.0:8765".parse().unwrap()));
+        assert_eq!(
+            s.headers,
+            vec![("Authorization".to_string(), "Bearer t".to_string())]
+        );
+        assert_eq!(c.performance.reconnect_delay, Duration::from_secs(5));
+        let e = Config::from_yaml("sources:\n  - url: ws://h/\n", None).unwrap_err();
+        assert!(
+            e.to_string().contains("websocket_port or unix_socket_path"),
+            "{e}"
+        );
+        assert_eq!(WsUrl::parse("ws://[::1]:81").unwrap().host, "::1");
+        assert_eq!(WsUrl::parse("ws://h?q").unwrap().path, "/?q");
+        assert!(WsUrl::parse("http://h").is_err());
     }
 
     #[test]

@@ -91,6 +91,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     for a in server.admin_addrs() {
         log::info!("listening: admin on {a}");
     }
+    for s in &cfg.sources {
+        log::info!(
+            "source {} websocket={} unix={}",
+            s.url,
+            s.websocket.map_or("-".into(), |a| a.to_string()),
+            s.unix_socket
+                .as_ref()
+                .map_or("-".into(), |p| p.display().to_string())
+        );
+    }
     for e in cfg.websocket.iter().flat_map(|w| &w.endpoints) {
         log::info!(
             "websocket endpoint {} on_message={:?}",

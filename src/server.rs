@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use crate::config::Config;
 use crate::engine::core::{Core, CoreSetup, Shared};
 use crate::engine::directory::Directory;
-use crate::engine::listener::{bind_group, ListenerKind};
+use crate::engine::listener::{bind_group, bind_unix, ListenSock, ListenerKind};
 use crate::engine::mesh::Inbox;
 use crate::engine::metrics::{CoreMetrics, Snapshot};
 
@@ -26,6 +26,13 @@ pub enum StartError {
         /// The OS error.
         source: io::Error,
     },
+    /// A Unix socket could not be bound (or a live process owns it).
+    Unix {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// Creating a poll, waker or thread failed.
     Io(io::Error),
 }
@@ -34,6 +41,9 @@ impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::Unix { path, source } => {
+                write!(f, "cannot listen on {}: {source}", path.display())
+            }
             StartError::Io(e) => write!(f, "cannot start: {e}"),
         }
     }
@@ -54,7 +64,7 @@ impl Server {
     /// Binds, spawns the cores and returns once every listener is accepting.
     pub fn start(cfg: Config) -> Result<ServerHandle, StartError> {
         let workers = cfg.workers;
-        let mut per_core: Vec<Vec<(ListenerKind, std::net::TcpListener)>> =
+        let mut per_core: Vec<Vec<(ListenerKind, ListenSock)>> =
             (0..workers).map(|_| Vec::new()).collect();
         let mut rely_addrs = Vec::new();
         for &addr in &cfg.rely.listen {
@@ -62,7 +72,10 @@ impl Server {
                 .map_err(|source| StartError::Bind { addr, source })?;
             rely_addrs.push(bound);
             for (core, l) in group.into_iter().enumerate() {
-                per_core[core].push((ListenerKind::Rely, l));
+                per_core[core].push((
+                    ListenerKind::Rely,
+                    ListenSock::Tcp(mio::net::TcpListener::from_std(l)),
+                ));
             }
         }
         let mut ws_addrs = Vec::new();
@@ -71,7 +84,10 @@ impl Server {
                 .map_err(|source| StartError::Bind { addr, source })?;
             ws_addrs.push(bound);
             for (core, l) in group.into_iter().enumerate() {
-                per_core[core].push((ListenerKind::WebSocket, l));
+                per_core[core].push((
+                    ListenerKind::WebSocket,
+                    ListenSock::Tcp(mio::net::TcpListener::from_std(l)),
+                ));
             }
         }
         let mut admin_addrs = Vec::new();
@@ -80,7 +96,38 @@ impl Server {
                 .map_err(|source| StartError::Bind { addr, source })?;
             admin_addrs.push(bound);
             for (core, l) in group.into_iter().enumerate() {
-                per_core[core].push((ListenerKind::Admin, l));
+                per_core[core].push((
+                    ListenerKind::Admin,
+                    ListenSock::Tcp(mio::net::TcpListener::from_std(l)),
+                ));
+            }
+        }
+
+        let mut source_ws_addrs = Vec::new();
+        let mut unix_paths = Vec::new();
+        for (idx, src) in cfg.sources.iter().enumerate() {
+            let kind_ws = ListenerKind::SourceWs(idx as u16);
+            if let Some(addr) = src.websocket {
+                let (bound, group) = bind_group(addr, workers, cfg.backlog)
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                source_ws_addrs.push(bound);
+                for (core, l) in group.into_iter().enumerate() {
+                    per_core[core]
+                        .push((kind_ws, ListenSock::Tcp(mio::net::TcpListener::from_std(l))));
+                }
+            }
+            if let Some(path) = &src.unix_socket {
+                let l = bind_unix(path, src.unix_mode).map_err(|source| StartError::Unix {
+                    path: path.clone(),
+                    source,
+                })?;
+                // A Unix listener cannot be shared with SO_REUSEPORT: it has
+                // one owner core, the source's.
+                per_core[idx % workers].push((
+                    ListenerKind::SourceUnix(idx as u16),
+                    ListenSock::Unix(mio::net::UnixListener::from_std(l)),
+                ));
+                unix_paths.push(path.clone());
             }
         }
 
@@ -142,6 +189,8 @@ impl Server {
             rely_addrs,
             ws_addrs,
             admin_addrs,
+            source_ws_addrs,
+            unix_paths,
             cpus,
         })
     }
@@ -166,6 +215,8 @@ pub struct ServerHandle {
     rely_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
     admin_addrs: Vec<SocketAddr>,
+    source_ws_addrs: Vec<SocketAddr>,
+    unix_paths: Vec<std::path::PathBuf>,
     cpus: Vec<usize>,
 }
 
@@ -196,6 +247,12 @@ impl ServerHandle {
         &self.admin_addrs
     }
 
+    /// The bound addresses of sources' WebSocket servers, in config order
+    /// (sources without one are skipped).
+    pub fn source_ws_addrs(&self) -> &[SocketAddr] {
+        &self.source_ws_addrs
+    }
+
     /// The CPUs workers are pinned to (empty: not pinned).
     pub fn cpus(&self) -> &[usize] {
         &self.cpus
@@ -217,10 +274,20 @@ impl ServerHandle {
         Stopper(self.shared.clone())
     }
 
-    /// Waits for every core to stop (after `shutdown`).
+    /// Waits for every core to stop (after `shutdown`), then removes the
+    /// Unix socket files.
     pub fn wait(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        for p in self.unix_paths.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                log::warn!("cannot remove {}: {e}", p.display());
+            }
         }
     }
 
@@ -252,8 +319,6 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.shared.begin_shutdown();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.join();
     }
 }

@@ -232,7 +232,7 @@ fn spawn_limited(
     spawn_logged(
         Command::new("sh")
             .arg("-c")
-            .arg(format!("ulimit -n {nofile} && exec \"$0\" -c \"$1\" -v"))
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" -c \"$1\" -vv"))
             .arg(BIN)
             .arg(config),
     )
@@ -248,6 +248,7 @@ fn emfile_pauses_accept_and_recovers() {
         "workers: 1\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\n",
     );
     let (mut child, addr, logs) = spawn_limited(&cfg, 48);
+    // -vv: the per-connection debug lines explain a failure.
     let mut conns: Vec<Raw> = (0..70)
         .map(|i| {
             let mut c = Raw::connect(addr);
@@ -281,7 +282,16 @@ fn emfile_pauses_accept_and_recovers() {
         let id = format!("c{}", i + 35);
         let f = transfer_frame(&id, &id, b"me");
         c.send(&f);
-        assert_eq!(c.read_exact(f.len()), f, "{id} served after recovery");
+        c.0.set_read_timeout(Some(WAIT)).unwrap();
+        let mut got = vec![0u8; f.len()];
+        if let Err(e) = std::io::Read::read_exact(&mut c.0, &mut got) {
+            let log: Vec<String> = logs.try_iter().collect();
+            panic!(
+                "{id} not served after recovery: {e}\nserver log:\n{}",
+                log.join("\n")
+            );
+        }
+        assert_eq!(got, f);
     }
     signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child).code(), Some(0));

@@ -8,4 +8,5 @@ mod config;
 mod engine;
 mod process;
 mod rely;
+mod sources;
 mod websocket;

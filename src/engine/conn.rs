@@ -28,9 +28,8 @@
 
 use std::net::SocketAddr;
 
-use mio::net::TcpStream;
-
 use super::outbox::{Chunk, Outbox};
+use super::stream::Stream;
 use crate::config::SlowConsumer;
 use crate::protocol::{rely, ws};
 
@@ -87,8 +86,14 @@ pub enum Queued {
 /// accepted into an empty queue, so one maximal frame fits whatever the
 /// limit.
 #[inline]
-pub fn admit(out: &Outbox, len: usize, limit: usize, policy: SlowConsumer) -> Queued {
-    if !out.is_empty() && out.bytes() + len > limit {
+pub fn admit(
+    out: &Outbox,
+    len: usize,
+    limit: usize,
+    max_msgs: usize,
+    policy: SlowConsumer,
+) -> Queued {
+    if !out.is_empty() && (out.bytes() + len > limit || out.len() >= max_msgs) {
         match policy {
             SlowConsumer::Drop => Queued::Dropped,
             SlowConsumer::Disconnect => Queued::Disconnect,
@@ -112,6 +117,17 @@ pub struct Handshake {
     pub buf: Vec<u8>,
     /// Tick by which the upgrade must complete.
     pub deadline: u64,
+    /// Set on a source's WebSocket listener: any path, clients of it.
+    pub source: Option<u16>,
+}
+
+/// A Unix-socket client of an upstream source (4-byte length framing).
+#[derive(Debug)]
+pub struct UnixState {
+    /// Partial-message state.
+    pub decoder: crate::protocol::lenprefix::Decoder,
+    /// The source.
+    pub source: u16,
 }
 
 /// WebSocket stage.
@@ -127,6 +143,8 @@ pub struct WsState {
     pub next_ping: u64,
     /// Tick of the unanswered ping, if any.
     pub ping_sent: Option<u64>,
+    /// Set for clients of an upstream source: their messages go upstream.
+    pub source: Option<u16>,
     /// For `on_message: broadcast`: the connections sharing this one's
     /// `broadcast_tag` value (None: it has no such tag).
     pub broadcast: Option<std::sync::Arc<super::tags::Selector>>,
@@ -143,6 +161,8 @@ pub enum Proto {
     Ws(WsState),
     /// An admin API client.
     Admin(super::admin::AdminState),
+    /// A Unix-socket client of an upstream source.
+    Unix(UnixState),
 }
 
 /// A connection on its way out.
@@ -186,7 +206,7 @@ pub struct Conn {
     /// Generation (see `ConnId`).
     pub gen: u64,
     /// The socket.
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Peer address, for logs.
     pub peer: SocketAddr,
     /// Protocol stage.
@@ -199,6 +219,8 @@ pub struct Conn {
     pub out_limit: usize,
     /// What happens over the limit.
     pub policy: SlowConsumer,
+    /// Queued messages allowed (Veylor's max_queue_size; usize::MAX: none).
+    pub out_max_msgs: usize,
     /// Edge-triggered readiness remembered until drained.
     pub readable: bool,
     /// The socket can take bytes.
@@ -217,7 +239,7 @@ pub struct Conn {
 
 impl Conn {
     /// A freshly accepted connection.
-    pub fn new(gen: u64, stream: TcpStream, peer: SocketAddr, proto: Proto, now: u64) -> Self {
+    pub fn new(gen: u64, stream: Stream, peer: SocketAddr, proto: Proto, now: u64) -> Self {
         Conn {
             gen,
             stream,
@@ -227,6 +249,7 @@ impl Conn {
             out: Outbox::default(),
             out_limit: usize::MAX,
             policy: SlowConsumer::Disconnect,
+            out_max_msgs: usize::MAX,
             readable: false,
             writable: true,
             in_ready: false,
@@ -240,7 +263,13 @@ impl Conn {
     /// Offers bytes to the output queue under its byte limit.
     #[inline]
     pub fn queue(&mut self, data: Chunk) -> Queued {
-        let q = admit(&self.out, data.len(), self.out_limit, self.policy);
+        let q = admit(
+            &self.out,
+            data.len(),
+            self.out_limit,
+            self.out_max_msgs,
+            self.policy,
+        );
         if q == Queued::Yes {
             self.out.push(data);
         }
@@ -252,7 +281,13 @@ impl Conn {
     #[inline]
     pub fn push_own(&mut self, parts: &[&[u8]]) -> Queued {
         let len = parts.iter().map(|p| p.len()).sum();
-        let q = admit(&self.out, len, self.out_limit, self.policy);
+        let q = admit(
+            &self.out,
+            len,
+            self.out_limit,
+            self.out_max_msgs,
+            self.policy,
+        );
         if q == Queued::Yes {
             self.out.push_bytes(parts);
         }
@@ -303,6 +338,7 @@ impl Conn {
             Proto::Rely(_) => t.rely_idle.map(|i| self.last_active + i),
             Proto::Handshake(h) => Some(h.deadline),
             Proto::Admin(_) => Some(self.last_active + t.admin_idle),
+            Proto::Unix(_) => None,
             Proto::Ws(w) => {
                 let mut due = match w.ping_sent {
                     Some(sent) => sent + t.ws_pong,

@@ -18,20 +18,24 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::admin::{self, AdminState};
-use super::conn::{admit, CloseReason, Conn, Proto, Queued, RelyState, Timing};
+use super::conn::{admit, CloseReason, Conn, Proto, Queued, RelyState, Timing, UnixState};
 use super::directory::{Directory, LookupCache};
-use super::listener::{Listener, ListenerKind};
+use super::listener::{ListenSock, Listener, ListenerKind};
 use super::mesh::{Batch, Inbox, Item, Outgoing};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Flush};
 use super::route::{
-    Actions, AdminCall, Ctx, FanOp, Fanout, Local, ReplyTo, SHARE_FRAME_ACROSS_CORES,
+    Actions, AdminCall, Ctx, FanOp, Fanout, Local, ReplyTo, SourceMembers, SHARE_FRAME_ACROSS_CORES,
 };
+use super::source;
 use super::tags::{apply_changes, Selector, TagIndex};
 use super::timer::{Timer, Wheel};
 use super::ConnId;
 use super::{rely, ws};
-use crate::config::Config;
+use crate::config::{
+    Config, DEFAULT_WS_HANDSHAKE_TIMEOUT, DEFAULT_WS_MAX_OUTPUT_BYTES, DEFAULT_WS_PING_INTERVAL,
+    DEFAULT_WS_PONG_TIMEOUT,
+};
 use crate::protocol::ws as wsproto;
 
 /// Timer resolution.
@@ -46,6 +50,9 @@ const READS_PER_ITERATION: usize = 4;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// An admin connection with no request for this long is closed.
 const ADMIN_IDLE: Duration = Duration::from_secs(60);
+/// A source that is down warns about dropped client messages at most this
+/// often.
+const SOURCE_WARN_EVERY: Duration = Duration::from_secs(60);
 /// Poll timeout while cross-core batches wait for room.
 const OVERFLOW_RETRY: Duration = Duration::from_millis(1);
 
@@ -93,7 +100,7 @@ pub struct CoreSetup {
     /// Its inbound channel.
     pub rx: Receiver<Batch>,
     /// Its listeners (one per configured address).
-    pub listeners: Vec<(ListenerKind, std::net::TcpListener)>,
+    pub listeners: Vec<(ListenerKind, ListenSock)>,
 }
 
 /// One event loop.
@@ -130,6 +137,10 @@ pub struct Core {
     cache: LookupCache,
     /// Tags of this core's WebSocket connections.
     tags: TagIndex,
+    /// This core's clients of each upstream source.
+    members: SourceMembers,
+    /// When each source's "down, dropping" warning was last logged.
+    source_warned: Vec<Option<Instant>>,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
     /// Admin requests waiting for the cores' replies.
@@ -200,9 +211,11 @@ impl Core {
     pub fn new(setup: CoreSetup, shared: Arc<Shared>) -> io::Result<Core> {
         let cfg = &shared.cfg;
         let mut listeners = Vec::new();
-        for (i, (kind, l)) in setup.listeners.into_iter().enumerate() {
-            let addr = l.local_addr()?;
-            let mut sock = mio::net::TcpListener::from_std(l);
+        for (i, (kind, mut sock)) in setup.listeners.into_iter().enumerate() {
+            let addr = match &sock {
+                ListenSock::Tcp(l) => l.local_addr()?,
+                ListenSock::Unix(_) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            };
             setup.poll.registry().register(
                 &mut sock,
                 Token(LISTENER_BASE + i),
@@ -226,10 +239,13 @@ impl Core {
         let ws = cfg.websocket.as_ref();
         let timing = Timing {
             rely_idle: cfg.rely.idle_timeout.map(ticks),
-            ws_ping: ws.and_then(|w| w.ping_interval).map(ticks),
-            ws_pong: ws.map_or(1, |w| ticks(w.pong_timeout)),
+            // Defaults apply to sources' listeners without a websocket section.
+            ws_ping: ws
+                .map_or(Some(DEFAULT_WS_PING_INTERVAL), |w| w.ping_interval)
+                .map(ticks),
+            ws_pong: ticks(ws.map_or(DEFAULT_WS_PONG_TIMEOUT, |w| w.pong_timeout)),
             ws_idle: ws.and_then(|w| w.idle_timeout).map(ticks),
-            ws_handshake: ws.map_or(1, |w| ticks(w.handshake_timeout)),
+            ws_handshake: ticks(ws.map_or(DEFAULT_WS_HANDSHAKE_TIMEOUT, |w| w.handshake_timeout)),
             admin_idle: ticks(ADMIN_IDLE),
         };
         Ok(Core {
@@ -256,6 +272,11 @@ impl Core {
             local_batch: None,
             cache: LookupCache::default(),
             tags: TagIndex::default(),
+            members: SourceMembers {
+                ws: (0..cfg.sources.len()).map(|_| Default::default()).collect(),
+                unix: (0..cfg.sources.len()).map(|_| Default::default()).collect(),
+            },
+            source_warned: vec![None; cfg.sources.len()],
             selected: Vec::new(),
             pending: std::collections::HashMap::new(),
             next_req: 1,
@@ -437,7 +458,7 @@ impl Core {
                     self.mark_dirty(key);
                 }
                 Proto::Handshake(_) => self.close(key, CloseReason::Shutdown),
-                Proto::Rely(_) | Proto::Admin(_) => {}
+                Proto::Rely(_) | Proto::Admin(_) | Proto::Unix(_) => {}
             }
         }
     }
@@ -484,7 +505,7 @@ impl Core {
 
     fn add_conn(
         &mut self,
-        mut stream: mio::net::TcpStream,
+        mut stream: super::stream::Stream,
         peer: std::net::SocketAddr,
         kind: ListenerKind,
     ) {
@@ -531,9 +552,37 @@ impl Core {
                 gen,
                 stream,
                 peer,
-                ws::handshake_stage(&self.timing, self.now),
+                ws::handshake_stage(&self.timing, self.now, None),
                 self.now,
             ),
+            ListenerKind::SourceWs(src) => Conn::new(
+                gen,
+                stream,
+                peer,
+                ws::handshake_stage(&self.timing, self.now, Some(src)),
+                self.now,
+            ),
+            ListenerKind::SourceUnix(source) => {
+                let mut c = Conn::new(
+                    gen,
+                    stream,
+                    peer,
+                    Proto::Unix(UnixState {
+                        decoder: Default::default(),
+                        source,
+                    }),
+                    self.now,
+                );
+                c.out_limit = cfg
+                    .websocket
+                    .as_ref()
+                    .map_or(DEFAULT_WS_MAX_OUTPUT_BYTES as usize, |w| w.max_output_bytes);
+                c.out_max_msgs = cfg.performance.max_queue_size;
+                if let Some(set) = self.members.unix.get_mut(source as usize) {
+                    set.insert(key);
+                }
+                c
+            }
             ListenerKind::Admin => Conn::new(
                 gen,
                 stream,
@@ -619,6 +668,15 @@ impl Core {
                             self.fanout(f);
                         }
                     }
+                    Item::ToSource {
+                        source,
+                        text,
+                        start,
+                        len,
+                    } => {
+                        let msg = &data[start as usize..(start + len) as usize];
+                        self.send_upstream(source, text, msg);
+                    }
                     Item::Reply {
                         req,
                         count,
@@ -655,6 +713,11 @@ impl Core {
                     .filter(|(_, c)| matches!(c.proto, Proto::Ws(_)))
                     .map(|(k, _)| k),
             ),
+            Selector::Source(src) => {
+                if let Some(set) = self.members.ws.get(*src as usize) {
+                    slots.extend(set.iter().copied());
+                }
+            }
         }
         let mut n = 0;
         let mut text = Vec::new();
@@ -740,6 +803,26 @@ impl Core {
             w.broadcast = ws::broadcast_selector(ep.broadcast_tag.as_deref(), &w.tags);
         }
         true
+    }
+
+    /// A client message for a source this core owns. Until the upstream is
+    /// open it is dropped and counted (warning at most once a minute).
+    fn send_upstream(&mut self, source: u16, _text: bool, _msg: &[u8]) {
+        let m = &self.shared.metrics[self.index];
+        m.source_dropped.inc();
+        let now = Instant::now();
+        if let Some(w) = self.source_warned.get_mut(source as usize) {
+            if w.is_none_or(|t| now.duration_since(t) >= SOURCE_WARN_EVERY) {
+                *w = Some(now);
+                let url = self
+                    .shared
+                    .cfg
+                    .sources
+                    .get(source as usize)
+                    .map_or("?", |s| s.url.as_str());
+                log::warn!("source {url} is down: dropping client messages for it");
+            }
+        }
     }
 
     /// Starts an admin request on every core.
@@ -920,7 +1003,7 @@ impl Core {
         };
         let hlen = header.map_or(0, <[u8]>::len);
         let len = (data.len() + hlen) as u64;
-        match admit(&c.out, len as usize, c.out_limit, c.policy) {
+        match admit(&c.out, len as usize, c.out_limit, c.out_max_msgs, c.policy) {
             Queued::Yes => {
                 if let Some(h) = header {
                     c.out.push_bytes(&[h]);
@@ -1006,6 +1089,7 @@ impl Core {
                 dir: &self.shared.directory,
                 cache: &mut self.cache,
                 tags: &mut self.tags,
+                members: &mut self.members,
                 metrics: m,
                 mesh: &mut self.mesh,
                 actions: &mut self.actions,
@@ -1057,6 +1141,7 @@ impl Core {
                                 admin::on_bytes(conn, key, input, &mut cx);
                                 None
                             }
+                            Proto::Unix(_) => source::on_unix_bytes(conn, input, &mut cx),
                         };
                         if let Some(r) = r {
                             close = Some(r);
@@ -1119,6 +1204,15 @@ impl Core {
                 }
                 Local::Kick(id) => self.kick(id),
                 Local::Admin(call) => self.admin_call(call),
+                Local::ToSource {
+                    source,
+                    text,
+                    start,
+                    len,
+                } => {
+                    let msg = &data[start as usize..(start + len) as usize];
+                    self.send_upstream(source, text, msg);
+                }
             }
         }
         self.actions.local = local;
@@ -1160,6 +1254,7 @@ impl Core {
                         Some(CloseReason::Idle)
                     }
                     (Proto::Admin(_), None) => Some(CloseReason::Idle),
+                    (Proto::Unix(_), None) => None,
                     (Proto::Handshake(_), None) => {
                         log::debug!("{}: WebSocket handshake timeout", c.peer);
                         self.shared.metrics[self.index].ws_handshake_timeouts.inc();
@@ -1257,8 +1352,19 @@ impl Core {
         if let Some(l) = c.login.take() {
             self.shared.directory.logout(&l.id, l.epoch);
         }
-        if let Proto::Ws(w) = &c.proto {
-            self.tags.remove(key, &w.tags);
+        match &c.proto {
+            Proto::Ws(w) => {
+                self.tags.remove(key, &w.tags);
+                if let Some(set) = w.source.and_then(|s| self.members.ws.get_mut(s as usize)) {
+                    set.remove(&key);
+                }
+            }
+            Proto::Unix(u) => {
+                if let Some(set) = self.members.unix.get_mut(u.source as usize) {
+                    set.remove(&key);
+                }
+            }
+            _ => {}
         }
         let _ = self.poll.registry().deregister(&mut c.stream);
         let m = &self.shared.metrics[self.index];

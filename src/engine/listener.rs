@@ -54,6 +54,82 @@ pub fn bind_group(
     Ok((bound, out))
 }
 
+/// A listening socket: TCP (one per core, SO_REUSEPORT) or Unix (one owner
+/// core).
+#[derive(Debug)]
+pub enum ListenSock {
+    /// TCP.
+    Tcp(mio::net::TcpListener),
+    /// Unix stream, with its path.
+    Unix(mio::net::UnixListener),
+}
+
+impl ListenSock {
+    /// Accepts one connection (non-blocking); Unix peers get the unspecified
+    /// address.
+    pub fn accept(&self) -> io::Result<(super::stream::Stream, SocketAddr)> {
+        match self {
+            ListenSock::Tcp(l) => l.accept().map(|(s, a)| (super::stream::Stream::Tcp(s), a)),
+            ListenSock::Unix(l) => l.accept().map(|(s, _)| {
+                (
+                    super::stream::Stream::Unix(s),
+                    SocketAddr::from(([0, 0, 0, 0], 0)),
+                )
+            }),
+        }
+    }
+}
+
+impl mio::event::Source for ListenSock {
+    fn register(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        match self {
+            ListenSock::Tcp(l) => l.register(r, t, i),
+            ListenSock::Unix(l) => l.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        match self {
+            ListenSock::Tcp(l) => l.reregister(r, t, i),
+            ListenSock::Unix(l) => l.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &mio::Registry) -> io::Result<()> {
+        match self {
+            ListenSock::Tcp(l) => l.deregister(r),
+            ListenSock::Unix(l) => l.deregister(r),
+        }
+    }
+}
+
+/// Binds a Unix stream listener at `path`. A stale socket file (nobody
+/// answers on it) is replaced; a live one (another process answers) is an
+/// error, so a second instance never steals a running one's socket.
+pub fn bind_unix(
+    path: &std::path::Path,
+    mode: u32,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "path exists and is not a socket",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "a live process answers on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
 /// What a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerKind {
@@ -63,13 +139,17 @@ pub enum ListenerKind {
     WebSocket,
     /// The admin HTTP API.
     Admin,
+    /// WebSocket clients of upstream source `n`.
+    SourceWs(u16),
+    /// Unix clients of upstream source `n` (owner core only).
+    SourceUnix(u16),
 }
 
 /// A core's listener and its edge-triggered state.
 #[derive(Debug)]
 pub struct Listener {
     /// The socket.
-    pub sock: mio::net::TcpListener,
+    pub sock: ListenSock,
     /// What it accepts.
     pub kind: ListenerKind,
     /// Bound address.

@@ -46,6 +46,18 @@ pub enum Item {
     },
     /// Run `Batch::fanouts[i]` on this core.
     Fanout(u32),
+    /// A client message for upstream source `source` (this core owns it):
+    /// `data[start..start + len]`.
+    ToSource {
+        /// The source.
+        source: u16,
+        /// Text (else binary).
+        text: bool,
+        /// Offset.
+        start: u32,
+        /// Length.
+        len: u32,
+    },
     /// A core's answer to a fan-out with a reply address: how many of its
     /// connections it touched, and `data[start..start + len]` of status text.
     Reply {
@@ -188,6 +200,19 @@ impl Outgoing {
         let b = &mut self.building[dst];
         b.items.push(Item::Fanout(b.fanouts.len() as u32));
         b.fanouts.push(f);
+    }
+
+    /// Hands a client message to the owner core `dst` of `source`.
+    pub fn to_source(&mut self, dst: usize, source: u16, text: bool, data: &[u8]) {
+        let b = &mut self.building[dst];
+        let start = b.data.len() as u32;
+        b.data.extend_from_slice(data);
+        b.items.push(Item::ToSource {
+            source,
+            text,
+            start,
+            len: data.len() as u32,
+        });
     }
 
     /// Answers core `dst`'s request `req`.

@@ -133,6 +133,14 @@ metrics! {
     loop_busy_ns,
     /// Cross-core batches waiting in this core's channel (gauge).
     mesh_queue_depth,
+    /// Client messages for a source that was down (dropped).
+    source_dropped,
+    /// Client messages written upstream.
+    source_out,
+    /// Messages received from upstream sources.
+    source_in,
+    /// Upstream connection attempts after the first.
+    source_reconnects,
     /// Admin API requests handled.
     admin_requests,
     /// Admin API requests refused (4xx).

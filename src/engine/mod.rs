@@ -8,6 +8,7 @@
 //! - `rely.rs`: the RELY adapter: frames in, routing actions out.
 //! - `ws.rs`: the WebSocket adapter: HTTP upgrade, then frames.
 //! - `admin.rs`: the admin HTTP API.
+//! - `source.rs`: upstream sources and their Unix clients.
 //! - `route.rs`: what adapters may touch, and the local actions they leave.
 //! - `tags.rs`: per-core tag index and selectors.
 //! - `mesh.rs`: cross-core channels and wake-only-if-parked.
@@ -27,6 +28,8 @@ pub mod metrics;
 pub mod outbox;
 pub mod rely;
 pub mod route;
+pub mod source;
+pub mod stream;
 pub mod tags;
 pub mod timer;
 pub mod ws;

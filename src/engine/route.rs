@@ -10,6 +10,15 @@ use super::metrics::CoreMetrics;
 use std::sync::Arc;
 
 use super::tags::{Selector, TagIndex};
+
+/// One core's clients of each upstream source (slab keys).
+#[derive(Debug, Default)]
+pub struct SourceMembers {
+    /// WebSocket clients, per source.
+    pub ws: Vec<std::collections::HashSet<usize>>,
+    /// Unix clients, per source (only on the source's owner core).
+    pub unix: Vec<std::collections::HashSet<usize>>,
+}
 use super::ConnId;
 use crate::config::Config;
 
@@ -89,6 +98,17 @@ pub enum Local {
     Kick(ConnId),
     /// An admin request to fan out to every core.
     Admin(AdminCall),
+    /// A client message for upstream source `source` (owned by this core).
+    ToSource {
+        /// The source.
+        source: u16,
+        /// Text (else binary).
+        text: bool,
+        /// Offset in `Actions::data`.
+        start: u32,
+        /// Length.
+        len: u32,
+    },
 }
 
 /// Local actions and the bytes of their deliveries.
@@ -130,6 +150,8 @@ pub struct Ctx<'a> {
     pub cache: &'a mut LookupCache,
     /// This core's tag index.
     pub tags: &'a mut TagIndex,
+    /// This core's clients of each upstream source.
+    pub members: &'a mut SourceMembers,
     /// This core's counters.
     pub metrics: &'a CoreMetrics,
     /// Cross-core batches.
@@ -175,6 +197,24 @@ impl Ctx<'_> {
                 self.mesh.deliver(dst.core as usize, dst, parts);
                 true
             }
+        }
+    }
+
+    /// Sends a client message to upstream source `source`, through its
+    /// owner core (in order per client).
+    pub fn send_upstream(&mut self, source: u16, text: bool, data: &[u8]) {
+        let owner = source as usize % self.cfg.workers;
+        if owner == self.core as usize {
+            let start = self.actions.data.len() as u32;
+            self.actions.data.extend_from_slice(data);
+            self.actions.local.push(Local::ToSource {
+                source,
+                text,
+                start,
+                len: data.len() as u32,
+            });
+        } else {
+            self.mesh.to_source(owner, source, text, data);
         }
     }
 

@@ -21,6 +21,9 @@ pub enum Selector {
     Tags(Vec<Tag>),
     /// Every WebSocket connection (for /status; not reachable from a query).
     All,
+    /// The WebSocket clients of upstream source `n` (not reachable from a
+    /// query).
+    Source(u16),
 }
 
 impl Selector {

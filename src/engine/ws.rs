@@ -18,16 +18,21 @@ use super::admin::{self, AdminState};
 use super::route::Ctx;
 use super::tags::Selector;
 use super::ConnId;
-use crate::config::OnMessage;
+use crate::config::{
+    OnMessage, DEFAULT_SLOW_CONSUMER, DEFAULT_WS_MAX_HANDSHAKE_BYTES, DEFAULT_WS_MAX_MESSAGE,
+    DEFAULT_WS_MAX_OUTPUT_BYTES,
+};
 use crate::protocol::http::{self, HttpError};
 use crate::protocol::rely::{self, Frame, Parse};
 use crate::protocol::ws::{self, Event};
 
-/// A new WebSocket listener connection's first stage.
-pub fn handshake_stage(t: &Timing, now: u64) -> Proto {
+/// A new WebSocket listener connection's first stage (`source`: a source's
+/// listener).
+pub fn handshake_stage(t: &Timing, now: u64, source: Option<u16>) -> Proto {
     Proto::Handshake(Handshake {
         buf: Vec::new(),
         deadline: now + t.ws_handshake,
+        source,
     })
 }
 
@@ -87,17 +92,19 @@ fn refuse(conn: &mut Conn, e: HttpError, cx: &mut Ctx<'_>) {
 
 /// Feeds bytes to a connection in the handshake stage.
 pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>) {
-    let Some(cfg) = cx.cfg.websocket.as_ref() else {
-        return;
-    };
+    let ws_cfg = cx.cfg.websocket.as_ref();
+    let max_head = ws_cfg.map_or(DEFAULT_WS_MAX_HANDSHAKE_BYTES as usize, |w| {
+        w.max_handshake_bytes
+    });
     let Proto::Handshake(h) = &mut conn.proto else {
         return;
     };
-    let room = cfg.max_handshake_bytes.saturating_sub(h.buf.len());
+    let source = h.source;
+    let room = max_head.saturating_sub(h.buf.len());
     h.buf.extend_from_slice(&input[..input.len().min(room)]);
     let req = match http::parse_request(&h.buf) {
         Ok(Some(r)) => r,
-        Ok(None) if input.len() > room || h.buf.len() >= cfg.max_handshake_bytes => {
+        Ok(None) if input.len() > room || h.buf.len() >= max_head => {
             return refuse(conn, HttpError::HeadTooLarge, cx)
         }
         Ok(None) => return,
@@ -105,6 +112,7 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
     };
     let plain = req.header("upgrade").is_none();
     if plain
+        && source.is_none()
         && cx
             .cfg
             .admin
@@ -123,67 +131,96 @@ pub fn on_handshake_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &m
         });
         return admin::on_bytes(conn, slot, &[], cx);
     }
-    let Some((endpoint, params)) = cfg.route(&req.path) else {
-        return refuse(conn, HttpError::NotFound, cx);
+    // A source's listener takes any path (as Veylor); others route.
+    let routed = match (source, ws_cfg) {
+        (Some(_), _) => None,
+        (None, Some(w)) => match w.route(&req.path) {
+            Some(r) => Some(r),
+            None => return refuse(conn, HttpError::NotFound, cx),
+        },
+        (None, None) => return refuse(conn, HttpError::NotFound, cx),
     };
     let key = match req.websocket_key() {
         Ok(k) => k.to_owned(),
         Err(e) => return refuse(conn, e, cx),
     };
-    let ep = &cfg.endpoints[endpoint];
     // Frames the client sent right behind its request head.
     let mut early: Vec<u8> = h.buf[req.head_len..].to_vec();
     if input.len() > room {
         early.extend_from_slice(&input[room..]);
     }
-
-    let mut tags: Vec<(Box<str>, Box<str>)> = ep
-        .set_tags
-        .iter()
-        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
-        .collect();
-    for (k, v) in &params {
-        if ep.tag_params.contains(k) {
-            tags.retain(|(tk, _)| **tk != **k);
-            tags.push((k.as_str().into(), v.as_str().into()));
-        }
-    }
-    tags.sort();
-    let id = match &ep.id_param {
-        Some(p) => params
-            .iter()
-            .find(|(k, _)| k == p)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
-        None => uuid::Uuid::new_v4().to_string(),
-    };
     let me = ConnId {
         core: cx.core,
         slot: slot as u32,
         gen: conn.gen,
     };
-    let epoch = cx.login(id.as_bytes(), me);
-    conn.login = Some(Login {
-        id: id.as_bytes().into(),
-        epoch,
-    });
+    let (endpoint, tags, max_message, broadcast) = match (routed, ws_cfg) {
+        (Some((endpoint, params)), Some(w)) => {
+            let ep = &w.endpoints[endpoint];
+            let mut tags: Vec<(Box<str>, Box<str>)> = ep
+                .set_tags
+                .iter()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect();
+            for (k, v) in &params {
+                if ep.tag_params.contains(k) {
+                    tags.retain(|(tk, _)| **tk != **k);
+                    tags.push((k.as_str().into(), v.as_str().into()));
+                }
+            }
+            tags.sort();
+            let id = match &ep.id_param {
+                Some(p) => params
+                    .iter()
+                    .find(|(k, _)| k == p)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+                None => uuid::Uuid::new_v4().to_string(),
+            };
+            let epoch = cx.login(id.as_bytes(), me);
+            conn.login = Some(Login {
+                id: id.as_bytes().into(),
+                epoch,
+            });
+            cx.tags.insert(slot, &tags);
+            let broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
+            conn.out_limit = w.max_output_bytes;
+            conn.policy = w.slow_consumer;
+            (endpoint, tags, ep.max_message_size, broadcast)
+        }
+        _ => {
+            // A source's client: no id, no tags; it receives the source's
+            // messages and its own go upstream.
+            let src = source.unwrap_or_default();
+            let max = cx
+                .cfg
+                .sources
+                .get(src as usize)
+                .map_or(DEFAULT_WS_MAX_MESSAGE as usize, |s| s.max_message_size);
+            if let Some(set) = cx.members.ws.get_mut(src as usize) {
+                set.insert(slot);
+            }
+            conn.out_limit =
+                ws_cfg.map_or(DEFAULT_WS_MAX_OUTPUT_BYTES as usize, |w| w.max_output_bytes);
+            conn.policy = ws_cfg.map_or(DEFAULT_SLOW_CONSUMER, |w| w.slow_consumer);
+            conn.out_max_msgs = cx.cfg.performance.max_queue_size;
+            (usize::MAX, Vec::new(), max, None)
+        }
+    };
     conn.out.push_bytes(&[&http::switching_protocols(&key)]);
-    conn.out_limit = cfg.max_output_bytes;
-    conn.policy = cfg.slow_consumer;
     conn.last_active = cx.now;
     let next_ping = cx.timing.ws_ping.map_or(u64::MAX, |p| cx.now + p);
-    cx.tags.insert(slot, &tags);
-    let broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
     conn.proto = Proto::Ws(WsState {
-        decoder: ws::Decoder::new(ep.max_message_size),
+        decoder: ws::Decoder::new(max_message),
         endpoint,
         tags,
         next_ping,
         ping_sent: None,
+        source,
         broadcast,
     });
     cx.metrics.ws_upgrades.inc();
-    log::debug!("{}: WebSocket {} id={id}", conn.peer, req.path);
+    log::debug!("{}: WebSocket {} source={source:?}", conn.peer, req.path);
     if !early.is_empty() {
         on_bytes(conn, slot, &mut early, cx);
     }
@@ -207,9 +244,7 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>
         slot: slot as u32,
         gen: conn.gen,
     };
-    let Some(cfg) = cx.cfg.websocket.as_ref() else {
-        return;
-    };
+    let cfg = cx.cfg.websocket.as_ref();
     let Conn {
         proto,
         out,
@@ -217,12 +252,18 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>
         peer,
         out_limit,
         policy,
+        out_max_msgs,
         login,
         ..
     } = &mut *conn;
-    let (limit, policy) = (*out_limit, *policy);
+    let (limit, policy, max_msgs) = (*out_limit, *policy, *out_max_msgs);
     let Proto::Ws(w) = proto else { return };
-    let on_message = cfg.endpoints[w.endpoint].on_message;
+    // A source's clients send upstream; others do what their endpoint says.
+    let on_message = match (w.source, cfg) {
+        (Some(_), _) => None,
+        (None, Some(c)) => Some(c.endpoints[w.endpoint].on_message),
+        (None, None) => return,
+    };
     let mut header = Vec::with_capacity(10);
     // What to do after the decoder stops: a close to send, if any.
     let mut goodbye: Option<(u16, &'static str, CloseReason)> = None;
@@ -232,6 +273,11 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>
         match ev {
             Event::Message { text, data } => {
                 cx.metrics.ws_messages_in.inc();
+                let Some(on_message) = on_message else {
+                    // Kept as it is: text stays text, binary stays binary.
+                    cx.send_upstream(w.source.unwrap_or_default(), text, data);
+                    return true;
+                };
                 match on_message {
                     OnMessage::Echo => {
                         header.clear();
@@ -242,7 +288,7 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &mut [u8], cx: &mut Ctx<'_>
                             data.len(),
                         );
                         // Own writes share the connection's queue and limit.
-                        match admit(out, header.len() + data.len(), limit, policy) {
+                        match admit(out, header.len() + data.len(), limit, max_msgs, policy) {
                             Queued::Yes => {
                                 out.push_bytes(&[&header, data]);
                                 true

@@ -2,5 +2,6 @@
 //! out; no sockets, no clocks, no routing.
 
 pub mod http;
+pub mod lenprefix;
 pub mod rely;
 pub mod ws;
