@@ -104,3 +104,249 @@ fn source_websocket_port_takes_any_path() {
     b.send(0x9, true, b"p");
     assert_eq!(b.read().unwrap().opcode, 0xA);
 }
+
+mod upstream {
+    //! An in-test upstream feed: a tungstenite server on loopback.
+
+    use std::net::{SocketAddr, TcpListener};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tungstenite::handshake::server::{Request, Response};
+    use tungstenite::Message;
+
+    pub struct Feed {
+        pub addr: SocketAddr,
+        /// Messages to send to the connected corerelay.
+        pub tx: Sender<Message>,
+        /// Messages corerelay sent upstream.
+        pub rx: Receiver<Message>,
+        /// Upgrade headers of the latest connection.
+        pub headers: Arc<Mutex<Vec<(String, String)>>>,
+        /// Connections accepted so far.
+        pub accepted: Arc<AtomicUsize>,
+        /// Set to close the current connection.
+        pub kick: Arc<AtomicUsize>,
+    }
+
+    /// Serves connections one after another on `listener`.
+    // tungstenite's header callback fixes its (large) error type.
+    #[allow(clippy::result_large_err)]
+    pub fn start(listener: TcpListener) -> Feed {
+        let addr = listener.local_addr().unwrap();
+        let (tx, out_rx) = channel::<Message>();
+        let (in_tx, rx) = channel::<Message>();
+        let headers = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let kick = Arc::new(AtomicUsize::new(0));
+        let (h, a, k) = (headers.clone(), accepted.clone(), kick.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let seen = h.clone();
+                let cb = move |req: &Request, resp: Response| {
+                    let mut v = seen.lock().unwrap();
+                    v.clear();
+                    for (n, val) in req.headers() {
+                        v.push((n.as_str().to_owned(), val.to_str().unwrap_or("").to_owned()));
+                    }
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tungstenite::accept_hdr(stream, cb) else {
+                    continue;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let kicks = k.load(Ordering::SeqCst);
+                let _ = ws
+                    .get_mut()
+                    .set_read_timeout(Some(Duration::from_millis(5)));
+                // Bounded by the test's lifetime: ends when corerelay goes
+                // or the test asks for a kick.
+                loop {
+                    if k.load(Ordering::SeqCst) != kicks {
+                        break;
+                    }
+                    while let Ok(m) = out_rx.try_recv() {
+                        if ws.send(m).is_err() {
+                            break;
+                        }
+                    }
+                    match ws.read() {
+                        Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {}
+                        Ok(Message::Close(_)) => break,
+                        Ok(m) => {
+                            let _ = in_tx.send(m);
+                        }
+                        Err(tungstenite::Error::Io(e))
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        });
+        Feed {
+            addr,
+            tx,
+            rx,
+            headers,
+            accepted,
+            kick,
+        }
+    }
+}
+
+fn source_config(url: &str, sock: &std::path::Path, delay: &str) -> Config {
+    let yaml = format!(
+        "workers: 2\npin: false\nrely:\n  listen: []\nsources:\n  - url: \"{url}\"\n    headers:\n      Authorization: \"Bearer sekrit\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\nperformance:\n  reconnect_delay: {delay}\n",
+        sock.display()
+    );
+    Config::from_yaml(&yaml, None).expect("config")
+}
+
+fn read_unix_msg(c: &mut UnixStream) -> Vec<u8> {
+    use std::io::Read;
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let mut len = [0u8; 4];
+    c.read_exact(&mut len).expect("length");
+    let mut m = vec![0; u32::from_be_bytes(len) as usize];
+    c.read_exact(&mut m).expect("message");
+    m
+}
+
+#[test]
+fn upstream_fans_out_and_clients_talk_back() {
+    use tungstenite::Message;
+    let feed = upstream::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let path = tmp_sock("up");
+    let server = Server::start(source_config(
+        &format!("ws://{}/feed?x=1", feed.addr),
+        &path,
+        "100ms",
+    ))
+    .expect("start");
+    wait_until(
+        || feed.accepted.load(std::sync::atomic::Ordering::SeqCst) == 1,
+        "corerelay connects upstream",
+    );
+    let h = feed.headers.lock().unwrap().clone();
+    assert!(
+        h.iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("authorization") && v == "Bearer sekrit"),
+        "{h:?}"
+    );
+    // WebSocket clients (on both cores, likely) and a Unix client.
+    let ws = server.source_ws_addrs()[0];
+    let mut clients: Vec<WsRaw> = (0..4).map(|_| WsRaw::connect(ws, "/")).collect();
+    let mut ux = UnixStream::connect(&path).unwrap();
+    wait_until(
+        || server.metrics().ws_upgrades == 4 && server.metrics().accepted >= 5,
+        "clients in",
+    );
+    feed.tx.send(Message::Text("hello".into())).unwrap();
+    feed.tx
+        .send(Message::Binary(vec![1u8, 2, 3].into()))
+        .unwrap();
+    for c in &mut clients {
+        let f = c.read().unwrap();
+        assert_eq!(
+            (f.opcode, f.payload.as_slice()),
+            (0x1, &b"hello"[..]),
+            "text stays text"
+        );
+        let f = c.read().unwrap();
+        assert_eq!(
+            (f.opcode, f.payload.as_slice()),
+            (0x2, &[1u8, 2, 3][..]),
+            "binary stays binary"
+        );
+    }
+    assert_eq!(read_unix_msg(&mut ux), b"hello");
+    assert_eq!(read_unix_msg(&mut ux), [1, 2, 3]);
+    // Clients -> source, in order per client; Unix messages as binary.
+    clients[0].send(0x1, true, b"up 1");
+    clients[0].send(0x2, true, b"up 2");
+    let mut f = 4u32.to_be_bytes().to_vec();
+    f.extend_from_slice(b"unix");
+    ux.write_all(&f).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(feed.rx.recv_timeout(WAIT).expect("upstream receives"));
+    }
+    let pos = |m: &Message| got.iter().position(|x| x == m).expect("received");
+    assert!(
+        pos(&Message::Text("up 1".into())) < pos(&Message::Binary(b"up 2".to_vec().into())),
+        "in order"
+    );
+    assert!(got.contains(&Message::Binary(b"unix".to_vec().into())));
+    assert_eq!(server.metrics().source_out, 3);
+    // One clean connection throughout: the upgrade response alone in a
+    // read must not be mistaken for frames.
+    assert_eq!(server.metrics().source_reconnects, 0);
+    assert_eq!(feed.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn upstream_restart_keeps_clients_and_backs_off() {
+    use tungstenite::Message;
+    let feed = upstream::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    init_log();
+    let path = tmp_sock("restart");
+    let server = Server::start(source_config(
+        &format!("ws://{}/", feed.addr),
+        &path,
+        "200ms",
+    ))
+    .expect("start");
+    wait_until(
+        || feed.accepted.load(std::sync::atomic::Ordering::SeqCst) == 1,
+        "connected",
+    );
+    let mut c = WsRaw::connect(server.source_ws_addrs()[0], "/");
+    wait_until(|| server.metrics().ws_upgrades == 1, "client in");
+    // The source drops the connection: corerelay reconnects after its delay.
+    let t0 = std::time::Instant::now();
+    feed.kick.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    wait_until(
+        || feed.accepted.load(std::sync::atomic::Ordering::SeqCst) == 2,
+        "reconnected",
+    );
+    let waited = t0.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(90),
+        "backoff observed: {waited:?}"
+    );
+    assert!(
+        waited < std::time::Duration::from_secs(3),
+        "reconnected promptly: {waited:?}"
+    );
+    // The client stayed connected and hears the new connection.
+    feed.tx.send(Message::Text("after restart".into())).unwrap();
+    assert_eq!(c.read().unwrap().payload, b"after restart");
+}
+
+#[test]
+fn instantly_closing_source_backs_off() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = accepts.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s); // accept and close at once
+        }
+    });
+    let path = tmp_sock("flap");
+    let server =
+        Server::start(source_config(&format!("ws://{addr}/"), &path, "100ms")).expect("start");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let n = accepts.load(std::sync::atomic::Ordering::SeqCst);
+    // 100 ms doubling with jitter of at most half: under 1.5 s that is at
+    // most 1 + 5 attempts; a tight loop would be thousands.
+    assert!((2..=7).contains(&n), "{n} connection attempts in 1.5 s");
+    assert!(server.metrics().source_reconnects >= 1);
+}

@@ -163,6 +163,8 @@ pub enum Proto {
     Admin(super::admin::AdminState),
     /// A Unix-socket client of an upstream source.
     Unix(UnixState),
+    /// The connection to an upstream source.
+    Upstream(super::source::UpstreamState),
 }
 
 /// A connection on its way out.
@@ -339,6 +341,17 @@ impl Conn {
             Proto::Handshake(h) => Some(h.deadline),
             Proto::Admin(_) => Some(self.last_active + t.admin_idle),
             Proto::Unix(_) => None,
+            Proto::Upstream(u) => match &u.stage {
+                super::source::UpStage::Open {
+                    next_ping,
+                    ping_sent,
+                    ..
+                } => match ping_sent {
+                    Some(sent) => Some(sent + t.ws_pong),
+                    None => (*next_ping != u64::MAX).then_some(*next_ping),
+                },
+                _ => Some(u.deadline),
+            },
             Proto::Ws(w) => {
                 let mut due = match w.ping_sent {
                     Some(sent) => sent + t.ws_pong,

@@ -50,6 +50,58 @@ const READS_PER_ITERATION: usize = 4;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// An admin connection with no request for this long is closed.
 const ADMIN_IDLE: Duration = Duration::from_secs(60);
+/// An upstream connection that stayed up this long resets the backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// An owned source's connection state.
+#[derive(Debug)]
+struct SourceRt {
+    idx: u16,
+    state: SrcState,
+    attempts: u32,
+    opened_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum SrcState {
+    /// Waiting to (re)connect.
+    Idle { retry_at: Instant },
+    /// A helper thread resolves the host name.
+    Resolving(Receiver<std::io::Result<Vec<std::net::SocketAddr>>>),
+    /// A connection exists (connecting, upgrading or open).
+    Connected(ConnId),
+    /// reconnect_max_attempts reached.
+    Failed,
+}
+
+/// A deadline passed on an open upstream: ping, or give up on it.
+fn upstream_deadline(c: &mut Conn, now: u64, t: &Timing) -> Option<CloseReason> {
+    let Proto::Upstream(u) = &mut c.proto else {
+        return None;
+    };
+    let source::UpStage::Open {
+        next_ping,
+        ping_sent,
+        ..
+    } = &mut u.stage
+    else {
+        return None;
+    };
+    if ping_sent.is_some_and(|s| s + t.ws_pong <= now) {
+        return Some(CloseReason::PingTimeout);
+    }
+    if let Some(every) = t.ws_ping {
+        if *next_ping <= now {
+            *next_ping = now + every;
+            if ping_sent.is_none() {
+                *ping_sent = Some(now);
+                source::send_frame(c, wsproto::OP_PING, b"");
+            }
+        }
+    }
+    None
+}
+
 /// A source that is down warns about dropped client messages at most this
 /// often.
 const SOURCE_WARN_EVERY: Duration = Duration::from_secs(60);
@@ -141,6 +193,10 @@ pub struct Core {
     members: SourceMembers,
     /// When each source's "down, dropping" warning was last logged.
     source_warned: Vec<Option<Instant>>,
+    /// The sources this core owns (index % workers == this core).
+    sources: Vec<SourceRt>,
+    /// Upstream connections whose connect completed this iteration.
+    connected: Vec<(usize, u64)>,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
     /// Admin requests waiting for the cores' replies.
@@ -277,6 +333,18 @@ impl Core {
                 unix: (0..cfg.sources.len()).map(|_| Default::default()).collect(),
             },
             source_warned: vec![None; cfg.sources.len()],
+            sources: (0..cfg.sources.len())
+                .filter(|i| i % cfg.workers == setup.index)
+                .map(|i| SourceRt {
+                    idx: i as u16,
+                    state: SrcState::Idle {
+                        retry_at: Instant::now(),
+                    },
+                    attempts: 0,
+                    opened_at: None,
+                })
+                .collect(),
+            connected: Vec::new(),
             selected: Vec::new(),
             pending: std::collections::HashMap::new(),
             next_req: 1,
@@ -337,6 +405,11 @@ impl Core {
                 }
                 if ev.is_writable() {
                     c.writable = true;
+                    if let Proto::Upstream(u) = &c.proto {
+                        if matches!(u.stage, source::UpStage::Connecting) {
+                            self.connected.push((t.0, c.gen));
+                        }
+                    }
                     if !c.out.is_empty() && !c.in_dirty {
                         c.in_dirty = true;
                         self.dirty.push((t.0, c.gen));
@@ -344,6 +417,7 @@ impl Core {
                 }
             }
 
+            self.upstreams_connected();
             if self.drain_deadline.is_none() && self.shared.shutdown.load(Ordering::Acquire) {
                 self.begin_drain(instant);
             }
@@ -357,6 +431,7 @@ impl Core {
             }
             self.apply_actions();
             self.run_timers();
+            self.drive_sources(instant);
             self.flush_dirty();
             self.reclaim_local_batch();
             let waited = self.mesh.flush();
@@ -458,6 +533,18 @@ impl Core {
                     self.mark_dirty(key);
                 }
                 Proto::Handshake(_) => self.close(key, CloseReason::Shutdown),
+                Proto::Upstream(ref u) if u.is_open() => {
+                    let before = c.out.bytes();
+                    source::send_frame(
+                        c,
+                        wsproto::OP_CLOSE,
+                        &wsproto::CLOSE_GOING_AWAY.to_be_bytes(),
+                    );
+                    c.begin_closing(CloseReason::Shutdown, self.now);
+                    self.queued += (c.out.bytes() - before) as u64;
+                    self.mark_dirty(key);
+                }
+                Proto::Upstream(_) => self.close(key, CloseReason::Shutdown),
                 Proto::Rely(_) | Proto::Admin(_) | Proto::Unix(_) => {}
             }
         }
@@ -718,6 +805,11 @@ impl Core {
                     slots.extend(set.iter().copied());
                 }
             }
+            Selector::SourceUnix(src) => {
+                if let Some(set) = self.members.unix.get(*src as usize) {
+                    slots.extend(set.iter().copied());
+                }
+            }
         }
         let mut n = 0;
         let mut text = Vec::new();
@@ -730,7 +822,11 @@ impl Core {
                 slot: slot as u32,
                 gen: c.gen,
             };
-            if Some(id) == f.exclude || c.closing.is_some() || !matches!(c.proto, Proto::Ws(_)) {
+            let kind_ok = match *f.selector {
+                Selector::SourceUnix(_) => matches!(c.proto, Proto::Unix(_)),
+                _ => matches!(c.proto, Proto::Ws(_)),
+            };
+            if Some(id) == f.exclude || c.closing.is_some() || !kind_ok {
                 continue;
             }
             let touched = match &f.op {
@@ -805,9 +901,45 @@ impl Core {
         true
     }
 
-    /// A client message for a source this core owns. Until the upstream is
-    /// open it is dropped and counted (warning at most once a minute).
-    fn send_upstream(&mut self, source: u16, _text: bool, _msg: &[u8]) {
+    /// A client message for a source this core owns: written upstream in
+    /// order if the source is open, else dropped and counted (warning at
+    /// most once a minute).
+    fn send_upstream(&mut self, source: u16, text: bool, msg: &[u8]) {
+        let open = self
+            .sources
+            .iter()
+            .find(|s| s.idx == source)
+            .and_then(|s| match s.state {
+                SrcState::Connected(id) => Some(id),
+                _ => None,
+            });
+        if let Some(id) = open {
+            let key = id.slot as usize;
+            if let Some(c) = self
+                .conns
+                .get_mut(key)
+                .filter(|c| c.gen == id.gen && c.closing.is_none())
+            {
+                if let Proto::Upstream(u) = &c.proto {
+                    if u.is_open() {
+                        let before = c.out.bytes();
+                        source::send_frame(
+                            c,
+                            if text {
+                                wsproto::OP_TEXT
+                            } else {
+                                wsproto::OP_BINARY
+                            },
+                            msg,
+                        );
+                        self.queued += (c.out.bytes() - before) as u64;
+                        self.shared.metrics[self.index].source_out.inc();
+                        self.mark_dirty(key);
+                        return;
+                    }
+                }
+            }
+        }
         let m = &self.shared.metrics[self.index];
         m.source_dropped.inc();
         let now = Instant::now();
@@ -823,6 +955,178 @@ impl Core {
                 log::warn!("source {url} is down: dropping client messages for it");
             }
         }
+    }
+
+    /// Sends the upgrade request on upstreams whose TCP connect completed.
+    fn upstreams_connected(&mut self) {
+        for (key, gen) in std::mem::take(&mut self.connected) {
+            let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == gen) else {
+                continue;
+            };
+            let Proto::Upstream(u) = &c.proto else {
+                continue;
+            };
+            let Some(cfg) = self.shared.cfg.sources.get(u.source as usize) else {
+                continue;
+            };
+            let before = c.out.bytes();
+            match source::on_connected(c, cfg) {
+                Ok(()) => {
+                    self.queued += (c.out.bytes() - before) as u64;
+                    self.mark_dirty(key);
+                }
+                Err(e) => {
+                    log::warn!("source {}: connect failed: {e}", cfg.url);
+                    self.close(key, CloseReason::IoError);
+                }
+            }
+        }
+    }
+
+    /// Starts connections whose retry time has come, and collects name
+    /// resolutions. Never blocks: host names resolve on a helper thread.
+    fn drive_sources(&mut self, now: Instant) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        for i in 0..self.sources.len() {
+            let idx = self.sources[i].idx as usize;
+            let cfg = &self.shared.cfg.sources[idx];
+            match &self.sources[i].state {
+                SrcState::Idle { retry_at } if *retry_at <= now => {
+                    let t = &cfg.target;
+                    if let Ok(ip) = t.host.parse::<std::net::IpAddr>() {
+                        self.connect_source(i, std::net::SocketAddr::new(ip, t.port));
+                    } else {
+                        let (tx, rx) = crossbeam_channel::bounded(1);
+                        let (host, port, shared, core) =
+                            (t.host.clone(), t.port, self.shared.clone(), self.index);
+                        let spawned = std::thread::Builder::new()
+                            .name("corerelay-resolve".into())
+                            .spawn(move || {
+                                use std::net::ToSocketAddrs;
+                                let r = (host.as_str(), port)
+                                    .to_socket_addrs()
+                                    .map(|a| a.collect::<Vec<_>>());
+                                let _ = tx.send(r);
+                                shared.inboxes[core].wake();
+                            });
+                        self.sources[i].state = match spawned {
+                            Ok(_) => SrcState::Resolving(rx),
+                            Err(_) => SrcState::Idle {
+                                retry_at: now + self.shared.cfg.performance.reconnect_delay,
+                            },
+                        };
+                    }
+                }
+                SrcState::Resolving(rx) => match rx.try_recv() {
+                    Ok(Ok(addrs)) if !addrs.is_empty() => self.connect_source(i, addrs[0]),
+                    Ok(r) => {
+                        log::warn!("source {}: cannot resolve: {:?}", cfg.url, r.err());
+                        let idx = self.sources[i].idx;
+                        self.source_down(idx, false);
+                    }
+                    Err(_) => {}
+                },
+                _ => {}
+            }
+        }
+    }
+
+    /// Opens a non-blocking connection to a source.
+    fn connect_source(&mut self, i: usize, addr: std::net::SocketAddr) {
+        let idx = self.sources[i].idx;
+        let cfg = &self.shared.cfg.sources[idx as usize];
+        let mut stream = match mio::net::TcpStream::connect(addr) {
+            Ok(s) => super::stream::Stream::Tcp(s),
+            Err(e) => {
+                log::warn!("source {}: connect to {addr}: {e}", cfg.url);
+                self.source_down(idx, false);
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("source {}: register: {e}", cfg.url);
+            self.source_down(idx, false);
+            return;
+        }
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let ticks = (cfg.connect_timeout.as_millis() as u64)
+            .div_ceil(TICK.as_millis() as u64)
+            .max(1);
+        let seed = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+        let state = source::UpstreamState {
+            source: idx,
+            stage: source::UpStage::Connecting,
+            deadline: self.now + ticks,
+            mask_seed: seed,
+        };
+        let mut conn = Conn::new(gen, stream, addr, Proto::Upstream(state), self.now);
+        conn.writable = false;
+        if let Some(due) = conn.due(&self.timing) {
+            conn.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
+        }
+        entry.insert(conn);
+        self.sources[i].state = SrcState::Connected(ConnId {
+            core: self.index as u16,
+            slot: key as u32,
+            gen,
+        });
+        self.sources[i].opened_at = Some(Instant::now());
+        log::debug!("source {}: connecting to {addr}", cfg.url);
+    }
+
+    /// The upstream connection of `source` is gone: schedule the next try
+    /// with capped exponential backoff and jitter. The attempt count resets
+    /// only after a connection stayed up a while, so a source that accepts
+    /// and closes at once backs off instead of spinning.
+    fn source_down(&mut self, source: u16, was_open: bool) {
+        let perf = &self.shared.cfg.performance;
+        let Some(s) = self.sources.iter_mut().find(|s| s.idx == source) else {
+            return;
+        };
+        let stable = was_open
+            && s.opened_at
+                .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION);
+        if stable {
+            s.attempts = 0;
+        }
+        s.attempts = s.attempts.saturating_add(1);
+        self.shared.metrics[self.index].source_reconnects.inc();
+        if perf.reconnect_max_attempts > 0 && s.attempts > perf.reconnect_max_attempts {
+            log::error!(
+                "source {source}: giving up after {} attempts",
+                perf.reconnect_max_attempts
+            );
+            s.state = SrcState::Failed;
+            return;
+        }
+        let base = perf.reconnect_delay.as_secs_f64()
+            * 2f64.powi(s.attempts.saturating_sub(1).min(30) as i32);
+        let capped = base.min(
+            perf.reconnect_max_delay
+                .as_secs_f64()
+                .max(perf.reconnect_delay.as_secs_f64()),
+        );
+        // Jitter: between half and all of the delay (from the OS randomness
+        // already drawn for masks; precision does not matter here).
+        let r = (uuid::Uuid::new_v4().as_u64_pair().1 >> 11) as f64 / (1u64 << 53) as f64;
+        let delay = Duration::from_secs_f64(capped * (0.5 + 0.5 * r));
+        s.state = SrcState::Idle {
+            retry_at: Instant::now() + delay,
+        };
+        log::debug!(
+            "source {source}: retry in {delay:?} (attempt {})",
+            s.attempts
+        );
     }
 
     /// Starts an admin request on every core.
@@ -1142,6 +1446,7 @@ impl Core {
                                 None
                             }
                             Proto::Unix(_) => source::on_unix_bytes(conn, input, &mut cx),
+                            Proto::Upstream(_) => source::on_upstream_bytes(conn, input, &mut cx),
                         };
                         if let Some(r) = r {
                             close = Some(r);
@@ -1255,6 +1560,11 @@ impl Core {
                     }
                     (Proto::Admin(_), None) => Some(CloseReason::Idle),
                     (Proto::Unix(_), None) => None,
+                    (Proto::Upstream(u), None) if !u.is_open() => {
+                        log::warn!("source {}: connect/upgrade timed out", u.source);
+                        Some(CloseReason::HandshakeTimeout)
+                    }
+                    (Proto::Upstream(_), None) => upstream_deadline(c, now, &self.timing),
                     (Proto::Handshake(_), None) => {
                         log::debug!("{}: WebSocket handshake timeout", c.peer);
                         self.shared.metrics[self.index].ws_handshake_timeouts.inc();
@@ -1363,6 +1673,10 @@ impl Core {
                 if let Some(set) = self.members.unix.get_mut(u.source as usize) {
                     set.remove(&key);
                 }
+            }
+            Proto::Upstream(u) => {
+                let (source, was_open) = (u.source, u.is_open());
+                self.source_down(source, was_open);
             }
             _ => {}
         }

@@ -24,6 +24,8 @@ pub enum Selector {
     /// The WebSocket clients of upstream source `n` (not reachable from a
     /// query).
     Source(u16),
+    /// The Unix clients of upstream source `n` (owner core only).
+    SourceUnix(u16),
 }
 
 impl Selector {

@@ -148,6 +148,17 @@ pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends a client (masked) frame.
+pub fn encode_masked(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    let start = out.len();
+    encode_header(out, opcode, true, payload.len());
+    out[start + 1] |= 0x80;
+    out.extend_from_slice(&mask);
+    let at = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[at..], mask, 0);
+}
+
 /// Appends a close frame with `code` and a reason (truncated to fit 125).
 pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     let mut r = reason.as_bytes();
@@ -239,6 +250,8 @@ pub struct Decoder {
     /// UTF-8 state of the text message being received.
     utf8: Utf8Stream,
     max_message: usize,
+    /// Decoding a server's frames (as a client): they must be unmasked.
+    from_server: bool,
 }
 
 enum Step {
@@ -256,7 +269,8 @@ enum Step {
 }
 
 impl Decoder {
-    /// A decoder enforcing `max_message` bytes per message.
+    /// A server's decoder of client frames (masked), enforcing
+    /// `max_message` bytes per message.
     pub fn new(max_message: usize) -> Self {
         Decoder {
             partial: Vec::new(),
@@ -265,6 +279,15 @@ impl Decoder {
             open: None,
             utf8: Utf8Stream::default(),
             max_message,
+            from_server: false,
+        }
+    }
+
+    /// A client's decoder of server frames (unmasked).
+    pub fn client(max_message: usize) -> Self {
+        Decoder {
+            from_server: true,
+            ..Decoder::new(max_message)
         }
     }
 
@@ -288,8 +311,12 @@ impl Decoder {
         if header.rsv1 || header.rsv2 || header.rsv3 {
             return Err(WsError::Protocol("reserved bits set without an extension"));
         }
-        if header.mask.is_none() {
-            return Err(WsError::Protocol("client frame not masked"));
+        if header.mask.is_some() == self.from_server {
+            return Err(WsError::Protocol(if self.from_server {
+                "server frame masked"
+            } else {
+                "client frame not masked"
+            }));
         }
         let control = matches!(header.opcode, OpCode::Control(_));
         if control {
@@ -683,6 +710,55 @@ mod tests {
                 assert_eq!(ok, want, "{s:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn client_mode_reads_unmasked_server_frames() {
+        let mut f = Vec::new();
+        encode_frame(&mut f, OP_TEXT, b"from server");
+        let mut d = Decoder::client(100);
+        let mut got = vec![];
+        d.feed(&mut f.clone(), |e| {
+            got.push(format!("{e:?}"));
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![format!(
+                "{:?}",
+                Event::Message {
+                    text: true,
+                    data: b"from server"
+                }
+            )]
+        );
+        let masked = client_frame(OP_TEXT, true, b"x");
+        assert!(
+            Decoder::client(100)
+                .feed(&mut masked.clone(), |_| true)
+                .is_err(),
+            "servers do not mask"
+        );
+        let mut m = Vec::new();
+        encode_masked(&mut m, OP_BINARY, b"abc", [1, 2, 3, 4]);
+        let mut got = vec![];
+        Decoder::new(100)
+            .feed(&mut m, |e| {
+                got.push(format!("{e:?}"));
+                true
+            })
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![format!(
+                "{:?}",
+                Event::Message {
+                    text: false,
+                    data: b"abc"
+                }
+            )]
+        );
     }
 
     #[test]

@@ -11,6 +11,11 @@ use corerelay::client::rely::RelyClient;
 use corerelay::config::Config;
 use corerelay::{Server, ServerHandle};
 
+/// Logs to the test output when RUST_LOG is set (e.g. RUST_LOG=debug).
+pub fn init_log() {
+    let _ = env_logger::builder().is_test(true).try_init();
+}
+
 /// Generous bound for anything that should happen "at once".
 pub const WAIT: Duration = Duration::from_secs(5);
 
