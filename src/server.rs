@@ -151,6 +151,7 @@ impl Server {
             directory: Directory::new(workers),
             inboxes: inboxes.into(),
             metrics: (0..workers).map(|_| CoreMetrics::default()).collect(),
+            sources: cfg.sources.iter().map(|_| Default::default()).collect(),
             shutdown: AtomicBool::new(false),
             quiesced: AtomicUsize::new(0),
             cfg,

@@ -201,7 +201,7 @@ mod upstream {
 
 fn source_config(url: &str, sock: &std::path::Path, delay: &str) -> Config {
     let yaml = format!(
-        "workers: 2\npin: false\nrely:\n  listen: []\nsources:\n  - url: \"{url}\"\n    headers:\n      Authorization: \"Bearer sekrit\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\nperformance:\n  reconnect_delay: {delay}\n",
+        "workers: 2\npin: false\nrely:\n  listen: []\nadmin:\n  listen: [\"127.0.0.1:0\"]\nsources:\n  - url: \"{url}\"\n    headers:\n      Authorization: \"Bearer sekrit\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\nperformance:\n  reconnect_delay: {delay}\n",
         sock.display()
     );
     Config::from_yaml(&yaml, None).expect("config")
@@ -287,6 +287,26 @@ fn upstream_fans_out_and_clients_talk_back() {
     // read must not be mistaken for frames.
     assert_eq!(server.metrics().source_reconnects, 0);
     assert_eq!(feed.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Sources in /status and /metrics.
+    let admin = server.admin_addrs()[0];
+    let status = http(admin, "GET", "/status", &[], b"").text();
+    let url = format!("ws://{}/feed?x=1", feed.addr);
+    assert!(
+        status.contains(&format!(
+            "source={url} state=up messages_in=2 messages_out=3 dropped=0 reconnects=0"
+        )),
+        "{status}"
+    );
+    let metrics = http(admin, "GET", "/metrics", &[], b"").text();
+    assert!(
+        metrics.contains(&format!(
+            "corerelay_source_up_by_source{{source=\"{url}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "corerelay_source_messages_in_by_source{{source=\"{url}\"}} 2"
+    )));
 }
 
 #[test]

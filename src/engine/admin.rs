@@ -185,7 +185,9 @@ fn handle(
             return respond(conn, "200 OK", text, b"ready\n", keep_alive, now)
         }
         ("GET", "/metrics") => {
-            let body = metrics::prometheus(cx.all_metrics);
+            let mut body = metrics::prometheus(cx.all_metrics);
+            let urls: Vec<String> = cx.cfg.sources.iter().map(|s| s.url.clone()).collect();
+            metrics::prometheus_sources(&mut body, &urls, cx.sources);
             return respond(
                 conn,
                 "200 OK",

@@ -22,7 +22,7 @@ use super::conn::{admit, CloseReason, Conn, Proto, Queued, RelyState, Timing, Un
 use super::directory::{Directory, LookupCache};
 use super::listener::{ListenSock, Listener, ListenerKind};
 use super::mesh::{Batch, Inbox, Item, Outgoing};
-use super::metrics::CoreMetrics;
+use super::metrics::{CoreMetrics, SourceStatus};
 use super::outbox::{Chunk, Flush};
 use super::route::{
     Actions, AdminCall, Ctx, FanOp, Fanout, Local, ReplyTo, SourceMembers, SHARE_FRAME_ACROSS_CORES,
@@ -122,6 +122,8 @@ pub struct Shared {
     pub inboxes: Arc<[Inbox]>,
     /// One counter set per core.
     pub metrics: Box<[CoreMetrics]>,
+    /// One status per upstream source (written by its owner core).
+    pub sources: Box<[super::metrics::SourceStatus]>,
     /// Set once to begin a graceful shutdown.
     pub shutdown: AtomicBool,
     /// Draining cores that will never send to another core again (they have
@@ -934,6 +936,7 @@ impl Core {
                         );
                         self.queued += (c.out.bytes() - before) as u64;
                         self.shared.metrics[self.index].source_out.inc();
+                        self.shared.sources[source as usize].messages_out.inc();
                         self.mark_dirty(key);
                         return;
                     }
@@ -942,6 +945,9 @@ impl Core {
         }
         let m = &self.shared.metrics[self.index];
         m.source_dropped.inc();
+        if let Some(st) = self.shared.sources.get(source as usize) {
+            st.dropped.inc();
+        }
         let now = Instant::now();
         if let Some(w) = self.source_warned.get_mut(source as usize) {
             if w.is_none_or(|t| now.duration_since(t) >= SOURCE_WARN_EVERY) {
@@ -1011,6 +1017,7 @@ impl Core {
                                 let _ = tx.send(r);
                                 shared.inboxes[core].wake();
                             });
+                        self.shared.sources[idx].state.set(SourceStatus::RESOLVING);
                         self.sources[i].state = match spawned {
                             Ok(_) => SrcState::Resolving(rx),
                             Err(_) => SrcState::Idle {
@@ -1081,6 +1088,9 @@ impl Core {
             gen,
         });
         self.sources[i].opened_at = Some(Instant::now());
+        self.shared.sources[idx as usize]
+            .state
+            .set(SourceStatus::CONNECTING);
         log::debug!("source {}: connecting to {addr}", cfg.url);
     }
 
@@ -1101,12 +1111,16 @@ impl Core {
         }
         s.attempts = s.attempts.saturating_add(1);
         self.shared.metrics[self.index].source_reconnects.inc();
+        let status = &self.shared.sources[source as usize];
+        status.reconnects.inc();
+        status.state.set(SourceStatus::DOWN);
         if perf.reconnect_max_attempts > 0 && s.attempts > perf.reconnect_max_attempts {
             log::error!(
                 "source {source}: giving up after {} attempts",
                 perf.reconnect_max_attempts
             );
             s.state = SrcState::Failed;
+            status.state.set(SourceStatus::FAILED);
             return;
         }
         let base = perf.reconnect_delay.as_secs_f64()
@@ -1197,6 +1211,37 @@ impl Core {
             return;
         };
         let before = c.out.bytes();
+        let mut p = p;
+        // Sources are listed after the connections.
+        for (cfg, st) in self
+            .shared
+            .cfg
+            .sources
+            .iter()
+            .zip(self.shared.sources.iter())
+        {
+            if !p.status {
+                break;
+            }
+            let (url, state) = (&cfg.url, st.state_name());
+            let (i, o, d, r) = (
+                st.messages_in.get(),
+                st.messages_out.get(),
+                st.dropped.get(),
+                st.reconnects.get(),
+            );
+            if p.json {
+                let v = serde_json::json!({"source": url, "state": state, "messages_in": i, "messages_out": o, "dropped": d, "reconnects": r});
+                if !p.text.is_empty() {
+                    p.text.push(b',');
+                }
+                p.text.extend_from_slice(v.to_string().as_bytes());
+            } else {
+                p.text.extend_from_slice(
+                    format!("source={url} state={state} messages_in={i} messages_out={o} dropped={d} reconnects={r}\n").as_bytes(),
+                );
+            }
+        }
         if p.status && p.json {
             let mut body = Vec::with_capacity(p.text.len() + 2);
             body.push(b'[');
@@ -1400,6 +1445,7 @@ impl Core {
                 now: self.now,
                 timing: self.timing,
                 all_metrics: &self.shared.metrics,
+                sources: &self.shared.sources,
                 draining: self.drain_deadline.is_some(),
             };
             let queued_before = conn.out.bytes();

@@ -147,6 +147,69 @@ metrics! {
     admin_errors,
 }
 
+/// One upstream source's state and counters, written by its owner core.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    /// [`SourceStatus::STATES`] index.
+    pub state: Counter,
+    /// Messages received from the source.
+    pub messages_in: Counter,
+    /// Client messages written to the source.
+    pub messages_out: Counter,
+    /// Client messages dropped while it was down.
+    pub dropped: Counter,
+    /// Connections lost (each followed by a reconnect, unless failed).
+    pub reconnects: Counter,
+}
+
+impl SourceStatus {
+    /// State names by index.
+    pub const STATES: [&'static str; 5] = ["down", "resolving", "connecting", "up", "failed"];
+    /// Waiting to reconnect.
+    pub const DOWN: u64 = 0;
+    /// Resolving the host.
+    pub const RESOLVING: u64 = 1;
+    /// Connecting or upgrading.
+    pub const CONNECTING: u64 = 2;
+    /// Open.
+    pub const UP: u64 = 3;
+    /// reconnect_max_attempts reached.
+    pub const FAILED: u64 = 4;
+
+    /// The state's name.
+    pub fn state_name(&self) -> &'static str {
+        Self::STATES
+            .get(self.state.get() as usize)
+            .copied()
+            .unwrap_or("down")
+    }
+}
+
+/// Prometheus lines for sources (label: the URL).
+pub fn prometheus_sources(out: &mut String, urls: &[String], sources: &[SourceStatus]) {
+    use std::fmt::Write;
+    let series: [(&str, &str, fn(&SourceStatus) -> u64); 5] = [
+        ("source_up", "gauge", |s| {
+            u64::from(s.state.get() == SourceStatus::UP)
+        }),
+        ("source_messages_in", "counter", |s| s.messages_in.get()),
+        ("source_messages_out", "counter", |s| s.messages_out.get()),
+        ("source_dropped", "counter", |s| s.dropped.get()),
+        ("source_reconnects", "counter", |s| s.reconnects.get()),
+    ];
+    for (name, kind, f) in series {
+        let _ = writeln!(out, "# TYPE corerelay_{name}_by_source {kind}");
+        for (url, s) in urls.iter().zip(sources) {
+            let url = url.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "corerelay_{name}_by_source{{source=\"{url}\"}} {}",
+                f(s)
+            );
+        }
+    }
+}
+
 /// Counters that are levels, not totals.
 const GAUGES: [&str; 3] = ["connections", "queued_bytes", "mesh_queue_depth"];
 

@@ -164,6 +164,8 @@ pub struct Ctx<'a> {
     pub timing: Timing,
     /// Every core's counters (for /metrics).
     pub all_metrics: &'a [CoreMetrics],
+    /// Every source's state and counters.
+    pub sources: &'a [super::metrics::SourceStatus],
     /// The server is shutting down (/ready answers 503).
     pub draining: bool,
 }

@@ -213,6 +213,9 @@ pub fn on_upstream_bytes(
             ping_sent: None,
         };
         log::info!("source {}: connected", cfg.url);
+        if let Some(st) = cx.sources.get(source as usize) {
+            st.state.set(super::metrics::SourceStatus::UP);
+        }
     }
     // After the upgrade only what followed the response head is frames;
     // the input itself was the response.
@@ -238,6 +241,9 @@ pub fn on_upstream_bytes(
     let res = decoder.feed(input, |ev| match ev {
         ws::Event::Message { text, data } => {
             cx.metrics.source_in.inc();
+            if let Some(st) = cx.sources.get(source as usize) {
+                st.messages_in.inc();
+            }
             source_message(cx, source, cfg, text, data);
             if cfg.echo_upstream {
                 replies.push((
