@@ -185,10 +185,13 @@ impl SourceStatus {
     }
 }
 
+/// (name, Prometheus type, value) of one per-source series.
+type Series = (&'static str, &'static str, fn(&SourceStatus) -> u64);
+
 /// Prometheus lines for sources (label: the URL).
 pub fn prometheus_sources(out: &mut String, urls: &[String], sources: &[SourceStatus]) {
     use std::fmt::Write;
-    let series: [(&str, &str, fn(&SourceStatus) -> u64); 5] = [
+    let series: [Series; 5] = [
         ("source_up", "gauge", |s| {
             u64::from(s.state.get() == SourceStatus::UP)
         }),
