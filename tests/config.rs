@@ -78,6 +78,47 @@ fn example_websocket_block_is_valid() {
     }
 }
 
+/// The commented sources block of the example, uncommented, is valid,
+/// documents every key, and reads like Veylor's own config.
+#[test]
+fn example_sources_block_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example"))
+        .unwrap();
+    let start = text.find("#sources:").expect("sources block");
+    let end = text
+        .find("# --- end of the sources section")
+        .expect("end marker");
+    let block: String = text[start..end]
+        .lines()
+        .map(|l| l.strip_prefix('#').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
+    assert_eq!(cfg.sources.len(), 1);
+    assert_eq!(cfg.performance.max_queue_size, 1000);
+    for key in [
+        "url",
+        "headers",
+        "websocket_port",
+        "websocket_host",
+        "unix_socket_path",
+        "unix_socket_mode",
+        "force_binary",
+        "echo_upstream",
+        "max_message_size",
+        "connect_timeout",
+        "max_queue_size",
+        "reconnect_delay",
+        "reconnect_max_delay",
+        "reconnect_max_attempts",
+    ] {
+        assert!(
+            block.contains(&format!("{key}:")),
+            "example documents {key}"
+        );
+    }
+}
+
 #[test]
 fn errors_name_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("corerelay-cfg-{}", std::process::id()));
