@@ -274,6 +274,9 @@ pub struct SourceFile {
     pub max_message_size: Option<Size>,
     /// Connect and upgrade deadline.
     pub connect_timeout: Option<Dur>,
+    /// PEM file of CA certificates to trust for wss:// (a private feed);
+    /// default: the Mozilla roots (webpki-roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Veylor's `performance:` section.
@@ -503,6 +506,39 @@ pub struct SourceConfig {
     pub max_message_size: usize,
     /// Connect and upgrade deadline.
     pub connect_timeout: Duration,
+    /// TLS client settings for wss:// (None for ws://).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// The TLS client settings for a wss:// source: rustls with the ring
+/// provider, trusting `ca_file` if given, else the Mozilla roots.
+pub fn tls_client_config(
+    ca_file: Option<&Path>,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(p) => {
+            let certs =
+                CertificateDer::pem_file_iter(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            for c in certs {
+                let c = c.map_err(|e| format!("{}: {e}", p.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{}: no certificate found", p.display()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 /// Validated `performance:` settings.
@@ -929,13 +965,11 @@ impl FileConfig {
         for (i, s) in self.sources.unwrap_or_default().into_iter().enumerate() {
             let key = |k: &str| format!("sources[{i}].{k}");
             let target = WsUrl::parse(&s.url).map_err(|e| err(&key("url"), e))?;
-            if target.tls {
-                return Err(err(
-                    &key("url"),
-                    "wss:// is not supported yet (TLS arrives in the next release); use ws://"
-                        .into(),
-                ));
-            }
+            let tls = if target.tls {
+                Some(tls_client_config(s.ca_file.as_deref()).map_err(|e| err(&key("ca_file"), e))?)
+            } else {
+                None
+            };
             let host: std::net::IpAddr = s
                 .websocket_host
                 .as_deref()
@@ -983,6 +1017,7 @@ impl FileConfig {
                 connect_timeout: s
                     .connect_timeout
                     .map_or(DEFAULT_SOURCE_CONNECT_TIMEOUT, |d| d.0),
+                tls,
             });
         }
         Ok(Config {

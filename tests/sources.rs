@@ -370,3 +370,96 @@ fn instantly_closing_source_backs_off() {
     assert!((2..=7).contains(&n), "{n} connection attempts in 1.5 s");
     assert!(server.metrics().source_reconnects >= 1);
 }
+
+/// A wss:// upstream with a certificate from a private CA the test makes.
+#[test]
+fn wss_source_trusts_its_ca_file_and_nothing_else() {
+    use std::sync::Arc;
+    use tungstenite::Message;
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+    let dir = std::env::temp_dir().join(format!("corerelay-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der());
+    let server_cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key.into())
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (got_tx, got_rx) = std::sync::mpsc::channel::<Message>();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acc = accepted.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let conn = rustls::ServerConnection::new(server_cfg.clone()).unwrap();
+            let Ok(mut ws) = tungstenite::accept(rustls::StreamOwned::new(conn, tcp)) else {
+                continue;
+            };
+            acc.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if go_rx.recv_timeout(WAIT).is_err() {
+                return;
+            }
+            ws.send(Message::Text("secure hello".into())).unwrap();
+            while let Ok(m) = ws.read() {
+                if m.is_text() || m.is_binary() {
+                    let _ = got_tx.send(m);
+                }
+            }
+        }
+    });
+    let path = tmp_sock("wss");
+    let yaml = |ca_line: &str| {
+        format!(
+            "workers: 2\npin: false\nrely:\n  listen: []\nsources:\n  - url: \"wss://{addr}/secure\"\n{ca_line}    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\nperformance:\n  reconnect_delay: 100ms\n",
+            path.display()
+        )
+    };
+    let cfg =
+        Config::from_yaml(&yaml(&format!("    ca_file: \"{}\"\n", ca.display())), None).unwrap();
+    let server = Server::start(cfg).expect("start");
+    wait_until(
+        || accepted.load(std::sync::atomic::Ordering::SeqCst) == 1,
+        "TLS upgrade done",
+    );
+    let mut c = WsRaw::connect(server.source_ws_addrs()[0], "/");
+    wait_until(|| server.metrics().ws_upgrades == 1, "client in");
+    go_tx.send(()).unwrap();
+    let f = c.read().unwrap();
+    assert_eq!(
+        (f.opcode, f.payload.as_slice()),
+        (0x1, &b"secure hello"[..])
+    );
+    c.send(0x1, true, b"secure up");
+    assert_eq!(
+        got_rx.recv_timeout(WAIT).unwrap(),
+        Message::Text("secure up".into())
+    );
+    drop(c);
+    drop(server);
+
+    // Without the CA file the Mozilla roots do not know this certificate:
+    // the handshake fails, the source never comes up, and it backs off.
+    let cfg = Config::from_yaml(&yaml(""), None).unwrap();
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let server = Server::start(cfg).expect("start");
+    wait_until(
+        || server.metrics().source_reconnects >= 2,
+        "failed handshakes retried",
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "no upgrade over an untrusted certificate"
+    );
+    assert_eq!(server.metrics().source_in, 0);
+}

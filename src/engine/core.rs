@@ -412,7 +412,9 @@ impl Core {
                             self.connected.push((t.0, c.gen));
                         }
                     }
-                    if !c.out.is_empty() && !c.in_dirty {
+                    // TLS may hold encrypted bytes with an empty outbox.
+                    let tls = matches!(c.stream, super::stream::Stream::Tls(_));
+                    if (!c.out.is_empty() || tls) && !c.in_dirty {
                         c.in_dirty = true;
                         self.dirty.push((t.0, c.gen));
                     }
@@ -1044,8 +1046,21 @@ impl Core {
     fn connect_source(&mut self, i: usize, addr: std::net::SocketAddr) {
         let idx = self.sources[i].idx;
         let cfg = &self.shared.cfg.sources[idx as usize];
-        let mut stream = match mio::net::TcpStream::connect(addr) {
-            Ok(s) => super::stream::Stream::Tcp(s),
+        let connected = mio::net::TcpStream::connect(addr).and_then(|tcp| match &cfg.tls {
+            None => Ok(super::stream::Stream::Tcp(tcp)),
+            Some(tls) => {
+                // SNI and certificate name: the URL's host.
+                let name = rustls::pki_types::ServerName::try_from(cfg.target.host.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let conn =
+                    rustls::ClientConnection::new(tls.clone(), name).map_err(io::Error::other)?;
+                Ok(super::stream::Stream::Tls(Box::new(
+                    super::stream::TlsStream { tcp, tls: conn },
+                )))
+            }
+        });
+        let mut stream = match connected {
+            Ok(s) => s,
             Err(e) => {
                 log::warn!("source {}: connect to {addr}: {e}", cfg.url);
                 self.source_down(idx, false);
@@ -1662,7 +1677,17 @@ impl Core {
                 Ok((n, status)) => {
                     self.queued -= n as u64;
                     self.shared.metrics[self.index].bytes_out.add(n as u64);
-                    if status == Flush::WouldBlock {
+                    // TLS streams may still hold encrypted bytes.
+                    let held = match std::io::Write::flush(&mut c.stream) {
+                        Ok(()) => false,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                        Err(e) => {
+                            log::debug!("{}: write error: {e}", c.peer);
+                            self.close(key, CloseReason::IoError);
+                            continue;
+                        }
+                    };
+                    if status == Flush::WouldBlock || held {
                         c.writable = false;
                         c.out.detach_slices();
                     } else if let Some(closing) = c.closing.as_mut() {

@@ -16,6 +16,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// A Unix stream connection.
     Unix(UnixStream),
+    /// A TLS client connection (wss:// sources).
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
@@ -24,6 +26,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(s) => s.tcp.shutdown(how),
         }
     }
 
@@ -32,6 +35,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nodelay(on),
             Stream::Unix(_) => Ok(()),
+            Stream::Tls(s) => s.tcp.set_nodelay(on),
         }
     }
 
@@ -40,6 +44,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.take_error(),
             Stream::Unix(s) => s.take_error(),
+            Stream::Tls(s) => s.tcp.take_error(),
         }
     }
 }
@@ -50,6 +55,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -60,6 +66,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     #[inline]
@@ -67,10 +74,20 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            // rustls takes one buffer at a time; the outbox calls again.
+            Stream::Tls(s) => s.write(
+                bufs.iter()
+                    .find(|b| !b.is_empty())
+                    .map_or(&[][..], |b| &b[..]),
+            ),
         }
     }
+    /// Writes what TLS still holds (a no-op for plain sockets).
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(s) => s.flush_tls(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -79,18 +96,83 @@ impl Source for Stream {
         match self {
             Stream::Tcp(s) => s.register(r, t, i),
             Stream::Unix(s) => s.register(r, t, i),
+            Stream::Tls(s) => s.tcp.register(r, t, i),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.reregister(r, t, i),
             Stream::Unix(s) => s.reregister(r, t, i),
+            Stream::Tls(s) => s.tcp.reregister(r, t, i),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.deregister(r),
             Stream::Unix(s) => s.deregister(r),
+            Stream::Tls(s) => s.tcp.deregister(r),
         }
+    }
+}
+
+/// A TLS client connection over a non-blocking TCP socket (wss:// sources).
+/// rustls is sans-io: records are read from and written to the socket
+/// here, so the engine's read and flush paths stay the same.
+#[derive(Debug)]
+pub struct TlsStream {
+    /// The socket.
+    pub tcp: TcpStream,
+    /// The TLS state.
+    pub tls: rustls::ClientConnection,
+}
+
+impl TlsStream {
+    /// Writes pending TLS records (handshake, encrypted data) to the
+    /// socket; `WouldBlock` if the socket is full.
+    pub fn flush_tls(&mut self) -> io::Result<()> {
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut self.tcp)?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Bounded: each turn either returns or consumes socket bytes until
+        // the socket would block.
+        loop {
+            match self.tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if self.tls.read_tls(&mut self.tcp)? == 0 {
+                return Ok(0);
+            }
+            self.tls
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            // Handshake replies and data buffered before the handshake ended.
+            match self.flush_tls() {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Take no more plaintext while encrypted bytes wait for the socket.
+        self.flush_tls()?;
+        let n = self.tls.writer().write(buf)?;
+        match self.flush_tls() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(n),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_tls()
     }
 }
