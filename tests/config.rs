@@ -107,6 +107,7 @@ fn example_sources_block_is_valid() {
         "echo_upstream",
         "max_message_size",
         "connect_timeout",
+        "ca_file",
         "max_queue_size",
         "reconnect_delay",
         "reconnect_max_delay",
