@@ -463,3 +463,43 @@ fn wss_source_trusts_its_ca_file_and_nothing_else() {
     );
     assert_eq!(server.metrics().source_in, 0);
 }
+
+/// max_queue_size bounds what a client that never reads can hold: it is
+/// cut (disconnect policy) while the others keep receiving everything.
+#[test]
+fn slow_source_client_is_bounded_by_max_queue_size() {
+    use tungstenite::Message;
+    let feed = upstream::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let path = tmp_sock("slowq");
+    let mut cfg = source_config(&format!("ws://{}/", feed.addr), &path, "100ms");
+    cfg.performance.max_queue_size = 50;
+    let server = Server::start(cfg).expect("start");
+    wait_until(
+        || feed.accepted.load(std::sync::atomic::Ordering::SeqCst) == 1,
+        "connected",
+    );
+    let ws = server.source_ws_addrs()[0];
+    // A client with a tiny receive buffer that never reads.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&ws.into()).unwrap();
+    let mut slow: std::net::TcpStream = sock.into();
+    slow.write_all(WsRaw::request("/").as_bytes()).unwrap();
+    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    let mut reader = WsRaw::connect(ws, "/");
+    wait_until(|| server.metrics().ws_upgrades == 2, "both in");
+    let payload = "y".repeat(16 * 1024);
+    const N: usize = 600;
+    for i in 0..N {
+        feed.tx.send(Message::Text(payload.clone().into())).unwrap();
+        // The reader keeps up as it goes.
+        let f = reader.read().unwrap();
+        assert_eq!(f.payload.len(), payload.len(), "message {i}");
+    }
+    wait_until(
+        || server.metrics().slow_consumer_disconnect == 1,
+        "slow client cut",
+    );
+    // Its queue never held more than max_queue_size messages' worth.
+    assert!(server.metrics().queued_bytes <= 64 * 16 * 1024);
+}

@@ -82,6 +82,9 @@ struct Args {
     /// ws-fanout: subscribers.
     #[arg(long, default_value_t = 1000)]
     subs: usize,
+    /// source-fanout: Unix-socket subscribers.
+    #[arg(long, default_value_t = 100)]
+    unix_subs: usize,
     /// WebSocket server address for ws modes (ignored with --inproc). It
     /// must serve /echo (on_message: echo) and /fan/{id} (broadcast on a
     /// fixed tag).
@@ -104,6 +107,9 @@ enum Mode {
     WsEcho,
     /// One publisher, `--subs` subscribers on a broadcast endpoint.
     WsFanout,
+    /// An upstream source (served by the tool) fanned out to `--subs`
+    /// WebSocket and `--unix-subs` Unix clients (always --inproc).
+    SourceFanout,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -698,6 +704,11 @@ fn main() {
         eprintln!("corerelay-bench: --inproc runs corerelay; use --target/--pid for redis");
         std::process::exit(2);
     }
+    if a.mode == Mode::SourceFanout {
+        // It builds its own in-process server around the feed it serves.
+        source_fanout(&a);
+        std::process::exit(0);
+    }
     let s = setup(&a);
     match a.mode {
         Mode::Pingpong => pingpong(&a, &s),
@@ -705,6 +716,7 @@ fn main() {
         Mode::Conns => conns(&a, &s),
         Mode::WsEcho => ws_echo(&a, &s),
         Mode::WsFanout => ws_fanout(&a, &s),
+        Mode::SourceFanout => source_fanout(&a),
     }
     // Client threads may still hold sockets; exit without a graceful drain.
     std::process::exit(0);
@@ -852,4 +864,114 @@ fn ws_fanout(a: &Args, s: &Setup) {
             }
         }
     }
+}
+
+/// One upstream source at full rate to WebSocket and Unix clients.
+fn source_fanout(a: &Args) {
+    use std::sync::atomic::AtomicBool as Flag;
+    let epoch = Instant::now();
+    let subs = a.subs + a.unix_subs;
+    let (delivered_fb, published, go, stop_feed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(Flag::new(false)),
+        Arc::new(Flag::new(false)),
+    );
+    let feed = ws::feed_server(
+        epoch,
+        a.payload,
+        a.window,
+        subs as u64,
+        delivered_fb.clone(),
+        published.clone(),
+        go.clone(),
+        stop_feed.clone(),
+    )
+    .unwrap_or_else(|e| exit_err("feed", e));
+    let sock = std::env::temp_dir().join(format!("corerelay-bench-{}.sock", std::process::id()));
+    let yaml = format!(
+        "workers: {}\nbusy_poll: {}\nrely:\n  listen: []\nwebsocket:\n  listen: []\n  ping_interval: 0\n  max_output_bytes: 64MiB\n  endpoints:\n    - path: /unused\nadmin:\n  listen: []\nsources:\n  - url: \"ws://{feed}/\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\nperformance:\n  max_queue_size: 1000000\n",
+        a.inproc.unwrap_or(2),
+        a.busy_poll,
+        sock.display()
+    );
+    let cfg = Config::from_yaml(&yaml, None).unwrap_or_else(|e| exit_err("config", e));
+    let server = Server::start(cfg).unwrap_or_else(|e| exit_err("start", e));
+    let ws_addr = server.source_ws_addrs()[0];
+    let mut clients = Vec::with_capacity(subs);
+    for _ in 0..a.subs {
+        let c = ws::WsConn::connect(ws_addr, "/").unwrap_or_else(|e| exit_err("ws connect", e));
+        let _ = c.s.set_nonblocking(true);
+        clients.push(ws::Client::Ws(mio::net::TcpStream::from_std(c.s)));
+    }
+    for _ in 0..a.unix_subs {
+        let u = std::os::unix::net::UnixStream::connect(&sock)
+            .unwrap_or_else(|e| exit_err("unix connect", e));
+        let _ = u.set_nonblocking(true);
+        clients.push(ws::Client::Unix(mio::net::UnixStream::from_std(u)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (server.metrics().ws_upgrades as usize) < a.subs
+        || (server.metrics().accepted as usize) < subs
+    {
+        if Instant::now() > deadline {
+            exit_err("setup", "clients did not all connect");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = ws::readers(epoch, clients).unwrap_or_else(|e| exit_err("readers", e));
+    // The feed's window follows the readers' delivery count.
+    let (d, fb, st) = (r.delivered.clone(), delivered_fb.clone(), stop_feed.clone());
+    let mirror = std::thread::spawn(move || {
+        while !st.load(Ordering::Relaxed) {
+            fb.store(d.load(Ordering::Relaxed), Ordering::Relaxed);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+    go.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(a.warmup));
+    let srv0 = server_cpu(None, true);
+    let (d0, p0) = (
+        r.delivered.load(Ordering::Relaxed),
+        published.load(Ordering::Relaxed),
+    );
+    r.measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(a.duration));
+    r.measuring.store(false, Ordering::Relaxed);
+    let el = t0.elapsed().as_secs_f64();
+    let (d1, p1) = (
+        r.delivered.load(Ordering::Relaxed),
+        published.load(Ordering::Relaxed),
+    );
+    let srv = server_cpu(None, true).zip(srv0).map(|(b, a)| b - a);
+    stop_feed.store(true, Ordering::Relaxed);
+    r.stop.store(true, Ordering::Relaxed);
+    let _ = r.thread.join();
+    let _ = mirror.join();
+    let h = r
+        .hist
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| Histogram::new(3).expect("sigfig"));
+    let delivered = d1 - d0;
+    let rate = delivered as f64 / el;
+    let ns = srv.map(|c| c * 1e9 / delivered.max(1) as f64);
+    println!(
+        "source-fanout ws={} unix={} payload={}B: {} messages from the source, {delivered} deliveries in {el:.2}s = {rate:.0} deliveries/s, {} gaps",
+        a.subs,
+        a.unix_subs,
+        a.payload,
+        p1 - p0,
+        r.gaps.load(Ordering::Relaxed)
+    );
+    println!(
+        "  upstream send -> client receive us: p50 {:.1} p99 {:.1}",
+        us(&h, 0.5),
+        us(&h, 0.99)
+    );
+    if let Some(ns) = ns {
+        println!("  server cpu {ns:.0} ns per delivery");
+    }
+    drop(server);
 }

@@ -352,3 +352,201 @@ pub fn fanout(
         seconds,
     })
 }
+
+/// A minimal upstream feed for `source-fanout`: accepts one WebSocket
+/// client (corerelay's source connection) and writes server frames carrying
+/// a sequence number and send time, keeping at most `window` messages ahead
+/// of the slowest-possible delivery count.
+// The run's parameters and shared counters, passed as they are.
+#[allow(clippy::too_many_arguments)]
+pub fn feed_server(
+    epoch: Instant,
+    payload: usize,
+    window: u64,
+    clients: u64,
+    delivered: Arc<AtomicU64>,
+    published: Arc<AtomicU64>,
+    go: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        let _ = s.set_nodelay(true);
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&head);
+        let key = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Sec-WebSocket-Key:")
+                    .or_else(|| l.strip_prefix("sec-websocket-key:"))
+            })
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        if write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").is_err() {
+            return;
+        }
+        while !go.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut p = vec![0x42u8; payload.max(16)];
+        let mut out = Vec::with_capacity(64 * 1024);
+        let mut seq = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            if seq * clients > delivered.load(Ordering::Relaxed) + window * clients {
+                std::thread::yield_now();
+                continue;
+            }
+            out.clear();
+            for _ in 0..8 {
+                p[..8].copy_from_slice(&seq.to_le_bytes());
+                p[8..16].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                out.push(0x82);
+                let len = p.len();
+                if len < 126 {
+                    out.push(len as u8);
+                } else {
+                    out.push(126);
+                    out.extend_from_slice(&(len as u16).to_be_bytes());
+                }
+                out.extend_from_slice(&p);
+                seq += 1;
+            }
+            if s.write_all(&out).is_err() {
+                return;
+            }
+            published.store(seq, Ordering::Relaxed);
+        }
+    });
+    Ok(addr)
+}
+
+/// Reads WebSocket (`ws`) and Unix (length-prefixed) clients with one mio
+/// thread, counting deliveries, gaps and latency (payload: seq, send time).
+pub struct Readers {
+    pub delivered: Arc<AtomicU64>,
+    pub gaps: Arc<AtomicU64>,
+    pub measuring: Arc<AtomicBool>,
+    pub stop: Arc<AtomicBool>,
+    pub hist: Arc<Mutex<Histogram<u64>>>,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// A connected client for [`readers`].
+pub enum Client {
+    /// A WebSocket client (upgrade done).
+    Ws(mio::net::TcpStream),
+    /// A Unix-socket client (4-byte length framing).
+    Unix(mio::net::UnixStream),
+}
+
+/// Starts the reader over already-connected clients.
+pub fn readers(epoch: Instant, clients: Vec<Client>) -> io::Result<Readers> {
+    let poll = Poll::new()?;
+    let mut conns = Vec::with_capacity(clients.len());
+    for (i, c) in clients.into_iter().enumerate() {
+        match c {
+            Client::Unix(mut u) => {
+                poll.registry()
+                    .register(&mut u, Token(i), Interest::READABLE)?;
+                conns.push((Err(u), Vec::<u8>::new(), 0u64, false));
+            }
+            Client::Ws(mut t) => {
+                poll.registry()
+                    .register(&mut t, Token(i), Interest::READABLE)?;
+                conns.push((Ok(t), Vec::<u8>::new(), 0u64, true));
+            }
+        }
+    }
+    let delivered = Arc::new(AtomicU64::new(0));
+    let gaps = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds"),
+    ));
+    let (d, g, m, st, h) = (
+        delivered.clone(),
+        gaps.clone(),
+        measuring.clone(),
+        stop.clone(),
+        hist.clone(),
+    );
+    let mut poll = poll;
+    let thread = std::thread::spawn(move || {
+        let mut events = Events::with_capacity(1024);
+        let mut tmp = vec![0u8; 256 * 1024];
+        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
+        while !st.load(Ordering::Relaxed) {
+            if poll
+                .poll(&mut events, Some(Duration::from_millis(50)))
+                .is_err()
+            {
+                break;
+            }
+            for ev in events.iter() {
+                let (s, buf, next, is_ws) = &mut conns[ev.token().0];
+                loop {
+                    let r = match s {
+                        Ok(t) => t.read(&mut tmp),
+                        Err(u) => u.read(&mut tmp),
+                    };
+                    match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let now = epoch.elapsed().as_nanos() as u64;
+                let measure = m.load(Ordering::Relaxed);
+                let mut at = 0;
+                loop {
+                    let frame = if *is_ws {
+                        parse_server_frame(&buf[at..])
+                    } else if buf.len() - at >= 4 {
+                        let n = u32::from_be_bytes(buf[at..at + 4].try_into().unwrap_or_default())
+                            as usize;
+                        (buf.len() - at >= 4 + n).then(|| (&buf[at + 4..at + 4 + n], 4 + n))
+                    } else {
+                        None
+                    };
+                    let Some((p, used)) = frame else { break };
+                    if p.len() >= 16 {
+                        let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+                        let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+                        if seq > *next {
+                            g.fetch_add(seq - *next, Ordering::Relaxed);
+                        }
+                        *next = seq + 1;
+                        if measure {
+                            let _ = local.record(now.saturating_sub(sent).max(1));
+                        }
+                    }
+                    d.fetch_add(1, Ordering::Relaxed);
+                    at += used;
+                }
+                buf.drain(..at);
+            }
+        }
+        if let Ok(mut hh) = h.lock() {
+            let _ = hh.add(&local);
+        }
+    });
+    Ok(Readers {
+        delivered,
+        gaps,
+        measuring,
+        stop,
+        hist,
+        thread,
+    })
+}
