@@ -52,10 +52,10 @@ fn health_ready_metrics() {
         .filter(|l| l.starts_with("corerelay_connections{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
-    assert_eq!(
-        total, 2,
-        "the WebSocket client and this admin connection: {m}"
-    );
+    // The WebSocket client and this admin connection, plus possibly the two
+    // earlier admin connections: they close lingeringly (until their client's
+    // EOF is read), which may not have happened yet.
+    assert!((2..=4).contains(&total), "connections {total}: {m}");
 }
 
 #[test]
