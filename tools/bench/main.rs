@@ -615,11 +615,11 @@ fn conns(a: &Args, s: &Setup) {
     let after = rss(pid).unwrap_or(0);
     let per = after.saturating_sub(before) as f64 / a.conns as f64;
     if a.json {
-        println!(
+        emit_json(format!(
             "{{\"mode\":\"conns\",\"conns\":{},\"rss_before\":{before},\"rss_after\":{after},\"bytes_per_conn\":{per:.1},\"open_seconds\":{:.3}}}",
             a.conns,
             t0.elapsed().as_secs_f64()
-        );
+        ));
     } else {
         println!(
             "conns={} server RSS {} -> {} KiB: {per:.0} bytes per idle connection",
@@ -644,8 +644,8 @@ fn report(
     let pct = |q: f64| h.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
     if a.json {
         let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
-        println!(
-            "{{\"mode\":\"{mode}\",\"proto\":\"{:?}\",\"inproc\":{},\"busy_poll\":{},\"placement\":\"{:?}\",\"pairs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"seconds\":{elapsed:.3},\"messages\":{msgs},\"msgs_per_s\":{rate:.1},\"server_cpu_s\":{},\"server_ns_per_msg\":{},\"client_cpu_s\":{client:.3},\"rtt_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}}}}",
+        emit_json(format!(
+            "{{\"mode\":\"{mode}\",\"proto\":\"{:?}\",\"inproc\":{},\"busy_poll\":{},\"placement\":\"{:?}\",\"pairs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"seconds\":{elapsed:.3},\"messages\":{msgs},\"msgs_per_s\":{rate:.1},\"server_cpu_s\":{},\"server_ns_per_msg\":{},\"client_cpu_s\":{client:.3},\"rtt_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"p9999\":{},\"max\":{}}}}}",
             a.proto,
             a.inproc.unwrap_or(0),
             a.busy_poll,
@@ -660,8 +660,9 @@ fn report(
             opt(pct(0.9)),
             opt(pct(0.99)),
             opt(pct(0.999)),
+            opt(pct(0.9999)),
             opt(h.map(|h| h.max() as f64 / 1000.0)),
-        );
+        ));
         return;
     }
     println!(
@@ -758,7 +759,7 @@ fn ws_echo(a: &Args, s: &Setup) {
     let rate = n as f64 / el;
     let ratio = us(&h, 0.5) / us(&th, 0.5).max(0.001);
     if a.json {
-        println!(
+        emit_json(format!(
             "{{\"mode\":\"ws-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2},\"p999\":{:.2}}},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2}}},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
             a.clients,
             a.payload,
@@ -769,7 +770,7 @@ fn ws_echo(a: &Args, s: &Setup) {
             us(&th, 0.5),
             us(&th, 0.99),
             srv.map_or("null".into(), |v| format!("{v:.3}"))
-        );
+        ));
     } else {
         println!("ws-echo clients={} payload={}B", a.clients, a.payload);
         println!(
@@ -832,25 +833,26 @@ fn ws_fanout(a: &Args, s: &Setup) {
         );
     }
     if a.json {
-        println!(
-            "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"server_ns_per_delivery\":{},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"client_cpu_s\":{client:.3}}}",
+        emit_json(format!(
+            "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"client_cpu_s\":{client:.3}}}",
             a.subs,
             a.payload,
             r.published,
             r.delivered,
             r.gaps,
+            r.dups,
             ns.map_or("null".into(), |v| format!("{v:.1}")),
             us(&r.latency, 0.5),
             us(&r.latency, 0.99)
-        );
+        ));
     } else {
         println!(
             "ws-fanout subs={} payload={}B window={}",
             a.subs, a.payload, a.window
         );
         println!(
-            "  {} published, {} delivered in {:.2}s = {rate:.0} deliveries/s, {} gaps",
-            r.published, r.delivered, r.seconds, r.gaps
+            "  {} published, {} delivered in {:.2}s = {rate:.0} deliveries/s, {} gaps, {} duplicates",
+            r.published, r.delivered, r.seconds, r.gaps, r.dups
         );
         println!(
             "  one-way latency us p50 {:.1} p99 {:.1}",
@@ -974,4 +976,22 @@ fn source_fanout(a: &Args) {
         println!("  server cpu {ns:.0} ns per delivery");
     }
     drop(server);
+}
+
+/// Prints one JSON object, prefixed with what a reader needs to compare
+/// runs: the tool's version and the machine it ran on.
+fn emit_json(body: String) {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let meta = format!(
+        "\"version\":\"{}\",\"machine\":{{\"cpus\":{cpus},\"os\":\"{}\",\"arch\":\"{}\",\"kernel\":\"{}\"}}",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        kernel.trim()
+    );
+    match body.strip_prefix('{') {
+        Some(rest) => println!("{{{meta},{rest}"),
+        None => println!("{body}"),
+    }
 }

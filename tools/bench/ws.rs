@@ -11,6 +11,30 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 
+/// Per-subscriber sequence tracking: a sequence number above the next
+/// expected one is a gap (drops), one below it a duplicate (or reorder).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SeqTracker {
+    /// The next sequence number expected.
+    pub next: u64,
+    /// Messages missing.
+    pub gaps: u64,
+    /// Messages seen again (or out of order).
+    pub dups: u64,
+}
+
+impl SeqTracker {
+    /// Records one received sequence number.
+    pub fn observe(&mut self, seq: u64) {
+        if seq >= self.next {
+            self.gaps += seq - self.next;
+            self.next = seq + 1;
+        } else {
+            self.dups += 1;
+        }
+    }
+}
+
 /// A blocking WebSocket client connection (masked frames out).
 pub struct WsConn {
     pub s: TcpStream,
@@ -199,8 +223,10 @@ pub struct Fanout {
     pub published: u64,
     /// Deliveries counted in the measured window.
     pub delivered: u64,
-    /// Sequence gaps seen by subscribers (drops).
+    /// Sequence gaps seen by subscribers (drops), whole run.
     pub gaps: u64,
+    /// Repeated (or reordered) messages seen by subscribers, whole run.
+    pub dups: u64,
     /// One-way latency (ns).
     pub latency: Histogram<u64>,
     /// Measured seconds.
@@ -231,10 +257,11 @@ pub fn fanout(
         let mut m = mio::net::TcpStream::from_std(c.s);
         poll.registry()
             .register(&mut m, Token(i), Interest::READABLE)?;
-        streams.push((m, Vec::<u8>::new(), 0u64));
+        streams.push((m, Vec::<u8>::new(), SeqTracker::default()));
     }
     let mut publisher = WsConn::connect(addr, &room_path("publisher"))?;
     let delivered = Arc::new(AtomicU64::new(0));
+    let dups = Arc::new(AtomicU64::new(0));
     let gaps = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -242,9 +269,10 @@ pub fn fanout(
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds"),
     ));
     let reader = {
-        let (delivered, gaps, measuring, stop, hist) = (
+        let (delivered, gaps, dups, measuring, stop, hist) = (
             delivered.clone(),
             gaps.clone(),
+            dups.clone(),
             measuring.clone(),
             stop.clone(),
             hist.clone(),
@@ -277,10 +305,10 @@ pub fn fanout(
                         if p.len() >= 16 {
                             let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
                             let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
-                            if seq > *next {
-                                gaps.fetch_add(seq - *next, Ordering::Relaxed);
-                            }
-                            *next = seq + 1;
+                            let before = *next;
+                            next.observe(seq);
+                            gaps.fetch_add(next.gaps - before.gaps, Ordering::Relaxed);
+                            dups.fetch_add(next.dups - before.dups, Ordering::Relaxed);
                             if m {
                                 let _ = local.record(now.saturating_sub(sent).max(1));
                             }
@@ -348,6 +376,7 @@ pub fn fanout(
         published: p1 - p0,
         delivered: d1 - d0,
         gaps: gaps.load(Ordering::Relaxed),
+        dups: dups.load(Ordering::Relaxed),
         latency,
         seconds,
     })
@@ -459,12 +488,12 @@ pub fn readers(epoch: Instant, clients: Vec<Client>) -> io::Result<Readers> {
             Client::Unix(mut u) => {
                 poll.registry()
                     .register(&mut u, Token(i), Interest::READABLE)?;
-                conns.push((Err(u), Vec::<u8>::new(), 0u64, false));
+                conns.push((Err(u), Vec::<u8>::new(), SeqTracker::default(), false));
             }
             Client::Ws(mut t) => {
                 poll.registry()
                     .register(&mut t, Token(i), Interest::READABLE)?;
-                conns.push((Ok(t), Vec::<u8>::new(), 0u64, true));
+                conns.push((Ok(t), Vec::<u8>::new(), SeqTracker::default(), true));
             }
         }
     }
@@ -523,10 +552,9 @@ pub fn readers(epoch: Instant, clients: Vec<Client>) -> io::Result<Readers> {
                     if p.len() >= 16 {
                         let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
                         let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
-                        if seq > *next {
-                            g.fetch_add(seq - *next, Ordering::Relaxed);
-                        }
-                        *next = seq + 1;
+                        let before = next.gaps;
+                        next.observe(seq);
+                        g.fetch_add(next.gaps - before, Ordering::Relaxed);
                         if measure {
                             let _ = local.record(now.saturating_sub(sent).max(1));
                         }
@@ -549,4 +577,37 @@ pub fn readers(epoch: Instant, clients: Vec<Client>) -> io::Result<Readers> {
         hist,
         thread,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_and_duplicates_are_counted_exactly() {
+        let mut t = SeqTracker::default();
+        // 0 1 2 [3 dropped] 4 4(dup) 5 [6 7 dropped] 8 5(dup, late) 9
+        for s in [0, 1, 2, 4, 4, 5, 8, 5, 9] {
+            t.observe(s);
+        }
+        assert_eq!(
+            t,
+            SeqTracker {
+                next: 10,
+                gaps: 3,
+                dups: 2
+            }
+        );
+    }
+
+    #[test]
+    fn server_frames_parse_whole_only() {
+        let mut f = Vec::new();
+        corerelay::protocol::ws::encode_frame(&mut f, 0x2, &[7u8; 300]);
+        assert_eq!(
+            parse_server_frame(&f).map(|(p, n)| (p.len(), n)),
+            Some((300, f.len()))
+        );
+        assert!(parse_server_frame(&f[..f.len() - 1]).is_none());
+    }
 }

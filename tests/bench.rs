@@ -1,0 +1,166 @@
+//! The load tool measures what it claims: checked against servers whose
+//! behaviour the test controls.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corerelay::protocol::rely::{Decoder, Frame};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_corerelay-bench");
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BENCH)
+        .args(args)
+        .output()
+        .expect("run corerelay-bench");
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("")
+        .to_owned();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+#[test]
+fn json_holds_every_field() {
+    let v = run_json(&[
+        "pingpong",
+        "--inproc",
+        "1",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.3",
+        "--json",
+    ]);
+    for k in [
+        "version",
+        "machine",
+        "mode",
+        "proto",
+        "pairs",
+        "payload",
+        "seconds",
+        "messages",
+        "msgs_per_s",
+        "server_cpu_s",
+        "server_ns_per_msg",
+        "client_cpu_s",
+        "rtt_us",
+    ] {
+        assert!(!v[k].is_null(), "field {k} in {v}");
+    }
+    for k in ["p50", "p90", "p99", "p999", "p9999", "max"] {
+        assert!(
+            v["rtt_us"][k].as_f64().is_some_and(|x| x > 0.0),
+            "rtt_us.{k} in {v}"
+        );
+    }
+    assert!(v["machine"]["cpus"].as_u64().is_some_and(|n| n >= 1));
+    assert!(v["messages"].as_u64().is_some_and(|n| n > 0));
+    let v = run_json(&[
+        "ws-fanout",
+        "--inproc",
+        "1",
+        "--subs",
+        "5",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.3",
+        "--json",
+    ]);
+    for k in [
+        "version",
+        "machine",
+        "subs",
+        "published",
+        "delivered",
+        "deliveries_per_s",
+        "gaps",
+        "dups",
+        "latency_us",
+    ] {
+        assert!(!v[k].is_null(), "field {k} in {v}");
+    }
+    assert_eq!(
+        (v["gaps"].as_u64(), v["dups"].as_u64()),
+        (Some(0), Some(0)),
+        "corerelay neither drops nor repeats"
+    );
+}
+
+/// A RELY relay that holds every frame 5 ms before forwarding it.
+fn slow_relay(delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peers: Arc<Mutex<HashMap<Vec<u8>, TcpStream>>> = Arc::default();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let peers = peers.clone();
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_nodelay(true);
+                let mut d = Decoder::new();
+                let mut buf = [0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+                    let _ = d.feed(&buf[..n], u32::MAX, |f| {
+                        match f {
+                            Frame::Login { id } => {
+                                if let Ok(c) = s.try_clone() {
+                                    peers.lock().unwrap().insert(id.to_vec(), c);
+                                }
+                            }
+                            Frame::Transfer { to, raw, .. } => {
+                                out.push((to.to_vec(), raw.to_vec()))
+                            }
+                        }
+                        true
+                    });
+                    for (to, raw) in out {
+                        std::thread::sleep(delay);
+                        if let Some(p) = peers.lock().unwrap().get_mut(&to) {
+                            let _ = p.write_all(&raw);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn reported_latency_matches_an_injected_delay() {
+    // Each round trip crosses the relay twice: at least 10 ms.
+    let addr = slow_relay(Duration::from_millis(5)).to_string();
+    let v = run_json(&[
+        "pingpong",
+        "--target",
+        &addr,
+        "--pairs",
+        "1",
+        "--warmup",
+        "0.3",
+        "--duration",
+        "1",
+        "--json",
+    ]);
+    let p50 = v["rtt_us"]["p50"].as_f64().unwrap();
+    assert!(
+        (10_000.0..25_000.0).contains(&p50),
+        "p50 {p50} us for 2 x 5 ms"
+    );
+    let n = v["messages"].as_u64().unwrap();
+    // ~1 s / ~10 ms per round trip, 2 messages each.
+    assert!((60..=220).contains(&n), "{n} messages");
+}
