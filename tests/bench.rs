@@ -164,3 +164,62 @@ fn reported_latency_matches_an_injected_delay() {
     // ~1 s / ~10 ms per round trip, 2 messages each.
     assert!((60..=220).contains(&n), "{n} messages");
 }
+
+#[test]
+fn csv_compare_and_plot() {
+    let dir = std::env::temp_dir().join(format!("corerelay-benchout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(BENCH)
+        .args([
+            "rely-pingpong",
+            "--inproc",
+            "1",
+            "--warmup",
+            "0.1",
+            "--duration",
+            "0.3",
+            "--csv",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "header and row: {text}");
+    assert_eq!(lines[0].split(',').count(), lines[1].split(',').count());
+    assert!(lines[0].contains("rtt_us.p99"));
+    // Two runs as JSON, compared.
+    let (a, b, svg) = (dir.join("a.json"), dir.join("b.json"), dir.join("rtt.svg"));
+    for (p, extra) in [(&a, None), (&b, Some(svg.to_str().unwrap()))] {
+        let mut args = vec![
+            "pingpong",
+            "--inproc",
+            "1",
+            "--warmup",
+            "0.1",
+            "--duration",
+            "0.3",
+            "--json",
+        ];
+        if let Some(svg) = extra {
+            args.extend(["--plot", svg]);
+        }
+        let o = Command::new(BENCH).args(&args).output().unwrap();
+        std::fs::write(p, &o.stdout).unwrap();
+    }
+    let o = Command::new(BENCH)
+        .arg("--compare")
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    let cmp = String::from_utf8_lossy(&o.stdout);
+    let line = cmp
+        .lines()
+        .find(|l| l.starts_with("payload"))
+        .expect("payload compared");
+    assert!(line.trim_end().ends_with("1.000"), "{line}");
+    assert!(cmp.lines().any(|l| l.starts_with("rtt_us.p50")), "{cmp}");
+    let svg = std::fs::read_to_string(&svg).expect("plot written");
+    assert!(svg.starts_with("<svg") && svg.contains("round trip"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -34,9 +34,23 @@ mod ws;
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator for corerelay (RELY) with a Redis pub/sub baseline")]
 struct Args {
-    /// pingpong or stream.
-    #[arg(value_enum)]
-    mode: Mode,
+    /// What to measure (omit with --compare).
+    #[arg(value_enum, required_unless_present = "compare")]
+    mode: Option<Mode>,
+    /// Compare two --json outputs: prints each figure of B next to A and
+    /// the ratio B/A, so a regression is visible.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    compare: Option<Vec<std::path::PathBuf>>,
+    /// Print CSV (a header line, then a row) instead of the summary.
+    #[arg(long)]
+    csv: bool,
+    /// Write the latency percentile curve as SVG to this file.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+    /// Open loop: messages per second (all senders together) instead of
+    /// a closed window (stream and ws-fanout); 0 = closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// rely (corerelay) or redis (pub/sub baseline).
     #[arg(long, value_enum, default_value = "rely")]
     proto: Proto,
@@ -100,7 +114,11 @@ struct Args {
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
+    /// RELY round trips (also `rely-pingpong`).
+    #[value(alias = "rely-pingpong")]
     Pingpong,
+    /// RELY streaming (also `rely-stream`).
+    #[value(alias = "rely-stream")]
     Stream,
     Conns,
     /// WebSocket echo round trips, with a raw TCP ping-pong baseline.
@@ -477,7 +495,7 @@ fn pingpong(a: &Args, s: &Setup) {
     std::thread::sleep(Duration::from_secs_f64(a.warmup));
     let m = Measure::start(a);
     measuring.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs_f64(a.duration));
+    wait_measuring(Duration::from_secs_f64(a.duration));
     measuring.store(false, Ordering::Relaxed);
     let (el, srv, me) = m.end(a);
     stop.store(true, Ordering::Relaxed);
@@ -487,6 +505,16 @@ fn pingpong(a: &Args, s: &Setup) {
     }
     let rt = count.load(Ordering::Relaxed);
     let msgs = rt * 2;
+    if let Some(p) = &a.plot {
+        plot(
+            p,
+            &format!(
+                "{:?} round trip, {} pairs, {} B",
+                a.proto, a.pairs, a.payload
+            ),
+            &[("round trip", &h)],
+        );
+    }
     report(a, "pingpong", el, msgs, srv, me, Some(&h));
 }
 
@@ -518,11 +546,24 @@ fn stream(a: &Args, s: &Setup) {
             }
         });
         let (stop_s, window, batch) = (stop.clone(), a.window, a.batch as u64);
+        // Open loop: this pair's share of --rate, one batch per tick.
+        let pace =
+            (a.rate > 0.0).then(|| Duration::from_secs_f64(batch as f64 * a.pairs as f64 / a.rate));
         let payload = vec![0x42u8; a.payload];
         let to = format!("bench-b{}", &ca.id["bench-a".len()..]);
         let sender = std::thread::spawn(move || {
             let mut sent = 0u64;
+            let mut next = Instant::now();
             while !stop_s.load(Ordering::Relaxed) {
+                if let Some(p) = pace {
+                    // Sends on schedule, whatever the replies do (no
+                    // coordinated omission); the window still bounds memory.
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep(next - now);
+                    }
+                    next += p;
+                }
                 let inflight = sent - received.load(Ordering::Acquire);
                 if inflight + batch > window {
                     std::thread::yield_now();
@@ -541,7 +582,7 @@ fn stream(a: &Args, s: &Setup) {
     std::thread::sleep(Duration::from_secs_f64(a.warmup));
     let m = Measure::start(a);
     let n0 = total.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs_f64(a.duration));
+    wait_measuring(Duration::from_secs_f64(a.duration));
     let n1 = total.load(Ordering::Relaxed);
     let (el, srv, me) = m.end(a);
     stop.store(true, Ordering::Relaxed);
@@ -614,7 +655,7 @@ fn conns(a: &Args, s: &Setup) {
     std::thread::sleep(Duration::from_secs_f64(a.warmup.max(0.5)));
     let after = rss(pid).unwrap_or(0);
     let per = after.saturating_sub(before) as f64 / a.conns as f64;
-    if a.json {
+    if a.json || a.csv {
         emit_json(format!(
             "{{\"mode\":\"conns\",\"conns\":{},\"rss_before\":{before},\"rss_after\":{after},\"bytes_per_conn\":{per:.1},\"open_seconds\":{:.3}}}",
             a.conns,
@@ -642,7 +683,7 @@ fn report(
     let rate = msgs as f64 / elapsed;
     let srv_ns = srv.map(|c| c * 1e9 / msgs.max(1) as f64);
     let pct = |q: f64| h.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
-    if a.json {
+    if a.json || a.csv {
         let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
         emit_json(format!(
             "{{\"mode\":\"{mode}\",\"proto\":\"{:?}\",\"inproc\":{},\"busy_poll\":{},\"placement\":\"{:?}\",\"pairs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"seconds\":{elapsed:.3},\"messages\":{msgs},\"msgs_per_s\":{rate:.1},\"server_cpu_s\":{},\"server_ns_per_msg\":{},\"client_cpu_s\":{client:.3},\"rtt_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"p9999\":{},\"max\":{}}}}}",
@@ -701,17 +742,31 @@ fn report(
 
 fn main() {
     let a = Args::parse();
+    let _ = OUTPUT.set(if a.csv {
+        Output::Csv
+    } else if a.json || a.csv {
+        Output::Json
+    } else {
+        Output::Human
+    });
+    if let Some(files) = &a.compare {
+        compare(&files[0], &files[1]);
+        return;
+    }
+    let Some(mode) = a.mode else {
+        exit_err("usage", "a mode or --compare is required")
+    };
     if a.proto == Proto::Redis && a.inproc.is_some() {
         eprintln!("corerelay-bench: --inproc runs corerelay; use --target/--pid for redis");
         std::process::exit(2);
     }
-    if a.mode == Mode::SourceFanout {
+    if mode == Mode::SourceFanout {
         // It builds its own in-process server around the feed it serves.
         source_fanout(&a);
         std::process::exit(0);
     }
     let s = setup(&a);
-    match a.mode {
+    match mode {
         Mode::Pingpong => pingpong(&a, &s),
         Mode::Stream => stream(&a, &s),
         Mode::Conns => conns(&a, &s),
@@ -758,7 +813,18 @@ fn ws_echo(a: &Args, s: &Setup) {
     let (tn, th, tel) = ws::pingpong(tcp, a.payload, warm, dur, ws::tcp_round_trip);
     let rate = n as f64 / el;
     let ratio = us(&h, 0.5) / us(&th, 0.5).max(0.001);
-    if a.json {
+    if let Some(p) = &a.plot {
+        let title = format!(
+            "echo round trip, {} connections, {} B",
+            a.clients, a.payload
+        );
+        plot(
+            p,
+            &title,
+            &[("corerelay WebSocket", &h), ("raw TCP baseline", &th)],
+        );
+    }
+    if a.json || a.csv {
         emit_json(format!(
             "{{\"mode\":\"ws-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2},\"p999\":{:.2}}},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2}}},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
             a.clients,
@@ -804,6 +870,7 @@ fn ws_fanout(a: &Args, s: &Setup) {
         a.payload,
         a.window,
         a.batch,
+        a.rate,
         warm,
         dur,
         || start.set(Some((server_cpu(a.pid, a.inproc.is_some()), self_cpu()))),
@@ -822,6 +889,13 @@ fn ws_fanout(a: &Args, s: &Setup) {
         };
     let rate = r.delivered as f64 / r.seconds;
     let ns = srv.map(|c| c * 1e9 / r.delivered.max(1) as f64);
+    if let Some(p) = &a.plot {
+        plot(
+            p,
+            &format!("fan-out one-way latency, {} subscribers", a.subs),
+            &[("publish -> receive", &r.latency)],
+        );
+    }
     if let Some(h) = &s.server {
         let m = h.metrics();
         eprintln!(
@@ -832,7 +906,7 @@ fn ws_fanout(a: &Args, s: &Setup) {
             m.loop_iterations
         );
     }
-    if a.json {
+    if a.json || a.csv {
         emit_json(format!(
             "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"client_cpu_s\":{client:.3}}}",
             a.subs,
@@ -939,7 +1013,7 @@ fn source_fanout(a: &Args) {
     );
     r.measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(a.duration));
+    wait_measuring(Duration::from_secs_f64(a.duration));
     r.measuring.store(false, Ordering::Relaxed);
     let el = t0.elapsed().as_secs_f64();
     let (d1, p1) = (
@@ -958,6 +1032,13 @@ fn source_fanout(a: &Args) {
         .unwrap_or_else(|_| Histogram::new(3).expect("sigfig"));
     let delivered = d1 - d0;
     let rate = delivered as f64 / el;
+    if let Some(p) = &a.plot {
+        let title = format!(
+            "source fan-out latency, {} ws + {} unix",
+            a.subs, a.unix_subs
+        );
+        plot(p, &title, &[("upstream send -> client receive", &h)]);
+    }
     let ns = srv.map(|c| c * 1e9 / delivered.max(1) as f64);
     println!(
         "source-fanout ws={} unix={} payload={}B: {} messages from the source, {delivered} deliveries in {el:.2}s = {rate:.0} deliveries/s, {} gaps",
@@ -990,8 +1071,178 @@ fn emit_json(body: String) {
         std::env::consts::ARCH,
         kernel.trim()
     );
-    match body.strip_prefix('{') {
-        Some(rest) => println!("{{{meta},{rest}"),
-        None => println!("{body}"),
+    let full = match body.strip_prefix('{') {
+        Some(rest) => format!("{{{meta},{rest}"),
+        None => body,
+    };
+    if OUTPUT.get() == Some(&Output::Csv) {
+        print_csv(&full);
+    } else {
+        println!("{full}");
+    }
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+    Csv,
+}
+
+static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
+/// Flattens a JSON object into (dotted key, value) pairs.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        serde_json::Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+/// Prints a run's JSON object as CSV: a header line, then the row.
+fn print_csv(json: &str) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return println!("{json}");
+    };
+    let mut pairs = Vec::new();
+    flatten("", &v, &mut pairs);
+    let esc = |s: &str| {
+        if s.contains([',', '"']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_owned()
+        }
+    };
+    println!(
+        "{}",
+        pairs
+            .iter()
+            .map(|(k, _)| esc(k))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!(
+        "{}",
+        pairs
+            .iter()
+            .map(|(_, v)| esc(v))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+}
+
+/// `--compare A B`: every numeric figure of B next to A, with B/A.
+fn compare(a: &std::path::Path, b: &std::path::Path) {
+    let load = |p: &std::path::Path| -> Vec<(String, String)> {
+        let text =
+            std::fs::read_to_string(p).unwrap_or_else(|e| exit_err(&p.display().to_string(), e));
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with('{'))
+            .unwrap_or("{}");
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| exit_err(&p.display().to_string(), e));
+        let mut out = Vec::new();
+        flatten("", &v, &mut out);
+        out
+    };
+    let (fa, fb) = (load(a), load(b));
+    println!("{:<32} {:>16} {:>16} {:>8}", "figure", "A", "B", "B/A");
+    for (k, va) in &fa {
+        let Some((_, vb)) = fb.iter().find(|(kb, _)| kb == k) else {
+            continue;
+        };
+        match (va.parse::<f64>(), vb.parse::<f64>()) {
+            (Ok(x), Ok(y)) => {
+                let ratio = if x != 0.0 {
+                    format!("{:.3}", y / x)
+                } else {
+                    "-".into()
+                };
+                println!("{k:<32} {x:>16.3} {y:>16.3} {ratio:>8}");
+            }
+            _ if va != vb => println!("{k:<32} {va:>16} {vb:>16} {:>8}", "differs"),
+            _ => {}
+        }
+    }
+}
+
+/// Waits out the measured window, with a progress bar when stderr is a
+/// terminal (never in CI logs or pipes).
+fn wait_measuring(d: Duration) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return std::thread::sleep(d);
+    }
+    let steps = (d.as_millis() / 100).max(1) as u64;
+    let bar = indicatif::ProgressBar::new(steps);
+    for _ in 0..steps {
+        std::thread::sleep(d / steps as u32);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+}
+
+/// Writes latency percentile curves (x: number of nines, log-like; y: us)
+/// as SVG.
+fn plot(path: &std::path::Path, title: &str, series: &[(&str, &Histogram<u64>)]) {
+    use plotters::prelude::*;
+    let quantiles: Vec<f64> = (0..=40)
+        .map(|i| 1.0 - 10f64.powf(-(i as f64) / 10.0))
+        .collect();
+    let nines = |q: f64| -(1.0 - q).max(1e-6).log10();
+    let ymax = series
+        .iter()
+        .map(|(_, h)| h.max() as f64 / 1000.0)
+        .fold(1.0, f64::max);
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..4.2f64, 0f64..ymax * 1.05)?;
+        chart
+            .configure_mesh()
+            .x_desc("percentile (1 = 90%, 2 = 99%, 3 = 99.9%, 4 = 99.99%)")
+            .y_desc("latency (us)")
+            .draw()?;
+        let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+        for (i, (name, h)) in series.iter().enumerate() {
+            let c = colors[i % colors.len()];
+            let pts: Vec<(f64, f64)> = quantiles
+                .iter()
+                .map(|&q| (nines(q), h.value_at_quantile(q) as f64 / 1000.0))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    if let Err(e) = draw() {
+        eprintln!("corerelay-bench: plot {}: {e}", path.display());
     }
 }

@@ -243,6 +243,7 @@ pub fn fanout(
     payload: usize,
     window: u64,
     batch: usize,
+    rate: f64,
     warmup: Duration,
     dur: Duration,
     on_start: impl FnOnce(),
@@ -330,7 +331,17 @@ pub fn fanout(
         std::thread::spawn(move || {
             let mut seq = 0u64;
             let mut p = vec![0x42u8; payload.max(16)];
+            // Open loop (--rate): one batch per tick on a fixed schedule.
+            let pace = (rate > 0.0).then(|| Duration::from_secs_f64(batch.max(1) as f64 / rate));
+            let mut next = Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(p) = pace {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep(next - now);
+                    }
+                    next += p;
+                }
                 let done = delivered.load(Ordering::Relaxed);
                 if seq * subs as u64 > done + window * subs as u64 {
                     std::thread::yield_now();
