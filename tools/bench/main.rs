@@ -104,6 +104,13 @@ struct Args {
     /// fixed tag).
     #[arg(long, default_value = "127.0.0.1:5000")]
     ws_target: SocketAddr,
+    /// ws-fanout: who publishes (the admin API needs --admin-target or
+    /// --inproc).
+    #[arg(long, value_enum, default_value = "broadcast")]
+    publisher: PublisherKind,
+    /// Admin API address for --publisher admin (ignored with --inproc).
+    #[arg(long)]
+    admin_target: Option<SocketAddr>,
     /// conns: open WebSocket connections (on /echo) instead of RELY.
     #[arg(long)]
     ws: bool,
@@ -134,6 +141,14 @@ enum Mode {
 enum Proto {
     Rely,
     Redis,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum PublisherKind {
+    /// A member of a broadcast endpoint.
+    Broadcast,
+    /// POST /send on the admin API.
+    Admin,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -341,6 +356,7 @@ struct Setup {
     server: Option<ServerHandle>,
     addr: SocketAddr,
     ws_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
 }
 
 /// The endpoints the ws modes use, for --inproc.
@@ -358,7 +374,7 @@ websocket:
       on_message: broadcast
       broadcast_tag: room
 admin:
-  listen: []
+  listen: ["127.0.0.1:0"]
 "#;
 
 fn setup(a: &Args) -> Setup {
@@ -367,6 +383,7 @@ fn setup(a: &Args) -> Setup {
             server: None,
             addr: a.target,
             ws_addr: a.ws_target,
+            admin_addr: a.admin_target,
         };
     };
     let mut cfg = Config::from_yaml(WS_ENDPOINTS, None).expect("bench config");
@@ -376,10 +393,12 @@ fn setup(a: &Args) -> Setup {
     cfg.rely.idle_timeout = None;
     let server = Server::start(cfg).unwrap_or_else(|e| exit_err("start", e));
     let (addr, ws_addr) = (server.rely_addrs()[0], server.ws_addrs()[0]);
+    let admin_addr = server.admin_addrs().first().copied();
     Setup {
         server: Some(server),
         addr,
         ws_addr,
+        admin_addr,
     }
 }
 
@@ -871,6 +890,9 @@ fn ws_fanout(a: &Args, s: &Setup) {
         a.window,
         a.batch,
         a.rate,
+        (a.publisher == PublisherKind::Admin)
+            .then_some(s.admin_addr)
+            .flatten(),
         warm,
         dur,
         || start.set(Some((server_cpu(a.pid, a.inproc.is_some()), self_cpu()))),

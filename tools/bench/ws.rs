@@ -116,6 +116,57 @@ impl WsConn {
     }
 }
 
+/// Who publishes in a fan-out run.
+enum Publisher {
+    /// A member of the broadcast room.
+    Ws(WsConn),
+    /// The admin API: each message is a POST /send?room=bench, answered
+    /// with the count before the next batch goes.
+    Admin(TcpStream, Vec<u8>),
+}
+
+impl Publisher {
+    fn push(&mut self, payload: &[u8]) {
+        match self {
+            Publisher::Ws(c) => c.push(payload),
+            Publisher::Admin(_, out) => {
+                out.extend_from_slice(
+                    format!(
+                        "POST /send?room=bench HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                        payload.len()
+                    )
+                    .as_bytes(),
+                );
+                out.extend_from_slice(payload);
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Publisher::Ws(c) => c.flush(),
+            Publisher::Admin(s, out) => {
+                s.write_all(out)?;
+                let requests = out.windows(5).filter(|w| w == b"POST ").count();
+                out.clear();
+                // Pipelined: read one response per request (head + count body).
+                let mut got = 0;
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                while got < requests {
+                    let n = s.read(&mut tmp)?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    got = buf.windows(4).filter(|w| w == b"\r\n\r\n").count();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Parses an unmasked server frame from the front of `b`.
 pub fn parse_server_frame(b: &[u8]) -> Option<(&[u8], usize)> {
     if b.len() < 2 {
@@ -244,6 +295,7 @@ pub fn fanout(
     window: u64,
     batch: usize,
     rate: f64,
+    admin: Option<SocketAddr>,
     warmup: Duration,
     dur: Duration,
     on_start: impl FnOnce(),
@@ -260,7 +312,16 @@ pub fn fanout(
             .register(&mut m, Token(i), Interest::READABLE)?;
         streams.push((m, Vec::<u8>::new(), SeqTracker::default()));
     }
-    let mut publisher = WsConn::connect(addr, &room_path("publisher"))?;
+    // The publisher: a member of the broadcast room, or (admin) an HTTP
+    // keep-alive connection posting each message to /send?room=bench.
+    let mut publisher = match admin {
+        None => Publisher::Ws(WsConn::connect(addr, &room_path("publisher"))?),
+        Some(a) => {
+            let s = TcpStream::connect(a)?;
+            s.set_nodelay(true)?;
+            Publisher::Admin(s, Vec::new())
+        }
+    };
     let delivered = Arc::new(AtomicU64::new(0));
     let dups = Arc::new(AtomicU64::new(0));
     let gaps = Arc::new(AtomicU64::new(0));
