@@ -285,9 +285,13 @@ fn emfile_pauses_accept_and_recovers() {
         c.0.set_read_timeout(Some(WAIT)).unwrap();
         let mut got = vec![0u8; f.len()];
         if let Err(e) = std::io::Read::read_exact(&mut c.0, &mut got) {
-            let log: Vec<String> = logs.try_iter().collect();
+            let alive = child.try_wait().map(|st| st.is_none()).unwrap_or(false);
+            let mut log = Vec::new();
+            while let Ok(line) = logs.recv_timeout(Duration::from_millis(500)) {
+                log.push(line);
+            }
             panic!(
-                "{id} not served after recovery: {e}\nserver log:\n{}",
+                "{id} not served after recovery: {e} (server alive: {alive})\nserver log:\n{}",
                 log.join("\n")
             );
         }
