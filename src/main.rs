@@ -62,6 +62,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let limit = sys::raise_file_limit();
+    // Before anything accepts: the handler's self-pipe needs two file
+    // descriptors, and a connection flood at start-up could otherwise take
+    // the last ones and make the server exit (found by the EMFILE test).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
     let server = Server::start(cfg)?;
     let cfg = server.config();
     log::info!(
@@ -110,10 +117,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let stopper = server.stopper();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
     std::thread::Builder::new()
         .name("corerelay-signals".into())
         .spawn(move || {

@@ -41,9 +41,23 @@ fn spawn_logged(cmd: &mut Command) -> (Child, SocketAddr, std::sync::mpsc::Recei
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // Drain to EOF even if nobody listens, so the server's log writes
-        // never fail on a closed pipe.
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+        // never fail on a closed pipe; bytes that are not UTF-8 must not
+        // end the reader (lines() would stop there).
+        let mut r = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match std::io::BufRead::read_until(&mut r, b'\n', &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let _ = tx.send(String::from_utf8_lossy(&buf).trim_end().to_owned());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.send(format!("<test log reader stopped: {e}>"));
+                    break;
+                }
+            }
         }
     });
     let deadline = Instant::now() + WAIT;
@@ -286,6 +300,31 @@ fn emfile_pauses_accept_and_recovers() {
         let mut got = vec![0u8; f.len()];
         if let Err(e) = std::io::Read::read_exact(&mut c.0, &mut got) {
             let alive = child.try_wait().map(|st| st.is_none()).unwrap_or(false);
+            let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| {
+                            format!(
+                                "{}->{}",
+                                e.file_name().to_string_lossy(),
+                                std::fs::read_link(e.path())
+                                    .map(|p| p.display().to_string())
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            eprintln!("server fds: {fds:?}");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if let Ok(Some(st)) = child.try_wait() {
+                    use std::os::unix::process::ExitStatusExt;
+                    eprintln!("server exit: code {:?} signal {:?}", st.code(), st.signal());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let mut log = Vec::new();
             while let Ok(line) = logs.recv_timeout(Duration::from_millis(500)) {
                 log.push(line);
