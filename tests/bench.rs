@@ -223,3 +223,66 @@ fn csv_compare_and_plot() {
     assert!(svg.starts_with("<svg") && svg.contains("round trip"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A fake broadcast server: every subscriber gets the same scripted
+/// sequence, with 3 messages dropped and 2 repeated on purpose.
+#[test]
+fn gaps_and_duplicates_counted_exactly_against_a_lossy_server() {
+    use tungstenite::Message;
+    const SUBS: usize = 3;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // Sequence: 0..=99 without 10, 11, 50; 20 sent twice; 30 again after 31.
+    let mut script: Vec<u64> = (0..=99).filter(|s| ![10, 11, 50].contains(s)).collect();
+    let i20 = script.iter().position(|&s| s == 20).unwrap();
+    script.insert(i20 + 1, 20);
+    let i31 = script.iter().position(|&s| s == 31).unwrap();
+    script.insert(i31 + 1, 30);
+    std::thread::spawn(move || {
+        let mut subs = Vec::new();
+        for s in l.incoming().flatten() {
+            let path = Arc::new(Mutex::new(String::new()));
+            let p = path.clone();
+            #[allow(clippy::result_large_err)]
+            let cb = move |req: &tungstenite::handshake::server::Request, resp| {
+                *p.lock().unwrap() = req.uri().path().to_owned();
+                Ok(resp)
+            };
+            let Ok(ws) = tungstenite::accept_hdr(s, cb) else {
+                continue;
+            };
+            if path.lock().unwrap().contains("publisher") {
+                // Everyone is in: play the script to each subscriber.
+                for sub in subs.iter_mut() {
+                    for seq in &script {
+                        let mut p = vec![0u8; 64];
+                        p[..8].copy_from_slice(&seq.to_le_bytes());
+                        let _ = tungstenite::WebSocket::send(sub, Message::Binary(p.into()));
+                    }
+                }
+                // Keep the publisher's socket open (its messages are ignored).
+                std::thread::spawn(move || {
+                    let mut ws = ws;
+                    while ws.read().is_ok() {}
+                });
+            } else {
+                subs.push(ws);
+            }
+        }
+    });
+    let target = addr.to_string();
+    let v = run_json(&[
+        "ws-fanout",
+        "--ws-target",
+        &target,
+        "--subs",
+        &SUBS.to_string(),
+        "--warmup",
+        "0.3",
+        "--duration",
+        "0.5",
+        "--json",
+    ]);
+    assert_eq!(v["gaps"].as_u64(), Some(3 * SUBS as u64), "{v}");
+    assert_eq!(v["dups"].as_u64(), Some(2 * SUBS as u64), "{v}");
+}
