@@ -34,90 +34,90 @@ fn example_config_is_valid_and_documents_every_key() {
     }
 }
 
-/// The commented WebSocket/admin block of the example, uncommented as the
-/// example tells a user to, is valid and documents every key.
-#[test]
-fn example_websocket_block_is_valid() {
+/// A commented block of config.yaml.example, uncommented as the example
+/// tells a user to (one '#' removed from each line).
+fn example_block(start: &str, end: &str) -> String {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example"))
         .unwrap();
-    let start = text.find("#websocket:").expect("websocket block");
-    let end = text.find("# --- end of the WebSocket").expect("end marker");
-    let block: String = text[start..end]
+    let from = text.find(start).expect("block start");
+    let to = text.find(end).expect("block end marker");
+    text[from..to]
         .lines()
         .map(|l| l.strip_prefix('#').unwrap_or(l))
         .collect::<Vec<_>>()
-        .join("\n");
-    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
-    let ws = cfg.websocket.expect("websocket");
-    assert_eq!(ws.endpoints.len(), 2);
-    assert_eq!(cfg.admin.expect("admin").listen[0].port(), 6666);
-    for key in [
-        "handshake_timeout",
-        "max_handshake_bytes",
-        "ping_interval",
-        "pong_timeout",
-        "idle_timeout",
-        "max_output_bytes",
-        "slow_consumer",
-        "endpoints",
-        "path",
-        "on_message",
-        "max_message_size",
-        "set_tags",
-        "tag_params",
-        "id_param",
-        "broadcast_tag",
-        "allow",
-        "max_request_bytes",
-        "on_websocket_listener",
-    ] {
+        .join("\n")
+}
+
+fn assert_documents(block: &str, keys: &[&str]) {
+    for key in keys {
         assert!(
             block.contains(&format!("{key}:")),
-            "example documents {key}"
+            "config.yaml.example documents {key}"
         );
     }
 }
 
-/// The commented sources block of the example, uncommented, is valid,
-/// documents every key, and reads like Veylor's own config.
+/// The WebSocket/admin block is valid and documents every key.
+#[test]
+fn example_websocket_block_is_valid() {
+    let block = example_block("#websocket:", "# --- end of the WebSocket");
+    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
+    let ws = cfg.websocket.expect("websocket");
+    assert_eq!(ws.endpoints.len(), 2);
+    assert_eq!(cfg.admin.expect("admin").listen[0].port(), 6666);
+    assert_documents(
+        &block,
+        &[
+            "handshake_timeout",
+            "max_handshake_bytes",
+            "ping_interval",
+            "pong_timeout",
+            "idle_timeout",
+            "max_output_bytes",
+            "slow_consumer",
+            "endpoints",
+            "path",
+            "on_message",
+            "max_message_size",
+            "set_tags",
+            "tag_params",
+            "id_param",
+            "broadcast_tag",
+            "allow",
+            "max_request_bytes",
+            "on_websocket_listener",
+        ],
+    );
+}
+
+/// The sources block is valid, documents every key, and reads like
+/// Veylor's own config.
 #[test]
 fn example_sources_block_is_valid() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example"))
-        .unwrap();
-    let start = text.find("#sources:").expect("sources block");
-    let end = text
-        .find("# --- end of the sources section")
-        .expect("end marker");
-    let block: String = text[start..end]
-        .lines()
-        .map(|l| l.strip_prefix('#').unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let block = example_block("#sources:", "# --- end of the sources section");
     let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
     assert_eq!(cfg.sources.len(), 1);
     assert_eq!(cfg.performance.max_queue_size, 1000);
-    for key in [
-        "url",
-        "headers",
-        "websocket_port",
-        "websocket_host",
-        "unix_socket_path",
-        "unix_socket_mode",
-        "force_binary",
-        "echo_upstream",
-        "max_message_size",
-        "connect_timeout",
-        "ca_file",
-        "max_queue_size",
-        "reconnect_delay",
-        "reconnect_max_delay",
-        "reconnect_max_attempts",
-    ] {
-        assert!(
-            block.contains(&format!("{key}:")),
-            "example documents {key}"
-        );
-    }
+    assert_documents(
+        &block,
+        &[
+            "url",
+            "headers",
+            "websocket_port",
+            "websocket_host",
+            "unix_socket_path",
+            "unix_socket_mode",
+            "force_binary",
+            "echo_upstream",
+            "max_message_size",
+            "connect_timeout",
+            "ca_file",
+            "max_queue_size",
+            "reconnect_delay",
+            "reconnect_max_delay",
+            "reconnect_max_attempts",
+        ],
+    );
 }
 
 #[test]

@@ -711,30 +711,20 @@ impl Core {
         let Some(due) = c.due(&self.timing) else {
             return;
         };
-        match c.timer {
-            Some((_, armed)) if armed <= due => {}
-            Some((slot, _)) => {
-                self.wheel.cancel(slot, key, c.gen);
-                c.timer = Some((
-                    self.wheel.arm(Timer {
-                        due,
-                        key,
-                        gen: c.gen,
-                    }),
-                    due,
-                ));
+        if let Some((slot, armed)) = c.timer {
+            if armed <= due {
+                return;
             }
-            None => {
-                c.timer = Some((
-                    self.wheel.arm(Timer {
-                        due,
-                        key,
-                        gen: c.gen,
-                    }),
-                    due,
-                ))
-            }
+            self.wheel.cancel(slot, key, c.gen);
         }
+        c.timer = Some((
+            self.wheel.arm(Timer {
+                due,
+                key,
+                gen: c.gen,
+            }),
+            due,
+        ));
     }
 
     fn drain_inbox(&mut self) {
