@@ -1336,15 +1336,10 @@ impl Core {
             self.shared.metrics[self.index].dropped_dead_conn.inc();
             return;
         }
-        let header = match self.conns.get(key).map(|c| &c.proto) {
-            Some(Proto::Ws(_)) => {
-                let mut h = Vec::with_capacity(10);
-                wsproto::encode_header(&mut h, wsproto::OP_BINARY, true, data.len());
-                Some(h)
-            }
-            _ => None,
-        };
-        self.queue_on(key, data, header.as_deref());
+        let ws = matches!(self.conns.get(key).map(|c| &c.proto), Some(Proto::Ws(_)));
+        // The frame header goes on the stack: this runs per message.
+        let (h, n) = wsproto::header_array(wsproto::OP_BINARY, data.len());
+        self.queue_on(key, data, ws.then_some(&h[..n]));
     }
 
     /// Queues `data` (after `header`, if any) on a live connection under its

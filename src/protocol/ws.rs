@@ -131,6 +131,24 @@ pub fn encode_header(out: &mut Vec<u8>, opcode: u8, fin: bool, len: usize) {
     }
 }
 
+/// A server frame header in a stack buffer: (bytes, length used).
+pub fn header_array(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    let mut h = [0u8; 10];
+    h[0] = 0x80 | opcode;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if len <= u16::MAX as usize {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
+}
+
 /// Opcode of a text frame.
 pub const OP_TEXT: u8 = 0x1;
 /// Opcode of a binary frame.
@@ -759,6 +777,16 @@ mod tests {
                 }
             )]
         );
+    }
+
+    #[test]
+    fn header_array_matches_encode_header() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let mut v = Vec::new();
+            encode_header(&mut v, OP_BINARY, true, len);
+            let (h, n) = header_array(OP_BINARY, len);
+            assert_eq!(&h[..n], &v[..], "len {len}");
+        }
     }
 
     #[test]
