@@ -88,6 +88,38 @@ fn json_holds_every_field() {
     ] {
         assert!(!v[k].is_null(), "field {k} in {v}");
     }
+    for k in ["p50", "p90", "p99", "p999", "p9999", "max"] {
+        assert!(
+            v["latency_us"][k].as_f64().is_some(),
+            "latency_us.{k} in {v}"
+        );
+    }
+    let sf = run_json(&[
+        "source-fanout",
+        "--inproc",
+        "1",
+        "--subs",
+        "4",
+        "--unix-subs",
+        "2",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.3",
+        "--json",
+    ]);
+    for k in [
+        "ws_subs",
+        "unix_subs",
+        "delivered",
+        "deliveries_per_s",
+        "gaps",
+        "server_ns_per_delivery",
+        "latency_us",
+    ] {
+        assert!(!sf[k].is_null(), "field {k} in {sf}");
+    }
+    assert_eq!(sf["gaps"].as_u64(), Some(0));
     assert_eq!(
         (v["gaps"].as_u64(), v["dups"].as_u64()),
         (Some(0), Some(0)),

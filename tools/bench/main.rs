@@ -845,15 +845,12 @@ fn ws_echo(a: &Args, s: &Setup) {
     }
     if a.json || a.csv {
         emit_json(format!(
-            "{{\"mode\":\"ws-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2},\"p999\":{:.2}}},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{{\"p50\":{:.2},\"p99\":{:.2}}},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
+            "{{\"mode\":\"ws-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
             a.clients,
             a.payload,
-            us(&h, 0.5),
-            us(&h, 0.99),
-            us(&h, 0.999),
+            percentiles_json(&h),
             tn as f64 / tel,
-            us(&th, 0.5),
-            us(&th, 0.99),
+            percentiles_json(&th),
             srv.map_or("null".into(), |v| format!("{v:.3}"))
         ));
     } else {
@@ -930,16 +927,19 @@ fn ws_fanout(a: &Args, s: &Setup) {
     }
     if a.json || a.csv {
         emit_json(format!(
-            "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"client_cpu_s\":{client:.3}}}",
+            "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"rate\":{},\"publisher\":\"{:?}\",\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"latency_us\":{},\"client_cpu_s\":{client:.3}}}",
             a.subs,
             a.payload,
+            a.window,
+            a.batch,
+            a.rate,
+            a.publisher,
             r.published,
             r.delivered,
             r.gaps,
             r.dups,
             ns.map_or("null".into(), |v| format!("{v:.1}")),
-            us(&r.latency, 0.5),
-            us(&r.latency, 0.99)
+            percentiles_json(&r.latency)
         ));
     } else {
         println!(
@@ -1062,6 +1062,22 @@ fn source_fanout(a: &Args) {
         plot(p, &title, &[("upstream send -> client receive", &h)]);
     }
     let ns = srv.map(|c| c * 1e9 / delivered.max(1) as f64);
+    if a.json || a.csv {
+        emit_json(format!(
+            "{{\"mode\":\"source-fanout\",\"ws_subs\":{},\"unix_subs\":{},\"payload\":{},\"window\":{},\"workers\":{},\"published\":{},\"delivered\":{delivered},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"server_ns_per_delivery\":{},\"latency_us\":{}}}",
+            a.subs,
+            a.unix_subs,
+            a.payload,
+            a.window,
+            a.inproc.unwrap_or(2),
+            p1 - p0,
+            r.gaps.load(Ordering::Relaxed),
+            ns.map_or("null".into(), |v| format!("{v:.1}")),
+            percentiles_json(&h)
+        ));
+        drop(server);
+        return;
+    }
     println!(
         "source-fanout ws={} unix={} payload={}B: {} messages from the source, {delivered} deliveries in {el:.2}s = {rate:.0} deliveries/s, {} gaps",
         a.subs,
@@ -1267,4 +1283,21 @@ fn plot(path: &std::path::Path, title: &str, series: &[(&str, &Histogram<u64>)])
     if let Err(e) = draw() {
         eprintln!("corerelay-bench: plot {}: {e}", path.display());
     }
+}
+
+/// The full percentile set of a latency histogram, in microseconds, as a
+/// JSON object (the same fields for every mode).
+fn percentiles_json(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "null".into();
+    }
+    format!(
+        "{{\"p50\":{:.2},\"p90\":{:.2},\"p99\":{:.2},\"p999\":{:.2},\"p9999\":{:.2},\"max\":{:.2}}}",
+        us(h, 0.5),
+        us(h, 0.9),
+        us(h, 0.99),
+        us(h, 0.999),
+        us(h, 0.9999),
+        h.max() as f64 / 1000.0
+    )
 }
