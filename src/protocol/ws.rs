@@ -734,59 +734,21 @@ mod tests {
     fn client_mode_reads_unmasked_server_frames() {
         let mut f = Vec::new();
         encode_frame(&mut f, OP_TEXT, b"from server");
-        let mut d = Decoder::client(100);
-        let mut got = vec![];
-        d.feed(&mut f.clone(), |e| {
-            got.push(format!("{e:?}"));
-            true
-        })
-        .unwrap();
         assert_eq!(
-            got,
-            vec![format!(
-                "{:?}",
-                Event::Message {
-                    text: true,
-                    data: b"from server"
-                }
-            )]
+            events(&mut Decoder::client(100), &[&f]).unwrap(),
+            vec!["T:from server"]
         );
         let masked = client_frame(OP_TEXT, true, b"x");
         assert!(
-            Decoder::client(100)
-                .feed(&mut masked.clone(), |_| true)
-                .is_err(),
+            events(&mut Decoder::client(100), &[&masked]).is_err(),
             "servers do not mask"
         );
         let mut m = Vec::new();
         encode_masked(&mut m, OP_BINARY, b"abc", [1, 2, 3, 4]);
-        let mut got = vec![];
-        Decoder::new(100)
-            .feed(&mut m, |e| {
-                got.push(format!("{e:?}"));
-                true
-            })
-            .unwrap();
         assert_eq!(
-            got,
-            vec![format!(
-                "{:?}",
-                Event::Message {
-                    text: false,
-                    data: b"abc"
-                }
-            )]
+            events(&mut Decoder::new(100), &[&m]).unwrap(),
+            vec!["B:abc"]
         );
-    }
-
-    #[test]
-    fn header_array_matches_encode_header() {
-        for len in [0usize, 125, 126, 65535, 65536] {
-            let mut v = Vec::new();
-            encode_header(&mut v, OP_BINARY, true, len);
-            let (h, n) = header_array(OP_BINARY, len);
-            assert_eq!(&h[..n], &v[..], "len {len}");
-        }
     }
 
     #[test]
