@@ -63,7 +63,9 @@ pub fn respond(
     }
 }
 
-fn error(conn: &mut Conn, status: &str, msg: &str, now: u64) {
+/// A refused request: answered, counted, and the connection closes.
+fn refuse(cx: &Ctx<'_>, conn: &mut Conn, status: &str, msg: &str, now: u64) {
+    cx.metrics.admin_errors.inc();
     respond(
         conn,
         status,
@@ -89,12 +91,11 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &[u8], cx: &mut Ctx<'_>) {
     let room = (cap + 1).saturating_sub(st.buf.len());
     st.buf.extend_from_slice(&input[..input.len().min(room)]);
     if !allowed {
-        cx.metrics.admin_errors.inc();
         log::debug!(
             "{}: admin request from outside the allowed networks",
             conn.peer
         );
-        return error(conn, "403 Forbidden", "forbidden", cx.now);
+        return refuse(cx, conn, "403 Forbidden", "forbidden", cx.now);
     }
     // Bounded: each turn consumes one request or stops.
     while conn.closing.is_none() {
@@ -110,13 +111,18 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &[u8], cx: &mut Ctx<'_>) {
             Ok(None) => return,
             Err(HttpError::HeadTooLarge) => return too_large(conn, cx),
             Err(_) => {
-                cx.metrics.admin_errors.inc();
-                return error(conn, "400 Bad Request", "malformed HTTP request", cx.now);
+                return refuse(
+                    cx,
+                    conn,
+                    "400 Bad Request",
+                    "malformed HTTP request",
+                    cx.now,
+                );
             }
         };
         if req.header("transfer-encoding").is_some() {
-            cx.metrics.admin_errors.inc();
-            return error(
+            return refuse(
+                cx,
                 conn,
                 "411 Length Required",
                 "send a Content-Length body",
@@ -127,8 +133,7 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &[u8], cx: &mut Ctx<'_>) {
             None => 0,
             Some(Ok(n)) => n,
             Some(Err(_)) => {
-                cx.metrics.admin_errors.inc();
-                return error(conn, "400 Bad Request", "bad Content-Length", cx.now);
+                return refuse(cx, conn, "400 Bad Request", "bad Content-Length", cx.now);
             }
         };
         if req.head_len.saturating_add(len) > cap {
@@ -146,8 +151,8 @@ pub fn on_bytes(conn: &mut Conn, slot: usize, input: &[u8], cx: &mut Ctx<'_>) {
 }
 
 fn too_large(conn: &mut Conn, cx: &mut Ctx<'_>) {
-    cx.metrics.admin_errors.inc();
-    error(
+    refuse(
+        cx,
         conn,
         "413 Payload Too Large",
         "request over admin.max_request_bytes",
@@ -208,8 +213,8 @@ fn handle(
                 .header("content-type")
                 .is_some_and(|c| c.starts_with("application/octet-stream"));
             if !binary && std::str::from_utf8(&body).is_err() {
-                cx.metrics.admin_errors.inc();
-                return error(
+                return refuse(
+                    cx,
                     conn,
                     "400 Bad Request",
                     "body is not UTF-8 text (send application/octet-stream for binary)",
@@ -232,19 +237,13 @@ fn handle(
             (op, sel, frame)
         }
         ("POST", "/settags") => {
-            let Ok(form) = std::str::from_utf8(&body) else {
-                cx.metrics.admin_errors.inc();
-                return error(
-                    conn,
-                    "400 Bad Request",
-                    "settags body must be a form: k=v&k2=",
-                    now,
-                );
-            };
-            let changes = form_pairs(form.trim());
+            // Not UTF-8, or no pair at all: the same answer.
+            let changes = std::str::from_utf8(&body)
+                .map(|f| form_pairs(f.trim()))
+                .unwrap_or_default();
             if changes.is_empty() {
-                cx.metrics.admin_errors.inc();
-                return error(
+                return refuse(
+                    cx,
                     conn,
                     "400 Bad Request",
                     "settags body must be a form: k=v&k2=",
@@ -255,12 +254,16 @@ fn handle(
             (op, sel, Vec::new())
         }
         (_, "/health" | "/ready" | "/metrics" | "/status" | "/send" | "/settags" | "/close") => {
-            cx.metrics.admin_errors.inc();
-            return error(conn, "405 Method Not Allowed", "method not allowed", now);
+            return refuse(
+                cx,
+                conn,
+                "405 Method Not Allowed",
+                "method not allowed",
+                now,
+            );
         }
         _ => {
-            cx.metrics.admin_errors.inc();
-            return error(conn, "404 Not Found", "not found", now);
+            return refuse(cx, conn, "404 Not Found", "not found", now);
         }
     };
     // An empty selector matches nothing: answer without asking the cores.
