@@ -177,10 +177,21 @@ impl Outgoing {
     /// this iteration's batch.
     #[inline]
     pub fn deliver(&mut self, dst: usize, to: ConnId, parts: &[&[u8]]) {
+        let (start, len) = self.append(dst, parts);
+        self.building[dst]
+            .items
+            .push(Item::Deliver { to, start, len });
+    }
+
+    /// Appends bytes to the batch for `dst` (sending the batch on first if
+    /// they would take it past [`MAX_BATCH_BYTES`]); returns their offset
+    /// and length in it.
+    fn append(&mut self, dst: usize, parts: &[&[u8]]) -> (u32, u32) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let b = &mut self.building[dst];
-        if !b.data.is_empty() && b.data.len() + len > MAX_BATCH_BYTES {
-            let full = std::mem::take(b);
+        if !self.building[dst].data.is_empty()
+            && self.building[dst].data.len() + len > MAX_BATCH_BYTES
+        {
+            let full = std::mem::take(&mut self.building[dst]);
             self.overflow[dst].push_back(full);
         }
         let b = &mut self.building[dst];
@@ -188,11 +199,7 @@ impl Outgoing {
         for p in parts {
             b.data.extend_from_slice(p);
         }
-        b.items.push(Item::Deliver {
-            to,
-            start,
-            len: len as u32,
-        });
+        (start, len as u32)
     }
 
     /// Asks core `dst` to run a fan-out on its connections.
@@ -204,27 +211,23 @@ impl Outgoing {
 
     /// Hands a client message to the owner core `dst` of `source`.
     pub fn to_source(&mut self, dst: usize, source: u16, text: bool, data: &[u8]) {
-        let b = &mut self.building[dst];
-        let start = b.data.len() as u32;
-        b.data.extend_from_slice(data);
-        b.items.push(Item::ToSource {
+        let (start, len) = self.append(dst, &[data]);
+        self.building[dst].items.push(Item::ToSource {
             source,
             text,
             start,
-            len: data.len() as u32,
+            len,
         });
     }
 
     /// Answers core `dst`'s request `req`.
     pub fn reply(&mut self, dst: usize, req: u64, count: u64, text: &[u8]) {
-        let b = &mut self.building[dst];
-        let start = b.data.len() as u32;
-        b.data.extend_from_slice(text);
-        b.items.push(Item::Reply {
+        let (start, len) = self.append(dst, &[text]);
+        self.building[dst].items.push(Item::Reply {
             req,
             count,
             start,
-            len: text.len() as u32,
+            len,
         });
     }
 
