@@ -520,33 +520,31 @@ impl Core {
         self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let Some(c) = self.conns.get_mut(key) else {
+            let Some(c) = self.conns.get(key) else {
                 continue;
             };
-            match c.proto {
+            match &c.proto {
                 Proto::Ws(_) => {
-                    let before = c.out.bytes();
-                    c.ws_close(
-                        wsproto::CLOSE_GOING_AWAY,
-                        "server shutting down",
-                        CloseReason::Shutdown,
-                        self.now,
-                        false,
-                    );
-                    self.queued += (c.out.bytes() - before) as u64;
-                    self.mark_dirty(key);
+                    self.own_write(key, |c, now| {
+                        c.ws_close(
+                            wsproto::CLOSE_GOING_AWAY,
+                            "server shutting down",
+                            CloseReason::Shutdown,
+                            now,
+                            false,
+                        )
+                    });
                 }
                 Proto::Handshake(_) => self.close(key, CloseReason::Shutdown),
-                Proto::Upstream(ref u) if u.is_open() => {
-                    let before = c.out.bytes();
-                    source::send_frame(
-                        c,
-                        wsproto::OP_CLOSE,
-                        &wsproto::CLOSE_GOING_AWAY.to_be_bytes(),
-                    );
-                    c.begin_closing(CloseReason::Shutdown, self.now);
-                    self.queued += (c.out.bytes() - before) as u64;
-                    self.mark_dirty(key);
+                Proto::Upstream(u) if u.is_open() => {
+                    self.own_write(key, |c, now| {
+                        source::send_frame(
+                            c,
+                            wsproto::OP_CLOSE,
+                            &wsproto::CLOSE_GOING_AWAY.to_be_bytes(),
+                        );
+                        c.begin_closing(CloseReason::Shutdown, now);
+                    });
                 }
                 Proto::Upstream(_) => self.close(key, CloseReason::Shutdown),
                 Proto::Rely(_) | Proto::Admin(_) | Proto::Unix(_) => {}
@@ -861,15 +859,22 @@ impl Core {
 
     /// Sends a WebSocket close and starts closing (flushed with the rest).
     fn close_ws(&mut self, key: usize, code: u16, reason: &str, why: CloseReason) {
+        self.own_write(key, |c, now| c.ws_close(code, reason, why, now, false));
+    }
+
+    /// Runs one of a connection's own writes (a close frame, a ping, an
+    /// admin answer, an upgrade request) and keeps the queued-bytes account,
+    /// the flush list and the timer in step with it. The write may also
+    /// shrink the queue (a slow consumer's unstarted bytes dropped).
+    fn own_write<R>(&mut self, key: usize, f: impl FnOnce(&mut Conn, u64) -> R) -> Option<R> {
         let now = self.now;
-        let Some(c) = self.conns.get_mut(key) else {
-            return;
-        };
-        let before = c.out.bytes();
-        c.ws_close(code, reason, why, now, false);
-        self.queued += (c.out.bytes() - before) as u64;
+        let c = self.conns.get_mut(key)?;
+        let before = c.out.bytes() as u64;
+        let r = f(c, now);
+        self.queued = self.queued - before + c.out.bytes() as u64;
         self.mark_dirty(key);
         self.rearm_if_earlier(key);
+        Some(r)
     }
 
     /// Applies tag changes to one connection, keeping the index exact.
@@ -909,30 +914,21 @@ impl Core {
             });
         if let Some(id) = open {
             let key = id.slot as usize;
-            if let Some(c) = self
-                .conns
-                .get_mut(key)
-                .filter(|c| c.gen == id.gen && c.closing.is_none())
-            {
-                if let Proto::Upstream(u) = &c.proto {
-                    if u.is_open() {
-                        let before = c.out.bytes();
-                        source::send_frame(
-                            c,
-                            if text {
-                                wsproto::OP_TEXT
-                            } else {
-                                wsproto::OP_BINARY
-                            },
-                            msg,
-                        );
-                        self.queued += (c.out.bytes() - before) as u64;
-                        self.shared.metrics[self.index].source_out.inc();
-                        self.shared.sources[source as usize].messages_out.inc();
-                        self.mark_dirty(key);
-                        return;
-                    }
-                }
+            let writable = self.conns.get(key).is_some_and(|c| {
+                c.gen == id.gen
+                    && c.closing.is_none()
+                    && matches!(&c.proto, Proto::Upstream(u) if u.is_open())
+            });
+            if writable {
+                let op = if text {
+                    wsproto::OP_TEXT
+                } else {
+                    wsproto::OP_BINARY
+                };
+                self.own_write(key, |c, _| source::send_frame(c, op, msg));
+                self.shared.metrics[self.index].source_out.inc();
+                self.shared.sources[source as usize].messages_out.inc();
+                return;
             }
         }
         let m = &self.shared.metrics[self.index];
@@ -967,16 +963,10 @@ impl Core {
             let Some(cfg) = self.shared.cfg.sources.get(u.source as usize) else {
                 continue;
             };
-            let before = c.out.bytes();
-            match source::on_connected(c, cfg) {
-                Ok(()) => {
-                    self.queued += (c.out.bytes() - before) as u64;
-                    self.mark_dirty(key);
-                }
-                Err(e) => {
-                    log::warn!("source {}: connect failed: {e}", cfg.url);
-                    self.close(key, CloseReason::IoError);
-                }
+            let cfg = cfg.clone();
+            if let Some(Err(e)) = self.own_write(key, |c, _| source::on_connected(c, &cfg)) {
+                log::warn!("source {}: connect failed: {e}", cfg.url);
+                self.close(key, CloseReason::IoError);
             }
         }
     }
@@ -1300,25 +1290,19 @@ impl Core {
         }
         let key = id.slot as usize;
         self.shared.metrics[self.index].kicked_login.inc();
-        let now = self.now;
-        let Some(c) = self.conns.get_mut(key) else {
-            return;
-        };
-        if let Proto::Ws(_) = c.proto {
-            // Its id now belongs to the newer connection: forget it here so
-            // cleanup cannot touch the newer login.
-            c.login = None;
-            let before = c.out.bytes();
-            c.ws_close(
-                wsproto::CLOSE_POLICY,
-                "replaced by a newer connection",
-                CloseReason::Kicked,
-                now,
-                false,
-            );
-            self.queued += (c.out.bytes() - before) as u64;
-            self.mark_dirty(key);
-            self.rearm_if_earlier(key);
+        if matches!(self.conns.get(key).map(|c| &c.proto), Some(Proto::Ws(_))) {
+            self.own_write(key, |c, now| {
+                // Its id now belongs to the newer connection: forget it here
+                // so cleanup cannot touch the newer login.
+                c.login = None;
+                c.ws_close(
+                    wsproto::CLOSE_POLICY,
+                    "replaced by a newer connection",
+                    CloseReason::Kicked,
+                    now,
+                    false,
+                );
+            });
         } else {
             self.close(key, CloseReason::Kicked);
         }
@@ -1386,22 +1370,16 @@ impl Core {
     /// The `disconnect` policy: a WebSocket client gets close 1008 after
     /// what is already on the wire; anything else closes at once.
     fn slow_consumer(&mut self, key: usize) {
-        let now = self.now;
-        let Some(c) = self.conns.get_mut(key) else {
-            return;
-        };
-        if let Proto::Ws(_) = c.proto {
-            let before = c.out.bytes() as u64;
-            c.ws_close(
-                wsproto::CLOSE_POLICY,
-                "slow consumer",
-                CloseReason::SlowConsumer,
-                now,
-                true,
-            );
-            self.queued = self.queued - before + c.out.bytes() as u64;
-            self.mark_dirty(key);
-            self.rearm_if_earlier(key);
+        if matches!(self.conns.get(key).map(|c| &c.proto), Some(Proto::Ws(_))) {
+            self.own_write(key, |c, now| {
+                c.ws_close(
+                    wsproto::CLOSE_POLICY,
+                    "slow consumer",
+                    CloseReason::SlowConsumer,
+                    now,
+                    true,
+                )
+            });
         } else {
             self.close(key, CloseReason::SlowConsumer);
         }
