@@ -752,6 +752,16 @@ mod tests {
     }
 
     #[test]
+    fn header_array_matches_encode_header() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let mut v = Vec::new();
+            encode_header(&mut v, OP_BINARY, true, len);
+            let (h, n) = header_array(OP_BINARY, len);
+            assert_eq!(&h[..n], &v[..], "len {len}");
+        }
+    }
+
+    #[test]
     fn mask_phases() {
         let mask = [1, 2, 3, 4];
         let mut a: Vec<u8> = (0..37).collect();
