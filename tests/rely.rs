@@ -51,13 +51,17 @@ fn heartbeat_is_not_forwarded_and_keeps_the_connection() {
         bob.writer.heartbeat().unwrap();
         std::thread::sleep(Duration::from_millis(150));
     }
-    assert!(s.handle.metrics().heartbeats >= 20);
+    wait_until(
+        || s.handle.metrics().heartbeats == 20,
+        "20 heartbeats counted",
+    );
     assert!(
         silent.closed(),
         "a silent connection is closed for inactivity"
     );
     assert!(s.handle.metrics().idle_timeouts >= 1);
-    // Nothing from the heartbeats reached bob; alice still gets through.
+    // Both heartbeating connections are still open, and bob's first frame
+    // is alice's message: no heartbeat was forwarded.
     alice.send(b"bob", b"after heartbeats").unwrap();
     assert_eq!(
         bob.recv(Some(WAIT)).unwrap().unwrap().payload,
@@ -102,24 +106,44 @@ fn offline_destination_is_discarded() {
     );
 }
 
+/// The newer login is placed on the other core with certainty (a probe
+/// login shows where a connection lives; a RELY client may log in again
+/// under another id), so the kick crosses cores.
 #[test]
 fn last_login_wins() {
     let s = TestServer::start(2);
     let mut old = s.login("alice");
     let old_core = s.core_of("alice");
-    let new = Raw::connect(s.addr);
-    let mut new = new;
+    let mut new = None;
+    for i in 0..64 {
+        let mut c = Raw::connect(s.addr);
+        let probe = format!("probe-{i}");
+        c.send(&login_frame(&probe));
+        wait_until(
+            || s.handle.owner_core(probe.as_bytes()).is_some(),
+            "probe in",
+        );
+        if s.core_of(&probe) != old_core {
+            new = Some(c);
+            break;
+        }
+    }
+    let mut new = new.expect("a connection on the other core within 64 tries");
     new.send(&login_frame("alice"));
     assert!(
         old.reader.closed_within(WAIT),
         "the older connection is closed"
     );
     wait_until(|| s.handle.metrics().kicked_login == 1, "kick counted");
+    assert_ne!(
+        s.core_of("alice"),
+        old_core,
+        "alice now lives on the other core"
+    );
     let mut bob = s.login("bob");
     bob.send(b"alice", b"to the newest").unwrap();
     let want = transfer_frame("bob", "alice", b"to the newest");
     assert_eq!(new.read_exact(want.len()), want);
-    let _ = old_core;
 }
 
 fn assert_closed_after(s: &TestServer, bytes: &[u8], what: &str) {

@@ -381,20 +381,18 @@ fn instantly_closing_source_backs_off() {
     assert!(server.metrics().source_reconnects >= 1);
 }
 
-/// A wss:// upstream with a certificate from a private CA the test makes.
-#[test]
-fn wss_source_trusts_its_ca_file_and_nothing_else() {
-    use std::sync::Arc;
-    use tungstenite::Message;
+/// A TLS server config for 127.0.0.1 with a self-signed certificate, and
+/// the path of that certificate as a CA file (`name` keeps tests apart).
+fn tls_server(name: &str) -> (std::sync::Arc<rustls::ServerConfig>, PathBuf) {
     let ck =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
-    let dir = std::env::temp_dir().join(format!("corerelay-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("corerelay-tls-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, ck.cert.pem()).unwrap();
     let key = rustls::pki_types::PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der());
-    let server_cfg = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
+    let server_cfg = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
@@ -403,6 +401,63 @@ fn wss_source_trusts_its_ca_file_and_nothing_else() {
         .with_single_cert(vec![ck.cert.der().clone()], key.into())
         .unwrap(),
     );
+    (server_cfg, ca)
+}
+
+/// A wss:// source yields at most one TLS record's plaintext per read, so a
+/// read shorter than the buffer does not mean the socket is drained. A
+/// burst followed by silence must arrive whole, not wait for the source's
+/// next message or the next ping (30 s away here).
+#[test]
+fn wss_burst_then_silence_arrives_whole() {
+    use tungstenite::Message;
+    let (server_cfg, ca) = tls_server("burst");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Some(tcp) = listener.incoming().flatten().next() else {
+            return;
+        };
+        let conn = rustls::ServerConnection::new(server_cfg).unwrap();
+        let mut ws = tungstenite::accept(rustls::StreamOwned::new(conn, tcp)).unwrap();
+        let _ = up_tx.send(());
+        if go_rx.recv_timeout(WAIT).is_err() {
+            return;
+        }
+        for i in 0..3u8 {
+            ws.send(Message::Binary(vec![i; 64 * 1024].into())).unwrap();
+        }
+        // Silent, connection open, until the test is done.
+        let _ = done_rx.recv_timeout(WAIT * 2);
+    });
+    let path = tmp_sock("wss-burst");
+    let yaml = format!(
+        "workers: 2\npin: false\nrely:\n  listen: []\nsources:\n  - url: \"wss://{addr}/burst\"\n    ca_file: \"{}\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\n",
+        ca.display(),
+        path.display()
+    );
+    let server = Server::start(Config::from_yaml(&yaml, None).unwrap()).expect("start");
+    up_rx.recv_timeout(WAIT).expect("TLS upgrade done");
+    let mut c = WsRaw::connect(server.source_ws_addrs()[0], "/");
+    wait_until(|| server.metrics().ws_upgrades == 1, "client in");
+    go_tx.send(()).unwrap();
+    for i in 0..3u8 {
+        let f = c.read().expect("all three messages of the burst");
+        assert_eq!((f.opcode, f.payload.len()), (0x2, 64 * 1024));
+        assert!(f.payload.iter().all(|&b| b == i), "message {i} intact");
+    }
+    let _ = done_tx.send(());
+}
+
+/// A wss:// upstream with a certificate from a private CA the test makes.
+#[test]
+fn wss_source_trusts_its_ca_file_and_nothing_else() {
+    use std::sync::Arc;
+    use tungstenite::Message;
+    let (server_cfg, ca) = tls_server("ca");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();

@@ -225,6 +225,9 @@ pub struct Conn {
     pub out_max_msgs: usize,
     /// Edge-triggered readiness remembered until drained.
     pub readable: bool,
+    /// The peer's FIN (or an error) was seen: read until the end even after
+    /// a short read, because no further edge will come.
+    pub read_closed: bool,
     /// The socket can take bytes.
     pub writable: bool,
     /// Listed in the core's ready list.
@@ -253,6 +256,7 @@ impl Conn {
             policy: SlowConsumer::Disconnect,
             out_max_msgs: usize::MAX,
             readable: false,
+            read_closed: false,
             writable: true,
             in_ready: false,
             in_dirty: false,

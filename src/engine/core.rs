@@ -8,7 +8,7 @@
 //! local deliveries and kicks -> timers -> flush dirty connections (one
 //! writev run each) -> send this iteration's cross-core batches.
 
-use std::io::{self, Read};
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use super::route::{
     Actions, AdminCall, Ctx, FanOp, Fanout, Local, ReplyTo, SourceMembers, SHARE_FRAME_ACROSS_CORES,
 };
 use super::source;
+use super::stream::Drain;
 use super::tags::{apply_changes, Selector, TagIndex};
 use super::timer::{Timer, Wheel};
 use super::ConnId;
@@ -222,10 +223,11 @@ struct PendingAdmin {
 /// has closed (or the socket failed).
 fn discard_input(conn: &mut Conn, scratch: &mut [u8]) -> Option<CloseReason> {
     for _ in 0..READS_PER_ITERATION {
-        match conn.stream.read(scratch) {
-            Ok(0) => return conn.closing.map(|c| c.reason),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+        match conn.stream.read_some(scratch) {
+            Ok((_, Drain::Closed)) => return conn.closing.map(|c| c.reason),
+            Ok((_, Drain::More)) => {}
+            Ok((n, Drain::Drained)) if n > 0 && conn.read_closed => {}
+            Ok((_, Drain::Drained)) => {
                 conn.readable = false;
                 return None;
             }
@@ -400,6 +402,9 @@ impl Core {
                 };
                 if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                     c.readable = true;
+                    // Remembered: the FIN may arrive with the last data, and
+                    // no edge follows it.
+                    c.read_closed |= ev.is_read_closed() || ev.is_error();
                     if !c.in_ready {
                         c.in_ready = true;
                         self.ready.push((t.0, c.gen));
@@ -1442,17 +1447,18 @@ impl Core {
                     break;
                 }
                 reads += 1;
-                match conn.stream.read(&mut self.scratch) {
-                    Ok(0) => {
+                match conn.stream.read_some(&mut self.scratch) {
+                    Ok((0, Drain::Closed)) => {
                         close = Some(CloseReason::PeerClosed);
                         break;
                     }
-                    Ok(n) => {
+                    Ok((0, _)) => conn.readable = false,
+                    Ok((n, drain)) => {
                         m.bytes_in.add(n as u64);
-                        // A short read drained the socket; a new arrival
-                        // raises a new edge.
-                        if n < self.scratch.len() {
-                            conn.readable = false;
+                        // Drained: a new arrival raises a new edge, unless
+                        // the peer has closed (then read on to the end).
+                        if drain != Drain::More {
+                            conn.readable = conn.read_closed || drain == Drain::Closed;
                         }
                         let input = &mut self.scratch[..n];
                         let r = match conn.proto {
@@ -1477,7 +1483,6 @@ impl Core {
                             break;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         log::debug!("{}: read error: {e}", conn.peer);
@@ -1722,3 +1727,4 @@ impl Core {
         log::debug!("core {}: closed {} ({reason:?})", self.index, c.peer);
     }
 }
+

@@ -49,6 +49,46 @@ impl Stream {
     }
 }
 
+/// What one read left behind in the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// More may be waiting: read again (within the fairness budget).
+    More,
+    /// Nothing more for now; the next arrival raises a new edge.
+    Drained,
+    /// The peer closed its side; nothing will follow these bytes.
+    Closed,
+}
+
+impl Stream {
+    /// Reads into `buf` and says whether the socket may hold more, so the
+    /// caller never mistakes a short read for a drained socket. For plain
+    /// sockets a short read drains the kernel buffer; a TLS stream yields at
+    /// most one record's plaintext per read, so it is drained only when the
+    /// socket says `WouldBlock`. (sozu's `socket_read` returns the same pair.)
+    pub fn read_some(&mut self, buf: &mut [u8]) -> io::Result<(usize, Drain)> {
+        let r = match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => {
+                return match s.read(buf) {
+                    Ok(0) => Ok((0, Drain::Closed)),
+                    Ok(n) => Ok((n, Drain::More)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, Drain::Drained)),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match r {
+            Ok(0) => Ok((0, Drain::Closed)),
+            Ok(n) if n < buf.len() => Ok((n, Drain::Drained)),
+            Ok(n) => Ok((n, Drain::More)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, Drain::Drained)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl Read for Stream {
     #[inline]
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
