@@ -13,9 +13,9 @@
 //!    handshake stage is consumed by value into the WebSocket stage.
 //! 3. deliver: bytes for this connection arrive from its own core (local
 //!    action list, or its own replies such as pongs) or another (mesh
-//!    `Deliver`, generation checked), and go through [`Conn::queue`] /
-//!    [`Conn::push_own`], which apply the byte limit and the slow-consumer
-//!    policy. Queuing marks the connection dirty.
+//!    `Deliver`, generation checked), and are admitted by [`admit`] under the
+//!    byte limit and the slow-consumer policy. Queuing marks the connection
+//!    dirty.
 //! 4. flush (`Core::flush_dirty`): once per loop iteration, one `writev`
 //!    run per dirty connection until empty or `WouldBlock`; a writable event
 //!    re-arms it.
@@ -28,7 +28,7 @@
 
 use std::net::SocketAddr;
 
-use super::outbox::{Chunk, Outbox};
+use super::outbox::Outbox;
 use super::stream::Stream;
 use crate::config::SlowConsumer;
 use crate::protocol::{rely, ws};
@@ -264,40 +264,6 @@ impl Conn {
             timer: None,
             closing: None,
         }
-    }
-
-    /// Offers bytes to the output queue under its byte limit.
-    #[inline]
-    pub fn queue(&mut self, data: Chunk) -> Queued {
-        let q = admit(
-            &self.out,
-            data.len(),
-            self.out_limit,
-            self.out_max_msgs,
-            self.policy,
-        );
-        if q == Queued::Yes {
-            self.out.push(data);
-        }
-        q
-    }
-
-    /// Like [`Conn::queue`], for the connection's own writes (echo, pong),
-    /// coalesced into the queue's tail buffer.
-    #[inline]
-    pub fn push_own(&mut self, parts: &[&[u8]]) -> Queued {
-        let len = parts.iter().map(|p| p.len()).sum();
-        let q = admit(
-            &self.out,
-            len,
-            self.out_limit,
-            self.out_max_msgs,
-            self.policy,
-        );
-        if q == Queued::Yes {
-            self.out.push_bytes(parts);
-        }
-        q
     }
 
     /// Starts closing: stop reading; close once flushed or by `now + grace`.
