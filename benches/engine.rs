@@ -102,7 +102,7 @@ fn handoff(c: &mut Criterion) {
         }
         n
     });
-    let mut out = Outgoing::new(inboxes);
+    let mut out = Outgoing::new(inboxes, 0);
     let to = ConnId {
         core: 1,
         slot: 7,

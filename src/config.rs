@@ -1048,6 +1048,28 @@ impl FileConfig {
     }
 }
 
+impl Config {
+    /// The WebSocket settings in force: the `websocket:` section's, or the
+    /// defaults when there is none (a source's WebSocket listener still
+    /// serves clients then). The engine reads these, never a `DEFAULT_*`.
+    pub fn ws(&self) -> &WsConfig {
+        static DEFAULTS: std::sync::OnceLock<WsConfig> = std::sync::OnceLock::new();
+        self.websocket.as_ref().unwrap_or_else(|| {
+            DEFAULTS.get_or_init(|| WsConfig {
+                listen: Vec::new(),
+                handshake_timeout: DEFAULT_WS_HANDSHAKE_TIMEOUT,
+                max_handshake_bytes: DEFAULT_WS_MAX_HANDSHAKE_BYTES as usize,
+                ping_interval: Some(DEFAULT_WS_PING_INTERVAL),
+                pong_timeout: DEFAULT_WS_PONG_TIMEOUT,
+                idle_timeout: None,
+                max_output_bytes: DEFAULT_WS_MAX_OUTPUT_BYTES as usize,
+                slow_consumer: DEFAULT_SLOW_CONSUMER,
+                endpoints: Vec::new(),
+            })
+        })
+    }
+}
+
 fn validate_ws(
     ws: WsFile,
     err: &dyn Fn(&str, String) -> ConfigError,

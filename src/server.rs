@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::config::Config;
-use crate::engine::core::{Core, CoreSetup, Shared};
+use crate::engine::core::{Core, CoreSetup, WAKER};
 use crate::engine::directory::Directory;
 use crate::engine::listener::{bind_group, bind_unix, ListenSock, ListenerKind};
 use crate::engine::mesh::Inbox;
 use crate::engine::metrics::{CoreMetrics, Snapshot};
+use crate::engine::shared::Shared;
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -57,6 +58,48 @@ impl From<io::Error> for StartError {
     }
 }
 
+/// Where a listener binds.
+#[derive(Debug)]
+enum Bind {
+    /// A TCP address, one SO_REUSEPORT socket per core.
+    Tcp(SocketAddr),
+    /// A Unix socket path with its mode, owned by one core (a Unix
+    /// listener cannot be shared with SO_REUSEPORT).
+    Unix {
+        path: std::path::PathBuf,
+        mode: u32,
+        owner: usize,
+    },
+}
+
+/// The listener table: one row per address the config asks for, saying
+/// what the listener accepts. A new protocol adds its rows here.
+fn listener_table(cfg: &Config) -> Vec<(ListenerKind, Bind)> {
+    let mut rows = Vec::new();
+    for &a in &cfg.rely.listen {
+        rows.push((ListenerKind::Rely, Bind::Tcp(a)));
+    }
+    for &a in cfg.websocket.iter().flat_map(|w| &w.listen) {
+        rows.push((ListenerKind::WebSocket, Bind::Tcp(a)));
+    }
+    for &a in cfg.admin.iter().flat_map(|a| &a.listen) {
+        rows.push((ListenerKind::Admin, Bind::Tcp(a)));
+    }
+    for (i, src) in cfg.sources.iter().enumerate() {
+        if let Some(a) = src.websocket {
+            rows.push((ListenerKind::SourceWs(i as u16), Bind::Tcp(a)));
+        }
+        if let Some(path) = &src.unix_socket {
+            let (path, mode, owner) = (path.clone(), src.unix_mode, i % cfg.workers);
+            rows.push((
+                ListenerKind::SourceUnix(i as u16),
+                Bind::Unix { path, mode, owner },
+            ));
+        }
+    }
+    rows
+}
+
 /// The server.
 pub struct Server;
 
@@ -66,68 +109,28 @@ impl Server {
         let workers = cfg.workers;
         let mut per_core: Vec<Vec<(ListenerKind, ListenSock)>> =
             (0..workers).map(|_| Vec::new()).collect();
-        let mut rely_addrs = Vec::new();
-        for &addr in &cfg.rely.listen {
-            let (bound, group) = bind_group(addr, workers, cfg.backlog)
-                .map_err(|source| StartError::Bind { addr, source })?;
-            rely_addrs.push(bound);
-            for (core, l) in group.into_iter().enumerate() {
-                per_core[core].push((
-                    ListenerKind::Rely,
-                    ListenSock::Tcp(mio::net::TcpListener::from_std(l)),
-                ));
-            }
-        }
-        let mut ws_addrs = Vec::new();
-        for &addr in cfg.websocket.iter().flat_map(|w| &w.listen) {
-            let (bound, group) = bind_group(addr, workers, cfg.backlog)
-                .map_err(|source| StartError::Bind { addr, source })?;
-            ws_addrs.push(bound);
-            for (core, l) in group.into_iter().enumerate() {
-                per_core[core].push((
-                    ListenerKind::WebSocket,
-                    ListenSock::Tcp(mio::net::TcpListener::from_std(l)),
-                ));
-            }
-        }
-        let mut admin_addrs = Vec::new();
-        for &addr in cfg.admin.iter().flat_map(|a| &a.listen) {
-            let (bound, group) = bind_group(addr, workers, cfg.backlog)
-                .map_err(|source| StartError::Bind { addr, source })?;
-            admin_addrs.push(bound);
-            for (core, l) in group.into_iter().enumerate() {
-                per_core[core].push((
-                    ListenerKind::Admin,
-                    ListenSock::Tcp(mio::net::TcpListener::from_std(l)),
-                ));
-            }
-        }
-
-        let mut source_ws_addrs = Vec::new();
+        let mut bound = Vec::new();
         let mut unix_paths = Vec::new();
-        for (idx, src) in cfg.sources.iter().enumerate() {
-            let kind_ws = ListenerKind::SourceWs(idx as u16);
-            if let Some(addr) = src.websocket {
-                let (bound, group) = bind_group(addr, workers, cfg.backlog)
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                source_ws_addrs.push(bound);
-                for (core, l) in group.into_iter().enumerate() {
-                    per_core[core]
-                        .push((kind_ws, ListenSock::Tcp(mio::net::TcpListener::from_std(l))));
+        for (kind, bind) in listener_table(&cfg) {
+            match bind {
+                Bind::Tcp(addr) => {
+                    let (addr, group) = bind_group(addr, workers, cfg.backlog)
+                        .map_err(|source| StartError::Bind { addr, source })?;
+                    bound.push((kind, addr));
+                    for (core, l) in group.into_iter().enumerate() {
+                        let l = ListenSock::Tcp(mio::net::TcpListener::from_std(l));
+                        per_core[core].push((kind, l));
+                    }
                 }
-            }
-            if let Some(path) = &src.unix_socket {
-                let l = bind_unix(path, src.unix_mode).map_err(|source| StartError::Unix {
-                    path: path.clone(),
-                    source,
-                })?;
-                // A Unix listener cannot be shared with SO_REUSEPORT: it has
-                // one owner core, the source's.
-                per_core[idx % workers].push((
-                    ListenerKind::SourceUnix(idx as u16),
-                    ListenSock::Unix(mio::net::UnixListener::from_std(l)),
-                ));
-                unix_paths.push(path.clone());
+                Bind::Unix { path, mode, owner } => {
+                    let l = bind_unix(&path, mode).map_err(|source| StartError::Unix {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    per_core[owner]
+                        .push((kind, ListenSock::Unix(mio::net::UnixListener::from_std(l))));
+                    unix_paths.push(path);
+                }
             }
         }
 
@@ -135,7 +138,7 @@ impl Server {
         let mut inboxes = Vec::with_capacity(workers);
         for (index, listeners) in per_core.into_iter().enumerate() {
             let poll = mio::Poll::new()?;
-            let waker = mio::Waker::new(poll.registry(), mio::Token(usize::MAX))?;
+            let waker = mio::Waker::new(poll.registry(), WAKER)?;
             let (inbox, rx) = Inbox::new(cfg.mesh_capacity, waker);
             inboxes.push(inbox);
             setups.push(CoreSetup {
@@ -187,10 +190,7 @@ impl Server {
         Ok(ServerHandle {
             shared,
             threads,
-            rely_addrs,
-            ws_addrs,
-            admin_addrs,
-            source_ws_addrs,
+            bound,
             unix_paths,
             cpus,
         })
@@ -213,10 +213,8 @@ fn resolve_cpus(cfg: &Config) -> Vec<usize> {
 pub struct ServerHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-    rely_addrs: Vec<SocketAddr>,
-    ws_addrs: Vec<SocketAddr>,
-    admin_addrs: Vec<SocketAddr>,
-    source_ws_addrs: Vec<SocketAddr>,
+    /// Every bound TCP address with what it accepts, in table order.
+    bound: Vec<(ListenerKind, SocketAddr)>,
     unix_paths: Vec<std::path::PathBuf>,
     cpus: Vec<usize>,
 }
@@ -233,25 +231,33 @@ impl Stopper {
 }
 
 impl ServerHandle {
+    fn bound(&self, f: impl Fn(ListenerKind) -> bool) -> Vec<SocketAddr> {
+        self.bound
+            .iter()
+            .filter(|(k, _)| f(*k))
+            .map(|(_, a)| *a)
+            .collect()
+    }
+
     /// The bound RELY addresses, in config order.
-    pub fn rely_addrs(&self) -> &[SocketAddr] {
-        &self.rely_addrs
+    pub fn rely_addrs(&self) -> Vec<SocketAddr> {
+        self.bound(|k| k == ListenerKind::Rely)
     }
 
     /// The bound WebSocket addresses, in config order.
-    pub fn ws_addrs(&self) -> &[SocketAddr] {
-        &self.ws_addrs
+    pub fn ws_addrs(&self) -> Vec<SocketAddr> {
+        self.bound(|k| k == ListenerKind::WebSocket)
     }
 
     /// The bound admin API addresses, in config order.
-    pub fn admin_addrs(&self) -> &[SocketAddr] {
-        &self.admin_addrs
+    pub fn admin_addrs(&self) -> Vec<SocketAddr> {
+        self.bound(|k| k == ListenerKind::Admin)
     }
 
     /// The bound addresses of sources' WebSocket servers, in config order
     /// (sources without one are skipped).
-    pub fn source_ws_addrs(&self) -> &[SocketAddr] {
-        &self.source_ws_addrs
+    pub fn source_ws_addrs(&self) -> Vec<SocketAddr> {
+        self.bound(|k| matches!(k, ListenerKind::SourceWs(_)))
     }
 
     /// The CPUs workers are pinned to (empty: not pinned).

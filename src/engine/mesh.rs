@@ -1,5 +1,14 @@
-//! Mesh: the bounded lock-free channels between cores, plus the wake-up
-//! protocol.
+//! Mesh: the one vocabulary for work between connections ([`Item`]), the
+//! bounded lock-free channels between cores, and the wake-up protocol.
+//!
+//! Work for a connection on another core and work for one on this core are
+//! the same [`Item`]s in the same [`Batch`] shape: [`Outgoing`] builds one
+//! batch per core per loop iteration, its own included. Other cores' batches
+//! go through their channels; this core's own batch is applied by the core
+//! after its reads (`Core::apply`), in the order the items were made, so a
+//! connection sees one sender's deliveries, fan-outs and kicks in order
+//! whichever core it lives on. "Here or through the mesh" is decided in one
+//! place: the destination core index.
 //!
 //! Each core has one inbound channel of *batches*: a sender collects what it
 //! has for a destination during one loop iteration and sends it as one batch,
@@ -23,20 +32,20 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use super::route::Fanout;
+use super::message::Fanout;
 use super::ConnId;
 
-/// Something one core asks another to do.
+/// Something to do for connections of one core (possibly the sender's).
 #[derive(Debug, Clone, Copy)]
 pub enum Item {
-    /// Queue `data[start..start + len]` of the batch on a connection
-    /// (checked against its generation).
+    /// Queue `data[start..start + len]` of the batch (a RELY transfer frame)
+    /// on a connection, checked against its generation.
     Deliver {
         /// Destination connection.
         to: ConnId,
         /// Offset in the batch's data.
         start: u32,
-        /// Length.
+        /// Length in the batch's data.
         len: u32,
     },
     /// Close a connection replaced by a newer login.
@@ -44,18 +53,18 @@ pub enum Item {
         /// The connection to close.
         conn: ConnId,
     },
-    /// Run `Batch::fanouts[i]` on this core.
-    Fanout(u32),
-    /// A client message for upstream source `source` (this core owns it):
-    /// `data[start..start + len]`.
+    /// Run the next of `Batch::fanouts` (they are taken in order).
+    Fanout,
+    /// A client message for upstream source `source` (the receiving core
+    /// owns it): `data[start..start + len]`.
     ToSource {
         /// The source.
         source: u16,
         /// Text (else binary).
         text: bool,
-        /// Offset.
+        /// Offset in the batch's data.
         start: u32,
-        /// Length.
+        /// Length in the batch's data.
         len: u32,
     },
     /// A core's answer to a fan-out with a reply address: how many of its
@@ -67,7 +76,7 @@ pub enum Item {
         count: u64,
         /// Offset of the status text.
         start: u32,
-        /// Its length.
+        /// Length of the status text.
         len: u32,
     },
 }
@@ -153,23 +162,55 @@ impl Inbox {
     }
 }
 
-/// A core's outgoing side: the batch being built per destination and the
-/// batches that did not fit.
+/// A core's outgoing side: the batch being built per destination (its own
+/// core included) and the batches that did not fit in a channel.
 #[derive(Debug)]
 pub struct Outgoing {
     building: Vec<Batch>,
     overflow: Vec<VecDeque<Batch>>,
     inboxes: Arc<[Inbox]>,
+    /// This core: its batch is applied locally, never sent.
+    me: usize,
 }
 
 impl Outgoing {
-    /// Outgoing side for a mesh of `inboxes`.
-    pub fn new(inboxes: Arc<[Inbox]>) -> Self {
+    /// Outgoing side of core `me` in a mesh of `inboxes`.
+    pub fn new(inboxes: Arc<[Inbox]>, me: usize) -> Self {
         let n = inboxes.len();
         Outgoing {
             building: (0..n).map(|_| Batch::default()).collect(),
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
             inboxes,
+            me,
+        }
+    }
+
+    /// This core's index.
+    #[inline]
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    /// Number of cores.
+    #[inline]
+    pub fn cores(&self) -> usize {
+        self.building.len()
+    }
+
+    /// Takes this iteration's batch for the own core (applied after the
+    /// reads, like a batch from another core).
+    pub fn take_local(&mut self) -> Batch {
+        std::mem::take(&mut self.building[self.me])
+    }
+
+    /// Gives a local batch's buffer back for reuse once nothing refers to
+    /// it (after the flush), so the own batch costs no allocation per
+    /// iteration.
+    pub fn recycle_local(&mut self, mut data: Vec<u8>) {
+        let own = &mut self.building[self.me].data;
+        if own.capacity() == 0 && data.capacity() <= 4 * MAX_BATCH_BYTES {
+            data.clear();
+            *own = data;
         }
     }
 
@@ -188,7 +229,10 @@ impl Outgoing {
     /// and length in it.
     fn append(&mut self, dst: usize, parts: &[&[u8]]) -> (u32, u32) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        if !self.building[dst].data.is_empty()
+        // The own batch is applied this iteration and pins nothing past the
+        // flush; it is never cut.
+        if dst != self.me
+            && !self.building[dst].data.is_empty()
             && self.building[dst].data.len() + len > MAX_BATCH_BYTES
         {
             let full = std::mem::take(&mut self.building[dst]);
@@ -205,7 +249,7 @@ impl Outgoing {
     /// Asks core `dst` to run a fan-out on its connections.
     pub fn fanout(&mut self, dst: usize, f: Fanout) {
         let b = &mut self.building[dst];
-        b.items.push(Item::Fanout(b.fanouts.len() as u32));
+        b.items.push(Item::Fanout);
         b.fanouts.push(f);
     }
 
@@ -242,6 +286,9 @@ impl Outgoing {
     pub fn flush(&mut self) -> u64 {
         let mut waited = 0;
         for dst in 0..self.building.len() {
+            if dst == self.me {
+                continue;
+            }
             if !self.building[dst].is_empty() {
                 let b = std::mem::take(&mut self.building[dst]);
                 self.overflow[dst].push_back(b);
@@ -281,7 +328,7 @@ impl Outgoing {
             .any(|q| q.len() >= BACKPRESSURE_BATCHES)
     }
 
-    /// True if anything waits to be sent.
+    /// True if anything waits to be sent (or applied locally).
     pub fn has_pending(&self) -> bool {
         self.overflow.iter().any(|q| !q.is_empty()) || self.building.iter().any(|b| !b.is_empty())
     }

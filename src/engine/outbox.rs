@@ -99,11 +99,6 @@ impl Outbox {
         self.q.len()
     }
 
-    /// Heap bytes held by the queue's index (not the chunks).
-    pub fn index_capacity(&self) -> usize {
-        self.q.capacity() * std::mem::size_of::<Chunk>()
-    }
-
     /// Appends a chunk (empty chunks are ignored).
     #[inline]
     pub fn push(&mut self, c: Chunk) {
@@ -234,14 +229,6 @@ impl Outbox {
                 *c = Chunk::Owned(Box::from(&c[..]));
             }
         }
-        self.slices = 0;
-    }
-
-    /// Drops everything queued.
-    pub fn clear(&mut self) {
-        self.q.clear();
-        self.head = 0;
-        self.bytes = 0;
         self.slices = 0;
     }
 }

@@ -1,244 +1,308 @@
-//! What protocol adapters may touch besides the connection they are
-//! reading ([`Ctx`]), and the local actions they leave for the core to apply
-//! after the reads ([`Actions`]): adapters never touch another connection's
-//! state, so a delivery to a connection on the same core waits in a list.
+//! [`Ctx`]: the adapters' only door to the rest of the engine. Its fields
+//! are private; what a stage may do is what its methods say: log an id in
+//! or out, send to an id, fan a message out, send to an upstream source,
+//! join or leave a channel, tag a connection, start an admin call, read the
+//! config and the counters. Work for other connections (this core's or
+//! another's) goes into the mesh batches and is applied after the reads, so
+//! a stage never touches a connection but its own.
+//!
+//! `Ctx::for_test` (tests only) builds one without a running core, so each
+//! adapter's routing decisions have unit tests.
 
-use super::conn::Timing;
-use super::directory::{Directory, LookupCache};
-use super::mesh::Outgoing;
-use super::metrics::CoreMetrics;
 use std::sync::Arc;
 
-use super::tags::{Selector, TagIndex};
-
-/// One core's clients of each upstream source (slab keys).
-#[derive(Debug, Default)]
-pub struct SourceMembers {
-    /// WebSocket clients, per source.
-    pub ws: Vec<std::collections::HashSet<usize>>,
-    /// Unix clients, per source (only on the source's owner core).
-    pub unix: Vec<std::collections::HashSet<usize>>,
-}
+use super::admin_calls::AdminCalls;
+use super::channels::{Channel, Channels};
+use super::directory::{Directory, LookupCache};
+use super::io::Login;
+use super::mesh::Outgoing;
+use super::message::{AdminCall, FanOp, Fanout, Message};
+use super::metrics::{CoreMetrics, SourceStatus};
+use super::tags::{Selector, Tag, TagIndex};
+use super::timer::Timing;
 use super::ConnId;
 use crate::config::Config;
 
-/// What a fan-out does to each selected connection.
-#[derive(Debug, Clone)]
-pub enum FanOp {
-    /// Queue the frame.
-    Send,
-    /// Queue the frame (if any), then close 1000 "Closed by server".
-    Close,
-    /// Apply tag changes (an empty value deletes).
-    SetTags(Arc<Vec<(String, String)>>),
-    /// Report the connection's id and tags (JSON lines if `json`).
-    Status {
-        /// JSON objects instead of `id=.. k=v` lines.
-        json: bool,
-    },
+/// Everything a stage may touch besides its own connection.
+pub(crate) struct Ctx<'a> {
+    pub(super) cfg: &'a Config,
+    pub(super) dir: &'a Directory,
+    pub(super) cache: &'a mut LookupCache,
+    pub(super) tags: &'a mut TagIndex,
+    pub(super) channels: &'a mut Channels,
+    pub(super) metrics: &'a CoreMetrics,
+    pub(super) all_metrics: &'a [CoreMetrics],
+    pub(super) sources: &'a [SourceStatus],
+    pub(super) mesh: &'a mut Outgoing,
+    pub(super) admin: &'a mut AdminCalls,
+    pub(super) now: u64,
+    pub(super) timing: &'a Timing,
+    pub(super) draining: bool,
 }
 
-/// Where a core reports how many connections a fan-out touched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplyTo {
-    /// The core holding the admin request.
-    pub core: u16,
-    /// Its request number on that core.
-    pub req: u64,
-}
-
-/// One operation for many connections, framed once per core.
-#[derive(Debug, Clone)]
-pub struct Fanout {
-    /// Who it applies to (evaluated by each core on its own index).
-    pub selector: Arc<Selector>,
-    /// The WebSocket frame, this core's own copy (or a shared one when
-    /// large), so reference counting stays on the core. Empty: none.
-    pub frame: Arc<[u8]>,
-    /// A connection that must not receive it (the sender).
-    pub exclude: Option<ConnId>,
-    /// What to do.
-    pub op: FanOp,
-    /// Report the count (and status text) here.
-    pub reply: Option<ReplyTo>,
-}
-
-/// An admin request that needs every core: the core fans it out and
-/// answers `conn` once all cores have replied.
-#[derive(Debug)]
-pub struct AdminCall {
-    /// The admin connection.
-    pub conn: ConnId,
-    /// Target connections.
-    pub selector: Arc<Selector>,
-    /// Frame to send (may be empty).
-    pub frame: Vec<u8>,
-    /// Operation.
-    pub op: FanOp,
-    /// Keep the HTTP connection open after answering.
-    pub keep_alive: bool,
-}
-
-/// A local action, applied by the core after the reads, in order (so a
-/// connection sees one sender's deliveries, fan-outs and kicks in order).
-#[derive(Debug)]
-pub enum Local {
-    /// Deliver `data[start..start + len]` (a RELY transfer frame).
-    Deliver {
-        /// Destination.
-        to: ConnId,
-        /// Offset in `Actions::data`.
-        start: u32,
-        /// Length.
-        len: u32,
-    },
-    /// A fan-out to this core's matching connections.
-    Fanout(Fanout),
-    /// Close a connection replaced by a newer login.
-    Kick(ConnId),
-    /// An admin request to fan out to every core.
-    Admin(AdminCall),
-    /// A client message for upstream source `source` (owned by this core).
-    ToSource {
-        /// The source.
-        source: u16,
-        /// Text (else binary).
-        text: bool,
-        /// Offset in `Actions::data`.
-        start: u32,
-        /// Length.
-        len: u32,
-    },
-}
-
-/// Local actions and the bytes of their deliveries.
-#[derive(Debug, Default)]
-pub struct Actions {
-    /// Bytes of local deliveries, back to back (one buffer per iteration).
-    pub data: Vec<u8>,
-    /// The actions, in order.
-    pub local: Vec<Local>,
-}
-
-impl Actions {
-    /// Adds a local delivery of `parts` (concatenated).
-    #[inline]
-    pub fn deliver(&mut self, to: ConnId, parts: &[&[u8]]) {
-        let start = self.data.len() as u32;
-        for p in parts {
-            self.data.extend_from_slice(p);
+/// Builds a [`Ctx`] from a core's fields (a macro, so the borrows stay
+/// field by field and the core can still reach its slab).
+macro_rules! ctx {
+    ($core:expr) => {
+        $crate::engine::route::Ctx {
+            cfg: &$core.shared.cfg,
+            dir: &$core.shared.directory,
+            cache: &mut $core.cache,
+            tags: &mut $core.tags,
+            channels: &mut $core.channels,
+            metrics: &$core.shared.metrics[$core.index],
+            all_metrics: &$core.shared.metrics,
+            sources: &$core.shared.sources,
+            mesh: &mut $core.mesh,
+            admin: &mut $core.admin,
+            now: $core.now,
+            timing: &$core.timing,
+            draining: $core.drain_deadline.is_some(),
         }
-        let len = self.data.len() as u32 - start;
-        self.local.push(Local::Deliver { to, start, len });
+    };
+}
+pub(crate) use ctx;
+
+impl<'a> Ctx<'a> {
+    /// The current tick.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        self.now
     }
-}
 
-/// Frames at least this large are shared by one reference across cores
-/// rather than copied once per core (the copy would cost more than the
-/// contended reference count).
-pub const SHARE_FRAME_ACROSS_CORES: usize = 64 * 1024;
-
-/// Everything an adapter may touch besides the connection.
-pub struct Ctx<'a> {
-    /// This core's index.
-    pub core: u16,
-    /// The configuration.
-    pub cfg: &'a Config,
-    /// The directory.
-    pub dir: &'a Directory,
-    /// This core's lookup cache.
-    pub cache: &'a mut LookupCache,
-    /// This core's tag index.
-    pub tags: &'a mut TagIndex,
-    /// This core's clients of each upstream source.
-    pub members: &'a mut SourceMembers,
-    /// This core's counters.
-    pub metrics: &'a CoreMetrics,
-    /// Cross-core batches.
-    pub mesh: &'a mut Outgoing,
-    /// Local actions.
-    pub actions: &'a mut Actions,
-    /// Current tick.
-    pub now: u64,
     /// Deadlines in ticks.
-    pub timing: Timing,
-    /// Every core's counters (for /metrics).
-    pub all_metrics: &'a [CoreMetrics],
-    /// Every source's state and counters.
-    pub sources: &'a [super::metrics::SourceStatus],
-    /// The server is shutting down (/ready answers 503).
-    pub draining: bool,
-}
+    #[inline]
+    pub(crate) fn timing(&self) -> &'a Timing {
+        self.timing
+    }
 
-impl Ctx<'_> {
-    /// Registers `id` for `me` (last login wins) and arranges the kick of the
-    /// connection it replaces. Returns the login epoch.
-    pub fn login(&mut self, id: &[u8], me: ConnId) -> u64 {
+    /// The configuration (read only).
+    #[inline]
+    pub(crate) fn cfg(&self) -> &'a Config {
+        self.cfg
+    }
+
+    /// This core's counters.
+    #[inline]
+    pub(crate) fn metrics(&self) -> &'a CoreMetrics {
+        self.metrics
+    }
+
+    /// The server is shutting down (/ready answers 503).
+    pub(crate) fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Registers `id` for `me` (last login wins) and arranges the kick of
+    /// the connection it replaces, wherever it lives.
+    pub(crate) fn login(&mut self, id: &[u8], me: ConnId) -> Login {
         let (epoch, replaced) = self.dir.login(id, me);
         if let Some(old) = replaced {
-            if old.core == self.core {
-                self.actions.local.push(Local::Kick(old));
-            } else {
-                self.mesh.kick(old.core as usize, old);
-            }
+            self.mesh.kick(old.core as usize, old);
         }
-        epoch
+        Login {
+            id: id.into(),
+            epoch,
+        }
     }
 
-    /// Sends `parts` (one frame, concatenated) to the connection holding
-    /// `to`, wherever it lives. Returns false if nobody holds it.
-    pub fn send_to_id(&mut self, to: &[u8], parts: &[&[u8]]) -> bool {
-        match self.cache.lookup(self.dir, to) {
-            None => false,
-            Some(dst) if dst.core == self.core => {
-                self.actions.deliver(dst, parts);
-                true
-            }
-            Some(dst) => {
-                self.metrics.cross_core.inc();
-                self.mesh.deliver(dst.core as usize, dst, parts);
-                true
-            }
+    /// Releases an id (only if this login still holds it).
+    pub(crate) fn logout(&mut self, login: &Login) {
+        self.dir.logout(&login.id, login.epoch);
+    }
+
+    /// Sends `parts` (one RELY transfer frame, concatenated) to the
+    /// connection holding `to`, wherever it lives. False if nobody holds it.
+    pub(crate) fn send_to_id(&mut self, to: &[u8], parts: &[&[u8]]) -> bool {
+        let Some(dst) = self.cache.lookup(self.dir, to) else {
+            return false;
+        };
+        if dst.core as usize != self.mesh.me() {
+            self.metrics.cross_core.inc();
         }
+        self.mesh.deliver(dst.core as usize, dst, parts);
+        true
     }
 
     /// Sends a client message to upstream source `source`, through its
     /// owner core (in order per client).
-    pub fn send_upstream(&mut self, source: u16, text: bool, data: &[u8]) {
-        let owner = source as usize % self.cfg.workers;
-        if owner == self.core as usize {
-            let start = self.actions.data.len() as u32;
-            self.actions.data.extend_from_slice(data);
-            self.actions.local.push(Local::ToSource {
-                source,
-                text,
-                start,
-                len: data.len() as u32,
-            });
-        } else {
-            self.mesh.to_source(owner, source, text, data);
+    pub(crate) fn send_upstream(&mut self, source: u16, text: bool, data: &[u8]) {
+        let owner = source as usize % self.mesh.cores();
+        self.mesh.to_source(owner, source, text, data);
+    }
+
+    /// Sends `msg` to every connection `selector` matches on every core
+    /// (except `exclude`): one fan-out per core, not per client.
+    pub(crate) fn fanout(
+        &mut self,
+        selector: Arc<Selector>,
+        msg: Message,
+        force_binary: bool,
+        exclude: Option<ConnId>,
+    ) {
+        let f = Fanout {
+            selector,
+            msg: Some(msg),
+            force_binary,
+            exclude,
+            op: FanOp::Send,
+            reply: None,
+        };
+        for core in 0..self.mesh.cores() {
+            self.mesh.fanout(core, f.clone());
         }
     }
 
-    /// Sends one WebSocket frame to every connection `selector` matches on
-    /// every core (except `exclude`): one fan-out per core, not per client.
-    pub fn fanout(&mut self, selector: Arc<Selector>, frame: &[u8], exclude: Option<ConnId>) {
-        let cores = self.cfg.workers;
-        let shared: Option<Arc<[u8]>> =
-            (frame.len() >= SHARE_FRAME_ACROSS_CORES).then(|| Arc::from(frame));
-        for core in 0..cores {
-            let f = Fanout {
-                selector: selector.clone(),
-                frame: shared.clone().unwrap_or_else(|| Arc::from(frame)),
-                exclude,
-                op: FanOp::Send,
-                reply: None,
-            };
-            if core == self.core as usize {
-                self.actions.local.push(Local::Fanout(f));
-            } else {
-                self.mesh.fanout(core, f);
+    /// Starts an admin request on every core; the answer comes back to the
+    /// admin stage (`Stage::on_answer`) once all have replied.
+    pub(crate) fn admin(&mut self, call: AdminCall) {
+        self.admin.start(call, self.mesh);
+    }
+
+    /// Makes `slot` a member of `ch` on this core.
+    pub(crate) fn join(&mut self, ch: Channel, slot: usize) {
+        self.channels.join(ch, slot);
+    }
+
+    /// Ends `slot`'s membership of `ch`.
+    pub(crate) fn leave(&mut self, ch: Channel, slot: usize) {
+        self.channels.leave(ch, slot);
+    }
+
+    /// Indexes `slot` under `tags`.
+    pub(crate) fn tag(&mut self, slot: usize, tags: &[Tag]) {
+        self.tags.insert(slot, tags);
+    }
+
+    /// Removes `slot` from the index under `tags`.
+    pub(crate) fn untag(&mut self, slot: usize, tags: &[Tag]) {
+        self.tags.remove(slot, tags);
+    }
+
+    /// Upstream source `n`'s shared status and counters.
+    pub(crate) fn source_status(&self, n: u16) -> Option<&'a SourceStatus> {
+        self.sources.get(n as usize)
+    }
+
+    /// The Prometheus text of every core's and every source's counters.
+    pub(crate) fn metrics_text(&self) -> String {
+        let mut body = super::metrics::prometheus(self.all_metrics);
+        let urls: Vec<String> = self.cfg.sources.iter().map(|s| s.url.clone()).collect();
+        super::metrics::prometheus_sources(&mut body, &urls, self.sources);
+        body
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test {
+    //! A [`Ctx`] without a running core: real directory, indexes and mesh
+    //! (its inboxes need a poll for their wakers), inspected after a stage
+    //! has acted.
+
+    use super::*;
+    use crate::engine::mesh::{Batch, Inbox, Item};
+
+    pub(crate) struct TestCx {
+        pub cfg: Config,
+        pub dir: Directory,
+        pub cache: LookupCache,
+        pub tags: TagIndex,
+        pub channels: Channels,
+        pub metrics: Vec<CoreMetrics>,
+        pub sources: Vec<SourceStatus>,
+        pub mesh: Outgoing,
+        pub admin: AdminCalls,
+        pub timing: Timing,
+        pub now: u64,
+        _polls: Vec<mio::Poll>,
+        pub rx: Vec<crossbeam_channel::Receiver<Batch>>,
+    }
+
+    impl TestCx {
+        /// `cores` cores; this is core 0.
+        pub(crate) fn new(yaml: &str, cores: usize) -> TestCx {
+            let cfg = Config::from_yaml(yaml, None).expect("config");
+            let mut polls = Vec::new();
+            let mut inboxes = Vec::new();
+            let mut rx = Vec::new();
+            for _ in 0..cores {
+                let poll = mio::Poll::new().expect("poll");
+                let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+                let (i, r) = Inbox::new(16, waker);
+                inboxes.push(i);
+                rx.push(r);
+                polls.push(poll);
+            }
+            TestCx {
+                dir: Directory::new(cores),
+                cache: LookupCache::default(),
+                tags: TagIndex::default(),
+                channels: Channels::default(),
+                metrics: (0..cores).map(|_| CoreMetrics::default()).collect(),
+                sources: cfg
+                    .sources
+                    .iter()
+                    .map(|_| SourceStatus::default())
+                    .collect(),
+                mesh: Outgoing::new(inboxes.into(), 0),
+                admin: AdminCalls::default(),
+                timing: Timing {
+                    ws_pong: 100,
+                    ws_handshake: 100,
+                    admin_idle: 600,
+                    ..Timing::default()
+                },
+                now: 1,
+                _polls: polls,
+                rx,
+                cfg,
             }
         }
+
+        pub(crate) fn cx(&mut self) -> Ctx<'_> {
+            Ctx {
+                cfg: &self.cfg,
+                dir: &self.dir,
+                cache: &mut self.cache,
+                tags: &mut self.tags,
+                channels: &mut self.channels,
+                metrics: &self.metrics[0],
+                all_metrics: &self.metrics,
+                sources: &self.sources,
+                mesh: &mut self.mesh,
+                admin: &mut self.admin,
+                now: self.now,
+                timing: &self.timing,
+                draining: false,
+            }
+        }
+
+        /// What the stage left for this core, in order.
+        pub(crate) fn local(&mut self) -> Batch {
+            self.mesh.take_local()
+        }
+
+        /// What the stage left for core `dst`, in order (sent first).
+        pub(crate) fn sent_to(&mut self, dst: usize) -> Vec<Batch> {
+            self.mesh.flush();
+            self.rx[dst].try_iter().collect()
+        }
+
+        pub(crate) fn m(&self) -> crate::engine::metrics::Snapshot {
+            self.metrics[0].snapshot()
+        }
+    }
+
+    /// The delivered bytes of a batch's `Deliver` items.
+    pub(crate) fn deliveries(b: &Batch) -> Vec<(ConnId, Vec<u8>)> {
+        b.items
+            .iter()
+            .filter_map(|i| match *i {
+                Item::Deliver { to, start, len } => {
+                    Some((to, b.data[start as usize..(start + len) as usize].to_vec()))
+                }
+                _ => None,
+            })
+            .collect()
     }
 }

@@ -21,11 +21,9 @@ pub enum Selector {
     Tags(Vec<Tag>),
     /// Every WebSocket connection (for /status; not reachable from a query).
     All,
-    /// The WebSocket clients of upstream source `n` (not reachable from a
-    /// query).
-    Source(u16),
-    /// The Unix clients of upstream source `n` (owner core only).
-    SourceUnix(u16),
+    /// The members of a channel on each core, whatever their wire (not
+    /// reachable from a query).
+    Channel(super::channels::Channel),
 }
 
 impl Selector {

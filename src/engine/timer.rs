@@ -1,4 +1,6 @@
-//! A hashed timer wheel for per-connection deadlines (idle timeouts).
+//! A hashed timer wheel for per-connection deadlines (idle, ping, pong,
+//! handshake, closing and upstream connect deadlines), and [`Timing`], the
+//! config's durations in ticks.
 //!
 //! Entries are never moved when a connection is active: an entry records the
 //! deadline it was armed for, and when it fires the owner checks the
@@ -6,6 +8,23 @@
 //! store of a timestamp, not a wheel operation. A closing connection cancels
 //! its entry (a scan of one short slot), so connection churn leaves no stale
 //! entries behind: the wheel holds at most one entry per live connection.
+
+/// Deadlines in ticks, from the config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// RELY idle timeout.
+    pub rely_idle: Option<u64>,
+    /// WebSocket ping interval.
+    pub ws_ping: Option<u64>,
+    /// WebSocket pong deadline.
+    pub ws_pong: u64,
+    /// WebSocket idle timeout.
+    pub ws_idle: Option<u64>,
+    /// WebSocket handshake deadline.
+    pub ws_handshake: u64,
+    /// Admin connection idle timeout.
+    pub admin_idle: u64,
+}
 
 /// A timer entry: which connection (slab key and generation) and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +58,13 @@ impl Wheel {
     }
 
     /// Entries armed.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// True if no entry is armed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -1,0 +1,294 @@
+//! The admin HTTP stage (wsgateway's API, plus health, readiness and
+//! metrics).
+//!
+//! Requests are parsed with httparse from the stage's buffer (head and body
+//! capped at `max_request_bytes`). `/health`, `/ready` and `/metrics` are
+//! answered at once. `/send`, `/settags`, `/close` and `/status` need every
+//! core: the stage starts an admin call (`Ctx::admin`) and waits
+//! (`Outcome::Await`, so nothing more is read) until the core hands it the
+//! [`Answer`]. One request is in flight per connection; pipelined requests
+//! wait. Keep-alive is honoured.
+//!
+//! Answers: 200 with a count (or the status listing); 400 for a malformed
+//! request or body; 403 outside the allowed networks; 404/405; 411 for a
+//! chunked body; 413 over the size cap. Refusals are counted
+//! (`admin_errors`) and close the connection after the answer.
+
+use std::sync::Arc;
+
+use super::{Outcome, Stage};
+use crate::engine::admin_calls::Answer;
+use crate::engine::io::{CloseReason, Io, Limits};
+use crate::engine::message::{AdminCall, FanOp, Message};
+use crate::engine::route::Ctx;
+use crate::engine::tags::Selector;
+use crate::engine::timer::Timing;
+use crate::engine::ConnId;
+use crate::protocol::http::{self, url_decode, HttpError, Request};
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// An admin connection.
+#[derive(Debug, Default)]
+pub(crate) struct AdminStage {
+    /// Bytes received and not yet handled (capped).
+    buf: Vec<u8>,
+    /// A request is waiting for the cores' replies.
+    pending: bool,
+}
+
+/// Splits `a=1&b=2` into url-decoded pairs (empty keys skipped).
+pub(crate) fn form_pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (url_decode(k), url_decode(v))
+        })
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+/// Queues an HTTP response; without keep-alive the connection then closes.
+fn respond(io: &mut Io, a: &Answer, now: u64) {
+    let head = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        a.status,
+        a.content_type,
+        a.body.len(),
+        if a.keep_alive { "keep-alive" } else { "close" }
+    );
+    io.out.push_bytes(&[head.as_bytes(), &a.body]);
+    if !a.keep_alive {
+        io.close_after_answer(CloseReason::Closed, now);
+    }
+}
+
+fn ok(body: &[u8], keep_alive: bool) -> Answer {
+    Answer {
+        status: "200 OK",
+        content_type: TEXT,
+        body: body.to_vec(),
+        keep_alive,
+    }
+}
+
+/// A refused request: answered, counted, and the connection closes.
+fn refuse(io: &mut Io, cx: &Ctx<'_>, status: &'static str, msg: &str) -> Outcome {
+    cx.metrics().admin_errors.inc();
+    let a = Answer {
+        status,
+        content_type: "text/plain",
+        body: format!("{msg}\n").into_bytes(),
+        keep_alive: false,
+    };
+    respond(io, &a, cx.now());
+    Outcome::Continue
+}
+
+fn too_large(io: &mut Io, cx: &Ctx<'_>) -> Outcome {
+    refuse(
+        io,
+        cx,
+        "413 Payload Too Large",
+        "request over admin.max_request_bytes",
+    )
+}
+
+impl AdminStage {
+    pub(crate) fn accepted() -> (Stage, Limits) {
+        (Stage::Admin(AdminStage::default()), Limits::NONE)
+    }
+
+    pub(crate) fn on_bytes(
+        &mut self,
+        io: &mut Io,
+        me: ConnId,
+        input: &mut [u8],
+        cx: &mut Ctx<'_>,
+    ) -> Outcome {
+        let Some(admin) = cx.cfg().admin.as_ref() else {
+            return Outcome::Close(CloseReason::Protocol);
+        };
+        io.last_active = cx.now();
+        let room = (admin.max_request_bytes + 1).saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&input[..input.len().min(room)]);
+        if !admin.allows(io.peer.ip()) {
+            log::debug!(
+                "{}: admin request from outside the allowed networks",
+                io.peer
+            );
+            return refuse(io, cx, "403 Forbidden", "forbidden");
+        }
+        self.resume(io, me, cx)
+    }
+
+    /// Handles buffered requests until one must wait or the buffer holds
+    /// no whole request. Bounded: each turn consumes one request or stops.
+    pub(crate) fn resume(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
+        let Some(cap) = cx.cfg().admin.as_ref().map(|a| a.max_request_bytes) else {
+            return Outcome::Close(CloseReason::Protocol);
+        };
+        while io.closing.is_none() {
+            if self.pending {
+                return Outcome::Await;
+            }
+            if self.buf.is_empty() {
+                break;
+            }
+            let req = match http::parse_request(&self.buf) {
+                Ok(Some(r)) => r,
+                Ok(None) if self.buf.len() > cap => return too_large(io, cx),
+                Ok(None) => break,
+                Err(HttpError::HeadTooLarge) => return too_large(io, cx),
+                Err(_) => return refuse(io, cx, "400 Bad Request", "malformed HTTP request"),
+            };
+            if req.header("transfer-encoding").is_some() {
+                return refuse(io, cx, "411 Length Required", "send a Content-Length body");
+            }
+            let len = match req.header("content-length").map(str::parse::<usize>) {
+                None => 0,
+                Some(Ok(n)) => n,
+                Some(Err(_)) => return refuse(io, cx, "400 Bad Request", "bad Content-Length"),
+            };
+            if req.head_len.saturating_add(len) > cap {
+                return too_large(io, cx);
+            }
+            if self.buf.len() < req.head_len + len {
+                break; // the body is still arriving
+            }
+            let body: Vec<u8> = self.buf[req.head_len..req.head_len + len].to_vec();
+            self.buf.drain(..req.head_len + len);
+            let keep_alive = !req.header_has_token("connection", "close");
+            cx.metrics().admin_requests.inc();
+            if let Some(refused) = self.handle(io, me, &req, body, keep_alive, cx) {
+                return refused;
+            }
+        }
+        if self.pending {
+            Outcome::Await
+        } else {
+            Outcome::Continue
+        }
+    }
+
+    /// One request: answered at once, refused, or started on every core.
+    fn handle(
+        &mut self,
+        io: &mut Io,
+        me: ConnId,
+        req: &Request,
+        body: Vec<u8>,
+        keep_alive: bool,
+        cx: &mut Ctx<'_>,
+    ) -> Option<Outcome> {
+        let now = cx.now();
+        let call = |op: FanOp| (op, Selector::from_pairs(&form_pairs(&req.query)));
+        let (op, selector, msg) = match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/health") => {
+                respond(io, &ok(b"ok\n", keep_alive), now);
+                return None;
+            }
+            ("GET" | "HEAD", "/ready") if cx.draining() => {
+                let a = Answer {
+                    status: "503 Service Unavailable",
+                    ..ok(b"draining\n", keep_alive)
+                };
+                respond(io, &a, now);
+                return None;
+            }
+            ("GET" | "HEAD", "/ready") => {
+                respond(io, &ok(b"ready\n", keep_alive), now);
+                return None;
+            }
+            ("GET", "/metrics") => {
+                let a = Answer {
+                    content_type: "text/plain; version=0.0.4",
+                    ..ok(cx.metrics_text().as_bytes(), keep_alive)
+                };
+                respond(io, &a, now);
+                return None;
+            }
+            ("GET", "/status") => {
+                let json = req
+                    .header("accept")
+                    .is_some_and(|a| a.contains("application/json"));
+                (FanOp::Status { json }, Some(Selector::All), None)
+            }
+            ("POST", "/send") | ("POST", "/close") => {
+                let binary = req
+                    .header("content-type")
+                    .is_some_and(|c| c.starts_with("application/octet-stream"));
+                if !binary && std::str::from_utf8(&body).is_err() {
+                    return Some(refuse(
+                        io,
+                        cx,
+                        "400 Bad Request",
+                        "body is not UTF-8 text (send application/octet-stream for binary)",
+                    ));
+                }
+                let send = req.path == "/send";
+                let msg = (send || !body.is_empty()).then(|| Message::new(!binary, &body));
+                let (op, sel) = call(if send { FanOp::Send } else { FanOp::Close });
+                (op, sel, msg)
+            }
+            ("POST", "/settags") => {
+                // Not UTF-8, or no pair at all: the same answer.
+                let changes = std::str::from_utf8(&body)
+                    .map(|f| form_pairs(f.trim()))
+                    .unwrap_or_default();
+                if changes.is_empty() {
+                    return Some(refuse(
+                        io,
+                        cx,
+                        "400 Bad Request",
+                        "settags body must be a form: k=v&k2=",
+                    ));
+                }
+                let (op, sel) = call(FanOp::SetTags(Arc::new(changes)));
+                (op, sel, None)
+            }
+            (
+                _,
+                "/health" | "/ready" | "/metrics" | "/status" | "/send" | "/settags" | "/close",
+            ) => {
+                return Some(refuse(
+                    io,
+                    cx,
+                    "405 Method Not Allowed",
+                    "method not allowed",
+                ));
+            }
+            _ => return Some(refuse(io, cx, "404 Not Found", "not found")),
+        };
+        // An empty selector matches nothing: answer without asking the cores.
+        let Some(selector) = selector else {
+            respond(io, &ok(b"0", keep_alive), now);
+            return None;
+        };
+        self.pending = true;
+        cx.admin(AdminCall {
+            conn: me,
+            selector: Arc::new(selector),
+            msg,
+            op,
+            keep_alive,
+        });
+        None
+    }
+
+    /// The cores' answer to the request in flight.
+    pub(crate) fn on_answer(&mut self, io: &mut Io, a: Answer, now: u64) -> Outcome {
+        respond(io, &a, now);
+        self.pending = false;
+        Outcome::Continue
+    }
+
+    pub(crate) fn due(&self, io: &Io, t: &Timing) -> Option<u64> {
+        Some(io.last_active + t.admin_idle)
+    }
+
+    pub(crate) fn on_deadline(&mut self, _io: &mut Io, _cx: &mut Ctx<'_>) -> Outcome {
+        Outcome::Close(CloseReason::Idle)
+    }
+}

@@ -1,0 +1,171 @@
+//! The HTTP upgrade stage of a WebSocket listener's connection.
+//!
+//! The request head accumulates here (capped at `max_handshake_bytes`,
+//! bounded in time by `handshake_timeout`), is parsed with httparse, routed
+//! to an endpoint (a source's listener takes any path, as Veylor does), and
+//! answered with 101, or with a 4xx after which the connection lingers and
+//! closes. On 101 the stage upgrades to [`WsStage`], having logged the id in,
+//! indexed the tags or joined the source's channel; bytes that followed the
+//! head in the same read are frames for the new stage. A plain request on a
+//! WebSocket port goes to the admin stage when the admin API is served there.
+
+use super::admin::AdminStage;
+use super::ws::{broadcast_selector, WsStage};
+use super::{Outcome, Stage};
+use crate::engine::channels::Channel;
+use crate::engine::io::{CloseReason, Io, Limits};
+use crate::engine::route::Ctx;
+use crate::engine::timer::Timing;
+use crate::engine::ConnId;
+use crate::protocol::http::{self, HttpError};
+
+/// A WebSocket listener's connection before the upgrade.
+#[derive(Debug)]
+pub(crate) struct HandshakeStage {
+    /// The request head so far (capped).
+    buf: Vec<u8>,
+    /// Tick by which the upgrade must complete.
+    deadline: u64,
+    /// Set on a source's WebSocket listener: any path, clients of it.
+    source: Option<u16>,
+}
+
+impl HandshakeStage {
+    pub(crate) fn accepted(t: &Timing, now: u64, source: Option<u16>) -> (Stage, Limits) {
+        let st = HandshakeStage {
+            buf: Vec::new(),
+            deadline: now + t.ws_handshake,
+            source,
+        };
+        (Stage::Handshake(st), Limits::NONE)
+    }
+
+    fn refuse(&self, io: &mut Io, e: HttpError, cx: &mut Ctx<'_>) -> Outcome {
+        log::debug!("{}: handshake refused: {e:?}", io.peer);
+        cx.metrics().ws_handshake_errors.inc();
+        io.out.push_bytes(&[&e.response()]);
+        io.close_after_answer(CloseReason::Protocol, cx.now());
+        Outcome::Continue
+    }
+
+    pub(crate) fn on_bytes(
+        &mut self,
+        io: &mut Io,
+        me: ConnId,
+        input: &mut [u8],
+        cx: &mut Ctx<'_>,
+    ) -> Outcome {
+        let ws = cx.cfg().ws();
+        let max_head = ws.max_handshake_bytes;
+        let room = max_head.saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&input[..input.len().min(room)]);
+        let rest = |this: &Self, from: usize| {
+            let mut v = this.buf[from..].to_vec();
+            if input.len() > room {
+                v.extend_from_slice(&input[room..]);
+            }
+            v
+        };
+        let req = match http::parse_request(&self.buf) {
+            Ok(Some(r)) => r,
+            Ok(None) if input.len() > room || self.buf.len() >= max_head => {
+                return self.refuse(io, HttpError::HeadTooLarge, cx)
+            }
+            Ok(None) => return Outcome::Continue,
+            Err(e) => return self.refuse(io, e, cx),
+        };
+        let admin_here = cx
+            .cfg()
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.on_websocket_listener);
+        if req.header("upgrade").is_none() && self.source.is_none() && admin_here {
+            // A plain request on a WebSocket port: the admin API answers it
+            // (with the same allowed-network check).
+            return Outcome::Upgrade(Stage::Admin(AdminStage::default()), rest(self, 0));
+        }
+        let routed = match self.source {
+            Some(_) => None,
+            None => match ws.route(&req.path) {
+                Some(r) => Some(r),
+                None => return self.refuse(io, HttpError::NotFound, cx),
+            },
+        };
+        let key = match req.websocket_key() {
+            Ok(k) => k.to_owned(),
+            Err(e) => return self.refuse(io, e, cx),
+        };
+        // Frames the client sent right behind its request head.
+        let early = rest(self, req.head_len);
+        let next = match (routed, self.source) {
+            (Some((endpoint, params)), _) => {
+                let ep = &ws.endpoints[endpoint];
+                let mut tags: Vec<(Box<str>, Box<str>)> = ep
+                    .set_tags
+                    .iter()
+                    .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                    .collect();
+                for (k, v) in &params {
+                    if ep.tag_params.contains(k) {
+                        tags.retain(|(tk, _)| **tk != **k);
+                        tags.push((k.as_str().into(), v.as_str().into()));
+                    }
+                }
+                tags.sort();
+                let id = match &ep.id_param {
+                    Some(p) => params
+                        .iter()
+                        .find(|(k, _)| k == p)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default(),
+                    None => uuid::Uuid::new_v4().to_string(),
+                };
+                io.login = Some(cx.login(id.as_bytes(), me));
+                cx.tag(me.slot as usize, &tags);
+                let broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
+                io.limits = Limits {
+                    bytes: ws.max_output_bytes,
+                    msgs: usize::MAX,
+                    policy: ws.slow_consumer,
+                };
+                WsStage::endpoint(endpoint, ep, tags, broadcast, cx)
+            }
+            (None, Some(src)) => {
+                // A source's client: no id, no tags; it receives the
+                // source's messages and its own go upstream.
+                let Some(scfg) = cx.cfg().sources.get(src as usize) else {
+                    return self.refuse(io, HttpError::NotFound, cx);
+                };
+                let max = scfg.max_message_size;
+                cx.join(Channel::Source(src), me.slot as usize);
+                io.limits = Limits {
+                    bytes: ws.max_output_bytes,
+                    msgs: cx.cfg().performance.max_queue_size,
+                    policy: ws.slow_consumer,
+                };
+                WsStage::source_client(src, max, cx)
+            }
+            (None, None) => return self.refuse(io, HttpError::NotFound, cx),
+        };
+        io.out.push_bytes(&[&http::switching_protocols(&key)]);
+        io.last_active = cx.now();
+        cx.metrics().ws_upgrades.inc();
+        log::debug!(
+            "{}: WebSocket {} source={:?}",
+            io.peer,
+            req.path,
+            self.source
+        );
+        Outcome::Upgrade(Stage::Ws(next), early)
+    }
+
+    pub(crate) fn due(&self, _io: &Io, _t: &Timing) -> Option<u64> {
+        Some(self.deadline)
+    }
+
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+        log::debug!("{}: WebSocket handshake timeout", io.peer);
+        cx.metrics().ws_handshake_timeouts.inc();
+        Outcome::Close(CloseReason::HandshakeTimeout)
+    }
+}

@@ -1,0 +1,205 @@
+//! [`AdminCalls`]: the admin requests this core started and is waiting on.
+//! A request that needs every core (/send /settags /close /status) becomes
+//! one fan-out per core with this core's reply address; each core answers
+//! with its count and status text (`Item::Reply`); the last answer makes
+//! the HTTP answer ([`Answer`]), which the core hands to the admin stage of
+//! the connection that asked. This type never touches a connection.
+
+use std::collections::HashMap;
+
+use super::mesh::Outgoing;
+use super::message::{AdminCall, FanOp, Fanout, ReplyTo};
+use super::metrics::SourceStatus;
+use super::ConnId;
+use crate::config::SourceConfig;
+
+/// An HTTP answer for an admin connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub status: &'static str,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    pub keep_alive: bool,
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+#[derive(Debug)]
+struct Pending {
+    conn: ConnId,
+    waiting: usize,
+    count: u64,
+    text: Vec<u8>,
+    status: bool,
+    json: bool,
+    keep_alive: bool,
+}
+
+/// Admin requests in flight on one core.
+#[derive(Debug, Default)]
+pub(crate) struct AdminCalls {
+    pending: HashMap<u64, Pending>,
+    next_req: u64,
+}
+
+impl AdminCalls {
+    /// Registers `call` and queues its fan-out for every core (this one's
+    /// in the local batch).
+    pub(crate) fn start(&mut self, call: AdminCall, mesh: &mut Outgoing) {
+        self.next_req += 1;
+        let req = self.next_req;
+        let status = matches!(call.op, FanOp::Status { .. });
+        self.pending.insert(
+            req,
+            Pending {
+                conn: call.conn,
+                waiting: mesh.cores(),
+                count: 0,
+                text: Vec::new(),
+                status,
+                json: matches!(call.op, FanOp::Status { json: true }),
+                keep_alive: call.keep_alive,
+            },
+        );
+        let f = Fanout {
+            selector: call.selector,
+            msg: call.msg,
+            force_binary: false,
+            exclude: None,
+            op: call.op,
+            reply: Some(ReplyTo {
+                core: mesh.me() as u16,
+                req,
+            }),
+        };
+        for core in 0..mesh.cores() {
+            mesh.fanout(core, f.clone());
+        }
+    }
+
+    /// One core's answer to request `req`. The last one yields the answer
+    /// for the connection that asked (`sources`: listed after the
+    /// connections in /status).
+    pub(crate) fn on_reply(
+        &mut self,
+        req: u64,
+        count: u64,
+        text: &[u8],
+        sources: (&[SourceConfig], &[SourceStatus]),
+    ) -> Option<(ConnId, Answer)> {
+        let p = self.pending.get_mut(&req)?;
+        p.count += count;
+        if p.json && !text.is_empty() && !p.text.is_empty() {
+            p.text.push(b',');
+        }
+        p.text.extend_from_slice(text);
+        p.waiting -= 1;
+        if p.waiting > 0 {
+            return None;
+        }
+        let mut p = self.pending.remove(&req)?;
+        let body = if p.status {
+            for (cfg, st) in sources.0.iter().zip(sources.1) {
+                source_line(&mut p.text, &cfg.url, st, p.json);
+            }
+            if p.json {
+                let mut body = Vec::with_capacity(p.text.len() + 2);
+                body.push(b'[');
+                body.extend_from_slice(&p.text);
+                body.push(b']');
+                body
+            } else {
+                p.text
+            }
+        } else {
+            p.count.to_string().into_bytes()
+        };
+        let content_type = if p.status && p.json {
+            "application/json"
+        } else {
+            TEXT
+        };
+        Some((
+            p.conn,
+            Answer {
+                status: "200 OK",
+                content_type,
+                body,
+                keep_alive: p.keep_alive,
+            },
+        ))
+    }
+}
+
+/// One /status entry for a source.
+fn source_line(out: &mut Vec<u8>, url: &str, st: &SourceStatus, json: bool) {
+    let state = st.state_name();
+    let (i, o, d, r) = (
+        st.messages_in.get(),
+        st.messages_out.get(),
+        st.dropped.get(),
+        st.reconnects.get(),
+    );
+    if json {
+        let v = serde_json::json!({"source": url, "state": state, "messages_in": i, "messages_out": o, "dropped": d, "reconnects": r});
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(v.to_string().as_bytes());
+    } else {
+        out.extend_from_slice(
+            format!("source={url} state={state} messages_in={i} messages_out={o} dropped={d} reconnects={r}\n").as_bytes(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::route::test::TestCx;
+    use crate::engine::tags::Selector;
+    use std::sync::Arc;
+
+    fn call(op: FanOp) -> AdminCall {
+        AdminCall {
+            conn: ConnId {
+                core: 0,
+                slot: 3,
+                gen: 9,
+            },
+            selector: Arc::new(Selector::All),
+            msg: None,
+            op,
+            keep_alive: true,
+        }
+    }
+
+    #[test]
+    fn counts_are_summed_and_the_last_reply_answers() {
+        let mut t = TestCx::new("workers: 2\npin: false\n", 2);
+        let mut calls = AdminCalls::default();
+        calls.start(call(FanOp::Send), &mut t.mesh);
+        assert_eq!(t.local().fanouts.len(), 1, "one fan-out for this core");
+        assert_eq!(t.sent_to(1)[0].fanouts.len(), 1, "one for the other");
+        let req = calls.next_req;
+        assert_eq!(calls.on_reply(req, 2, b"", (&[], &[])), None);
+        let (conn, a) = calls.on_reply(req, 3, b"", (&[], &[])).expect("answer");
+        assert_eq!(conn.slot, 3);
+        assert_eq!((a.body.as_slice(), a.keep_alive), (&b"5"[..], true));
+        assert_eq!(calls.on_reply(req, 1, b"", (&[], &[])), None, "forgotten");
+    }
+
+    #[test]
+    fn json_status_joins_the_cores_entries() {
+        let mut t = TestCx::new("workers: 2\npin: false\n", 2);
+        let mut calls = AdminCalls::default();
+        calls.start(call(FanOp::Status { json: true }), &mut t.mesh);
+        let req = calls.next_req;
+        assert_eq!(calls.on_reply(req, 1, br#"{"id":"a"}"#, (&[], &[])), None);
+        let (_, a) = calls
+            .on_reply(req, 1, br#"{"id":"b"}"#, (&[], &[]))
+            .expect("answer");
+        assert_eq!(a.content_type, "application/json");
+        assert_eq!(a.body, br#"[{"id":"a"},{"id":"b"}]"#.to_vec());
+    }
+}

@@ -1,0 +1,210 @@
+//! [`Io`]: everything of a connection except its protocol stage. The
+//! socket and what the engine remembers about it (readiness, read-closed,
+//! listed for reading or flushing), the bounded output queue with its
+//! slow-consumer policy, the closing state, the client id it holds and when
+//! it last did something. Stages get `&mut Io` next to `&mut self`, so they
+//! never destructure a connection to reach both.
+
+use std::net::SocketAddr;
+
+use super::outbox::Outbox;
+use super::stream::Stream;
+use crate::config::SlowConsumer;
+
+/// A client id held by a connection.
+#[derive(Debug)]
+pub(crate) struct Login {
+    pub id: Box<[u8]>,
+    /// The directory epoch of this login (cleanup is epoch-checked).
+    pub epoch: u64,
+}
+
+/// Why a connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed or reset.
+    PeerClosed,
+    /// A socket error.
+    IoError,
+    /// A malformed frame or request.
+    Protocol,
+    /// A transfer before login.
+    NotLoggedIn,
+    /// FromClientID differs from the login id.
+    Spoofed,
+    /// A newer login took the id.
+    Kicked,
+    /// No frame within the idle timeout.
+    Idle,
+    /// The WebSocket upgrade did not complete in time.
+    HandshakeTimeout,
+    /// A ping went unanswered.
+    PingTimeout,
+    /// The closing handshake completed (or its deadline passed).
+    Closed,
+    /// Output queue over its limit with the `disconnect` policy.
+    SlowConsumer,
+    /// Server shutdown.
+    Shutdown,
+}
+
+/// Result of offering bytes to a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// Queued; flush it this iteration.
+    Yes,
+    /// Dropped by the `drop` policy.
+    Dropped,
+    /// Over the limit with the `disconnect` policy: say goodbye.
+    Disconnect,
+}
+
+/// A connection on its way out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closing {
+    pub reason: CloseReason,
+    /// Tick by which it closes even if output is still queued.
+    pub by: u64,
+    /// After the goodbye is flushed, half-close and read (discarding) until
+    /// the peer closes or `by`: closing with unread input would send a reset
+    /// that can destroy an HTTP error response before the client reads it.
+    pub linger: bool,
+    /// The write side has been shut down (lingering).
+    pub shut: bool,
+}
+
+/// Ticks a closing connection may spend flushing its goodbye.
+pub(crate) const CLOSE_GRACE_TICKS: u64 = 20;
+
+/// What a connection's output queue may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Queued bytes.
+    pub bytes: usize,
+    /// Queued messages (Veylor's max_queue_size; usize::MAX: none).
+    pub msgs: usize,
+    /// What happens over the limit.
+    pub policy: SlowConsumer,
+}
+
+impl Limits {
+    /// No limit: the server's own connections (admin answers, upstream).
+    pub(crate) const NONE: Limits = Limits {
+        bytes: usize::MAX,
+        msgs: usize::MAX,
+        policy: SlowConsumer::Disconnect,
+    };
+}
+
+/// A connection's socket side.
+#[derive(Debug)]
+pub(crate) struct Io {
+    pub stream: Stream,
+    /// Peer address, for logs.
+    pub peer: SocketAddr,
+    pub out: Outbox,
+    pub limits: Limits,
+    /// Client id, once it has one (RELY login, WebSocket id).
+    pub login: Option<Login>,
+    /// Edge-triggered readiness remembered until drained.
+    pub readable: bool,
+    /// The peer's FIN (or an error) was seen: read until the end even after
+    /// a short read, because no further edge will come.
+    pub read_closed: bool,
+    /// The socket can take bytes.
+    pub writable: bool,
+    /// Listed in the core's ready list.
+    pub in_ready: bool,
+    /// Listed in the core's dirty (to flush) list.
+    pub in_dirty: bool,
+    /// Tick of the last complete frame.
+    pub last_active: u64,
+    /// Set once the connection is on its way out.
+    pub closing: Option<Closing>,
+}
+
+impl Io {
+    pub(crate) fn new(stream: Stream, peer: SocketAddr, now: u64) -> Io {
+        Io {
+            stream,
+            peer,
+            out: Outbox::default(),
+            limits: Limits::NONE,
+            login: None,
+            readable: false,
+            read_closed: false,
+            writable: true,
+            in_ready: false,
+            in_dirty: false,
+            last_active: now,
+            closing: None,
+        }
+    }
+
+    /// May `len` more bytes enter the queue? A message is always accepted
+    /// into an empty queue, so one maximal frame fits whatever the limit.
+    #[inline]
+    pub(crate) fn admit(&self, len: usize) -> Queued {
+        admit(&self.out, len, &self.limits)
+    }
+
+    /// Starts closing: stop reading; close once flushed or by `now + grace`.
+    pub(crate) fn close_after_flush(&mut self, reason: CloseReason, now: u64) {
+        self.begin_closing(reason, now, false);
+    }
+
+    /// Like [`Io::close_after_flush`] for HTTP answers: linger after the
+    /// flush so the peer reads the answer before the connection goes.
+    pub(crate) fn close_after_answer(&mut self, reason: CloseReason, now: u64) {
+        self.begin_closing(reason, now, true);
+    }
+
+    fn begin_closing(&mut self, reason: CloseReason, now: u64, linger: bool) {
+        if self.closing.is_none() {
+            self.closing = Some(Closing {
+                reason,
+                by: now + CLOSE_GRACE_TICKS,
+                linger,
+                shut: false,
+            });
+        }
+    }
+}
+
+/// The admission rule, for callers that hold the queue apart from its
+/// connection.
+#[inline]
+pub(crate) fn admit(out: &Outbox, len: usize, limits: &Limits) -> Queued {
+    if !out.is_empty() && (out.bytes() + len > limits.bytes || out.len() >= limits.msgs) {
+        match limits.policy {
+            SlowConsumer::Drop => Queued::Dropped,
+            SlowConsumer::Disconnect => Queued::Disconnect,
+        }
+    } else {
+        Queued::Yes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(bytes: usize, msgs: usize, policy: SlowConsumer) -> Limits {
+        Limits {
+            bytes,
+            msgs,
+            policy,
+        }
+    }
+
+    #[test]
+    fn an_empty_queue_takes_any_message_then_the_limit_holds() {
+        let mut out = Outbox::default();
+        let l = limits(10, usize::MAX, SlowConsumer::Drop);
+        assert_eq!(admit(&out, 100, &l), Queued::Yes);
+        out.push_bytes(&[&[0u8; 100]]);
+        assert_eq!(admit(&out, 1, &l), Queued::Dropped);
+        let l = limits(1000, 1, SlowConsumer::Disconnect);
+        assert_eq!(admit(&out, 1, &l), Queued::Disconnect, "message count");
+    }
+}

@@ -1,0 +1,95 @@
+//! Keepalive: the ping/pong rule every stage that pings its peer shares
+//! (WebSocket clients, the upstream client; later Veltix v3). A ping goes
+//! out every `ping` ticks while none is unanswered; an unanswered ping
+//! older than `pong` ticks means the peer is gone.
+
+/// One connection's keepalive state, in ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keepalive {
+    /// Tick of the next ping (u64::MAX: never).
+    next_ping: u64,
+    /// Tick of the unanswered ping, if any.
+    ping_sent: Option<u64>,
+}
+
+/// What a deadline asks of the stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// Nothing yet.
+    Nothing,
+    /// Send a ping now.
+    Ping,
+    /// The last ping went unanswered: close.
+    Dead,
+}
+
+impl Keepalive {
+    /// Starts at `now`: the first ping after `every` ticks (None: never).
+    pub(crate) fn new(now: u64, every: Option<u64>) -> Self {
+        Keepalive {
+            next_ping: every.map_or(u64::MAX, |p| now + p),
+            ping_sent: None,
+        }
+    }
+
+    /// A pong (any pong: RFC 6455 allows unsolicited ones) clears the wait.
+    pub(crate) fn on_pong(&mut self) {
+        self.ping_sent = None;
+    }
+
+    /// The tick at which [`Keepalive::on_deadline`] has something to do.
+    pub(crate) fn due(&self, pong: u64) -> Option<u64> {
+        match self.ping_sent {
+            Some(sent) => Some(sent + pong),
+            None => (self.next_ping != u64::MAX).then_some(self.next_ping),
+        }
+    }
+
+    /// The last ping went unanswered for `pong` ticks.
+    pub(crate) fn dead(&self, now: u64, pong: u64) -> bool {
+        self.ping_sent.is_some_and(|s| s + pong <= now)
+    }
+
+    /// Called when a deadline passes.
+    pub(crate) fn on_deadline(&mut self, now: u64, every: Option<u64>, pong: u64) -> Due {
+        if self.dead(now, pong) {
+            return Due::Dead;
+        }
+        if let Some(every) = every {
+            if self.next_ping <= now {
+                self.next_ping = now + every;
+                if self.ping_sent.is_none() {
+                    self.ping_sent = Some(now);
+                    return Due::Ping;
+                }
+            }
+        }
+        Due::Nothing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_then_pong_then_ping_then_silence() {
+        let mut k = Keepalive::new(0, Some(10));
+        assert_eq!(k.due(5), Some(10));
+        assert_eq!(k.on_deadline(9, Some(10), 5), Due::Nothing);
+        assert_eq!(k.on_deadline(10, Some(10), 5), Due::Ping);
+        assert_eq!(k.due(5), Some(15));
+        k.on_pong();
+        assert_eq!(k.due(5), Some(20));
+        assert_eq!(k.on_deadline(20, Some(10), 5), Due::Ping);
+        assert_eq!(k.on_deadline(24, Some(10), 5), Due::Nothing);
+        assert_eq!(k.on_deadline(25, Some(10), 5), Due::Dead);
+    }
+
+    #[test]
+    fn no_interval_never_pings() {
+        let mut k = Keepalive::new(0, None);
+        assert_eq!(k.due(5), None);
+        assert_eq!(k.on_deadline(1000, None, 5), Due::Nothing);
+    }
+}
