@@ -869,7 +869,9 @@ impl Core {
                 }
                 continue;
             }
-            if self.act(key, |s, io, me, cx| s.resume(io, me, cx)) != Step::Open {
+            if conn.stage.wants_resume()
+                && self.act(key, |s, io, me, cx| s.resume(io, me, cx)) != Step::Open
+            {
                 continue;
             }
             let mut reads = 0;

@@ -185,6 +185,17 @@ pub(crate) fn admit(out: &Outbox, len: usize, limits: &Limits) -> Queued {
     }
 }
 
+/// An `Io` over one end of a Unix socket pair, for stage unit tests (the
+/// stages never touch the socket; the core reads and writes it).
+#[cfg(test)]
+pub(crate) fn test_io(peer: &str) -> Io {
+    let (a, b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    a.set_nonblocking(true).expect("nonblocking");
+    std::mem::forget(b);
+    let s = Stream::Unix(mio::net::UnixStream::from_std(a));
+    Io::new(s, peer.parse().expect("peer address"), 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

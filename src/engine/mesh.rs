@@ -333,3 +333,88 @@ impl Outgoing {
         self.overflow.iter().any(|q| !q.is_empty()) || self.building.iter().any(|b| !b.is_empty())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(cores: usize, capacity: usize) -> (Vec<mio::Poll>, Outgoing, Vec<Receiver<Batch>>) {
+        let (mut polls, mut inboxes, mut rxs) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cores {
+            let poll = mio::Poll::new().expect("poll");
+            let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+            let (i, rx) = Inbox::new(capacity, waker);
+            polls.push(poll);
+            inboxes.push(i);
+            rxs.push(rx);
+        }
+        (polls, Outgoing::new(inboxes.into(), 0), rxs)
+    }
+
+    fn id(core: u16, slot: u32) -> ConnId {
+        ConnId { core, slot, gen: 1 }
+    }
+
+    #[test]
+    fn the_own_batch_is_applied_locally_never_sent() {
+        let (_p, mut out, rxs) = mesh(2, 4);
+        out.deliver(0, id(0, 1), &[b"a"]);
+        out.kick(0, id(0, 2));
+        out.deliver(1, id(1, 3), &[b"b", b"c"]);
+        out.flush();
+        assert!(
+            rxs[0].try_recv().is_err(),
+            "nothing through the own channel"
+        );
+        let other = rxs[1].try_recv().expect("the other core's batch");
+        assert_eq!(other.data, b"bc");
+        let local = out.take_local();
+        assert!(matches!(
+            local.items[..],
+            [
+                Item::Deliver {
+                    start: 0,
+                    len: 1,
+                    ..
+                },
+                Item::Kick { .. }
+            ]
+        ));
+        assert!(!out.has_pending());
+    }
+
+    #[test]
+    fn a_full_channel_keeps_batches_in_order_and_pushes_back() {
+        let (_p, mut out, rxs) = mesh(2, 1);
+        for i in 0..(BACKPRESSURE_BATCHES as u8 + 2) {
+            out.deliver(1, id(1, 1), &[&[i]]);
+            out.flush();
+        }
+        assert!(out.backpressured());
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            got.extend(rxs[1].try_iter().flat_map(|b| b.data));
+            if !out.has_pending() {
+                break;
+            }
+            out.flush();
+        }
+        assert_eq!(
+            got,
+            (0..(BACKPRESSURE_BATCHES as u8 + 2)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_batch_is_cut_at_the_byte_cap_for_other_cores_only() {
+        let (_p, mut out, rxs) = mesh(2, 8);
+        let big = vec![0u8; MAX_BATCH_BYTES];
+        out.deliver(1, id(1, 1), &[&big]);
+        out.deliver(1, id(1, 1), &[b"x"]);
+        out.deliver(0, id(0, 1), &[&big]);
+        out.deliver(0, id(0, 1), &[b"x"]);
+        out.flush();
+        assert_eq!(rxs[1].try_iter().count(), 2, "cut in two");
+        assert_eq!(out.take_local().items.len(), 2, "one local batch");
+    }
+}

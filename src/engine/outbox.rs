@@ -231,6 +231,16 @@ impl Outbox {
         }
         self.slices = 0;
     }
+
+    /// Everything queued, as the peer will read it.
+    #[cfg(test)]
+    pub(crate) fn contents(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.bytes);
+        for (i, c) in self.q.iter().enumerate() {
+            v.extend_from_slice(&c[if i == 0 { self.head } else { 0 }..]);
+        }
+        v
+    }
 }
 
 #[cfg(test)]

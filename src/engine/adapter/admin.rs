@@ -123,6 +123,10 @@ impl AdminStage {
         self.resume(io, me, cx)
     }
 
+    pub(crate) fn wants_resume(&self) -> bool {
+        self.pending || !self.buf.is_empty()
+    }
+
     /// Handles buffered requests until one must wait or the buffer holds
     /// no whole request. Bounded: each turn consumes one request or stops.
     pub(crate) fn resume(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
@@ -290,5 +294,115 @@ impl AdminStage {
 
     pub(crate) fn on_deadline(&mut self, _io: &mut Io, _cx: &mut Ctx<'_>) -> Outcome {
         Outcome::Close(CloseReason::Idle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::io::test_io;
+    use crate::engine::route::test::TestCx;
+
+    const CFG: &str = "workers: 2\npin: false\nadmin:\n  listen: []\n";
+
+    fn me() -> ConnId {
+        ConnId {
+            core: 0,
+            slot: 1,
+            gen: 1,
+        }
+    }
+
+    #[test]
+    fn health_is_answered_at_once_and_pipelined_requests_follow() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        let mut st = AdminStage::default();
+        let mut two = b"GET /health HTTP/1.1\r\n\r\nGET /ready HTTP/1.1\r\n\r\n".to_vec();
+        let out = st.on_bytes(&mut io, me(), &mut two, &mut t.cx());
+        assert!(matches!(out, Outcome::Continue));
+        let text = String::from_utf8(io.out.contents()).unwrap();
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert!(text.ends_with("ready\n"));
+        assert!(io.closing.is_none(), "keep-alive");
+    }
+
+    #[test]
+    fn send_waits_for_every_core_then_answers() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        let mut st = AdminStage::default();
+        let mut req = b"POST /send?id=a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi".to_vec();
+        let out = st.on_bytes(&mut io, me(), &mut req, &mut t.cx());
+        assert!(matches!(out, Outcome::Await), "{out:?}");
+        assert!(matches!(
+            st.resume(&mut io, me(), &mut t.cx()),
+            Outcome::Await
+        ));
+        let f = &t.local().fanouts[0];
+        let m = f.msg.as_ref().expect("message");
+        assert_eq!((m.text, &*m.bytes), (true, &b"hi"[..]));
+        assert_eq!(f.reply.map(|r| r.core), Some(0));
+        assert_eq!(t.sent_to(1)[0].fanouts.len(), 1);
+        let a = Answer {
+            status: "200 OK",
+            content_type: TEXT,
+            body: b"3".to_vec(),
+            keep_alive: true,
+        };
+        assert!(matches!(st.on_answer(&mut io, a, 1), Outcome::Continue));
+        assert!(io.out.contents().ends_with(b"\r\n\r\n3"));
+        assert!(!st.wants_resume());
+    }
+
+    #[test]
+    fn refusals_are_counted_and_close() {
+        let mut t = TestCx::new(
+            "workers: 1\npin: false\nadmin:\n  listen: []\n  allow: [\"10.0.0.0/8\"]\n",
+            1,
+        );
+        let mut io = test_io("127.0.0.1:1");
+        let mut st = AdminStage::default();
+        st.on_bytes(
+            &mut io,
+            me(),
+            &mut b"GET /health HTTP/1.1\r\n\r\n".to_vec(),
+            &mut t.cx(),
+        );
+        assert!(io.out.contents().starts_with(b"HTTP/1.1 403"));
+        assert!(io.closing.is_some());
+        let mut t = TestCx::new(CFG, 1);
+        for (req, status) in [
+            (&b"GET /nowhere HTTP/1.1\r\n\r\n"[..], &b"HTTP/1.1 404"[..]),
+            (b"DELETE /send HTTP/1.1\r\n\r\n", b"HTTP/1.1 405"),
+            (
+                b"POST /send HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"HTTP/1.1 411",
+            ),
+            (
+                b"POST /settags?id=a HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                b"HTTP/1.1 400",
+            ),
+        ] {
+            let mut io = test_io("127.0.0.1:1");
+            AdminStage::default().on_bytes(&mut io, me(), &mut req.to_vec(), &mut t.cx());
+            assert!(
+                io.out.contents().starts_with(status),
+                "{:?}",
+                String::from_utf8_lossy(req)
+            );
+        }
+        assert_eq!(t.m().admin_errors, 4);
+    }
+
+    #[test]
+    fn an_empty_selector_matches_nothing_without_asking_the_cores() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        let mut req = b"POST /send HTTP/1.1\r\nContent-Length: 1\r\n\r\nx".to_vec();
+        let out = AdminStage::default().on_bytes(&mut io, me(), &mut req, &mut t.cx());
+        assert!(matches!(out, Outcome::Continue));
+        assert!(io.out.contents().ends_with(b"\r\n\r\n0"));
+        assert!(t.local().items.is_empty());
     }
 }

@@ -169,3 +169,107 @@ impl HandshakeStage {
         Outcome::Close(CloseReason::HandshakeTimeout)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::channels::Channel;
+    use crate::engine::io::test_io;
+    use crate::engine::route::test::TestCx;
+
+    const CFG: &str = "workers: 1\npin: false\nwebsocket:\n  listen: []\n  endpoints:\n    - path: /{team}/ws/{user}\n      id_param: user\n      set_tags: {kind: chat}\nadmin:\n  listen: []\n  on_websocket_listener: true\nsources:\n  - url: \"ws://127.0.0.1:9/feed\"\n    websocket_port: 0\nperformance:\n  max_queue_size: 77\n";
+
+    fn me() -> ConnId {
+        ConnId {
+            core: 0,
+            slot: 5,
+            gen: 2,
+        }
+    }
+
+    fn upgrade_request(path: &str) -> Vec<u8> {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").into_bytes()
+    }
+
+    fn stage(t: &TestCx, source: Option<u16>) -> HandshakeStage {
+        match HandshakeStage::accepted(&t.timing, 0, source).0 {
+            Stage::Handshake(h) => h,
+            other => panic!("not a handshake stage: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn upgrade_logs_in_tags_and_hands_early_frames_to_the_new_stage() {
+        let mut t = TestCx::new(CFG, 1);
+        let mut io = test_io("127.0.0.1:1");
+        let mut input = upgrade_request("/red/ws/alice");
+        input.extend_from_slice(b"early");
+        let out = stage(&t, None).on_bytes(&mut io, me(), &mut input, &mut t.cx());
+        let Outcome::Upgrade(Stage::Ws(_), early) = out else {
+            panic!("expected an upgrade, got {out:?}");
+        };
+        assert_eq!(early, b"early");
+        let answer = String::from_utf8(io.out.contents()).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+        assert!(answer.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{answer}");
+        assert_eq!(t.dir.lookup(b"alice"), Some(me()));
+        let mut slots = Vec::new();
+        t.tags.select(
+            &[
+                ("team".into(), "red".into()),
+                ("kind".into(), "chat".into()),
+            ],
+            &mut slots,
+        );
+        assert_eq!(slots, vec![5]);
+        assert_eq!(t.m().ws_upgrades, 1);
+    }
+
+    #[test]
+    fn unknown_path_is_refused_and_the_answer_lingers() {
+        let mut t = TestCx::new(CFG, 1);
+        let mut io = test_io("127.0.0.1:1");
+        let mut input = upgrade_request("/nope");
+        let out = stage(&t, None).on_bytes(&mut io, me(), &mut input, &mut t.cx());
+        assert!(matches!(out, Outcome::Continue));
+        assert!(io.out.contents().starts_with(b"HTTP/1.1 404"));
+        let closing = io.closing.expect("closing");
+        assert!(closing.linger, "an HTTP answer lingers");
+        assert_eq!(t.m().ws_handshake_errors, 1);
+        assert!(t.dir.is_empty());
+    }
+
+    #[test]
+    fn a_source_listener_takes_any_path_and_joins_the_channel() {
+        let mut t = TestCx::new(CFG, 1);
+        let mut io = test_io("127.0.0.1:1");
+        let mut input = upgrade_request("/anything/at/all");
+        let out = stage(&t, Some(0)).on_bytes(&mut io, me(), &mut input, &mut t.cx());
+        assert!(matches!(out, Outcome::Upgrade(Stage::Ws(_), _)));
+        assert_eq!(t.channels.len(Channel::Source(0)), 1);
+        assert_eq!(io.limits.msgs, 77, "Veylor's max_queue_size");
+        assert!(t.dir.is_empty(), "no id");
+    }
+
+    #[test]
+    fn a_plain_request_goes_to_the_admin_stage_whole() {
+        let mut t = TestCx::new(CFG, 1);
+        let mut io = test_io("127.0.0.1:1");
+        let req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let out = stage(&t, None).on_bytes(&mut io, me(), &mut req.clone(), &mut t.cx());
+        let Outcome::Upgrade(Stage::Admin(_), rest) = out else {
+            panic!("expected the admin stage, got {out:?}");
+        };
+        assert_eq!(rest, req);
+    }
+
+    #[test]
+    fn a_head_over_the_cap_is_refused() {
+        let mut t = TestCx::new(CFG, 1);
+        let mut io = test_io("127.0.0.1:1");
+        let mut input = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        input.resize(64 * 1024, b'a');
+        stage(&t, None).on_bytes(&mut io, me(), &mut input, &mut t.cx());
+        assert!(io.out.contents().starts_with(b"HTTP/1.1 431"));
+    }
+}

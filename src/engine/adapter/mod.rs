@@ -109,6 +109,13 @@ impl Stage {
         each!(self, s => s.on_bytes(io, me, input, cx))
     }
 
+    /// Has the stage work left from an earlier read, or must it not read
+    /// yet? Then the core calls [`Stage::resume`] before reading.
+    #[inline]
+    pub(crate) fn wants_resume(&self) -> bool {
+        matches!(self, Stage::Admin(s) if s.wants_resume())
+    }
+
     /// Before reading: work left from an earlier read (pipelined admin
     /// requests), or `Await` if the stage must not read yet.
     #[inline]

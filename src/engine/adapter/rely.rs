@@ -123,11 +123,7 @@ mod tests {
     const CFG: &str = "workers: 2\npin: false\n";
 
     fn io() -> Io {
-        // A real socket is not needed to decode; any stream will do.
-        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
-        a.set_nonblocking(true).expect("nonblocking");
-        let s = crate::engine::stream::Stream::Unix(mio::net::UnixStream::from_std(a));
-        Io::new(s, "127.0.0.1:1".parse().unwrap(), 0)
+        crate::engine::io::test_io("127.0.0.1:1")
     }
 
     fn id(core: u16, slot: u32) -> ConnId {

@@ -81,3 +81,51 @@ impl UnixStage {
         Outcome::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::io::test_io;
+    use crate::engine::mesh::Item;
+    use crate::engine::route::test::TestCx;
+
+    const CFG: &str = "workers: 1\npin: false\nsources:\n  - url: \"ws://127.0.0.1:9/feed\"\n    unix_socket_path: /tmp/unused.sock\n    max_message_size: 8\n";
+
+    #[test]
+    fn framed_messages_go_upstream_and_an_oversize_length_closes() {
+        let mut t = TestCx::new(CFG, 1);
+        let cfg = t.cfg.clone();
+        let Stage::Unix(mut st) = UnixStage::accepted(&cfg, 0).0 else {
+            panic!("not a unix stage");
+        };
+        let me = ConnId {
+            core: 0,
+            slot: 2,
+            gen: 1,
+        };
+        st.on_open(me, &mut t.cx());
+        assert_eq!(t.channels.len(Channel::Source(0)), 1);
+        let mut io = test_io("127.0.0.1:1");
+        let mut input = vec![0, 0, 0, 2, b'h', b'i'];
+        assert!(matches!(
+            st.on_bytes(&mut io, me, &mut input, &mut t.cx()),
+            Outcome::Continue
+        ));
+        let b = t.local();
+        assert!(matches!(
+            b.items[..],
+            [Item::ToSource {
+                source: 0,
+                text: false,
+                ..
+            }]
+        ));
+        assert_eq!(b.data, b"hi");
+        let mut big = 9u32.to_be_bytes().to_vec();
+        let out = st.on_bytes(&mut io, me, &mut big, &mut t.cx());
+        assert!(matches!(out, Outcome::Close(CloseReason::Protocol)));
+        assert_eq!(t.m().protocol_errors, 1);
+        st.on_close(me, &mut t.cx());
+        assert_eq!(t.channels.len(Channel::Source(0)), 0);
+    }
+}

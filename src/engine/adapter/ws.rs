@@ -358,3 +358,168 @@ fn rely_message(text: bool, data: &[u8], io: &Io, cx: &mut Ctx<'_>) -> Result<()
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::io::test_io;
+    use crate::engine::mesh::Item;
+    use crate::engine::message::FanOp;
+    use crate::engine::route::test::{deliveries, TestCx};
+
+    const CFG: &str = "workers: 2\npin: false\nwebsocket:\n  listen: []\n  endpoints:\n    - path: /echo\n      on_message: echo\n    - path: /room/{room}\n      on_message: broadcast\n      broadcast_tag: room\n    - path: /rely/{id}\n      id_param: id\n      on_message: rely\nsources:\n  - url: \"ws://127.0.0.1:9/feed\"\n    websocket_port: 0\n  - url: \"ws://127.0.0.1:9/other\"\n    websocket_port: 0\n";
+
+    fn me() -> ConnId {
+        ConnId {
+            core: 0,
+            slot: 4,
+            gen: 1,
+        }
+    }
+
+    /// A masked client frame.
+    fn frame(op: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        ws::encode_masked(&mut f, op, payload, [1, 2, 3, 4]);
+        f
+    }
+
+    fn client(t: &mut TestCx, endpoint: usize, tags: Vec<Tag>) -> WsStage {
+        let cx = t.cx();
+        let ep = &cx.cfg().ws().endpoints[endpoint];
+        let b = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
+        WsStage::endpoint(endpoint, ep, tags, b, &cx)
+    }
+
+    #[test]
+    fn echo_answers_on_the_same_connection() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        let mut st = client(&mut t, 0, Vec::new());
+        let out = st.on_bytes(&mut io, me(), &mut frame(ws::OP_TEXT, b"hi"), &mut t.cx());
+        assert!(matches!(out, Outcome::Continue));
+        assert_eq!(io.out.contents(), b"\x81\x02hi");
+    }
+
+    #[test]
+    fn broadcast_is_one_message_per_core_without_the_sender() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        let mut st = client(&mut t, 1, vec![("room".into(), "r1".into())]);
+        st.on_bytes(
+            &mut io,
+            me(),
+            &mut frame(ws::OP_TEXT, b"hello"),
+            &mut t.cx(),
+        );
+        let local = t.local();
+        let other = t.sent_to(1);
+        for f in [&local.fanouts[0], &other[0].fanouts[0]] {
+            assert_eq!(f.exclude, Some(me()));
+            assert!(matches!(f.op, FanOp::Send));
+            let m = f.msg.as_ref().expect("a message");
+            assert_eq!((m.text, &*m.bytes), (true, &b"hello"[..]));
+            assert_eq!(
+                *f.selector,
+                Selector::Tags(vec![("room".into(), "r1".into())])
+            );
+        }
+        assert!(io.out.is_empty(), "nothing back to the sender");
+    }
+
+    #[test]
+    fn rely_mode_routes_binary_transfers_and_refuses_text() {
+        let mut t = TestCx::new(CFG, 2);
+        let holder = ConnId {
+            core: 0,
+            slot: 9,
+            gen: 3,
+        };
+        t.dir.login(b"bob", holder);
+        let mut io = test_io("127.0.0.1:1");
+        io.login = Some(t.cx().login(b"alice", me()));
+        let mut st = client(&mut t, 2, Vec::new());
+        let mut transfer = Vec::new();
+        rely::encode_transfer(&mut transfer, b"alice", b"bob", b"x");
+        st.on_bytes(
+            &mut io,
+            me(),
+            &mut frame(ws::OP_BINARY, &transfer),
+            &mut t.cx(),
+        );
+        assert_eq!(deliveries(&t.local()), vec![(holder, transfer.clone())]);
+        let mut spoof = Vec::new();
+        rely::encode_transfer(&mut spoof, b"mallory", b"bob", b"x");
+        st.on_bytes(
+            &mut io,
+            me(),
+            &mut frame(ws::OP_BINARY, &spoof),
+            &mut t.cx(),
+        );
+        assert_eq!(io.closing.map(|c| c.reason), Some(CloseReason::Spoofed));
+        assert_eq!(&io.out.contents()[..4], b"\x88\x2a\x03\xf0", "close 1008");
+        assert_eq!(t.m().spoofed_from, 1);
+    }
+
+    #[test]
+    fn a_source_client_sends_upstream_to_the_owner_core() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        let mut st = WsStage::source_client(1, 1024, &t.cx());
+        st.on_bytes(&mut io, me(), &mut frame(ws::OP_BINARY, b"up"), &mut t.cx());
+        assert!(t.local().items.is_empty(), "source 1 is owned by core 1");
+        let b = t.sent_to(1);
+        assert!(matches!(
+            b[0].items[..],
+            [Item::ToSource {
+                source: 1,
+                text: false,
+                ..
+            }]
+        ));
+        assert_eq!(b[0].data, b"up");
+    }
+
+    #[test]
+    fn ping_pong_and_a_protocol_error() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        let mut st = client(&mut t, 0, Vec::new());
+        st.on_bytes(&mut io, me(), &mut frame(ws::OP_PING, b"p"), &mut t.cx());
+        assert_eq!(io.out.contents(), b"\x8a\x01p");
+        let mut unmasked = vec![0x81, 0x01, b'x'];
+        st.on_bytes(&mut io, me(), &mut unmasked, &mut t.cx());
+        assert_eq!(io.closing.map(|c| c.reason), Some(CloseReason::Protocol));
+        assert_eq!(&io.out.contents()[3..], b"\x88\x02\x03\xea", "close 1002");
+        assert_eq!(t.m().protocol_errors, 1);
+    }
+
+    #[test]
+    fn a_kick_forgets_the_id_and_says_why() {
+        let mut t = TestCx::new(CFG, 2);
+        let mut io = test_io("127.0.0.1:1");
+        io.login = Some(t.cx().login(b"alice", me()));
+        let mut st = client(&mut t, 0, Vec::new());
+        st.goodbye(&mut io, CloseReason::Kicked, 1);
+        assert!(io.login.is_none());
+        let out = io.out.contents();
+        assert_eq!(&out[2..4], &1008u16.to_be_bytes());
+        assert!(out.ends_with(b"replaced by a newer connection"));
+    }
+
+    #[test]
+    fn closing_leaves_the_tag_index_and_the_channel() {
+        let mut t = TestCx::new(CFG, 2);
+        let tags = vec![("room".into(), "r1".into())];
+        t.cx().tag(4, &tags);
+        let mut st = client(&mut t, 1, tags.clone());
+        st.on_close(me(), &mut t.cx());
+        let mut slots = Vec::new();
+        t.tags.select(&tags, &mut slots);
+        assert!(slots.is_empty());
+        t.cx().join(Channel::Source(0), 4);
+        let mut src = WsStage::source_client(0, 1024, &t.cx());
+        src.on_close(me(), &mut t.cx());
+        assert_eq!(t.channels.len(Channel::Source(0)), 0);
+    }
+}
