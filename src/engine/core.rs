@@ -27,12 +27,12 @@ use super::admin_calls::AdminCalls;
 use super::channels::Channels;
 use super::conn::Conn;
 use super::directory::LookupCache;
-use super::io::{CloseReason, Io, Limits, Queued};
+use super::io::{CloseReason, Flushed, Io, Limits, Queued};
 use super::listener::{ListenSock, Listener, ListenerKind};
 use super::mesh::{Batch, Item, Outgoing};
 use super::message::{FanOp, Fanout, Frames};
 use super::metrics::CoreMetrics;
-use super::outbox::{Chunk, Flush};
+use super::outbox::Chunk;
 use super::route::ctx;
 use super::shared::Shared;
 use super::stream::{Drain, Stream};
@@ -51,8 +51,6 @@ const READS_PER_ITERATION: usize = 4;
 /// How long an accept failure (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses a
 /// listener instead of spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// An admin connection with no request for this long is closed.
-const ADMIN_IDLE: Duration = Duration::from_secs(60);
 /// Poll timeout while cross-core batches wait for room.
 const OVERFLOW_RETRY: Duration = Duration::from_millis(1);
 
@@ -80,11 +78,12 @@ enum Step {
     Closed,
 }
 
-/// Ticks for a duration (at least one).
-fn ticks(d: Duration) -> u64 {
-    (d.as_millis() as u64)
-        .div_ceil(TICK.as_millis() as u64)
-        .max(1)
+fn conn_id(core: usize, slot: usize, gen: u64) -> ConnId {
+    ConnId {
+        core: core as u16,
+        slot: slot as u32,
+        gen,
+    }
 }
 
 /// One event loop.
@@ -130,42 +129,22 @@ pub(crate) struct Core {
     admin: AdminCalls,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
+    /// Reused buffer of accepted sockets.
+    accepted: Vec<(Stream, std::net::SocketAddr)>,
 }
 
 impl Core {
     /// Builds the core; registers its listeners.
     pub(crate) fn new(setup: CoreSetup, shared: Arc<Shared>) -> io::Result<Core> {
         let cfg = &shared.cfg;
-        let mut listeners = Vec::new();
-        for (i, (kind, mut sock)) in setup.listeners.into_iter().enumerate() {
-            let addr = match &sock {
-                ListenSock::Tcp(l) => l.local_addr()?,
-                ListenSock::Unix(_) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            };
-            let token = LISTENER_BASE + i;
-            setup
-                .poll
-                .registry()
-                .register(&mut sock, Token(token), Interest::READABLE)?;
-            listeners.push(Listener {
-                sock,
-                kind,
-                addr,
-                token,
-                pending: true,
-                paused_until: None,
-            });
-        }
+        let listeners = setup
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, (kind, sock))| Listener::register(&setup.poll, LISTENER_BASE + i, kind, sock))
+            .collect::<io::Result<Vec<_>>>()?;
         let max_conns = cfg.max_connections.div_ceil(cfg.workers).max(1);
-        let ws = cfg.ws();
-        let timing = Timing {
-            rely_idle: cfg.rely.idle_timeout.map(ticks),
-            ws_ping: ws.ping_interval.map(ticks),
-            ws_pong: ticks(ws.pong_timeout),
-            ws_idle: ws.idle_timeout.map(ticks),
-            ws_handshake: ticks(ws.handshake_timeout),
-            admin_idle: ticks(ADMIN_IDLE),
-        };
+        let timing = Timing::new(cfg, TICK);
         Ok(Core {
             index: setup.index,
             poll: setup.poll,
@@ -194,20 +173,13 @@ impl Core {
             upstreams: Upstreams::new(cfg.sources.len(), cfg.workers, setup.index),
             admin: AdminCalls::default(),
             selected: Vec::new(),
+            accepted: Vec::new(),
             shared,
         })
     }
 
     fn metrics(&self) -> &CoreMetrics {
         &self.shared.metrics[self.index]
-    }
-
-    fn id(&self, key: usize, gen: u64) -> ConnId {
-        ConnId {
-            core: self.index as u16,
-            slot: key as u32,
-            gen,
-        }
     }
 
     /// Runs until shutdown completes.
@@ -394,43 +366,29 @@ impl Core {
     }
 
     fn accept(&mut self, now: Instant) {
-        let batch = self.shared.cfg.accept_batch;
+        let mut accepted = std::mem::take(&mut self.accepted);
         for li in 0..self.listeners.len() {
             let l = &mut self.listeners[li];
-            if !l.pending || l.paused_until.is_some_and(|t| t > now) {
-                continue;
+            let kind = l.kind;
+            let failed = l.accept_batch(
+                self.shared.cfg.accept_batch,
+                now,
+                ACCEPT_PAUSE,
+                &mut accepted,
+            );
+            if let Some(e) = failed {
+                log::warn!(
+                    "core {}: accept on {} failed: {e}; pausing {ACCEPT_PAUSE:?}",
+                    self.index,
+                    self.listeners[li].addr,
+                );
+                self.metrics().accept_errors.inc();
             }
-            l.paused_until = None;
-            let mut accepted = 0;
-            while accepted < batch {
-                let l = &mut self.listeners[li];
-                match l.sock.accept() {
-                    Ok((stream, peer)) => {
-                        accepted += 1;
-                        let kind = l.kind;
-                        self.add_conn(stream, peer, kind);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        l.pending = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-                    Err(e) => {
-                        // EMFILE, ENFILE, ENOBUFS, ENOMEM: pause rather than spin.
-                        log::warn!(
-                            "core {}: accept on {} failed: {e}; pausing {:?}",
-                            self.index,
-                            l.addr,
-                            ACCEPT_PAUSE
-                        );
-                        l.paused_until = Some(now + ACCEPT_PAUSE);
-                        self.shared.metrics[self.index].accept_errors.inc();
-                        break;
-                    }
-                }
+            for (stream, peer) in accepted.drain(..) {
+                self.add_conn(stream, peer, kind);
             }
         }
+        self.accepted = accepted;
     }
 
     fn add_conn(&mut self, stream: Stream, peer: std::net::SocketAddr, kind: ListenerKind) {
@@ -489,11 +447,7 @@ impl Core {
         if let Some(due) = conn.due(&self.timing) {
             conn.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
         }
-        let me = ConnId {
-            core: self.index as u16,
-            slot: key as u32,
-            gen,
-        };
+        let me = conn_id(self.index, key, gen);
         conn.stage.on_open(me, &mut ctx!(self));
         entry.insert(conn);
         Some(me)
@@ -508,11 +462,7 @@ impl Core {
         let Some(c) = self.conns.get_mut(key) else {
             return Step::Closed;
         };
-        let me = ConnId {
-            core: self.index as u16,
-            slot: key as u32,
-            gen: c.gen,
-        };
+        let me = conn_id(self.index, key, c.gen);
         let before = c.io.out.bytes();
         let out = f(&mut c.stage, &mut c.io, me, &mut ctx!(self));
         self.conclude(key, out, before)
@@ -537,11 +487,7 @@ impl Core {
                         out = Outcome::Continue;
                         continue;
                     }
-                    let me = ConnId {
-                        core: self.index as u16,
-                        slot: key as u32,
-                        gen: c.gen,
-                    };
+                    let me = conn_id(self.index, key, c.gen);
                     out = c.stage.on_bytes(&mut c.io, me, &mut rest, &mut ctx!(self));
                 }
                 Outcome::Close(reason) => {
@@ -765,11 +711,7 @@ impl Core {
             let Some(c) = self.conns.get_mut(slot) else {
                 continue;
             };
-            let id = ConnId {
-                core: self.index as u16,
-                slot: slot as u32,
-                gen: c.gen,
-            };
+            let id = conn_id(self.index, slot, c.gen);
             if Some(id) == f.exclude || c.io.closing.is_some() {
                 continue;
             }
@@ -861,7 +803,10 @@ impl Core {
                 // On its way out: input no longer matters, but a lingering
                 // HTTP connection reads (and drops) it until the peer closes.
                 if closing.shut {
-                    if let Some(r) = discard_input(&mut conn.io, &mut self.scratch) {
+                    if let Some(r) = conn
+                        .io
+                        .discard_input(&mut self.scratch, READS_PER_ITERATION)
+                    {
                         self.close(key, r);
                     }
                 } else {
@@ -898,11 +843,7 @@ impl Core {
                         if drain != Drain::More {
                             conn.io.readable = conn.io.read_closed || drain == Drain::Closed;
                         }
-                        let me = ConnId {
-                            core: self.index as u16,
-                            slot: key as u32,
-                            gen,
-                        };
+                        let me = conn_id(self.index, key, gen);
                         let before = conn.io.out.bytes();
                         let input = &mut self.scratch[..n];
                         let out = conn
@@ -965,7 +906,7 @@ impl Core {
         for d in self.upstreams.due(now, &self.shared) {
             let cfg = &self.shared.cfg.sources[d.source as usize];
             let _ = d.stream.set_nodelay(true);
-            let deadline = self.now + ticks(cfg.connect_timeout);
+            let deadline = self.now + Timing::ticks(cfg.connect_timeout, TICK);
             let stage = UpstreamStage::connecting(d.source, deadline);
             log::debug!("source {}: connecting to {}", cfg.url, d.addr);
             match self.insert(d.stream, d.addr, stage, Limits::NONE, false) {
@@ -981,58 +922,32 @@ impl Core {
             let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == gen) else {
                 continue;
             };
-            let io = &mut c.io;
-            io.in_dirty = false;
-            if !io.writable {
-                io.out.detach_slices();
+            c.io.in_dirty = false;
+            if !c.io.writable {
+                c.io.out.detach_slices();
                 continue; // a writable event re-lists it
             }
-            self.shared.metrics[self.index].flushes.inc();
-            match io.out.flush_to(&mut io.stream) {
-                Ok((n, status)) => {
-                    self.queued -= n as u64;
-                    self.shared.metrics[self.index].bytes_out.add(n as u64);
-                    // TLS streams may still hold encrypted bytes.
-                    let held = match std::io::Write::flush(&mut io.stream) {
-                        Ok(()) => false,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-                        Err(e) => {
-                            log::debug!("{}: write error: {e}", io.peer);
-                            self.close(key, CloseReason::IoError);
-                            continue;
-                        }
-                    };
-                    if status == Flush::WouldBlock || held {
-                        io.writable = false;
-                        io.out.detach_slices();
-                    } else if let Some(closing) = io.closing.as_mut() {
-                        // The goodbye is on the wire.
-                        if closing.linger && !closing.shut {
-                            closing.shut = true;
-                            let _ = io.stream.shutdown(std::net::Shutdown::Write);
-                            if io.readable && !io.in_ready {
-                                io.in_ready = true;
-                                self.ready.push((key, gen));
-                            }
-                        } else if !closing.linger {
-                            let reason = closing.reason;
-                            self.close(key, reason);
-                        }
+            let (n, left) = c.io.flush();
+            let m = &self.shared.metrics[self.index];
+            m.flushes.inc();
+            m.bytes_out.add(n as u64);
+            self.queued -= n as u64;
+            match left {
+                Flushed::Done | Flushed::Blocked => {}
+                Flushed::Lingering => {
+                    if c.io.readable && !c.io.in_ready {
+                        c.io.in_ready = true;
+                        self.ready.push((key, gen));
                     }
                 }
-                Err(e) => {
-                    log::debug!("{}: write error: {e}", io.peer);
-                    self.close(key, CloseReason::IoError);
-                }
+                Flushed::Close(reason) => self.close(key, reason),
             }
         }
         dirty.clear();
         if self.dirty.is_empty() {
             self.dirty = dirty; // keep the allocation
         }
-        self.shared.metrics[self.index]
-            .queued_bytes
-            .set(self.queued);
+        self.metrics().queued_bytes.set(self.queued);
     }
 
     /// Closes a connection: its stage leaves its indexes, the id is
@@ -1047,7 +962,7 @@ impl Core {
         if let Some((slot, _)) = c.timer {
             self.wheel.cancel(slot, key, c.gen);
         }
-        let me = self.id(key, c.gen);
+        let me = conn_id(self.index, key, c.gen);
         {
             let mut cx = ctx!(self);
             c.stage.on_close(me, &mut cx);
@@ -1065,86 +980,6 @@ impl Core {
     }
 }
 
-/// Reads and drops a lingering connection's input; a reason once the peer
-/// has closed (or the socket failed).
-fn discard_input(io: &mut Io, scratch: &mut [u8]) -> Option<CloseReason> {
-    for _ in 0..READS_PER_ITERATION {
-        match io.stream.read_some(scratch) {
-            Ok((_, Drain::Closed)) => return io.closing.map(|c| c.reason),
-            Ok((_, Drain::More)) => {}
-            Ok((n, Drain::Drained)) if n > 0 && io.read_closed => {}
-            Ok((_, Drain::Drained)) => {
-                io.readable = false;
-                return None;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Some(CloseReason::IoError),
-        }
-    }
-    None
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-    use crate::engine::directory::Directory;
-    use crate::engine::mesh::Inbox;
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
-
-    /// A core with no listeners, driven by hand.
-    fn core(yaml: &str) -> Core {
-        let cfg = Config::from_yaml(yaml, None).expect("config");
-        let poll = Poll::new().expect("poll");
-        let waker = mio::Waker::new(poll.registry(), WAKER).expect("waker");
-        let (inbox, rx) = Inbox::new(cfg.mesh_capacity, waker);
-        let shared = Arc::new(Shared {
-            directory: Directory::new(1),
-            inboxes: vec![inbox].into(),
-            metrics: vec![CoreMetrics::default()].into(),
-            sources: Box::new([]),
-            shutdown: AtomicBool::new(false),
-            quiesced: AtomicUsize::new(0),
-            cfg,
-        });
-        let setup = CoreSetup {
-            index: 0,
-            poll,
-            rx,
-            listeners: Vec::new(),
-        };
-        Core::new(setup, shared).expect("core")
-    }
-
-    /// A real loopback connection's server side (the client end is kept
-    /// open by the caller).
-    fn accepted(l: &std::net::TcpListener) -> (Stream, std::net::TcpStream) {
-        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (server, _) = l.accept().unwrap();
-        server.set_nonblocking(true).unwrap();
-        (Stream::Tcp(mio::net::TcpStream::from_std(server)), client)
-    }
-
-    #[test]
-    fn stale_delivery_to_a_reused_slot_is_counted() {
-        let mut core = core("workers: 1\npin: false\nrely:\n  listen: []\n");
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = l.local_addr().unwrap();
-        let (s1, _c1) = accepted(&l);
-        core.add_conn(s1, peer, ListenerKind::Rely);
-        let (slot, old_gen) = core.conns.iter().map(|(k, c)| (k, c.gen)).next().unwrap();
-        core.close(slot, CloseReason::PeerClosed);
-        let (s2, _c2) = accepted(&l);
-        core.add_conn(s2, peer, ListenerKind::Rely);
-        let new_gen = core.conns.get(slot).expect("the freed slot is reused").gen;
-        assert_ne!(new_gen, old_gen);
-        let old = core.id(slot, old_gen);
-        core.deliver(old, Chunk::Owned(b"for the old tenant".as_slice().into()));
-        assert_eq!(core.metrics().dropped_dead_conn.get(), 1);
-        assert!(
-            core.conns[slot].io.out.is_empty(),
-            "the new tenant got nothing"
-        );
-        assert_eq!(core.queued, 0);
-    }
-}
+#[path = "core_tests.rs"]
+mod tests;

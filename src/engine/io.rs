@@ -7,8 +7,8 @@
 
 use std::net::SocketAddr;
 
-use super::outbox::Outbox;
-use super::stream::Stream;
+use super::outbox::{Flush, Outbox};
+use super::stream::{Drain, Stream};
 use crate::config::SlowConsumer;
 
 /// A client id held by a connection.
@@ -168,6 +168,83 @@ impl Io {
                 shut: false,
             });
         }
+    }
+}
+
+/// What a flush left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// Everything written (or a lingering goodbye half-closed).
+    Done,
+    /// The socket is full: a writable event re-lists the connection.
+    Blocked,
+    /// The goodbye is on the wire and the write side shut: read (and drop)
+    /// until the peer closes.
+    Lingering,
+    /// Close now (the goodbye is out, or the socket failed).
+    Close(CloseReason),
+}
+
+impl Io {
+    /// Writes the queue (one writev run) and any TLS records still held,
+    /// and says what is left to do. Returns the bytes written too.
+    pub(crate) fn flush(&mut self) -> (usize, Flushed) {
+        let (n, status) = match self.out.flush_to(&mut self.stream) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("{}: write error: {e}", self.peer);
+                return (0, Flushed::Close(CloseReason::IoError));
+            }
+        };
+        // TLS streams may still hold encrypted bytes.
+        let held = match std::io::Write::flush(&mut self.stream) {
+            Ok(()) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            Err(e) => {
+                log::debug!("{}: write error: {e}", self.peer);
+                return (n, Flushed::Close(CloseReason::IoError));
+            }
+        };
+        if status == Flush::WouldBlock || held {
+            self.writable = false;
+            self.out.detach_slices();
+            return (n, Flushed::Blocked);
+        }
+        let Some(closing) = self.closing.as_mut() else {
+            return (n, Flushed::Done);
+        };
+        if !closing.linger {
+            return (n, Flushed::Close(closing.reason));
+        }
+        if closing.shut {
+            return (n, Flushed::Done);
+        }
+        closing.shut = true;
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        (n, Flushed::Lingering)
+    }
+
+    /// Reads and drops a lingering connection's input; a reason once the
+    /// peer has closed (or the socket failed).
+    pub(crate) fn discard_input(
+        &mut self,
+        scratch: &mut [u8],
+        reads: usize,
+    ) -> Option<CloseReason> {
+        for _ in 0..reads {
+            match self.stream.read_some(scratch) {
+                Ok((_, Drain::Closed)) => return self.closing.map(|c| c.reason),
+                Ok((_, Drain::More)) => {}
+                Ok((n, Drain::Drained)) if n > 0 && self.read_closed => {}
+                Ok((_, Drain::Drained)) => {
+                    self.readable = false;
+                    return None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Some(CloseReason::IoError),
+            }
+        }
+        None
     }
 }
 

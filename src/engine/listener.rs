@@ -161,3 +161,65 @@ pub struct Listener {
     /// After EMFILE and friends: do not accept before this instant.
     pub paused_until: Option<Instant>,
 }
+
+impl Listener {
+    /// Registers `sock` on `poll` under `token` (edge-triggered reads).
+    pub(crate) fn register(
+        poll: &mio::Poll,
+        token: usize,
+        kind: ListenerKind,
+        mut sock: ListenSock,
+    ) -> io::Result<Listener> {
+        let addr = match &sock {
+            ListenSock::Tcp(l) => l.local_addr()?,
+            ListenSock::Unix(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        poll.registry()
+            .register(&mut sock, mio::Token(token), mio::Interest::READABLE)?;
+        Ok(Listener {
+            sock,
+            kind,
+            addr,
+            token,
+            pending: true,
+            paused_until: None,
+        })
+    }
+
+    /// Accepts up to `batch` connections into `out` (edge-triggered: until
+    /// `WouldBlock`, or the batch, whichever first). An accept failure
+    /// (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses the listener for `pause`
+    /// rather than spinning on it, and is returned for counting.
+    pub(crate) fn accept_batch(
+        &mut self,
+        batch: usize,
+        now: Instant,
+        pause: std::time::Duration,
+        out: &mut Vec<(super::stream::Stream, SocketAddr)>,
+    ) -> Option<io::Error> {
+        if !self.pending || self.paused_until.is_some_and(|t| t > now) {
+            return None;
+        }
+        self.paused_until = None;
+        let mut accepted = 0;
+        while accepted < batch {
+            match self.sock.accept() {
+                Ok(c) => {
+                    accepted += 1;
+                    out.push(c);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.pending = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    self.paused_until = Some(now + pause);
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+}

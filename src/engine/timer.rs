@@ -26,6 +26,32 @@ pub struct Timing {
     pub admin_idle: u64,
 }
 
+/// An admin connection with no request for this long is closed.
+const ADMIN_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Timing {
+    /// The config's deadlines at `tick` resolution.
+    pub fn new(cfg: &crate::Config, tick: std::time::Duration) -> Timing {
+        let ws = cfg.ws();
+        let t = |d| Timing::ticks(d, tick);
+        Timing {
+            rely_idle: cfg.rely.idle_timeout.map(t),
+            ws_ping: ws.ping_interval.map(t),
+            ws_pong: t(ws.pong_timeout),
+            ws_idle: ws.idle_timeout.map(t),
+            ws_handshake: t(ws.handshake_timeout),
+            admin_idle: t(ADMIN_IDLE),
+        }
+    }
+
+    /// Ticks for a duration (at least one).
+    pub fn ticks(d: std::time::Duration, tick: std::time::Duration) -> u64 {
+        (d.as_millis() as u64)
+            .div_ceil(tick.as_millis() as u64)
+            .max(1)
+    }
+}
+
 /// A timer entry: which connection (slab key and generation) and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timer {
