@@ -1,0 +1,73 @@
+//! WebSocket endpoints: what a path template is, how a request path
+//! matches one, and what the endpoint does with client messages.
+
+use serde::Deserialize;
+
+/// What a WebSocket endpoint does with client messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMessage {
+    /// Discard them (counted): clients only receive.
+    None,
+    /// Send each message back to its sender.
+    Echo,
+    /// Send each message to the other connections sharing the endpoint's
+    /// `broadcast_tag` value.
+    Broadcast,
+    /// Binary messages are RELY transfer frames, routed by ToClientID to RELY
+    /// or WebSocket clients; a RELY transfer to this client's id arrives as a
+    /// binary message.
+    Rely,
+}
+
+/// One segment of an endpoint path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Must equal this text.
+    Literal(String),
+    /// Captures the segment under this name.
+    Param(String),
+}
+
+/// A validated endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The path as written.
+    pub path: String,
+    /// Its segments.
+    pub template: Vec<Segment>,
+    /// What client messages do.
+    pub on_message: OnMessage,
+    /// Largest message after reassembly.
+    pub max_message_size: usize,
+    /// Fixed tags.
+    pub set_tags: Vec<(String, String)>,
+    /// Path parameters that become tags.
+    pub tag_params: Vec<String>,
+    /// Path parameter used as the client id.
+    pub id_param: Option<String>,
+    /// Broadcast grouping tag.
+    pub broadcast_tag: Option<String>,
+}
+
+impl Endpoint {
+    /// Matches a request path; returns the captured parameters.
+    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if segs.len() != self.template.len() {
+            return None;
+        }
+        let mut params = Vec::new();
+        for (seg, t) in segs.iter().zip(&self.template) {
+            match t {
+                Segment::Literal(l) if l == seg => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(_) if seg.is_empty() => return None,
+                Segment::Param(name) => {
+                    params.push((name.clone(), crate::protocol::http::url_decode(seg)))
+                }
+            }
+        }
+        Some(params)
+    }
+}

@@ -1,0 +1,117 @@
+//! Unit tests of parsing and validation.
+
+use super::*;
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+    assert!(parse_duration("5 parsecs").is_err());
+    assert_eq!(parse_size("8MiB").unwrap(), 8 << 20);
+    assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+    assert!(parse_size("lots").is_err());
+}
+
+#[test]
+fn defaults_match_relayd() {
+    let c = Config::defaults();
+    assert_eq!(
+        c.rely.listen,
+        vec!["0.0.0.0:33333".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(c.rely.max_payload, 8 << 20);
+    assert!(c.workers >= 1);
+    assert_eq!(DEFAULT_RELY_LISTEN, "0.0.0.0:33333");
+}
+
+#[test]
+fn websocket_endpoints() {
+    let c = Config::from_yaml(
+        "websocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /echo\n      on_message: echo\n    - path: /{agent_id}/ws/{session_id}\n      id_param: session_id\n",
+        None,
+    )
+    .unwrap();
+    let ws = c.websocket.unwrap();
+    assert_eq!(ws.route("/echo").unwrap().0, 0);
+    let (i, p) = ws.route("/a%20b/ws/s1").unwrap();
+    assert_eq!(i, 1);
+    assert_eq!(
+        p,
+        vec![
+            ("agent_id".into(), "a b".into()),
+            ("session_id".into(), "s1".into())
+        ]
+    );
+    assert!(ws.route("/a/ws/").is_none() && ws.route("/nope").is_none());
+    let e = Config::from_yaml(
+        "websocket:\n  endpoints:\n    - path: /x/{a}\n      id_param: b\n",
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("websocket.endpoints[0]"), "{e}");
+}
+
+#[test]
+fn veylor_config_as_written() {
+    let c = Config::from_yaml(
+        "sources:\n  - url: \"ws://127.0.0.1:9000/feed?x=1\"\n    headers:\n      Authorization: \"Bearer t\"\n    websocket_port: 8765\n    unix_socket_path: \"/tmp/v.sock\"\nperformance:\n  max_queue_size: 1000\n  reconnect_delay: 5\n  reconnect_max_attempts: 0  # 0 for infinite\n",
+        None,
+    )
+    .unwrap();
+    let s = &c.sources[0];
+    assert_eq!(
+        s.target,
+        WsUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: 9000,
+            path: "/feed?x=1".into()
+        }
+    );
+    assert_eq!(s.websocket, Some("0.0.0.0:8765".parse().unwrap()));
+    assert_eq!(
+        s.headers,
+        vec![("Authorization".to_string(), "Bearer t".to_string())]
+    );
+    assert_eq!(c.performance.reconnect_delay, Duration::from_secs(5));
+    let e = Config::from_yaml("sources:\n  - url: ws://h/\n", None).unwrap_err();
+    assert!(
+        e.to_string().contains("websocket_port or unix_socket_path"),
+        "{e}"
+    );
+    assert_eq!(WsUrl::parse("ws://[::1]:81").unwrap().host, "::1");
+    assert_eq!(WsUrl::parse("ws://h?q").unwrap().path, "/?q");
+    assert!(WsUrl::parse("http://h").is_err());
+}
+
+#[test]
+fn cidr() {
+    let n = Cidr::parse("10.1.0.0/16").unwrap();
+    assert!(n.contains("10.1.2.3".parse().unwrap()));
+    assert!(!n.contains("10.2.0.1".parse().unwrap()));
+    let lo = Cidr::parse("127.0.0.0/8").unwrap();
+    assert!(
+        lo.contains("::ffff:127.0.0.1".parse().unwrap()),
+        "v4-mapped"
+    );
+    assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+    assert!(Cidr::parse("10.0.0.0/33").is_err() && Cidr::parse("nope").is_err());
+    assert!(
+        Config::defaults().admin.is_none(),
+        "pure relayd defaults bind no admin port"
+    );
+}
+
+#[test]
+fn errors_name_line_and_key() {
+    let e = Config::from_yaml("workers: 2\nrely:\n  idle_timeout: soon\n", None).unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    assert_eq!(e.key.as_deref(), Some("rely.idle_timeout"), "{e}");
+    let e = Config::from_yaml("rely:\n  bogus: 1\n", None).unwrap_err();
+    assert_eq!(e.line, Some(2), "{e}");
+    assert!(e.to_string().contains("bogus"), "{e}");
+    let e = Config::from_yaml("workers: 2\nmax_connections: 0\n", None).unwrap_err();
+    assert_eq!(e.line, Some(2), "{e}");
+    assert_eq!(e.key.as_deref(), Some("max_connections"));
+}

@@ -1,0 +1,319 @@
+//! FileConfig -> Config: defaults applied, values checked, cross-field
+//! rules, each error naming the file, line and key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+impl FileConfig {
+    /// Checks cross-field rules and fills defaults.
+    pub fn validate(self, path: Option<&Path>, text: &str) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            path: path.map(Path::to_owned),
+            line: line_of(text, key),
+            key: Some(key.to_owned()),
+            message,
+        };
+        let available = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let workers = match self.workers {
+            None | Some(0) => available,
+            Some(n) if n > 1024 => return Err(err("workers", format!("{n} is more than 1024"))),
+            Some(n) => n,
+        };
+        let pin = self.pin.unwrap_or(DEFAULT_PIN);
+        let cpus = match (&self.cpus, pin) {
+            (_, false) => Vec::new(),
+            (Some(list), true) if list.is_empty() => {
+                return Err(err(
+                    "cpus",
+                    "must list at least one CPU id (or omit it)".into(),
+                ))
+            }
+            (Some(list), true) => list.clone(),
+            (None, true) => Vec::new(), // resolved against the machine at start
+        };
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(err("max_connections", "must be at least 1".into()));
+        }
+        let accept_batch = self.accept_batch.unwrap_or(DEFAULT_ACCEPT_BATCH).max(1);
+        let read_buffer = self.read_buffer.map_or(DEFAULT_READ_BUFFER, |s| s.0);
+        if !(4096..=64 << 20).contains(&read_buffer) {
+            return Err(err(
+                "read_buffer",
+                format!("{read_buffer} is outside 4KiB..64MiB"),
+            ));
+        }
+        let mesh_capacity = self.mesh_capacity.unwrap_or(DEFAULT_MESH_CAPACITY);
+        if mesh_capacity == 0 {
+            return Err(err("mesh_capacity", "must be at least 1".into()));
+        }
+        let rely = self.rely.unwrap_or_default();
+        let listen = rely
+            .listen
+            .unwrap_or_else(|| vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_RELY_PORT))]);
+        let max_payload = rely.max_payload.map_or(DEFAULT_MAX_PAYLOAD, |s| s.0);
+        if max_payload > MAX_MAX_PAYLOAD {
+            return Err(err(
+                "rely.max_payload",
+                format!("{max_payload} is over 1GiB"),
+            ));
+        }
+        let max_payload = max_payload as u32;
+        let idle_timeout = rely.idle_timeout.map_or(Some(DEFAULT_IDLE_TIMEOUT), |d| {
+            (!d.0.is_zero()).then_some(d.0)
+        });
+        let max_output = rely
+            .max_output_bytes
+            .map_or(DEFAULT_MAX_OUTPUT_BYTES, |s| s.0);
+        if max_output == 0 {
+            return Err(err("rely.max_output_bytes", "must be at least 1".into()));
+        }
+        let websocket = match self.websocket {
+            None => None,
+            Some(ws) => Some(validate_ws(ws, &err)?),
+        };
+        // On by default with WebSocket (wsgateway), off for a pure relayd
+        // setup; `admin: {listen: []}` turns it off.
+        let admin = match (self.admin, websocket.is_some()) {
+            (None, false) => None,
+            (a, _) => {
+                let a = a.unwrap_or_default();
+                let allow = match a.allow {
+                    None => DEFAULT_ADMIN_ALLOW
+                        .iter()
+                        .map(|c| Cidr::parse(c).expect("literal network"))
+                        .collect(),
+                    Some(list) => list
+                        .iter()
+                        .map(|c| Cidr::parse(c))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| err("admin.allow", e))?,
+                };
+                Some(AdminConfig {
+                    listen: a.listen.unwrap_or_else(|| {
+                        vec![DEFAULT_ADMIN_LISTEN.parse().expect("literal address")]
+                    }),
+                    allow,
+                    max_request_bytes: a
+                        .max_request_bytes
+                        .map_or(DEFAULT_ADMIN_MAX_REQUEST, |s| s.0)
+                        .clamp(1024, 1 << 30) as usize,
+                    on_websocket_listener: a.on_websocket_listener.unwrap_or(false),
+                })
+            }
+        };
+        let perf = self.performance.unwrap_or_default();
+        let performance = PerformanceConfig {
+            max_queue_size: perf.max_queue_size.unwrap_or(DEFAULT_MAX_QUEUE_SIZE).max(1),
+            reconnect_delay: perf
+                .reconnect_delay
+                .map_or(DEFAULT_RECONNECT_DELAY, |d| d.0)
+                .max(Duration::from_millis(10)),
+            reconnect_max_delay: perf
+                .reconnect_max_delay
+                .map_or(DEFAULT_RECONNECT_MAX_DELAY, |d| d.0),
+            reconnect_max_attempts: perf
+                .reconnect_max_attempts
+                .unwrap_or(DEFAULT_RECONNECT_MAX_ATTEMPTS),
+        };
+        let mut sources = Vec::new();
+        for (i, s) in self.sources.unwrap_or_default().into_iter().enumerate() {
+            let key = |k: &str| format!("sources[{i}].{k}");
+            let target = WsUrl::parse(&s.url).map_err(|e| err(&key("url"), e))?;
+            let tls = if target.tls {
+                Some(tls_client_config(s.ca_file.as_deref()).map_err(|e| err(&key("ca_file"), e))?)
+            } else {
+                None
+            };
+            let host: std::net::IpAddr = s
+                .websocket_host
+                .as_deref()
+                .unwrap_or(DEFAULT_SOURCE_WS_HOST)
+                .parse()
+                .map_err(|_| err(&key("websocket_host"), "must be an IP address".into()))?;
+            let websocket = s.websocket_port.map(|p| SocketAddr::new(host, p));
+            if websocket.is_none() && s.unix_socket_path.is_none() {
+                return Err(err(
+                    &key("url"),
+                    "each source needs websocket_port or unix_socket_path".into(),
+                ));
+            }
+            let unix_mode = match s.unix_socket_mode.as_deref() {
+                None => DEFAULT_UNIX_SOCKET_MODE,
+                Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| {
+                        err(
+                            &key("unix_socket_mode"),
+                            format!("{m:?} is not an octal mode like 0660"),
+                        )
+                    })?,
+            };
+            let max = s
+                .max_message_size
+                .map_or(DEFAULT_WS_MAX_MESSAGE * 16, |x| x.0);
+            if max == 0 || max > MAX_MAX_PAYLOAD {
+                return Err(err(
+                    &key("max_message_size"),
+                    format!("{max} is outside 1..=1GiB"),
+                ));
+            }
+            sources.push(SourceConfig {
+                url: s.url,
+                target,
+                headers: s.headers.unwrap_or_default().into_iter().collect(),
+                websocket,
+                unix_socket: s.unix_socket_path,
+                unix_mode,
+                force_binary: s.force_binary.unwrap_or(false),
+                echo_upstream: s.echo_upstream.unwrap_or(false),
+                max_message_size: max as usize,
+                connect_timeout: s
+                    .connect_timeout
+                    .map_or(DEFAULT_SOURCE_CONNECT_TIMEOUT, |d| d.0),
+                tls,
+            });
+        }
+        Ok(Config {
+            source: path.map(Path::to_owned),
+            websocket,
+            admin,
+            sources,
+            performance,
+            workers,
+            pin,
+            cpus,
+            busy_poll: self.busy_poll.unwrap_or(DEFAULT_BUSY_POLL),
+            max_connections,
+            accept_batch,
+            read_buffer: read_buffer as usize,
+            mesh_capacity,
+            shutdown_grace: self.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            backlog: self.backlog.unwrap_or(DEFAULT_BACKLOG).max(1),
+            rely: RelyConfig {
+                listen,
+                max_payload,
+                check_from: rely.check_from.unwrap_or(DEFAULT_CHECK_FROM),
+                idle_timeout,
+                max_output_bytes: usize::try_from(max_output).unwrap_or(usize::MAX),
+                slow_consumer: rely.slow_consumer.unwrap_or(DEFAULT_SLOW_CONSUMER),
+            },
+        })
+    }
+}
+
+fn validate_ws(
+    ws: WsFile,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<WsConfig, ConfigError> {
+    let listen = ws
+        .listen
+        .unwrap_or_else(|| vec![DEFAULT_WS_LISTEN.parse().expect("literal address")]);
+    let files = ws.endpoints.unwrap_or_default();
+    if files.is_empty() {
+        return Err(err(
+            "websocket.endpoints",
+            "list at least one endpoint (path: ...)".into(),
+        ));
+    }
+    let mut endpoints = Vec::with_capacity(files.len());
+    for (i, e) in files.into_iter().enumerate() {
+        let key = |k: &str| format!("websocket.endpoints[{i}].{k}");
+        if !e.path.starts_with('/') {
+            return Err(err(&key("path"), format!("{:?} must start with /", e.path)));
+        }
+        let mut template = Vec::new();
+        for seg in e.path.trim_start_matches('/').split('/') {
+            if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                if name.is_empty() || template.contains(&Segment::Param(name.to_owned())) {
+                    return Err(err(
+                        &key("path"),
+                        format!("bad or repeated parameter {seg:?}"),
+                    ));
+                }
+                template.push(Segment::Param(name.to_owned()));
+            } else if seg.contains(['{', '}']) {
+                return Err(err(
+                    &key("path"),
+                    format!("segment {seg:?}: a parameter must be a whole segment"),
+                ));
+            } else {
+                template.push(Segment::Literal(seg.to_owned()));
+            }
+        }
+        let params: Vec<String> = template
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Param(p) => Some(p.clone()),
+                Segment::Literal(_) => None,
+            })
+            .collect();
+        // By default every parameter but the id becomes a tag.
+        let tag_params = e.tag_params.unwrap_or_else(|| {
+            params
+                .iter()
+                .filter(|p| Some(*p) != e.id_param.as_ref())
+                .cloned()
+                .collect()
+        });
+        for p in tag_params.iter().chain(e.id_param.iter()) {
+            if !params.contains(p) {
+                return Err(err(
+                    &key("path"),
+                    format!("parameter {p:?} is not in the path"),
+                ));
+            }
+        }
+        let on_message = e.on_message.unwrap_or(OnMessage::None);
+        if on_message == OnMessage::Broadcast && e.broadcast_tag.is_none() {
+            return Err(err(
+                &key("broadcast_tag"),
+                "on_message: broadcast needs broadcast_tag".into(),
+            ));
+        }
+        let max = e.max_message_size.map_or(DEFAULT_WS_MAX_MESSAGE, |s| s.0);
+        if max == 0 || max > MAX_MAX_PAYLOAD {
+            return Err(err(
+                &key("max_message_size"),
+                format!("{max} is outside 1..=1GiB"),
+            ));
+        }
+        endpoints.push(Endpoint {
+            path: e.path,
+            template,
+            on_message,
+            max_message_size: max as usize,
+            set_tags: e.set_tags.unwrap_or_default().into_iter().collect(),
+            tag_params,
+            id_param: e.id_param,
+            broadcast_tag: e.broadcast_tag,
+        });
+    }
+    let nonzero =
+        |d: Option<Dur>, def: Option<Duration>| d.map_or(def, |d| (!d.0.is_zero()).then_some(d.0));
+    Ok(WsConfig {
+        listen,
+        handshake_timeout: ws
+            .handshake_timeout
+            .map_or(DEFAULT_WS_HANDSHAKE_TIMEOUT, |d| d.0),
+        max_handshake_bytes: ws
+            .max_handshake_bytes
+            .map_or(DEFAULT_WS_MAX_HANDSHAKE_BYTES, |s| s.0)
+            .clamp(512, 1 << 20) as usize,
+        ping_interval: nonzero(ws.ping_interval, Some(DEFAULT_WS_PING_INTERVAL)),
+        pong_timeout: ws.pong_timeout.map_or(DEFAULT_WS_PONG_TIMEOUT, |d| d.0),
+        idle_timeout: nonzero(ws.idle_timeout, None),
+        max_output_bytes: ws
+            .max_output_bytes
+            .map_or(DEFAULT_WS_MAX_OUTPUT_BYTES, |s| s.0)
+            .max(1) as usize,
+        slow_consumer: ws.slow_consumer.unwrap_or(DEFAULT_SLOW_CONSUMER),
+        endpoints,
+    })
+}
