@@ -4,7 +4,6 @@
 mod support;
 
 mod admin;
-mod bench;
 mod config;
 mod engine;
 mod process;
