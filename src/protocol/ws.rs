@@ -1,5 +1,8 @@
-//! WebSocket server-side framing (RFC 6455), sans-io: bytes in, events or
-//! "need more" or a typed error (with its close code) out.
+//! WebSocket framing (RFC 6455), sans-io: bytes in, events or "need more"
+//! or a typed error (with its close code) out. The decoder runs in server
+//! mode (client frames must be masked) for WebSocket clients and in client
+//! mode (server frames must not be) for the upstream client; encoders write
+//! server frames, masked client frames and close frames.
 //!
 //! Header parsing is tungstenite's `FrameHeader::parse` (consumes nothing on
 //! incomplete input); everything else is ours, over our own buffers:
