@@ -51,6 +51,9 @@ const READS_PER_ITERATION: usize = 4;
 /// How long an accept failure (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses a
 /// listener instead of spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Rounds of local work per iteration (work that applying makes is
+/// one round deeper: an admin reply to this core's own request).
+const LOCAL_ROUNDS: usize = 4;
 /// Poll timeout while cross-core batches wait for room.
 const OVERFLOW_RETRY: Duration = Duration::from_millis(1);
 
@@ -227,7 +230,7 @@ impl Core {
             if let Some(arc) = self.local_data.take() {
                 // After the flush no queue holds a slice of it.
                 if let Ok(v) = Arc::try_unwrap(arc) {
-                    self.mesh.recycle_local(v);
+                    self.mesh.recycle_local(v, Vec::new());
                 }
             }
             let waited = self.mesh.flush();
@@ -473,15 +476,19 @@ impl Core {
     /// queue's bytes before the call); closes; or installs the next stage
     /// and feeds it what followed (bounded: each upgrade consumes a stage).
     fn conclude(&mut self, key: usize, mut out: Outcome, mut before: usize) -> Step {
+        let mut touched = false;
         loop {
             let Some(c) = self.conns.get_mut(key) else {
                 return Step::Closed;
             };
             let after = c.io.out.bytes();
+            touched |= after != before;
             self.queued = self.queued - before as u64 + after as u64;
             before = after;
             match out {
                 Outcome::Upgrade(stage, mut rest) => {
+                    // A new stage has its own deadline.
+                    touched = true;
                     c.stage = stage;
                     if rest.is_empty() {
                         out = Outcome::Continue;
@@ -494,6 +501,9 @@ impl Core {
                     self.close(key, reason);
                     return Step::Closed;
                 }
+                // The common case on the read path (a RELY client relaying):
+                // nothing queued here, nothing moved earlier.
+                Outcome::Continue if !touched && c.io.closing.is_none() => return Step::Open,
                 Outcome::Continue | Outcome::Await => {
                     let step = if matches!(out, Outcome::Await) {
                         Step::Await
@@ -548,22 +558,37 @@ impl Core {
     }
 
     /// Applies this iteration's own batch: what this core's reads left for
-    /// its own connections, in order.
+    /// its own connections, in order. Its buffers go back to the mesh for
+    /// the next iteration (the data once the flush no longer needs it).
+    /// Applying can leave more local work (a fan-out's reply to this
+    /// core's own admin request): taken in the same iteration, in rounds.
     fn apply_local(&mut self) {
-        let batch = self.mesh.take_local();
-        if batch.items.is_empty() {
-            self.mesh.recycle_local(batch.data);
-            return;
+        for _ in 0..LOCAL_ROUNDS {
+            let batch = self.mesh.take_local();
+            if batch.items.is_empty() {
+                self.mesh.recycle_local(batch.data, batch.items);
+                return;
+            }
+            let (data, items) = self.apply(batch);
+            self.mesh.recycle_local(Vec::new(), items);
+            // Kept until after the flush; an earlier round's buffer is
+            // simply dropped (queues still holding its slices keep it).
+            self.local_data = Some(data);
         }
-        self.local_data = Some(self.apply(batch));
     }
 
     /// Applies one batch in order. Delivery bytes stay in the batch's one
-    /// buffer; queues hold slices of it until the flush. Returns the buffer.
-    fn apply(&mut self, batch: Batch) -> Arc<Vec<u8>> {
-        let data = Arc::new(batch.data);
-        let mut fanouts = batch.fanouts.into_iter();
-        for item in batch.items {
+    /// buffer; queues hold slices of it until the flush. Returns the buffer
+    /// and the (emptied) item list, for reuse.
+    fn apply(&mut self, batch: Batch) -> (Arc<Vec<u8>>, Vec<Item>) {
+        let Batch {
+            data,
+            mut items,
+            fanouts,
+        } = batch;
+        let data = Arc::new(data);
+        let mut fanouts = fanouts.into_iter();
+        for &item in &items {
             match item {
                 Item::Deliver { to, start, len } => self.deliver(
                     to,
@@ -595,7 +620,8 @@ impl Core {
                 } => self.reply(req, count, &data[start as usize..(start + len) as usize]),
             }
         }
-        data
+        items.clear();
+        (data, items)
     }
 
     fn live(&self, id: ConnId) -> bool {

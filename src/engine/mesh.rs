@@ -203,14 +203,18 @@ impl Outgoing {
         std::mem::take(&mut self.building[self.me])
     }
 
-    /// Gives a local batch's buffer back for reuse once nothing refers to
-    /// it (after the flush), so the own batch costs no allocation per
-    /// iteration.
-    pub fn recycle_local(&mut self, mut data: Vec<u8>) {
-        let own = &mut self.building[self.me].data;
-        if own.capacity() == 0 && data.capacity() <= 4 * MAX_BATCH_BYTES {
+    /// Gives a local batch's buffers back for reuse once nothing refers to
+    /// them (the data after the flush), so the own batch costs no
+    /// allocation per iteration. Empty vectors are ignored.
+    pub fn recycle_local(&mut self, mut data: Vec<u8>, mut items: Vec<Item>) {
+        let own = &mut self.building[self.me];
+        if own.data.capacity() == 0 && data.capacity() <= 4 * MAX_BATCH_BYTES {
             data.clear();
-            *own = data;
+            own.data = data;
+        }
+        if own.items.capacity() == 0 && items.capacity() <= 1 << 16 {
+            items.clear();
+            own.items = items;
         }
     }
 
