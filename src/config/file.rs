@@ -40,6 +40,8 @@ pub struct FileConfig {
     pub admin: Option<AdminFile>,
     /// Upstream sources (Veylor's key).
     pub sources: Option<Vec<SourceFile>>,
+    /// Veltix listeners.
+    pub veltix: Option<Vec<super::VeltixFile>>,
     /// Veylor's performance section.
     pub performance: Option<PerformanceFile>,
 }

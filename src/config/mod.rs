@@ -19,12 +19,14 @@ mod file;
 mod tls;
 mod validate;
 mod values;
+mod veltix;
 
 pub use defaults::*;
 pub use endpoint::*;
 pub use file::*;
 pub use tls::*;
 pub use values::*;
+pub use veltix::*;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -64,6 +66,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Upstream sources.
     pub sources: Vec<SourceConfig>,
+    /// Veltix listeners.
+    pub veltix: Vec<VeltixConfig>,
     /// Reconnect and queue settings shared by sources.
     pub performance: PerformanceConfig,
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use super::veltix::validate_veltix;
 use super::*;
 
 impl FileConfig {
@@ -180,8 +181,10 @@ impl FileConfig {
                 tls,
             });
         }
+        let veltix = validate_veltix(self.veltix.unwrap_or_default(), max_connections, &err)?;
         Ok(Config {
             source: path.map(Path::to_owned),
+            veltix,
             websocket,
             admin,
             sources,

@@ -4,4 +4,5 @@
 pub mod http;
 pub mod lenprefix;
 pub mod rely;
+pub mod veltix;
 pub mod ws;
