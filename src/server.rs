@@ -85,6 +85,9 @@ fn listener_table(cfg: &Config) -> Vec<(ListenerKind, Bind)> {
     for &a in cfg.admin.iter().flat_map(|a| &a.listen) {
         rows.push((ListenerKind::Admin, Bind::Tcp(a)));
     }
+    for (i, v) in cfg.veltix.iter().enumerate() {
+        rows.push((ListenerKind::Veltix(i as u16), Bind::Tcp(v.listen)));
+    }
     for (i, src) in cfg.sources.iter().enumerate() {
         if let Some(a) = src.websocket {
             rows.push((ListenerKind::SourceWs(i as u16), Bind::Tcp(a)));
@@ -155,6 +158,7 @@ impl Server {
             inboxes: inboxes.into(),
             metrics: (0..workers).map(|_| CoreMetrics::default()).collect(),
             sources: cfg.sources.iter().map(|_| Default::default()).collect(),
+            veltix_clients: cfg.veltix.iter().map(|_| Default::default()).collect(),
             shutdown: AtomicBool::new(false),
             quiesced: AtomicUsize::new(0),
             cfg,
@@ -252,6 +256,11 @@ impl ServerHandle {
     /// The bound admin API addresses, in config order.
     pub fn admin_addrs(&self) -> Vec<SocketAddr> {
         self.bound(|k| k == ListenerKind::Admin)
+    }
+
+    /// The bound Veltix addresses, in config order.
+    pub fn veltix_addrs(&self) -> Vec<SocketAddr> {
+        self.bound(|k| matches!(k, ListenerKind::Veltix(_)))
     }
 
     /// The bound addresses of sources' WebSocket servers, in config order

@@ -9,4 +9,5 @@ mod engine;
 mod process;
 mod rely;
 mod sources;
+mod veltix;
 mod websocket;

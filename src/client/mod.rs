@@ -2,3 +2,4 @@
 //! and the tests. Not used by the server.
 
 pub mod rely;
+pub mod veltix;

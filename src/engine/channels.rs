@@ -14,6 +14,8 @@ use std::collections::{HashMap, HashSet};
 pub enum Channel {
     /// The clients of upstream source `n`.
     Source(u16),
+    /// The hub clients of Veltix listener `n`.
+    VeltixHub(u16),
 }
 
 /// One core's channel membership (slab keys).

@@ -32,17 +32,15 @@ use super::listener::{ListenSock, Listener, ListenerKind};
 use super::mesh::{Batch, Item, Outgoing};
 use super::message::{FanOp, Fanout, Frames};
 use super::metrics::CoreMetrics;
-use super::outbox::Chunk;
+use super::outbox::{Chunk, Outbox};
 use super::route::ctx;
 use super::shared::Shared;
 use super::stream::{Drain, Stream};
 use super::tags::{Selector, TagIndex};
-use super::timer::{Timer, Timing, Wheel};
+use super::timer::{Timer, Timing, Wheel, TICK};
 use super::upstreams::Upstreams;
 use super::ConnId;
 
-/// Timer resolution.
-pub const TICK: Duration = Duration::from_millis(100);
 /// Timer wheel buckets (409.6 s per turn at 100 ms ticks): enough that a
 /// slot stays short (cancel scans one) even with a million connections.
 const WHEEL_SLOTS: usize = 4096;
@@ -450,10 +448,11 @@ impl Core {
         if let Some(due) = conn.due(&self.timing) {
             conn.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
         }
-        let me = conn_id(self.index, key, gen);
-        conn.stage.on_open(me, &mut ctx!(self));
         entry.insert(conn);
-        Some(me)
+        // It may be refused at once (a full Veltix listener): still counted
+        // as accepted, then closed.
+        self.act(key, |s, io, me, cx| s.on_open(io, me, cx));
+        Some(conn_id(self.index, key, gen))
     }
 
     /// Calls a stage (with its `Io` and a `Ctx`) and acts on the outcome.
@@ -654,36 +653,28 @@ impl Core {
                 return;
             }
         };
-        match wire {
-            // The header goes on the stack: this runs per message.
-            Some(w) => {
-                let (h, n) = w.binary_header(data.len());
-                self.queue_on(key, &h[..n], data, None);
+        // The header goes on the stack: this runs per message.
+        let (h, n) = wire.map_or(([0; 10], 0), |w| w.binary_header(data.len()));
+        self.queue_on(key, n + data.len(), |out| {
+            if n > 0 {
+                out.push_bytes(&[&h[..n]]);
             }
-            None => {
-                self.queue_on(key, &[], data, None);
-            }
-        }
+            out.push(data);
+        });
     }
 
-    /// Queues `header`, `body` and `more` on a live connection as one
-    /// message under its limits, applying the slow-consumer policy.
+    /// Queues one message of `len` bytes on a live connection (`push` puts
+    /// it in the queue) under its limits, applying the slow-consumer policy.
     /// Returns whether it was queued.
-    fn queue_on(&mut self, key: usize, header: &[u8], body: Chunk, more: Option<Chunk>) -> bool {
+    #[inline]
+    fn queue_on(&mut self, key: usize, len: usize, push: impl FnOnce(&mut Outbox)) -> bool {
         let m = &self.shared.metrics[self.index];
         let Some(c) = self.conns.get_mut(key) else {
             return false;
         };
-        let len = header.len() + body.len() + more.as_ref().map_or(0, |c| c.len());
         match c.io.admit(len) {
             Queued::Yes => {
-                if !header.is_empty() {
-                    c.io.out.push_bytes(&[header]);
-                }
-                c.io.out.push(body);
-                if let Some(more) = more {
-                    c.io.out.push(more);
-                }
+                push(&mut c.io.out);
                 self.queued += len as u64;
                 m.delivered.inc();
                 if !c.io.in_dirty {
@@ -747,8 +738,8 @@ impl Core {
                         continue;
                     };
                     if let Some(fr) = frames.as_mut() {
-                        let (body, more) = fr.get(wire);
-                        let queued = self.queue_on(slot, &[], body, more);
+                        let fr = fr.get(wire);
+                        let queued = self.queue_on(slot, fr.len(), |out| fr.push_to(out));
                         if matches!(f.op, FanOp::Send) && !queued {
                             continue;
                         }

@@ -18,6 +18,7 @@ fn core(yaml: &str) -> Core {
         inboxes: vec![inbox].into(),
         metrics: vec![CoreMetrics::default()].into(),
         sources: Box::new([]),
+        veltix_clients: Box::new([]),
         shutdown: AtomicBool::new(false),
         quiesced: AtomicUsize::new(0),
         cfg,

@@ -143,6 +143,8 @@ pub enum ListenerKind {
     SourceWs(u16),
     /// Unix clients of upstream source `n` (owner core only).
     SourceUnix(u16),
+    /// Clients of Veltix listener `n`.
+    Veltix(u16),
 }
 
 /// A core's listener and its edge-triggered state.

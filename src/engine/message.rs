@@ -10,10 +10,10 @@
 
 use std::sync::Arc;
 
-use super::outbox::Chunk;
+use super::outbox::{Chunk, Outbox};
 use super::tags::Selector;
 use super::ConnId;
-use crate::protocol::{lenprefix, ws};
+use crate::protocol::{lenprefix, veltix, ws};
 
 /// Frames at least this large are queued as a small per-core header plus
 /// the message bytes shared by reference across cores, rather than copied
@@ -21,22 +21,54 @@ use crate::protocol::{lenprefix, ws};
 /// reference count).
 pub(crate) const SHARE_ACROSS_CORES: usize = 64 * 1024;
 
+/// What a message is, besides its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// UTF-8 text.
+    Text,
+    /// Bytes.
+    Binary,
+    /// A Veltix v3 message: its type code and flags, and the request id it
+    /// goes out with.
+    Veltix {
+        /// Type code.
+        ty: u16,
+        /// Flags.
+        flags: u8,
+        /// Request id.
+        request_id: u16,
+    },
+    /// A whole Veltix v1 frame, forwarded byte for byte.
+    VeltixV1Frame,
+}
+
 /// A message: bytes plus kind, in no wire format.
 #[derive(Debug, Clone)]
 pub struct Message {
-    /// Text (valid UTF-8) or binary.
-    pub text: bool,
+    /// What it is.
+    pub kind: Kind,
     /// The payload, shared by every core that frames it.
     pub bytes: Arc<[u8]>,
 }
 
 impl Message {
-    /// A message holding a copy of `bytes`.
+    /// A text or binary message holding a copy of `bytes`.
     pub fn new(text: bool, bytes: &[u8]) -> Message {
+        let kind = if text { Kind::Text } else { Kind::Binary };
+        Message::with_kind(kind, bytes)
+    }
+
+    /// A message of `kind` holding a copy of `bytes`.
+    pub fn with_kind(kind: Kind, bytes: &[u8]) -> Message {
         Message {
-            text,
+            kind,
             bytes: Arc::from(bytes),
         }
+    }
+
+    /// Text (else some kind of binary).
+    pub fn is_text(&self) -> bool {
+        self.kind == Kind::Text
     }
 }
 
@@ -47,6 +79,10 @@ pub(crate) enum Wire {
     WsServer,
     /// A 4-byte big-endian length, then the payload (Unix clients).
     LenPrefix,
+    /// A Veltix v3 frame.
+    VeltixV3,
+    /// A Veltix v1 frame.
+    VeltixV1,
 }
 
 impl Wire {
@@ -61,6 +97,41 @@ impl Wire {
                 h[..4].copy_from_slice(&(len as u32).to_be_bytes());
                 (h, 4)
             }
+            // No Veltix client holds an id, so no transfer is wrapped for
+            // one; its frames carry checksums of the content anyway.
+            Wire::VeltixV3 | Wire::VeltixV1 => ([0; 10], 0),
+        }
+    }
+}
+
+/// One message framed for one wire on one core: one buffer, or (large
+/// messages) a header and the message's own shared bytes.
+#[derive(Debug)]
+pub(crate) struct Framed {
+    head: Arc<[u8]>,
+    tail: Option<Arc<[u8]>>,
+}
+
+impl Framed {
+    fn one(v: Vec<u8>) -> Framed {
+        Framed {
+            head: Arc::from(v),
+            tail: None,
+        }
+    }
+
+    /// Bytes on the wire.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.tail.as_ref().map_or(0, |t| t.len())
+    }
+
+    /// Queues it by reference (a reference count on this core's copy).
+    #[inline]
+    pub(crate) fn push_to(&self, out: &mut Outbox) {
+        out.push(Chunk::Shared(self.head.clone()));
+        if let Some(t) = &self.tail {
+            out.push(Chunk::Shared(t.clone()));
         }
     }
 }
@@ -72,8 +143,10 @@ pub(crate) struct Frames<'m> {
     msg: &'m Message,
     /// Force binary for WebSocket framing (a source's `force_binary`).
     force_binary: bool,
-    ws: Option<(Chunk, Option<Chunk>)>,
-    lenprefix: Option<Chunk>,
+    ws: Option<Framed>,
+    lenprefix: Option<Framed>,
+    veltix_v3: Option<Framed>,
+    veltix_v1: Option<Framed>,
 }
 
 impl<'m> Frames<'m> {
@@ -83,53 +156,75 @@ impl<'m> Frames<'m> {
             force_binary,
             ws: None,
             lenprefix: None,
+            veltix_v3: None,
+            veltix_v1: None,
         }
     }
 
-    /// The frame for `wire`: one chunk, or a header and the shared payload
-    /// for large messages. Clones are reference counts on this core's copy.
-    pub(crate) fn get(&mut self, wire: Wire) -> (Chunk, Option<Chunk>) {
+    /// The frame for `wire`.
+    #[inline]
+    pub(crate) fn get(&mut self, wire: Wire) -> &Framed {
         let msg = self.msg;
         match wire {
             Wire::WsServer => {
-                let binary = self.force_binary || !msg.text;
-                self.ws
-                    .get_or_insert_with(|| {
-                        let op = if binary { ws::OP_BINARY } else { ws::OP_TEXT };
-                        framed(msg, |out, len| ws::encode_header(out, op, true, len))
-                    })
-                    .clone()
+                let binary = self.force_binary || !msg.is_text();
+                self.ws.get_or_insert_with(|| {
+                    let op = if binary { ws::OP_BINARY } else { ws::OP_TEXT };
+                    framed(msg, |out, len| ws::encode_header(out, op, true, len))
+                })
             }
-            Wire::LenPrefix => {
-                let c = self.lenprefix.get_or_insert_with(|| {
-                    let mut f = Vec::with_capacity(msg.bytes.len() + 4);
-                    lenprefix::encode(&mut f, &msg.bytes);
-                    Chunk::Shared(Arc::from(f))
-                });
-                (c.clone(), None)
+            Wire::LenPrefix => self.lenprefix.get_or_insert_with(|| {
+                let mut f = Vec::with_capacity(msg.bytes.len() + 4);
+                lenprefix::encode(&mut f, &msg.bytes);
+                Framed::one(f)
+            }),
+            Wire::VeltixV3 => {
+                let (flags, ty, id) = match msg.kind {
+                    Kind::Veltix {
+                        ty,
+                        flags,
+                        request_id,
+                    } => (flags, ty, request_id),
+                    _ => (0, veltix::USER_TYPES, veltix::v3::SERVER_IDS),
+                };
+                self.veltix_v3.get_or_insert_with(|| {
+                    let h = veltix::v3::header(flags, ty, id, &msg.bytes);
+                    framed(msg, |out, _| out.extend_from_slice(&h))
+                })
             }
+            Wire::VeltixV1 => self.veltix_v1.get_or_insert_with(|| {
+                let mut f = Vec::with_capacity(msg.bytes.len() + veltix::v1::HEADER);
+                match msg.kind {
+                    Kind::VeltixV1Frame => f.extend_from_slice(&msg.bytes),
+                    _ => veltix::v1::encode(&mut f, veltix::USER_TYPES, &msg.bytes, unix_ms()),
+                }
+                Framed::one(f)
+            }),
         }
     }
 }
 
+/// Unix time in milliseconds (Veltix v1 timestamps).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Header plus payload: one core-local frame for small messages, else a
-/// header chunk and the message's own shared bytes.
-fn framed(msg: &Message, header: impl Fn(&mut Vec<u8>, usize)) -> (Chunk, Option<Chunk>) {
+/// header and the message's own shared bytes.
+fn framed(msg: &Message, header: impl Fn(&mut Vec<u8>, usize)) -> Framed {
     let len = msg.bytes.len();
-    let mut f = Vec::with_capacity(if len < SHARE_ACROSS_CORES {
-        len + 10
-    } else {
-        10
-    });
+    let small = len < SHARE_ACROSS_CORES;
+    let mut f = Vec::with_capacity(if small { len + 16 } else { 16 });
     header(&mut f, len);
-    if len < SHARE_ACROSS_CORES {
+    if small {
         f.extend_from_slice(&msg.bytes);
-        (Chunk::Shared(Arc::from(f)), None)
-    } else {
-        (
-            Chunk::Shared(Arc::from(f)),
-            Some(Chunk::Shared(msg.bytes.clone())),
-        )
+        return Framed::one(f);
+    }
+    Framed {
+        head: Arc::from(f),
+        tail: Some(msg.bytes.clone()),
     }
 }
 

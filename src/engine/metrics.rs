@@ -133,6 +133,19 @@ metrics! {
     loop_busy_ns,
     /// Cross-core batches waiting in this core's channel (gauge).
     mesh_queue_depth,
+    /// Veltix frames received (verified).
+    veltix_frames_in,
+    /// Veltix frames sent (echoes, pongs, pings and hub deliveries).
+    veltix_frames_out,
+    /// Veltix frames dropped as corrupt (bad magic, CRC or hash, over the
+    /// size limit, a system type that does not exist); the connection stays.
+    veltix_corrupt,
+    /// Veltix pings answered.
+    veltix_pings,
+    /// Veltix frames discarded (`on_message: none`).
+    veltix_discarded,
+    /// Veltix clients refused because their listener was full.
+    veltix_refused_full,
     /// Client messages for a source that was down (dropped).
     source_dropped,
     /// Client messages written upstream.

@@ -9,6 +9,7 @@
 //! `Ctx::for_test` (tests only) builds one without a running core, so each
 //! adapter's routing decisions have unit tests.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::admin_calls::AdminCalls;
@@ -33,6 +34,7 @@ pub(crate) struct Ctx<'a> {
     pub(super) metrics: &'a CoreMetrics,
     pub(super) all_metrics: &'a [CoreMetrics],
     pub(super) sources: &'a [SourceStatus],
+    pub(super) veltix: &'a [AtomicUsize],
     pub(super) mesh: &'a mut Outgoing,
     pub(super) admin: &'a mut AdminCalls,
     pub(super) now: u64,
@@ -53,6 +55,7 @@ macro_rules! ctx {
             metrics: &$core.shared.metrics[$core.index],
             all_metrics: &$core.shared.metrics,
             sources: &$core.shared.sources,
+            veltix: &$core.shared.veltix_clients,
             mesh: &mut $core.mesh,
             admin: &mut $core.admin,
             now: $core.now,
@@ -184,11 +187,38 @@ impl<'a> Ctx<'a> {
         self.sources.get(n as usize)
     }
 
+    /// Takes one of Veltix listener `n`'s `max` places; false if full.
+    pub(crate) fn veltix_take(&self, n: u16, max: usize) -> bool {
+        let Some(c) = self.veltix.get(n as usize) else {
+            return false;
+        };
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v < max).then_some(v + 1)
+        })
+        .is_ok()
+    }
+
+    /// Gives back a place taken with [`Ctx::veltix_take`].
+    pub(crate) fn veltix_release(&self, n: u16) {
+        if let Some(c) = self.veltix.get(n as usize) {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// The Prometheus text of every core's and every source's counters.
     pub(crate) fn metrics_text(&self) -> String {
         let mut body = super::metrics::prometheus(self.all_metrics);
         let urls: Vec<String> = self.cfg.sources.iter().map(|s| s.url.clone()).collect();
         super::metrics::prometheus_sources(&mut body, &urls, self.sources);
+        for (l, n) in self.cfg.veltix.iter().zip(self.veltix) {
+            use std::fmt::Write;
+            let _ = writeln!(
+                body,
+                "corerelay_veltix_clients{{listener=\"{}\"}} {}",
+                l.listen,
+                n.load(Ordering::Relaxed)
+            );
+        }
         body
     }
 }
@@ -210,6 +240,7 @@ pub(crate) mod test {
         pub channels: Channels,
         pub metrics: Vec<CoreMetrics>,
         pub sources: Vec<SourceStatus>,
+        pub veltix: Vec<AtomicUsize>,
         pub mesh: Outgoing,
         pub admin: AdminCalls,
         pub timing: Timing,
@@ -244,6 +275,7 @@ pub(crate) mod test {
                     .iter()
                     .map(|_| SourceStatus::default())
                     .collect(),
+                veltix: cfg.veltix.iter().map(|_| AtomicUsize::new(0)).collect(),
                 mesh: Outgoing::new(inboxes.into(), 0),
                 admin: AdminCalls::default(),
                 timing: Timing {
@@ -269,6 +301,7 @@ pub(crate) mod test {
                 metrics: &self.metrics[0],
                 all_metrics: &self.metrics,
                 sources: &self.sources,
+                veltix: &self.veltix,
                 mesh: &mut self.mesh,
                 admin: &mut self.admin,
                 now: self.now,

@@ -23,6 +23,8 @@ pub struct Shared {
     pub metrics: Box<[CoreMetrics]>,
     /// One status per upstream source (written by its owner core).
     pub sources: Box<[SourceStatus]>,
+    /// Clients on each Veltix listener (its `max_clients` bound).
+    pub veltix_clients: Box<[AtomicUsize]>,
     /// Set once to begin a graceful shutdown.
     pub shutdown: AtomicBool,
     /// Draining cores that will never send to another core again (they have

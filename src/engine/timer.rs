@@ -9,6 +9,9 @@
 //! its entry (a scan of one short slot), so connection churn leaves no stale
 //! entries behind: the wheel holds at most one entry per live connection.
 
+/// Timer resolution.
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Deadlines in ticks, from the config.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timing {

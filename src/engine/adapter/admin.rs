@@ -341,7 +341,7 @@ mod tests {
         ));
         let f = &t.local().fanouts[0];
         let m = f.msg.as_ref().expect("message");
-        assert_eq!((m.text, &*m.bytes), (true, &b"hi"[..]));
+        assert_eq!((m.is_text(), &*m.bytes), (true, &b"hi"[..]));
         assert_eq!(f.reply.map(|r| r.core), Some(0));
         assert_eq!(t.sent_to(1)[0].fanouts.len(), 1);
         let a = Answer {

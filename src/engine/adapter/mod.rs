@@ -21,6 +21,7 @@ pub(crate) mod handshake;
 pub(crate) mod rely;
 pub(crate) mod unix;
 pub(crate) mod upstream;
+pub(crate) mod veltix;
 pub(crate) mod ws;
 
 use super::admin_calls::Answer;
@@ -56,6 +57,7 @@ pub(crate) enum Stage {
     Admin(admin::AdminStage),
     Unix(unix::UnixStage),
     Upstream(upstream::UpstreamStage),
+    Veltix(veltix::VeltixStage),
 }
 
 /// Calls `$method` on whichever stage this is.
@@ -68,6 +70,7 @@ macro_rules! each {
             Stage::Admin($s) => $e,
             Stage::Unix($s) => $e,
             Stage::Upstream($s) => $e,
+            Stage::Veltix($s) => $e,
         }
     };
 }
@@ -87,13 +90,20 @@ impl Stage {
             ListenerKind::SourceWs(src) => handshake::HandshakeStage::accepted(t, now, Some(src)),
             ListenerKind::SourceUnix(src) => unix::UnixStage::accepted(cfg, src),
             ListenerKind::Admin => admin::AdminStage::accepted(),
+            ListenerKind::Veltix(l) => veltix::VeltixStage::accepted(cfg, l, now),
         }
     }
 
-    /// The connection is in the slab as `me`: join what it belongs to.
-    pub(crate) fn on_open(&mut self, me: ConnId, cx: &mut Ctx<'_>) {
-        if let Stage::Unix(s) = self {
-            s.on_open(me, cx);
+    /// The connection is in the slab as `me`: join what it belongs to, and
+    /// speak first where the protocol does (a Veltix v3 server's hello).
+    pub(crate) fn on_open(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
+        match self {
+            Stage::Unix(s) => {
+                s.on_open(me, cx);
+                Outcome::Continue
+            }
+            Stage::Veltix(s) => s.on_open(io, me, cx),
+            _ => Outcome::Continue,
         }
     }
 
@@ -148,7 +158,9 @@ impl Stage {
             Stage::Ws(s) => s.goodbye(io, CloseReason::Shutdown, now),
             Stage::Handshake(_) => Outcome::Close(CloseReason::Shutdown),
             Stage::Upstream(s) => s.on_drain(io, now),
-            Stage::Rely(_) | Stage::Admin(_) | Stage::Unix(_) => Outcome::Continue,
+            Stage::Rely(_) | Stage::Admin(_) | Stage::Unix(_) | Stage::Veltix(_) => {
+                Outcome::Continue
+            }
         }
     }
 
@@ -166,6 +178,7 @@ impl Stage {
         match self {
             Stage::Ws(s) => s.on_close(me, cx),
             Stage::Unix(s) => s.on_close(me, cx),
+            Stage::Veltix(s) => s.on_close(me, cx),
             _ => {}
         }
     }
@@ -177,6 +190,7 @@ impl Stage {
         match self {
             Stage::Ws(_) => Some(Wire::WsServer),
             Stage::Unix(_) => Some(Wire::LenPrefix),
+            Stage::Veltix(s) => s.wire(),
             _ => None,
         }
     }

@@ -418,7 +418,7 @@ mod tests {
             assert_eq!(f.exclude, Some(me()));
             assert!(matches!(f.op, FanOp::Send));
             let m = f.msg.as_ref().expect("a message");
-            assert_eq!((m.text, &*m.bytes), (true, &b"hello"[..]));
+            assert_eq!((m.is_text(), &*m.bytes), (true, &b"hello"[..]));
             assert_eq!(
                 *f.selector,
                 Selector::Tags(vec![("room".into(), "r1".into())])
