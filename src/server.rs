@@ -108,11 +108,12 @@ pub struct Server;
 
 impl Server {
     /// Binds, spawns the cores and returns once every listener is accepting.
-    pub fn start(cfg: Config) -> Result<ServerHandle, StartError> {
+    pub fn start(mut cfg: Config) -> Result<ServerHandle, StartError> {
         let workers = cfg.workers;
         let mut per_core: Vec<Vec<(ListenerKind, ListenSock)>> =
             (0..workers).map(|_| Vec::new()).collect();
         let mut bound = Vec::new();
+        let mut bound_veltix = Vec::new();
         let mut unix_paths = Vec::new();
         for (kind, bind) in listener_table(&cfg) {
             match bind {
@@ -120,6 +121,10 @@ impl Server {
                     let (addr, group) = bind_group(addr, workers, cfg.backlog)
                         .map_err(|source| StartError::Bind { addr, source })?;
                     bound.push((kind, addr));
+                    if let ListenerKind::Veltix(i) = kind {
+                        // Port 0 resolved: /status and /metrics name the real one.
+                        bound_veltix.push((i as usize, addr));
+                    }
                     for (core, l) in group.into_iter().enumerate() {
                         let l = ListenSock::Tcp(mio::net::TcpListener::from_std(l));
                         per_core[core].push((kind, l));
@@ -137,6 +142,9 @@ impl Server {
             }
         }
 
+        for (i, addr) in bound_veltix {
+            cfg.veltix[i].listen = addr;
+        }
         let mut setups = Vec::with_capacity(workers);
         let mut inboxes = Vec::with_capacity(workers);
         for (index, listeners) in per_core.into_iter().enumerate() {

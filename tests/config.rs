@@ -144,3 +144,32 @@ fn errors_name_file_line_and_key() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The Veltix block is valid and documents every key.
+#[test]
+fn example_veltix_block_is_valid() {
+    let block = example_block("#veltix:", "# --- end of the Veltix section");
+    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
+    assert_eq!(cfg.veltix.len(), 1);
+    assert_eq!(cfg.veltix[0].max_message_size, 10 * 1024 * 1024);
+    assert_documents(
+        &block,
+        &[
+            "listen",
+            "version",
+            "on_message",
+            "max_clients",
+            "max_message_size",
+            "handshake_timeout",
+            "ping_interval",
+            "pong_timeout",
+        ],
+    );
+    let e = Config::from_yaml(
+        "veltix:\n  - listen: \"127.0.0.1:1\"\n    version: 2\n",
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("veltix[0].version"), "{e}");
+}

@@ -18,7 +18,7 @@ use crate::support::*;
 /// echo; `extra` is appended to each v3 listener.
 fn server(extra: &str) -> ServerHandle {
     let yaml = format!(
-        "workers: 2\npin: false\nrely:\n  listen: []\nveltix:\n  - listen: \"127.0.0.1:0\"\n    on_message: hub\n{extra}  - listen: \"127.0.0.1:0\"\n    on_message: echo\n{extra}  - listen: \"127.0.0.1:0\"\n    version: 1\n  - listen: \"127.0.0.1:0\"\n    version: 1\n    on_message: echo\n"
+        "workers: 2\npin: false\nrely:\n  listen: []\nadmin:\n  listen: [\"127.0.0.1:0\"]\nveltix:\n  - listen: \"127.0.0.1:0\"\n    on_message: hub\n{extra}  - listen: \"127.0.0.1:0\"\n    on_message: echo\n{extra}  - listen: \"127.0.0.1:0\"\n    version: 1\n  - listen: \"127.0.0.1:0\"\n    version: 1\n    on_message: echo\n"
     );
     Server::start(Config::from_yaml(&yaml, None).expect("config")).expect("start")
 }
@@ -201,6 +201,17 @@ fn server_full_and_the_protocol_version_check() {
         other => panic!("expected server_full, got {:?}", other.err()),
     }
     wait_until(|| s.metrics().veltix_refused_full == 1, "counted");
+    let admin = s.admin_addrs()[0];
+    let status = http(admin, "GET", "/status", &[], b"").text();
+    assert!(
+        status.contains(&format!("veltix={hub} version=3 on_message=hub clients=2")),
+        "{status}"
+    );
+    let metrics = http(admin, "GET", "/metrics", &[], b"").text();
+    assert!(
+        metrics.contains(&format!("corerelay_veltix_clients{{listener=\"{hub}\"}} 2")),
+        "{metrics}"
+    );
     // Another major version is closed without a word.
     let mut other = raw_v3(s.veltix_addrs()[1], "2.0");
     assert!(read_handshake(&mut other).is_none(), "closed");

@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use super::mesh::Outgoing;
 use super::message::{AdminCall, FanOp, Fanout, ReplyTo};
 use super::metrics::SourceStatus;
+use super::shared::Shared;
 use super::ConnId;
-use crate::config::SourceConfig;
+use crate::protocol::veltix::Version;
 
 /// An HTTP answer for an admin connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -78,14 +79,14 @@ impl AdminCalls {
     }
 
     /// One core's answer to request `req`. The last one yields the answer
-    /// for the connection that asked (`sources`: listed after the
-    /// connections in /status).
+    /// for the connection that asked (`tail` appends what /status lists
+    /// after the connections: see [`status_tail`]).
     pub(crate) fn on_reply(
         &mut self,
         req: u64,
         count: u64,
         text: &[u8],
-        sources: (&[SourceConfig], &[SourceStatus]),
+        tail: impl FnOnce(&mut Vec<u8>, bool),
     ) -> Option<(ConnId, Answer)> {
         let p = self.pending.get_mut(&req)?;
         p.count += count;
@@ -99,9 +100,7 @@ impl AdminCalls {
         }
         let mut p = self.pending.remove(&req)?;
         let body = if p.status {
-            for (cfg, st) in sources.0.iter().zip(sources.1) {
-                source_line(&mut p.text, &cfg.url, st, p.json);
-            }
+            tail(&mut p.text, p.json);
             if p.json {
                 let mut body = Vec::with_capacity(p.text.len() + 2);
                 body.push(b'[');
@@ -128,6 +127,37 @@ impl AdminCalls {
                 keep_alive: p.keep_alive,
             },
         ))
+    }
+}
+
+/// What /status lists after the connections: each upstream source and
+/// each Veltix listener, with their counters.
+pub(crate) fn status_tail(out: &mut Vec<u8>, json: bool, shared: &Shared) {
+    for (cfg, st) in shared.cfg.sources.iter().zip(shared.sources.iter()) {
+        source_line(out, &cfg.url, st, json);
+    }
+    for (l, n) in shared.cfg.veltix.iter().zip(shared.veltix_clients.iter()) {
+        let version = match l.version {
+            Version::V1 => 1,
+            Version::V3 => 3,
+        };
+        let on_message = format!("{:?}", l.on_message).to_lowercase();
+        let clients = n.load(std::sync::atomic::Ordering::Relaxed);
+        if json {
+            let v = serde_json::json!({"veltix": l.listen.to_string(), "version": version, "on_message": on_message, "clients": clients});
+            if !out.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(v.to_string().as_bytes());
+        } else {
+            out.extend_from_slice(
+                format!(
+                    "veltix={} version={version} on_message={on_message} clients={clients}\n",
+                    l.listen
+                )
+                .as_bytes(),
+            );
+        }
     }
 }
 
@@ -182,11 +212,11 @@ mod tests {
         assert_eq!(t.local().fanouts.len(), 1, "one fan-out for this core");
         assert_eq!(t.sent_to(1)[0].fanouts.len(), 1, "one for the other");
         let req = calls.next_req;
-        assert_eq!(calls.on_reply(req, 2, b"", (&[], &[])), None);
-        let (conn, a) = calls.on_reply(req, 3, b"", (&[], &[])).expect("answer");
+        assert_eq!(calls.on_reply(req, 2, b"", |_, _| {}), None);
+        let (conn, a) = calls.on_reply(req, 3, b"", |_, _| {}).expect("answer");
         assert_eq!(conn.slot, 3);
         assert_eq!((a.body.as_slice(), a.keep_alive), (&b"5"[..], true));
-        assert_eq!(calls.on_reply(req, 1, b"", (&[], &[])), None, "forgotten");
+        assert_eq!(calls.on_reply(req, 1, b"", |_, _| {}), None, "forgotten");
     }
 
     #[test]
@@ -195,9 +225,9 @@ mod tests {
         let mut calls = AdminCalls::default();
         calls.start(call(FanOp::Status { json: true }), &mut t.mesh);
         let req = calls.next_req;
-        assert_eq!(calls.on_reply(req, 1, br#"{"id":"a"}"#, (&[], &[])), None);
+        assert_eq!(calls.on_reply(req, 1, br#"{"id":"a"}"#, |_, _| {}), None);
         let (_, a) = calls
-            .on_reply(req, 1, br#"{"id":"b"}"#, (&[], &[]))
+            .on_reply(req, 1, br#"{"id":"b"}"#, |_, _| {})
             .expect("answer");
         assert_eq!(a.content_type, "application/json");
         assert_eq!(a.body, br#"[{"id":"a"},{"id":"b"}]"#.to_vec());

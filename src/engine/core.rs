@@ -23,7 +23,7 @@ use slab::Slab;
 
 use super::adapter::upstream::UpstreamStage;
 use super::adapter::{Outcome, Stage};
-use super::admin_calls::AdminCalls;
+use super::admin_calls::{status_tail, AdminCalls};
 use super::channels::Channels;
 use super::conn::Conn;
 use super::directory::LookupCache;
@@ -786,8 +786,9 @@ impl Core {
     /// A core's answer to an admin request this core started; the last one
     /// answers the admin connection, which may then read its next request.
     fn reply(&mut self, req: u64, count: u64, text: &[u8]) {
-        let sources = (&self.shared.cfg.sources[..], &self.shared.sources[..]);
-        let Some((conn, answer)) = self.admin.on_reply(req, count, text, sources) else {
+        let shared = &self.shared;
+        let tail = |out: &mut Vec<u8>, json| status_tail(out, json, shared);
+        let Some((conn, answer)) = self.admin.on_reply(req, count, text, tail) else {
             return;
         };
         if !self.live(conn) {
