@@ -111,6 +111,13 @@ struct Args {
     /// Admin API address for --publisher admin (ignored with --inproc).
     #[arg(long)]
     admin_target: Option<SocketAddr>,
+    /// Veltix hub address for veltix-hub (ignored with --inproc): a Veltix
+    /// 3.3.0 hub, such as tools/bench/veltix_hub.py.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    veltix_target: SocketAddr,
+    /// Veltix echo address for veltix-echo (ignored with --inproc).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    veltix_echo_target: SocketAddr,
     /// conns: open WebSocket connections (on /echo) instead of RELY.
     #[arg(long)]
     ws: bool,
@@ -135,6 +142,10 @@ enum Mode {
     /// An upstream source (served by the tool) fanned out to `--subs`
     /// WebSocket and `--unix-subs` Unix clients (always --inproc).
     SourceFanout,
+    /// One Veltix v3 client sends, `--subs` others on the hub receive.
+    VeltixHub,
+    /// Veltix v3 echo round trips (one client).
+    VeltixEcho,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +368,8 @@ struct Setup {
     addr: SocketAddr,
     ws_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    /// Veltix hub and echo listeners.
+    veltix: (SocketAddr, SocketAddr),
 }
 
 /// The endpoints the ws modes use, for --inproc.
@@ -375,6 +388,11 @@ websocket:
       broadcast_tag: room
 admin:
   listen: ["127.0.0.1:0"]
+veltix:
+  - listen: "127.0.0.1:0"
+    on_message: hub
+  - listen: "127.0.0.1:0"
+    on_message: echo
 "#;
 
 fn setup(a: &Args) -> Setup {
@@ -384,6 +402,7 @@ fn setup(a: &Args) -> Setup {
             addr: a.target,
             ws_addr: a.ws_target,
             admin_addr: a.admin_target,
+            veltix: (a.veltix_target, a.veltix_echo_target),
         };
     };
     let mut cfg = Config::from_yaml(WS_ENDPOINTS, None).expect("bench config");
@@ -394,7 +413,9 @@ fn setup(a: &Args) -> Setup {
     let server = Server::start(cfg).unwrap_or_else(|e| exit_err("start", e));
     let (addr, ws_addr) = (server.rely_addrs()[0], server.ws_addrs()[0]);
     let admin_addr = server.admin_addrs().first().copied();
+    let v = server.veltix_addrs();
     Setup {
+        veltix: (v[0], v[1]),
         server: Some(server),
         addr,
         ws_addr,
@@ -790,7 +811,9 @@ fn main() {
         Mode::Stream => stream(&a, &s),
         Mode::Conns => conns(&a, &s),
         Mode::WsEcho => ws_echo(&a, &s),
-        Mode::WsFanout => ws_fanout(&a, &s),
+        Mode::WsFanout => ws_fanout(&a, &s, false),
+        Mode::VeltixHub => ws_fanout(&a, &s, true),
+        Mode::VeltixEcho => veltix_echo(&a, &s),
         Mode::SourceFanout => source_fanout(&a),
     }
     // Client threads may still hold sockets; exit without a graceful drain.
@@ -871,16 +894,70 @@ fn ws_echo(a: &Args, s: &Setup) {
     }
 }
 
+/// Veltix v3 echo round trips against `--clients` connections, with the
+/// raw TCP ping-pong baseline of ws-echo in the same run.
+fn veltix_echo(a: &Args, s: &Setup) {
+    let (warm, dur) = (
+        Duration::from_secs_f64(a.warmup),
+        Duration::from_secs_f64(a.duration),
+    );
+    let conns: Vec<TcpStream> = (0..a.clients)
+        .map(|_| ws::veltix_connect(s.veltix.1).unwrap_or_else(|e| exit_err("veltix connect", e)))
+        .collect();
+    let m = Measure::start(a);
+    let (n, h, el) = ws::pingpong(conns, a.payload, warm, dur, ws::veltix_round_trip);
+    let (_, srv, me) = m.end(a);
+    let base = ws::tcp_echo_server().unwrap_or_else(|e| exit_err("tcp echo server", e));
+    let tcp: Vec<TcpStream> = (0..a.clients)
+        .map(|_| {
+            let t = TcpStream::connect(base).unwrap_or_else(|e| exit_err("tcp connect", e));
+            let _ = t.set_nodelay(true);
+            t
+        })
+        .collect();
+    let (tn, th, tel) = ws::pingpong(tcp, a.payload, warm, dur, ws::tcp_round_trip);
+    let rate = n as f64 / el;
+    let ratio = us(&h, 0.5) / us(&th, 0.5).max(0.001);
+    if a.json || a.csv {
+        emit_json(format!(
+            "{{\"mode\":\"veltix-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
+            a.clients,
+            a.payload,
+            percentiles_json(&h),
+            tn as f64 / tel,
+            percentiles_json(&th),
+            srv.map_or("null".into(), |v| format!("{v:.3}"))
+        ));
+    } else {
+        println!("veltix-echo clients={} payload={}B", a.clients, a.payload);
+        println!(
+            "  Veltix echo:      {rate:.0} round trips/s, rtt us p50 {:.1} p99 {:.1}",
+            us(&h, 0.5),
+            us(&h, 0.99)
+        );
+        println!(
+            "  raw TCP baseline: {:.0} round trips/s, rtt us p50 {:.1} p99 {:.1}",
+            tn as f64 / tel,
+            us(&th, 0.5),
+            us(&th, 0.99)
+        );
+    }
+}
+
 /// One publisher on a broadcast endpoint, `--subs` subscribers.
-fn ws_fanout(a: &Args, s: &Setup) {
+/// ws-fanout, or (veltix) the same run on a Veltix v3 hub.
+fn ws_fanout(a: &Args, s: &Setup, veltix: bool) {
     let (warm, dur) = (
         Duration::from_secs_f64(a.warmup),
         Duration::from_secs_f64(a.duration),
     );
     let start = std::cell::Cell::new(None);
     let end = std::cell::Cell::new(None);
+    let mode = if veltix { "veltix-hub" } else { "ws-fanout" };
+    let addr = if veltix { s.veltix.0 } else { s.ws_addr };
     let r = ws::fanout(
-        s.ws_addr,
+        addr,
+        veltix,
         |id| format!("/fan/{id}"),
         a.subs,
         a.payload,
@@ -927,7 +1004,7 @@ fn ws_fanout(a: &Args, s: &Setup) {
     }
     if a.json || a.csv {
         emit_json(format!(
-            "{{\"mode\":\"ws-fanout\",\"subs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"rate\":{},\"publisher\":\"{:?}\",\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"latency_us\":{},\"client_cpu_s\":{client:.3}}}",
+            "{{\"mode\":\"{mode}\",\"subs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"rate\":{},\"publisher\":\"{:?}\",\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"latency_us\":{},\"client_cpu_s\":{client:.3}}}",
             a.subs,
             a.payload,
             a.window,
@@ -943,7 +1020,7 @@ fn ws_fanout(a: &Args, s: &Setup) {
         ));
     } else {
         println!(
-            "ws-fanout subs={} payload={}B window={}",
+            "{mode} subs={} payload={}B window={}",
             a.subs, a.payload, a.window
         );
         println!(

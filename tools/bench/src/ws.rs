@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use corerelay::protocol::veltix::v3;
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 
@@ -123,6 +124,8 @@ enum Publisher {
     /// The admin API: each message is a POST /send?room=bench, answered
     /// with the count before the next batch goes.
     Admin(TcpStream, Vec<u8>),
+    /// A Veltix v3 hub client (type 200 frames).
+    Veltix(TcpStream, Vec<u8>),
 }
 
 impl Publisher {
@@ -139,12 +142,18 @@ impl Publisher {
                 );
                 out.extend_from_slice(payload);
             }
+            Publisher::Veltix(_, out) => v3::encode(out, 0, 200, 0, payload),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Publisher::Ws(c) => c.flush(),
+            Publisher::Veltix(s, out) => {
+                s.write_all(out)?;
+                out.clear();
+                Ok(())
+            }
             Publisher::Admin(s, out) => {
                 s.write_all(out)?;
                 let requests = out.windows(5).filter(|w| w == b"POST ").count();
@@ -164,6 +173,44 @@ impl Publisher {
                 Ok(())
             }
         }
+    }
+}
+
+/// Connects a Veltix v3 client (handshake done, blocking).
+pub fn veltix_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let read_msg = |s: &mut TcpStream| -> io::Result<Vec<u8>> {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len)?;
+        let mut m = vec![0; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut m)?;
+        Ok(m)
+    };
+    let hello = read_msg(&mut s)?;
+    if !v3::compatible(&hello) {
+        return Err(io::Error::other(format!(
+            "Veltix server hello: {}",
+            String::from_utf8_lossy(&hello)
+        )));
+    }
+    let mut mine = Vec::new();
+    v3::encode_handshake(&mut mine, &v3::hello());
+    s.write_all(&mine)?;
+    let ack = read_msg(&mut s)?;
+    if !ack.windows(2).any(|w| w == b"ok") {
+        return Err(io::Error::other("Veltix handshake refused"));
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// Parses a Veltix v3 frame's content from the front of `b`.
+pub fn parse_veltix_frame(b: &[u8]) -> Option<(&[u8], usize)> {
+    match v3::parse(b, usize::MAX) {
+        v3::Parse::Frame(f, used) => Some((f.content, used)),
+        _ => None,
     }
 }
 
@@ -261,6 +308,14 @@ pub fn ws_round_trip(c: &mut WsConn, p: &[u8]) -> io::Result<()> {
     c.recv().map(|_| ())
 }
 
+/// A Veltix v3 echo round trip: one frame out, the same frame back.
+pub fn veltix_round_trip(s: &mut TcpStream, p: &[u8]) -> io::Result<()> {
+    let mut f = Vec::with_capacity(p.len() + v3::HEADER);
+    v3::encode(&mut f, 0, 200, 1, p);
+    s.write_all(&f)?;
+    s.read_exact(&mut f)
+}
+
 /// Raw TCP round trip.
 pub fn tcp_round_trip(s: &mut TcpStream, p: &[u8]) -> io::Result<()> {
     s.write_all(p)?;
@@ -289,6 +344,7 @@ pub struct Fanout {
 #[allow(clippy::too_many_arguments)]
 pub fn fanout(
     addr: SocketAddr,
+    veltix: bool,
     room_path: impl Fn(&str) -> String,
     subs: usize,
     payload: usize,
@@ -305,9 +361,13 @@ pub fn fanout(
     let mut poll = Poll::new()?;
     let mut streams = Vec::with_capacity(subs);
     for i in 0..subs {
-        let c = WsConn::connect(addr, &room_path(&format!("sub{i}")))?;
-        c.s.set_nonblocking(true)?;
-        let mut m = mio::net::TcpStream::from_std(c.s);
+        let s = if veltix {
+            veltix_connect(addr)?
+        } else {
+            WsConn::connect(addr, &room_path(&format!("sub{i}")))?.s
+        };
+        s.set_nonblocking(true)?;
+        let mut m = mio::net::TcpStream::from_std(s);
         poll.registry()
             .register(&mut m, Token(i), Interest::READABLE)?;
         streams.push((m, Vec::<u8>::new(), SeqTracker::default()));
@@ -315,6 +375,7 @@ pub fn fanout(
     // The publisher: a member of the broadcast room, or (admin) an HTTP
     // keep-alive connection posting each message to /send?room=bench.
     let mut publisher = match admin {
+        None if veltix => Publisher::Veltix(veltix_connect(addr)?, Vec::new()),
         None => Publisher::Ws(WsConn::connect(addr, &room_path("publisher"))?),
         Some(a) => {
             let s = TcpStream::connect(a)?;
@@ -363,7 +424,12 @@ pub fn fanout(
                     let mut at = 0;
                     let now = epoch.elapsed().as_nanos() as u64;
                     let m = measuring.load(Ordering::Relaxed);
-                    while let Some((p, used)) = parse_server_frame(&buf[at..]) {
+                    let parse = if veltix {
+                        parse_veltix_frame
+                    } else {
+                        parse_server_frame
+                    };
+                    while let Some((p, used)) = parse(&buf[at..]) {
                         if p.len() >= 16 {
                             let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
                             let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
