@@ -409,3 +409,56 @@ fn chat_clients_talk() {
     assert!(wait_exit(&mut alice).success());
     assert!(wait_exit(&mut bob).success());
 }
+
+/// The Veltix README's chat, on a corerelay Veltix hub: two chat clients in
+/// Veltix mode; a line typed in one prints in the other.
+#[test]
+fn veltix_chat_clients_talk_through_a_hub() {
+    use std::io::Write;
+    let cfg = corerelay::Config::from_yaml(
+        "workers: 2\npin: false\nrely:\n  listen: []\nveltix:\n  - listen: \"127.0.0.1:0\"\n",
+        None,
+    )
+    .unwrap();
+    let server = corerelay::Server::start(cfg).unwrap();
+    let port = server.veltix_addrs()[0].port().to_string();
+    let chat = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_corerelay-chat"))
+            .args(["--host", "127.0.0.1", "--port", &port, "--veltix", "3"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = c.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        (c, rx)
+    };
+    let (mut a, a_out) = chat();
+    let (mut b, b_out) = chat();
+    // The banner prints once the handshake is done, and the hub takes a
+    // client before it accepts the handshake: both are members then.
+    for out in [&a_out, &b_out] {
+        let line = out.recv_timeout(WAIT).expect("banner");
+        assert!(line.starts_with("connected to the Veltix hub"), "{line}");
+    }
+    writeln!(a.stdin.as_mut().unwrap(), "hello hub").unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = b_out
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("b prints");
+        if line.contains("[type 200] hello hub") {
+            break;
+        }
+    }
+    writeln!(a.stdin.as_mut().unwrap(), "/quit").unwrap();
+    writeln!(b.stdin.as_mut().unwrap(), "/exit").unwrap();
+    assert!(wait_exit(&mut a).success());
+    assert!(wait_exit(&mut b).success());
+}
