@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod config;
+mod corpus;
 mod engine;
 mod process;
 mod rely;

@@ -1,6 +1,7 @@
 //! Wire codecs. Sans-io: bytes in, frames or "need more" or a typed error
 //! out; no sockets, no clocks, no routing.
 
+pub mod check;
 pub mod http;
 pub mod lenprefix;
 pub mod rely;
