@@ -115,6 +115,58 @@ fn last_login_wins_race() {
     assert_eq!(s.handle.metrics().kicked_login, 10 * (CLIENTS as u64 - 1));
 }
 
+/// Two connections each log in as one id many times, at once, on two
+/// cores: every login of one displaces the other's, and kicks cross in
+/// flight. A kick must reach only the login it displaced, so exactly one
+/// connection survives, every time, and it is the one the id resolves to.
+#[test]
+fn repeated_racing_logins_leave_exactly_one_holder() {
+    let s = TestServer::start(2);
+    const TRIALS: u64 = 30;
+    const LOGINS: usize = 300;
+    for trial in 0..TRIALS {
+        let id = format!("raced-{trial}");
+        let barrier = Arc::new(Barrier::new(2));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (b, id, addr) = (barrier.clone(), id.clone(), s.addr);
+                std::thread::spawn(move || {
+                    let mut raw = TcpStream::connect(addr).unwrap();
+                    let burst: Vec<u8> = (0..LOGINS).flat_map(|_| login_frame(&id)).collect();
+                    b.wait();
+                    // A kicked connection may be closed mid-burst.
+                    let _ = std::io::Write::write_all(&mut raw, &burst);
+                    raw
+                })
+            })
+            .collect();
+        let mut conns: Vec<Raw> = threads
+            .into_iter()
+            .map(|t| Raw(t.join().unwrap()))
+            .collect();
+        wait_until(|| s.handle.owner_core(id.as_bytes()).is_some(), "id held");
+        // The loser reads EOF at once; the survivor reads nothing.
+        let closed: Vec<bool> = conns
+            .iter_mut()
+            .map(|c| !c.quiet_for(Duration::from_millis(300)))
+            .collect();
+        assert_eq!(
+            closed.iter().filter(|&&c| !c).count(),
+            1,
+            "trial {trial}: exactly one survivor (closed: {closed:?})"
+        );
+        let survivor = closed.iter().position(|&c| !c).unwrap_or(0);
+        let mut sender = s.login(&format!("sender-{trial}"));
+        sender.send(id.as_bytes(), b"who").unwrap();
+        let want = transfer_frame(&format!("sender-{trial}"), &id, b"who");
+        assert_eq!(
+            conns[survivor].read_exact(want.len()),
+            want,
+            "trial {trial}"
+        );
+    }
+}
+
 fn small_rcvbuf_client(s: &TestServer, id: &str) -> TcpStream {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();

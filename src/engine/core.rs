@@ -597,7 +597,7 @@ impl Core {
                         len,
                     },
                 ),
-                Item::Kick { conn } => self.kick(conn),
+                Item::Kick { conn, epoch } => self.kick(conn, epoch),
                 Item::Fanout => {
                     if let Some(f) = fanouts.next() {
                         self.fanout(f);
@@ -631,9 +631,15 @@ impl Core {
     }
 
     /// Last login wins: the older connection goes, with its stage's
-    /// goodbye.
-    fn kick(&mut self, id: ConnId) {
-        if !self.live(id) {
+    /// goodbye, if it still holds the login (`epoch`) that was replaced. A
+    /// connection that logged in again since is the newest holder, and a
+    /// kick for its old login must not remove it (else two racing
+    /// connections could kick each other and leave the id to nobody).
+    fn kick(&mut self, id: ConnId, epoch: u64) {
+        let holds = self.conns.get(id.slot as usize).is_some_and(|c| {
+            c.gen == id.gen && c.io.login.as_ref().is_some_and(|l| l.epoch == epoch)
+        });
+        if !holds {
             return;
         }
         self.metrics().kicked_login.inc();

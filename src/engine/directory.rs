@@ -100,8 +100,9 @@ impl Directory {
     }
 
     /// Registers `conn` as the holder of `id`. Returns the new epoch and the
-    /// connection it replaced, if any (never `conn` itself).
-    pub fn login(&self, id: &[u8], conn: ConnId) -> (u64, Option<ConnId>) {
+    /// login it replaced, if any (never `conn`'s own): the kick names that
+    /// login's epoch, so it reaches only a connection still holding it.
+    pub fn login(&self, id: &[u8], conn: ConnId) -> (u64, Option<Holder>) {
         let shard = self.shard(id);
         let mut map = shard.write();
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
@@ -109,7 +110,7 @@ impl Directory {
         let replaced = match map.entry(id.into()) {
             MapEntry::Occupied(mut e) => {
                 let old = e.insert(new);
-                (old.conn != conn).then_some(old.conn)
+                (old.conn != conn).then_some(old)
             }
             MapEntry::Vacant(e) => {
                 e.insert(new);
@@ -229,7 +230,13 @@ mod tests {
         let (e1, k) = d.login(b"a", c(0, 1));
         assert_eq!(k, None);
         let (e2, k) = d.login(b"a", c(1, 1));
-        assert_eq!(k, Some(c(0, 1)));
+        assert_eq!(
+            k,
+            Some(Holder {
+                conn: c(0, 1),
+                epoch: e1
+            })
+        );
         assert!(e2 > e1);
         assert!(!d.logout(b"a", e1), "old login must not remove the new one");
         assert_eq!(d.lookup(b"a"), Some(c(1, 1)));

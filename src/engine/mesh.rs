@@ -48,10 +48,13 @@ pub enum Item {
         /// Length in the batch's data.
         len: u32,
     },
-    /// Close a connection replaced by a newer login.
+    /// Close a connection replaced by a newer login, if it still holds
+    /// the login that was replaced (it may have logged in again since).
     Kick {
         /// The connection to close.
         conn: ConnId,
+        /// The epoch of the replaced login.
+        epoch: u64,
     },
     /// Run the next of `Batch::fanouts` (they are taken in order).
     Fanout,
@@ -280,8 +283,8 @@ impl Outgoing {
     }
 
     /// Asks core `dst` to close `conn` (last login wins).
-    pub fn kick(&mut self, dst: usize, conn: ConnId) {
-        self.building[dst].items.push(Item::Kick { conn });
+    pub fn kick(&mut self, dst: usize, conn: ConnId, epoch: u64) {
+        self.building[dst].items.push(Item::Kick { conn, epoch });
     }
 
     /// Sends this iteration's batches, oldest first, and wakes parked
@@ -363,7 +366,7 @@ mod tests {
     fn the_own_batch_is_applied_locally_never_sent() {
         let (_p, mut out, rxs) = mesh(2, 4);
         out.deliver(0, id(0, 1), &[b"a"]);
-        out.kick(0, id(0, 2));
+        out.kick(0, id(0, 2), 1);
         out.deliver(1, id(1, 3), &[b"b", b"c"]);
         out.flush();
         assert!(

@@ -101,7 +101,7 @@ impl<'a> Ctx<'a> {
     pub(crate) fn login(&mut self, id: &[u8], me: ConnId) -> Login {
         let (epoch, replaced) = self.dir.login(id, me);
         if let Some(old) = replaced {
-            self.mesh.kick(old.core as usize, old);
+            self.mesh.kick(old.conn.core as usize, old.conn, old.epoch);
         }
         Login {
             id: id.into(),
