@@ -236,6 +236,41 @@ fn shutdown_sends_going_away() {
     assert!(a.eof() && b.eof());
 }
 
+/// Pongs are own writes like echoes: a client that pings and never reads
+/// is cut at the connection's limit, not allowed to grow the server.
+#[test]
+fn pongs_to_a_client_that_never_reads_are_bounded() {
+    let (s, ws) = ws_server(1, ECHO, |c| {
+        c.websocket.as_mut().unwrap().max_output_bytes = 64 * 1024;
+    });
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&ws.into()).unwrap();
+    let mut t: std::net::TcpStream = sock.into();
+    t.write_all(WsRaw::request("/echo").as_bytes()).unwrap();
+    assert!(read_http_head(&mut t).starts_with("HTTP/1.1 101"));
+    let mut c = WsRaw(t);
+    // 256 pings of 125 bytes per write.
+    let burst: Vec<u8> = (0..256)
+        .flat_map(|_| WsRaw::frame(0x9, true, &[1u8; 125]))
+        .collect();
+    c.0.set_write_timeout(Some(WAIT)).unwrap();
+    let mut sent = 0;
+    while s.handle.metrics().slow_consumer_disconnect == 0 {
+        assert!(sent < 4096, "never disconnected");
+        if c.0.write_all(&burst).is_err() {
+            break; // the server closed us
+        }
+        sent += 1;
+    }
+    wait_until(
+        || s.handle.metrics().slow_consumer_disconnect == 1,
+        "the pinger is cut",
+    );
+    assert!(s.handle.metrics().queued_bytes <= 64 * 1024 + 64 * 1024);
+    wait_until(|| s.handle.metrics().connections == 0, "closed");
+}
+
 #[test]
 fn echo_to_a_client_that_never_reads_is_bounded() {
     let (s, ws) = ws_server(1, ECHO, |c| {

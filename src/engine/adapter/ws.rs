@@ -179,8 +179,18 @@ impl WsStage {
                     }
                 }
                 Event::Ping(p) => {
+                    // A pong is an own write like an echo: it obeys the
+                    // connection's limit, or a client that pings and never
+                    // reads would grow the server without bound.
                     let (h, n) = ws::header_array(ws::OP_PONG, p.len());
-                    io.out.push_bytes(&[&h[..n], p]);
+                    match io.admit(n + p.len()) {
+                        Queued::Yes => io.out.push_bytes(&[&h[..n], p]),
+                        Queued::Dropped => cx.metrics().slow_consumer_drop.inc(),
+                        Queued::Disconnect => {
+                            slow = true;
+                            return false;
+                        }
+                    }
                     true
                 }
                 Event::Pong(_) => {
