@@ -568,3 +568,67 @@ fn slow_source_client_is_bounded_by_max_queue_size() {
     // Its queue never held more than max_queue_size messages' worth.
     assert!(server.metrics().queued_bytes <= 64 * 16 * 1024);
 }
+
+/// A source that stops reading does not make corerelay queue its clients'
+/// messages without bound: past websocket.max_output_bytes they are
+/// dropped and counted (source_dropped), and queued bytes stay bounded.
+#[test]
+fn messages_for_a_source_that_never_reads_are_bounded() {
+    let listener = {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        sock.listen(8).unwrap();
+        let l: std::net::TcpListener = sock.into();
+        l
+    };
+    let addr = listener.local_addr().unwrap();
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Some(tcp) = listener.incoming().flatten().next() else {
+            return;
+        };
+        // Upgraded, then never read again until the test ends.
+        let _ws = tungstenite::accept(tcp).unwrap();
+        let _ = up_tx.send(());
+        let _ = done_rx.recv_timeout(WAIT * 4);
+    });
+    let path = tmp_sock("noread");
+    let yaml = format!(
+        "workers: 1\npin: false\nrely:\n  listen: []\nwebsocket:\n  listen: []\n  max_output_bytes: 256KiB\n  endpoints:\n    - path: /unused\nadmin:\n  listen: []\nsources:\n  - url: \"ws://{addr}/\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\n",
+        path.display()
+    );
+    let server = Server::start(Config::from_yaml(&yaml, None).unwrap()).expect("start");
+    up_rx.recv_timeout(WAIT).expect("source up");
+    let mut c = WsRaw::connect(server.source_ws_addrs()[0], "/");
+    wait_until(|| server.metrics().ws_upgrades == 1, "client in");
+    let frame = WsRaw::frame(0x2, true, &[9u8; 16 * 1024]);
+    let mut sent = 0;
+    while server.metrics().source_dropped == 0 {
+        assert!(sent < 4096, "nothing dropped after {sent} messages");
+        c.send_raw(&frame);
+        sent += 1;
+    }
+    wait_until(
+        || {
+            let m = server.metrics();
+            m.source_out + m.source_dropped == sent as u64
+        },
+        "every message written upstream or dropped, none lost",
+    );
+    let m = server.metrics();
+    assert!(
+        m.queued_bytes <= 256 * 1024 + 64 * 1024,
+        "{} queued",
+        m.queued_bytes
+    );
+    let _ = done_tx.send(());
+}

@@ -40,6 +40,7 @@ use super::tags::{Selector, TagIndex};
 use super::timer::{Timer, Timing, Wheel, TICK};
 use super::upstreams::Upstreams;
 use super::ConnId;
+use crate::config::SlowConsumer;
 
 /// Timer wheel buckets (409.6 s per turn at 100 ms ticks): enough that a
 /// slot stays short (cancel scans one) even with a million connections.
@@ -933,7 +934,16 @@ impl Core {
             let deadline = self.now + Timing::ticks(cfg.connect_timeout, TICK);
             let stage = UpstreamStage::connecting(d.source, deadline);
             log::debug!("source {}: connecting to {}", cfg.url, d.addr);
-            match self.insert(d.stream, d.addr, stage, Limits::NONE, false) {
+            // Client messages wait here while the source does not read: up
+            // to the WebSocket output limit, then they are dropped and
+            // counted (source_dropped), never queued without bound.
+            let ws = self.shared.cfg.ws();
+            let limits = Limits {
+                bytes: ws.max_output_bytes,
+                msgs: usize::MAX,
+                policy: SlowConsumer::Drop,
+            };
+            match self.insert(d.stream, d.addr, stage, limits, false) {
                 Some(id) => self.upstreams.dialled(d.source, id, &self.shared),
                 None => self.upstreams.dial_failed(d.source, &self.shared),
             }
@@ -957,6 +967,11 @@ impl Core {
             m.bytes_out.add(n as u64);
             self.queued -= n as u64;
             match left {
+                Flushed::Done if c.stage.wants_resume() && !c.io.in_ready => {
+                    // Its answers are out: it may take the requests it holds.
+                    c.io.in_ready = true;
+                    self.ready.push((key, gen));
+                }
                 Flushed::Done | Flushed::Blocked => {}
                 Flushed::Lingering => {
                     if c.io.readable && !c.io.in_ready {

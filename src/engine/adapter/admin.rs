@@ -28,6 +28,10 @@ use crate::protocol::http::{self, url_decode, HttpError, Request};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
+/// Bytes of answers one admin connection may have queued before it stops
+/// taking pipelined requests (a /metrics answer is tens of KiB).
+const ANSWERS_QUEUED: usize = 1 << 20;
+
 /// An admin connection.
 #[derive(Debug, Default)]
 pub(crate) struct AdminStage {
@@ -111,8 +115,11 @@ impl AdminStage {
             return Outcome::Close(CloseReason::Protocol);
         };
         io.last_active = cx.now();
-        let room = (admin.max_request_bytes + 1).saturating_sub(self.buf.len());
-        self.buf.extend_from_slice(&input[..input.len().min(room)]);
+        // Kept whole: pipelined requests are never dropped. The buffer stays
+        // bounded because the core reads nothing while a request is in
+        // flight or the answers wait (Outcome::Await), and a request that
+        // cannot complete within max_request_bytes is refused (413).
+        self.buf.extend_from_slice(input);
         if !admin.allows(io.peer.ip()) {
             log::debug!(
                 "{}: admin request from outside the allowed networks",
@@ -134,7 +141,9 @@ impl AdminStage {
             return Outcome::Close(CloseReason::Protocol);
         };
         while io.closing.is_none() {
-            if self.pending {
+            // Answers waiting for a reader that does not read: take no more
+            // requests until they are on the wire (the core re-lists us).
+            if self.pending || io.out.bytes() >= ANSWERS_QUEUED {
                 return Outcome::Await;
             }
             if self.buf.is_empty() {
@@ -169,7 +178,7 @@ impl AdminStage {
                 return refused;
             }
         }
-        if self.pending {
+        if self.pending || io.out.bytes() >= ANSWERS_QUEUED {
             Outcome::Await
         } else {
             Outcome::Continue

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use super::{Outcome, Stage};
 use crate::config::SourceConfig;
 use crate::engine::channels::Channel;
-use crate::engine::io::{CloseReason, Io};
+use crate::engine::io::{CloseReason, Io, Queued};
 use crate::engine::keepalive::{Due, Keepalive};
 use crate::engine::message::Message;
 use crate::engine::metrics::SourceStatus;
@@ -153,7 +153,8 @@ impl UpstreamStage {
 
     /// A client message for the source: written if the connection is open.
     pub(crate) fn send_message(&mut self, io: &mut Io, text: bool, msg: &[u8]) -> bool {
-        if !self.is_open() || io.closing.is_some() {
+        // Masked frames add at most 14 bytes.
+        if !self.is_open() || io.closing.is_some() || io.admit(msg.len() + 14) != Queued::Yes {
             return false;
         }
         let op = if text { ws::OP_TEXT } else { ws::OP_BINARY };
