@@ -173,3 +173,17 @@ fn example_veltix_block_is_valid() {
     .to_string();
     assert!(e.contains("veltix[0].version"), "{e}");
 }
+
+/// Durations are bounded at validation: a value no deadline can hold is an
+/// error naming its key, not a panic at shutdown.
+#[test]
+fn durations_out_of_range_are_refused() {
+    for yaml in [
+        "shutdown_grace: 18446744073709551615\n",
+        "shutdown_grace: 99999999999h\n",
+        "rely:\n  idle_timeout: 18446744073709551615\n",
+    ] {
+        let e = Config::from_yaml(yaml, None).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{yaml}: {e}");
+    }
+}

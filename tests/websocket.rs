@@ -209,6 +209,10 @@ fn handshake_refusals() {
     let nokey =
         WsRaw::request("/echo").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
     assert!(status(nokey.as_bytes()).contains("400"));
+    // 24 characters, but not base64 of 16 bytes (RFC 6455 4.1).
+    let badkey =
+        WsRaw::request("/echo").replace("dGhlIHNhbXBsZSBub25jZQ==", "!!!!!!!!!!!!!!!!!!!!!!!!");
+    assert!(status(badkey.as_bytes()).contains("400"));
     assert!(status(b"\x16\x03\x01\x02\x00garbage\r\n\r\n").contains("400"));
     let mut huge = WsRaw::request("/echo").replace("\r\n\r\n", "\r\n");
     huge.push_str(&format!("X-Pad: {}\r\n\r\n", "a".repeat(9000)));
@@ -218,7 +222,7 @@ fn handshake_refusals() {
     slow.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n");
     assert!(slow.closed());
     assert_eq!(s.handle.metrics().ws_handshake_timeouts, 1);
-    assert_eq!(s.handle.metrics().ws_handshake_errors, 6);
+    assert_eq!(s.handle.metrics().ws_handshake_errors, 7);
 }
 
 #[test]
@@ -519,4 +523,21 @@ fn slow_member_is_cut_while_the_others_keep_receiving() {
         "slow member cut",
     );
     assert!(s.handle.metrics().queued_bytes < 4 * 128 * 1024);
+}
+
+/// Path parameters that decode to invalid UTF-8 stay distinct: `%ff` and
+/// `%fe` are two ids, so neither connection replaces the other.
+#[test]
+fn invalid_utf8_ids_stay_distinct() {
+    let (s, ws) = ws_server(1, ROOMS, |_| {});
+    let mut a = WsRaw::connect(ws, "/room/r/%ff");
+    let mut b = WsRaw::connect(ws, "/room/r/%fe");
+    wait_until(|| s.handle.logged_in() == 2, "two ids");
+    assert_eq!(s.handle.metrics().kicked_login, 0);
+    a.send(0x1, true, b"hello");
+    assert_eq!(
+        b.read().unwrap().payload,
+        b"hello",
+        "both in the room, both open"
+    );
 }

@@ -63,9 +63,12 @@ impl Endpoint {
                 Segment::Literal(l) if l == seg => {}
                 Segment::Literal(_) => return None,
                 Segment::Param(_) if seg.is_empty() => return None,
-                Segment::Param(name) => {
-                    params.push((name.clone(), crate::protocol::http::url_decode(seg)))
-                }
+                // Escapes that decode to invalid UTF-8 are kept as written,
+                // so `%ff` and `%fe` stay two different ids.
+                Segment::Param(name) => params.push((
+                    name.clone(),
+                    crate::protocol::http::url_decode_utf8(seg).unwrap_or_else(|| seg.to_string()),
+                )),
             }
         }
         Some(params)

@@ -25,6 +25,10 @@ pub struct Dur(pub Duration);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
 
+/// The longest duration a config may hold (about 31 years): anything
+/// longer is a typo, and deadlines computed from it must not overflow.
+pub const MAX_DURATION_SECS: u64 = 1_000_000_000;
+
 /// Parses `250ms`, `5s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -47,7 +51,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+    if !secs.is_finite() || !(0.0..=MAX_DURATION_SECS as f64).contains(&secs) {
         return Err(format!("duration {s:?} out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -108,7 +112,11 @@ impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(ScalarVisitor {
             expecting: "a duration such as 250ms, 5s, 2m or a number of seconds",
-            from_u64: |n| Ok(Dur(Duration::from_secs(n))),
+            from_u64: |n| {
+                (n <= MAX_DURATION_SECS)
+                    .then(|| Dur(Duration::from_secs(n)))
+                    .ok_or_else(|| format!("duration {n} s out of range"))
+            },
             from_str: |s| parse_duration(s).map(Dur),
         })
     }

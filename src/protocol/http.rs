@@ -55,13 +55,23 @@ impl Request {
             return Err(HttpError::BadVersion);
         }
         match self.header("sec-websocket-key") {
-            // 16 random bytes, base64: 24 characters.
-            Some(k) if k.len() == 24 => Ok(k),
+            // 16 random bytes, base64: 22 characters and "==" (RFC 6455 4.1).
+            Some(k) if is_key(k) => Ok(k),
             _ => Err(HttpError::BadRequest(
                 "missing or malformed Sec-WebSocket-Key",
             )),
         }
     }
+}
+
+/// A base64 encoding of 16 bytes: 22 base64 characters, then "==".
+fn is_key(k: &str) -> bool {
+    let b = k.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 /// Why a request is refused, with its status.
@@ -152,6 +162,16 @@ pub fn switching_protocols(key: &str) -> Vec<u8> {
 
 /// Decodes `%XX` escapes and `+` (form encoding) in a query or form value.
 pub fn url_decode(s: &str) -> String {
+    String::from_utf8_lossy(&url_decode_bytes(s)).into_owned()
+}
+
+/// Decodes `%XX` escapes; None if the result is not UTF-8 (so two
+/// different invalid byte strings never decode to the same text).
+pub fn url_decode_utf8(s: &str) -> Option<String> {
+    String::from_utf8(url_decode_bytes(s)).ok()
+}
+
+fn url_decode_bytes(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -172,7 +192,7 @@ pub fn url_decode(s: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]

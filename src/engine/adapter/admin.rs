@@ -159,6 +159,16 @@ impl AdminStage {
             if req.header("transfer-encoding").is_some() {
                 return refuse(io, cx, "411 Length Required", "send a Content-Length body");
             }
+            if req
+                .headers
+                .iter()
+                .filter(|(n, _)| n == "content-length")
+                .count()
+                > 1
+            {
+                // RFC 9112 6.3: a message with several lengths is invalid.
+                return refuse(io, cx, "400 Bad Request", "more than one Content-Length");
+            }
             let len = match req.header("content-length").map(str::parse::<usize>) {
                 None => 0,
                 Some(Ok(n)) => n,
@@ -392,6 +402,10 @@ mod tests {
                 b"POST /settags?id=a HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
                 b"HTTP/1.1 400",
             ),
+            (
+                b"POST /send?id=a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy",
+                b"HTTP/1.1 400",
+            ),
         ] {
             let mut io = test_io("127.0.0.1:1");
             AdminStage::default().on_bytes(&mut io, me(), &mut req.to_vec(), &mut t.cx());
@@ -401,7 +415,7 @@ mod tests {
                 String::from_utf8_lossy(req)
             );
         }
-        assert_eq!(t.m().admin_errors, 4);
+        assert_eq!(t.m().admin_errors, 5);
     }
 
     #[test]
