@@ -2,6 +2,7 @@
 //! codes, keepalive, handshake limits, shutdown. Real clients over loopback:
 //! tungstenite's client, and a raw client for what no library would send.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::time::Duration;
 
@@ -540,4 +541,36 @@ fn invalid_utf8_ids_stay_distinct() {
         b"hello",
         "both in the room, both open"
     );
+}
+
+/// A broadcast read before the shutdown begins reaches every member on
+/// every core, before their close 1001 (the goodbyes wait until no core
+/// will send anything more).
+#[test]
+fn a_broadcast_read_before_shutdown_reaches_every_core() {
+    for trial in 0..6 {
+        let (s, ws) = ws_server(2, ROOMS, |c| c.shutdown_grace = Duration::from_secs(5));
+        let mut members: Vec<WsRaw> = (0..100)
+            .map(|i| WsRaw::connect(ws, &format!("/room/r/m{i}")))
+            .collect();
+        let mut sender = WsRaw::connect(ws, "/room/r/sender");
+        wait_until(|| s.handle.logged_in() == 101, "all in the room");
+        let cores: HashSet<usize> = (0..100).map(|i| s.core_of(&format!("m{i}"))).collect();
+        assert_eq!(cores.len(), 2, "members on both cores");
+        sender.send(0x1, true, b"last words");
+        wait_until(
+            || s.handle.metrics().ws_messages_in == 1,
+            "the broadcast is read",
+        );
+        s.handle.shutdown();
+        for (i, m) in members.iter_mut().enumerate() {
+            let f = m.read().expect("a frame");
+            assert_eq!(
+                (f.opcode, f.payload.as_slice()),
+                (0x1, &b"last words"[..]),
+                "trial {trial}: member {i} got the broadcast before its close"
+            );
+            assert_eq!(m.expect_close(), 1001);
+        }
+    }
 }

@@ -114,6 +114,8 @@ pub(crate) struct Core {
     drain_deadline: Option<Instant>,
     /// This core has counted itself in `Shared::quiesced`.
     quiesced: bool,
+    /// The drain's goodbyes are out (after every core quiesced).
+    goodbyes_sent: bool,
     /// Bytes waiting in all of this core's output queues.
     queued: u64,
     /// This iteration's own batch buffer once applied; handed back to the
@@ -167,6 +169,7 @@ impl Core {
             timing,
             drain_deadline: None,
             quiesced: false,
+            goodbyes_sent: false,
             queued: 0,
             local_data: None,
             cache: LookupCache::default(),
@@ -301,7 +304,12 @@ impl Core {
             self.shared.quiesced.fetch_add(1, Ordering::SeqCst);
         }
         let all_quiet = self.shared.quiesced.load(Ordering::SeqCst) == self.shared.cfg.workers;
-        let flushed = all_quiet && self.rx.is_empty() && self.queued == 0;
+        if all_quiet && self.rx.is_empty() && !self.goodbyes_sent {
+            // Flushed from the next iteration on.
+            self.say_goodbyes();
+            return false;
+        }
+        let flushed = self.goodbyes_sent && all_quiet && self.rx.is_empty() && self.queued == 0;
         if !flushed && instant >= deadline {
             log::warn!(
                 "core {}: shutdown grace expired with {} bytes still queued",
@@ -361,6 +369,16 @@ impl Core {
         }
         self.listeners = admin;
         self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
+        // The goodbyes (WebSocket 1001, closing unfinished upgrades) wait
+        // until no core will send anything more (`drained`): a broadcast
+        // read by another core just before the drain must still reach our
+        // clients, not find them closing.
+    }
+
+    /// Every core has stopped sending and our inbox is applied: say
+    /// goodbye the way each stage does.
+    fn say_goodbyes(&mut self) {
+        self.goodbyes_sent = true;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.act(key, |s, io, _, cx| s.on_drain(io, cx.now()));
