@@ -187,3 +187,19 @@ fn durations_out_of_range_are_refused() {
         assert!(e.contains("out of range"), "{yaml}: {e}");
     }
 }
+
+/// Unset, max_connections stays below the file limit, with a reserve, so
+/// the server never runs out of descriptors on its own.
+#[test]
+fn default_max_connections_fits_the_file_limit() {
+    let cfg = Config::defaults();
+    let hard = corerelay::sys::file_limit().expect("getrlimit").hard;
+    assert!(
+        cfg.max_connections as u64 + 256 <= hard.max(257),
+        "{} vs {hard}",
+        cfg.max_connections
+    );
+    assert!(cfg.max_connections <= 1_000_000);
+    let set = Config::from_yaml("max_connections: 5\n", None).unwrap();
+    assert_eq!(set.max_connections, 5, "an explicit value is kept");
+}

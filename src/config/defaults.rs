@@ -26,8 +26,13 @@ pub const DEFAULT_CHECK_FROM: bool = true;
 pub const DEFAULT_PIN: bool = true;
 /// Park idle workers in epoll instead of spinning.
 pub const DEFAULT_BUSY_POLL: bool = false;
-/// Server-wide connection limit (split evenly across workers).
+/// Server-wide connection limit (split evenly across workers), when the
+/// file limit allows it; otherwise the file limit less [`FD_RESERVE`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
+/// Descriptors kept out of the default connection limit: listeners (one
+/// per worker per address), polls, wakers, Unix sockets, upstream and
+/// resolver connections, log files.
+pub const FD_RESERVE: usize = 256;
 /// Connections accepted per listener per loop iteration, so a connect storm
 /// cannot starve established connections.
 pub const DEFAULT_ACCEPT_BATCH: usize = 64;

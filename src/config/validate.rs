@@ -37,7 +37,17 @@ impl FileConfig {
             (Some(list), true) => list.clone(),
             (None, true) => Vec::new(), // resolved against the machine at start
         };
-        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        // Unset: what the file limit allows, keeping a reserve for
+        // listeners, polls and the admin API (HAProxy derives maxconn from
+        // ulimit-n the same way), so the server never meets EMFILE on its
+        // own and the admin API stays reachable at the limit.
+        let max_connections = self.max_connections.unwrap_or_else(|| {
+            crate::sys::file_limit().map_or(DEFAULT_MAX_CONNECTIONS, |l| {
+                let fds = usize::try_from(l.hard).unwrap_or(usize::MAX);
+                fds.saturating_sub(FD_RESERVE)
+                    .clamp(1, DEFAULT_MAX_CONNECTIONS)
+            })
+        });
         if max_connections == 0 {
             return Err(err("max_connections", "must be at least 1".into()));
         }

@@ -53,6 +53,8 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Rounds of local work per iteration (work that applying makes is
 /// one round deeper: an admin reply to this core's own request).
 const LOCAL_ROUNDS: usize = 4;
+/// Accept failures are logged at most this often per listener.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Poll timeout while cross-core batches wait for room.
 const OVERFLOW_RETRY: Duration = Duration::from_millis(1);
 
@@ -397,12 +399,23 @@ impl Core {
                 &mut accepted,
             );
             if let Some(e) = failed {
-                log::warn!(
-                    "core {}: accept on {} failed: {e}; pausing {ACCEPT_PAUSE:?}",
-                    self.index,
-                    self.listeners[li].addr,
-                );
                 self.metrics().accept_errors.inc();
+                // At the file limit this repeats every pause: warn at most
+                // once per ACCEPT_WARN_EVERY per listener, with the count.
+                let l = &mut self.listeners[li];
+                l.failures_unlogged += 1;
+                if l.warned
+                    .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
+                {
+                    log::warn!(
+                        "core {}: accept on {} failed: {e} ({} times since the last warning); pausing {ACCEPT_PAUSE:?} each time",
+                        self.index,
+                        l.addr,
+                        l.failures_unlogged,
+                    );
+                    l.warned = Some(now);
+                    l.failures_unlogged = 0;
+                }
             }
             for (stream, peer) in accepted.drain(..) {
                 self.add_conn(stream, peer, kind);

@@ -162,6 +162,10 @@ pub struct Listener {
     pub pending: bool,
     /// After EMFILE and friends: do not accept before this instant.
     pub paused_until: Option<Instant>,
+    /// When an accept failure was last logged.
+    pub warned: Option<Instant>,
+    /// Accept failures since then.
+    pub failures_unlogged: u64,
 }
 
 impl Listener {
@@ -185,6 +189,8 @@ impl Listener {
             token,
             pending: true,
             paused_until: None,
+            warned: None,
+            failures_unlogged: 0,
         })
     }
 
