@@ -368,3 +368,20 @@ fn answers_to_a_client_that_never_reads_are_bounded() {
         assert_eq!(read_response(&mut r).status, 200, "answer {i} of {sent}");
     }
 }
+
+/// An admin request must arrive whole within admin.request_timeout of its
+/// first byte: a slowloris gets 408 and is closed (counted).
+#[test]
+fn a_request_that_never_completes_gets_408() {
+    let (s, _ws) = ws_server(1, TAGGED, |c| {
+        c.admin.as_mut().unwrap().request_timeout = Duration::from_millis(300);
+    });
+    let mut t = std::net::TcpStream::connect(s.handle.admin_addrs()[0]).unwrap();
+    t.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    t.set_read_timeout(Some(WAIT)).unwrap();
+    let r = read_response(&mut t);
+    assert_eq!(r.status, 408);
+    assert_eq!(s.handle.metrics().admin_errors, 1);
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut t, &mut rest).expect("closed after the 408");
+}

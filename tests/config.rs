@@ -86,6 +86,7 @@ fn example_websocket_block_is_valid() {
             "allow",
             "max_request_bytes",
             "on_websocket_listener",
+            "request_timeout",
         ],
     );
 }

@@ -68,6 +68,8 @@ pub const DEFAULT_WS_MAX_OUTPUT_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:6666";
 /// Networks allowed to use the admin API.
 pub const DEFAULT_ADMIN_ALLOW: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+/// An admin request must arrive whole within this of its first byte.
+pub const DEFAULT_ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest admin request (head and body).
 pub const DEFAULT_ADMIN_MAX_REQUEST: u64 = 1024 * 1024;
 

@@ -103,6 +103,8 @@ pub struct AdminFile {
     /// Also answer plain (non-upgrade) HTTP requests on the WebSocket
     /// listeners.
     pub on_websocket_listener: Option<bool>,
+    /// A request's head and body must arrive within this.
+    pub request_timeout: Option<Dur>,
 }
 
 /// The `websocket:` section as written.

@@ -123,6 +123,9 @@ pub struct AdminConfig {
     pub max_request_bytes: usize,
     /// Answer plain HTTP on the WebSocket listeners too.
     pub on_websocket_listener: bool,
+    /// A request's head and body must arrive within this of its first
+    /// byte (slowloris), else 408 and close.
+    pub request_timeout: Duration,
 }
 
 impl AdminConfig {

@@ -115,6 +115,9 @@ impl FileConfig {
                         .map_or(DEFAULT_ADMIN_MAX_REQUEST, |s| s.0)
                         .clamp(1024, 1 << 30) as usize,
                     on_websocket_listener: a.on_websocket_listener.unwrap_or(false),
+                    request_timeout: a
+                        .request_timeout
+                        .map_or(DEFAULT_ADMIN_REQUEST_TIMEOUT, |d| d.0),
                 })
             }
         };

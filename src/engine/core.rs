@@ -507,19 +507,15 @@ impl Core {
     /// queue's bytes before the call); closes; or installs the next stage
     /// and feeds it what followed (bounded: each upgrade consumes a stage).
     fn conclude(&mut self, key: usize, mut out: Outcome, mut before: usize) -> Step {
-        let mut touched = false;
         loop {
             let Some(c) = self.conns.get_mut(key) else {
                 return Step::Closed;
             };
             let after = c.io.out.bytes();
-            touched |= after != before;
             self.queued = self.queued - before as u64 + after as u64;
             before = after;
             match out {
                 Outcome::Upgrade(stage, mut rest) => {
-                    // A new stage has its own deadline.
-                    touched = true;
                     c.stage = stage;
                     if rest.is_empty() {
                         out = Outcome::Continue;
@@ -532,9 +528,6 @@ impl Core {
                     self.close(key, reason);
                     return Step::Closed;
                 }
-                // The common case on the read path (a RELY client relaying):
-                // nothing queued here, nothing moved earlier.
-                Outcome::Continue if !touched && c.io.closing.is_none() => return Step::Open,
                 Outcome::Continue | Outcome::Await => {
                     let step = if matches!(out, Outcome::Await) {
                         Step::Await

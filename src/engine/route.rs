@@ -282,6 +282,7 @@ pub(crate) mod test {
                     ws_pong: 100,
                     ws_handshake: 100,
                     admin_idle: 600,
+                    admin_request: 100,
                     ..Timing::default()
                 },
                 now: 1,

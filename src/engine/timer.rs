@@ -27,6 +27,8 @@ pub struct Timing {
     pub ws_handshake: u64,
     /// Admin connection idle timeout.
     pub admin_idle: u64,
+    /// Admin request deadline (from its first byte).
+    pub admin_request: u64,
 }
 
 /// An admin connection with no request for this long is closed.
@@ -44,6 +46,7 @@ impl Timing {
             ws_idle: ws.idle_timeout.map(t),
             ws_handshake: t(ws.handshake_timeout),
             admin_idle: t(ADMIN_IDLE),
+            admin_request: cfg.admin.as_ref().map_or(1, |a| t(a.request_timeout)),
         }
     }
 

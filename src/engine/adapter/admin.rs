@@ -39,6 +39,8 @@ pub(crate) struct AdminStage {
     buf: Vec<u8>,
     /// A request is waiting for the cores' replies.
     pending: bool,
+    /// Tick at which the request now in the buffer began (None: empty).
+    started: Option<u64>,
 }
 
 /// Splits `a=1&b=2` into url-decoded pairs (empty keys skipped).
@@ -119,6 +121,9 @@ impl AdminStage {
         // bounded because the core reads nothing while a request is in
         // flight or the answers wait (Outcome::Await), and a request that
         // cannot complete within max_request_bytes is refused (413).
+        if self.buf.is_empty() && !input.is_empty() {
+            self.started = Some(cx.now());
+        }
         self.buf.extend_from_slice(input);
         if !admin.allows(io.peer.ip()) {
             log::debug!(
@@ -182,6 +187,8 @@ impl AdminStage {
             }
             let body: Vec<u8> = self.buf[req.head_len..req.head_len + len].to_vec();
             self.buf.drain(..req.head_len + len);
+            // The next pipelined request's clock starts now.
+            self.started = (!self.buf.is_empty()).then(|| cx.now());
             let keep_alive = !req.header_has_token("connection", "close");
             cx.metrics().admin_requests.inc();
             if let Some(refused) = self.handle(io, me, &req, body, keep_alive, cx) {
@@ -308,10 +315,28 @@ impl AdminStage {
     }
 
     pub(crate) fn due(&self, io: &Io, t: &Timing) -> Option<u64> {
-        Some(io.last_active + t.admin_idle)
+        let idle = io.last_active + t.admin_idle;
+        // A request waiting for the cores is not late; one still arriving is.
+        match self.started.filter(|_| !self.pending) {
+            Some(s) => Some(idle.min(s + t.admin_request)),
+            None => Some(idle),
+        }
     }
 
-    pub(crate) fn on_deadline(&mut self, _io: &mut Io, _cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+        let late = self
+            .started
+            .filter(|_| !self.pending)
+            .is_some_and(|s| s + cx.timing().admin_request <= cx.now());
+        if late {
+            log::debug!("{}: admin request not complete in time", io.peer);
+            return refuse(
+                io,
+                cx,
+                "408 Request Timeout",
+                "request not complete in time",
+            );
+        }
         Outcome::Close(CloseReason::Idle)
     }
 }
