@@ -18,6 +18,7 @@ fn example_config_is_valid_and_documents_every_key() {
         "read_buffer",
         "mesh_capacity",
         "shutdown_grace",
+        "send_timeout",
         "backlog",
         "rely",
         "listen",

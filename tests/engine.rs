@@ -401,3 +401,27 @@ fn shutdown_delivers_everything_read_across_cores() {
     s.handle.shutdown();
     assert_eq!(receiver.join().unwrap(), N);
 }
+
+/// A receiver whose socket takes nothing is cut after send_timeout even
+/// under its byte limit (nginx's send_timeout), and counted.
+#[test]
+fn a_receiver_that_takes_nothing_is_cut_at_send_timeout() {
+    let s = TestServer::with(1, |c| {
+        c.send_timeout = Some(Duration::from_millis(300));
+        c.rely.max_output_bytes = 256 << 20;
+    });
+    let _sink = small_rcvbuf_client(&s, "sink");
+    let mut sender = s.login("source");
+    // Enough to fill the kernel's buffers, far under the byte limit.
+    let payload = vec![0u8; 64 * 1024];
+    for _ in 0..200 {
+        sender.send(b"sink", &payload).unwrap();
+    }
+    wait_until(|| s.handle.metrics().write_timeouts == 1, "cut");
+    assert_eq!(
+        s.handle.metrics().slow_consumer_disconnect,
+        0,
+        "under its byte limit"
+    );
+    wait_until(|| s.handle.owner_core(b"sink").is_none(), "closed");
+}

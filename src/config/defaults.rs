@@ -44,6 +44,9 @@ pub const DEFAULT_READ_BUFFER: u64 = 256 * 1024;
 /// for 64 busy sources several iterations over; it also bounds what one
 /// stalled core can have waiting for it (capacity x batch size).
 pub const DEFAULT_MESH_CAPACITY: usize = 256;
+/// A connection whose socket takes none of its queued output for this long
+/// is closed, even under its byte limit (nginx's send_timeout).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a graceful shutdown may spend flushing queued output.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// listen(2) backlog per listener.

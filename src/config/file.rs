@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub mesh_capacity: Option<usize>,
     /// Graceful shutdown flush limit.
     pub shutdown_grace: Option<Dur>,
+    /// Close a connection whose socket takes nothing for this long.
+    pub send_timeout: Option<Dur>,
     /// listen(2) backlog.
     pub backlog: Option<i32>,
     /// RELY protocol section.

@@ -56,6 +56,9 @@ pub struct Config {
     pub mesh_capacity: usize,
     /// Graceful shutdown flush limit.
     pub shutdown_grace: Duration,
+    /// Close a connection whose socket takes none of its queued output for
+    /// this long (None: never).
+    pub send_timeout: Option<Duration>,
     /// listen(2) backlog.
     pub backlog: i32,
     /// RELY settings.

@@ -46,9 +46,19 @@ pub(crate) struct Conn {
 impl Conn {
     /// The tick at which this connection's timer must next fire.
     pub(crate) fn due(&self, t: &Timing) -> Option<u64> {
-        match self.io.closing {
-            Some(c) => Some(c.by),
-            None => self.stage.due(&self.io, t),
+        if let Some(c) = self.io.closing {
+            return Some(c.by);
         }
+        let stage = self.stage.due(&self.io, t);
+        match (self.write_deadline(t), stage) {
+            (Some(w), Some(s)) => Some(w.min(s)),
+            (w, s) => w.or(s),
+        }
+    }
+
+    /// When a socket that takes nothing of the queued output is given up
+    /// on (nginx's send_timeout).
+    pub(crate) fn write_deadline(&self, t: &Timing) -> Option<u64> {
+        Some(self.io.stalled_since? + t.send?)
     }
 }

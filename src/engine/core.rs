@@ -928,6 +928,14 @@ impl Core {
                     self.close(t.key, closing.reason);
                     continue;
                 }
+                if c.write_deadline(&self.timing)
+                    .is_some_and(|w| w <= self.now)
+                {
+                    log::debug!("{}: took none of its output in send_timeout", c.io.peer);
+                    self.metrics().write_timeouts.inc();
+                    self.close(t.key, CloseReason::WriteTimeout);
+                    continue;
+                }
                 if self.act(t.key, |s, io, _, cx| s.on_deadline(io, cx)) == Step::Closed {
                     continue;
                 }
@@ -976,6 +984,7 @@ impl Core {
 
     fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
+        let mut stalled = Vec::new();
         for &(key, gen) in &dirty {
             let Some(c) = self.conns.get_mut(key).filter(|c| c.gen == gen) else {
                 continue;
@@ -986,6 +995,15 @@ impl Core {
                 continue; // a writable event re-lists it
             }
             let (n, left) = c.io.flush();
+            // Progress restarts the write deadline; a socket that takes
+            // nothing starts it.
+            if n > 0 {
+                c.io.stalled_since = None;
+            }
+            if left == Flushed::Blocked && c.io.stalled_since.is_none() {
+                c.io.stalled_since = Some(self.now);
+                stalled.push(key);
+            }
             let m = &self.shared.metrics[self.index];
             m.flushes.inc();
             m.bytes_out.add(n as u64);
@@ -1009,6 +1027,9 @@ impl Core {
         dirty.clear();
         if self.dirty.is_empty() {
             self.dirty = dirty; // keep the allocation
+        }
+        for key in stalled {
+            self.rearm_if_earlier(key);
         }
         self.metrics().queued_bytes.set(self.queued);
     }

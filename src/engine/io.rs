@@ -44,6 +44,8 @@ pub enum CloseReason {
     Closed,
     /// Output queue over its limit with the `disconnect` policy.
     SlowConsumer,
+    /// The socket took none of the queued output for `send_timeout`.
+    WriteTimeout,
     /// Server shutdown.
     Shutdown,
 }
@@ -121,6 +123,8 @@ pub(crate) struct Io {
     pub last_active: u64,
     /// Set once the connection is on its way out.
     pub closing: Option<Closing>,
+    /// Tick since which the socket has taken none of the queued output.
+    pub stalled_since: Option<u64>,
 }
 
 impl Io {
@@ -138,6 +142,7 @@ impl Io {
             in_dirty: false,
             last_active: now,
             closing: None,
+            stalled_since: None,
         }
     }
 

@@ -117,6 +117,9 @@ metrics! {
     ws_discarded,
     /// Frames queued by fan-outs (one per receiving connection).
     fanout_deliveries,
+    /// Connections closed because their socket took none of the queued
+    /// output for `send_timeout`.
+    write_timeouts,
     /// WebSocket connections closed for an unanswered ping.
     ws_ping_timeouts,
     /// Cross-core batches that found the channel full and waited locally

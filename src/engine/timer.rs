@@ -29,6 +29,8 @@ pub struct Timing {
     pub admin_idle: u64,
     /// Admin request deadline (from its first byte).
     pub admin_request: u64,
+    /// Write-progress deadline: ticks a socket may take nothing.
+    pub send: Option<u64>,
 }
 
 /// An admin connection with no request for this long is closed.
@@ -47,6 +49,7 @@ impl Timing {
             ws_handshake: t(ws.handshake_timeout),
             admin_idle: t(ADMIN_IDLE),
             admin_request: cfg.admin.as_ref().map_or(1, |a| t(a.request_timeout)),
+            send: cfg.send_timeout.map(t),
         }
     }
 
