@@ -83,6 +83,7 @@ fn example_websocket_block_is_valid() {
             "set_tags",
             "tag_params",
             "id_param",
+            "id_prefix",
             "broadcast_tag",
             "allow",
             "max_request_bytes",

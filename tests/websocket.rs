@@ -574,3 +574,22 @@ fn a_broadcast_read_before_shutdown_reaches_every_core() {
         }
     }
 }
+
+/// Ids are one namespace unless an endpoint takes a prefix: with
+/// `id_prefix`, a WebSocket client cannot take a RELY client's id.
+#[test]
+fn id_prefix_keeps_endpoint_ids_apart_from_rely_ids() {
+    let eps = "  endpoints:\n    - path: /p/{id}\n      id_param: id\n      id_prefix: \"ws:\"\n      on_message: rely\n";
+    let (s, ws) = ws_server(2, eps, |_| {});
+    let mut relay_alice = s.login("alice");
+    let _ws_alice = WsRaw::connect(ws, "/p/alice");
+    wait_until(|| s.handle.owner_core(b"ws:alice").is_some(), "ws:alice in");
+    assert_eq!(s.handle.metrics().kicked_login, 0, "nobody replaced");
+    let mut bob = s.login("bob");
+    bob.send(b"alice", b"for the RELY client").unwrap();
+    let m = relay_alice
+        .recv(Some(WAIT))
+        .unwrap()
+        .expect("still alice's");
+    assert_eq!(m.payload, b"for the RELY client");
+}

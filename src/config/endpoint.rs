@@ -46,6 +46,9 @@ pub struct Endpoint {
     pub tag_params: Vec<String>,
     /// Path parameter used as the client id.
     pub id_param: Option<String>,
+    /// Prepended to every id of this endpoint: a namespace of its own, so
+    /// its clients cannot take RELY clients' (or other endpoints') ids.
+    pub id_prefix: String,
     /// Broadcast grouping tag.
     pub broadcast_tag: Option<String>,
 }

@@ -149,6 +149,8 @@ pub struct EndpointFile {
     pub tag_params: Option<Vec<String>>,
     /// Path parameter that is the client id (default: a generated UUID).
     pub id_param: Option<String>,
+    /// Prepended to this endpoint's ids (keeps them apart from RELY ids).
+    pub id_prefix: Option<String>,
     /// Tag whose value groups connections for `on_message: broadcast`.
     pub broadcast_tag: Option<String>,
 }

@@ -312,6 +312,7 @@ fn validate_ws(
             set_tags: e.set_tags.unwrap_or_default().into_iter().collect(),
             tag_params,
             id_param: e.id_param,
+            id_prefix: e.id_prefix.unwrap_or_default(),
             broadcast_tag: e.broadcast_tag,
         });
     }

@@ -120,6 +120,7 @@ impl HandshakeStage {
                         .unwrap_or_default(),
                     None => uuid::Uuid::new_v4().to_string(),
                 };
+                let id = format!("{}{id}", ep.id_prefix);
                 io.login = Some(cx.login(id.as_bytes(), me));
                 cx.tag(me.slot as usize, &tags);
                 let broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
