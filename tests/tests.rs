@@ -9,6 +9,7 @@ mod corpus;
 mod engine;
 mod process;
 mod rely;
+mod soak;
 mod sources;
 mod veltix;
 mod websocket;
