@@ -425,3 +425,33 @@ fn a_receiver_that_takes_nothing_is_cut_at_send_timeout() {
     );
     wait_until(|| s.handle.owner_core(b"sink").is_none(), "closed");
 }
+
+/// max_memory caps the bytes queued on all cores together: two receivers
+/// that never read, each under its own byte limit, are cut largest first
+/// once the total passes the cap, and the total comes back under it.
+#[test]
+fn max_memory_cuts_the_largest_queues() {
+    let s = TestServer::with(2, |c| {
+        c.max_memory = Some(512 * 1024);
+        c.rely.max_output_bytes = 64 << 20;
+        c.send_timeout = None;
+    });
+    let _a = small_rcvbuf_client(&s, "sink-a");
+    let _b = small_rcvbuf_client(&s, "sink-b");
+    let mut sender = s.login("source");
+    let payload = vec![0u8; 64 * 1024];
+    for _ in 0..100 {
+        sender.send(b"sink-a", &payload).unwrap();
+        sender.send(b"sink-b", &payload).unwrap();
+    }
+    wait_until(|| s.handle.metrics().memory_cuts >= 1, "a queue cut");
+    wait_until(
+        || s.handle.metrics().queued_bytes <= 512 * 1024,
+        "queued bytes back under the cap",
+    );
+    assert_eq!(
+        s.handle.metrics().slow_consumer_disconnect,
+        0,
+        "under their own limits"
+    );
+}

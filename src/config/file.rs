@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub shutdown_grace: Option<Dur>,
     /// Close a connection whose socket takes nothing for this long.
     pub send_timeout: Option<Dur>,
+    /// Cap on the bytes queued in all output queues together.
+    pub max_memory: Option<Size>,
     /// listen(2) backlog.
     pub backlog: Option<i32>,
     /// RELY protocol section.

@@ -59,6 +59,10 @@ pub struct Config {
     /// Close a connection whose socket takes none of its queued output for
     /// this long (None: never).
     pub send_timeout: Option<Duration>,
+    /// Cap on the bytes waiting in all output queues together (None: no
+    /// cap). Over it, new connections are refused and each core cuts its
+    /// largest queue.
+    pub max_memory: Option<u64>,
     /// listen(2) backlog.
     pub backlog: i32,
     /// RELY settings.

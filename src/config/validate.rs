@@ -211,6 +211,7 @@ impl FileConfig {
             read_buffer: read_buffer as usize,
             mesh_capacity,
             shutdown_grace: self.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            max_memory: self.max_memory.map(|s| s.0).filter(|&b| b > 0),
             send_timeout: match self.send_timeout {
                 None => Some(DEFAULT_SEND_TIMEOUT),
                 Some(d) => (!d.0.is_zero()).then_some(d.0),

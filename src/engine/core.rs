@@ -231,6 +231,7 @@ impl Core {
             self.run_timers();
             self.dial_upstreams(instant);
             self.flush_dirty();
+            self.cut_if_over_memory();
             if let Some(arc) = self.local_data.take() {
                 // After the flush no queue holds a slice of it.
                 if let Ok(v) = Arc::try_unwrap(arc) {
@@ -425,6 +426,11 @@ impl Core {
     }
 
     fn add_conn(&mut self, stream: Stream, peer: std::net::SocketAddr, kind: ListenerKind) {
+        if self.over_memory() {
+            self.metrics().rejected_memory.inc();
+            log::debug!("core {}: over max_memory, refusing {peer}", self.index);
+            return;
+        }
         if self.conns.len() >= self.max_conns {
             self.metrics().rejected_limit.inc();
             log::debug!(
@@ -1031,6 +1037,47 @@ impl Core {
         for key in stalled {
             self.rearm_if_earlier(key);
         }
+        self.metrics().queued_bytes.set(self.queued);
+    }
+
+    /// Bytes queued on every core, against `max_memory` (each core's gauge
+    /// is current as of its last flush).
+    fn over_memory(&self) -> bool {
+        self.shared.cfg.max_memory.is_some_and(|cap| {
+            self.shared
+                .metrics
+                .iter()
+                .map(|m| m.queued_bytes.get())
+                .sum::<u64>()
+                > cap
+        })
+    }
+
+    /// Over `max_memory`: this core cuts its largest queue (one per
+    /// iteration, so the cores together converge without cutting more than
+    /// needed), with the stage's slow-consumer goodbye.
+    fn cut_if_over_memory(&mut self) {
+        if self.queued == 0 || !self.over_memory() {
+            return;
+        }
+        let Some((key, bytes)) = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.io.closing.is_none())
+            .map(|(k, c)| (k, c.io.out.bytes()))
+            .max_by_key(|&(_, b)| b)
+            .filter(|&(_, b)| b > 0)
+        else {
+            return;
+        };
+        self.metrics().memory_cuts.inc();
+        log::debug!(
+            "core {}: over max_memory, cutting a queue of {bytes} bytes",
+            self.index
+        );
+        self.act(key, |s, io, _, cx| {
+            s.goodbye(io, CloseReason::SlowConsumer, cx.now())
+        });
         self.metrics().queued_bytes.set(self.queued);
     }
 

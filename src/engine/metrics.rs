@@ -117,6 +117,10 @@ metrics! {
     ws_discarded,
     /// Frames queued by fan-outs (one per receiving connection).
     fanout_deliveries,
+    /// Connections refused because queued bytes were over `max_memory`.
+    rejected_memory,
+    /// Largest queues cut because queued bytes were over `max_memory`.
+    memory_cuts,
     /// Connections closed because their socket took none of the queued
     /// output for `send_timeout`.
     write_timeouts,
