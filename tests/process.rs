@@ -461,3 +461,75 @@ fn veltix_chat_clients_talk_through_a_hub() {
     assert!(wait_exit(&mut a).success());
     assert!(wait_exit(&mut b).success());
 }
+
+/// Secrets in a source URL never leave the process: user:password becomes
+/// a Basic Authorization header for the source, and neither it nor a query
+/// token appears in the logs (at debug level), /status or /metrics.
+#[test]
+// tungstenite's header callback fixes its (large) error type.
+#[allow(clippy::result_large_err)]
+fn source_url_secrets_never_appear() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let (auth_tx, auth_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let Some(tcp) = upstream.incoming().flatten().next() else {
+            return;
+        };
+        let cb = |req: &tungstenite::handshake::server::Request,
+                  resp: tungstenite::handshake::server::Response| {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let _ = auth_tx.send(auth);
+            Ok(resp)
+        };
+        if let Ok(mut ws) = tungstenite::accept_hdr(tcp, cb) {
+            while ws.read().is_ok() {}
+        }
+    });
+    let cfg = write_config(
+        "secrets",
+        &format!(
+            "workers: 1\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\nadmin:\n  listen: [\"127.0.0.1:0\"]\nsources:\n  - url: \"ws://user:s3cret@127.0.0.1:{port}/feed?token=hunter2\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n"
+        ),
+    );
+    let (mut child, _addr, logs) =
+        spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap(), "-vv"]));
+    let auth = auth_rx.recv_timeout(WAIT).expect("the source was reached");
+    assert_eq!(
+        auth, "Basic dXNlcjpzM2NyZXQ=",
+        "user:password as Basic auth"
+    );
+    let mut lines = Vec::new();
+    let mut admin = None;
+    let deadline = Instant::now() + WAIT;
+    while admin.is_none() || !lines.iter().any(|l: &String| l.contains("connected")) {
+        let Ok(line) = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            break;
+        };
+        if let Some(a) = line.split("listening: admin on ").nth(1) {
+            admin = a.trim().parse::<SocketAddr>().ok();
+        }
+        lines.push(line);
+    }
+    let admin = admin.expect("admin listener logged");
+    let status = http(admin, "GET", "/status", &[], b"").text();
+    let metrics = http(admin, "GET", "/metrics", &[], b"").text();
+    assert!(status.contains("source=ws://***@127.0.0.1"), "{status}");
+    for (what, text) in [
+        ("logs", lines.join("\n")),
+        ("/status", status),
+        ("/metrics", metrics),
+    ] {
+        assert!(
+            !text.contains("s3cret") && !text.contains("hunter2"),
+            "a secret in the {what}: {text}"
+        );
+    }
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+}

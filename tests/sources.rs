@@ -300,7 +300,8 @@ fn upstream_fans_out_and_clients_talk_back() {
     // Sources in /status and /metrics.
     let admin = server.admin_addrs()[0];
     let status = http(admin, "GET", "/status", &[], b"").text();
-    let url = format!("ws://{}/feed?x=1", feed.addr);
+    // The query's values are masked wherever the URL is shown.
+    let url = format!("ws://{}/feed?x=***", feed.addr);
     assert!(
         status.contains(&format!(
             "source={url} state=up messages_in=2 messages_out=3 dropped=0 reconnects=0"
@@ -309,14 +310,10 @@ fn upstream_fans_out_and_clients_talk_back() {
     );
     let metrics = http(admin, "GET", "/metrics", &[], b"").text();
     assert!(
-        metrics.contains(&format!(
-            "corerelay_source_up_by_source{{source=\"{url}\"}} 1"
-        )),
+        metrics.contains("corerelay_source_up_by_source{source=\"0\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains(&format!(
-        "corerelay_source_messages_in_by_source{{source=\"{url}\"}} 2"
-    )));
+    assert!(metrics.contains("corerelay_source_messages_in_by_source{source=\"0\"} 2"));
 }
 
 #[test]

@@ -82,7 +82,8 @@ pub struct Config {
 /// A validated upstream source.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
-    /// The URL as written (for logs and /status).
+    /// The URL for logs and /status, with its userinfo and query values
+    /// masked (`redact_url`): secrets are never printed or exported.
     pub url: String,
     /// Parsed URL.
     pub target: WsUrl,

@@ -66,9 +66,11 @@ fn veylor_config_as_written() {
             tls: false,
             host: "127.0.0.1".into(),
             port: 9000,
-            path: "/feed?x=1".into()
+            path: "/feed?x=1".into(),
+            userinfo: None,
         }
     );
+    assert_eq!(s.url, "ws://127.0.0.1:9000/feed?x=***", "shown masked");
     assert_eq!(s.websocket, Some("0.0.0.0:8765".parse().unwrap()));
     assert_eq!(
         s.headers,
@@ -114,4 +116,34 @@ fn errors_name_line_and_key() {
     let e = Config::from_yaml("workers: 2\nmax_connections: 0\n", None).unwrap_err();
     assert_eq!(e.line, Some(2), "{e}");
     assert_eq!(e.key.as_deref(), Some("max_connections"));
+}
+
+#[test]
+fn url_secrets_are_masked_and_userinfo_becomes_basic_auth() {
+    assert_eq!(
+        redact_url("wss://user:s3cret@feed.example:443/a/b?token=hunter2&v=1&flag"),
+        "wss://***@feed.example:443/a/b?token=***&v=***&flag"
+    );
+    let c = Config::from_yaml(
+        "sources:\n  - url: \"ws://user:s3cret@127.0.0.1:9000/feed\"\n    websocket_port: 0\n",
+        None,
+    )
+    .unwrap();
+    let s = &c.sources[0];
+    assert_eq!(s.url, "ws://***@127.0.0.1:9000/feed");
+    assert_eq!(s.target.host, "127.0.0.1");
+    assert_eq!(
+        s.headers,
+        vec![(
+            "Authorization".to_string(),
+            "Basic dXNlcjpzM2NyZXQ=".to_string()
+        )]
+    );
+    let e = Config::from_yaml(
+        "sources:\n  - url: \"ws://user:s3cret@h:badport/feed\"\n    websocket_port: 0\n",
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("bad port") && !e.contains("s3cret"), "{e}");
 }

@@ -178,10 +178,22 @@ impl FileConfig {
                     format!("{max} is outside 1..=1GiB"),
                 ));
             }
+            let mut headers: Vec<(String, String)> =
+                s.headers.unwrap_or_default().into_iter().collect();
+            if let Some(u) = &target.userinfo {
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                {
+                    use base64::Engine;
+                    let b = base64::engine::general_purpose::STANDARD.encode(u.as_bytes());
+                    headers.push(("Authorization".into(), format!("Basic {b}")));
+                }
+            }
             sources.push(SourceConfig {
-                url: s.url,
+                url: redact_url(&s.url),
                 target,
-                headers: s.headers.unwrap_or_default().into_iter().collect(),
+                headers,
                 websocket,
                 unix_socket: s.unix_socket_path,
                 unix_mode,

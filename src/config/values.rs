@@ -143,14 +143,19 @@ pub struct WsUrl {
     pub port: u16,
     /// Path and query, at least "/".
     pub path: String,
+    /// `user:password` from the URL (percent-decoded), sent as Basic auth.
+    pub userinfo: Option<String>,
 }
 
 impl WsUrl {
     /// Parses `ws[s]://host[:port][/path][?query]`.
-    pub fn parse(s: &str) -> Result<WsUrl, String> {
-        let (tls, rest) = if let Some(r) = s.strip_prefix("wss://") {
+    pub fn parse(raw: &str) -> Result<WsUrl, String> {
+        // Errors show the URL with its secrets masked.
+        let shown = redact_url(raw);
+        let s = shown.as_str();
+        let (tls, rest) = if let Some(r) = raw.strip_prefix("wss://") {
             (true, r)
-        } else if let Some(r) = s.strip_prefix("ws://") {
+        } else if let Some(r) = raw.strip_prefix("ws://") {
             (false, r)
         } else {
             return Err(format!("{s:?}: the URL must start with ws:// or wss://"));
@@ -159,6 +164,12 @@ impl WsUrl {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
             None => (rest, "/".to_owned()),
+        };
+        // user:password@ becomes a Basic Authorization header (it is never
+        // printed).
+        let (userinfo, authority) = match authority.rsplit_once('@') {
+            Some((u, a)) => (Some(crate::protocol::http::url_decode(u)), a),
+            None => (None, authority),
         };
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = if let Some(h) = authority.strip_prefix('[') {
@@ -187,8 +198,43 @@ impl WsUrl {
             host,
             port,
             path,
+            userinfo,
         })
     }
+}
+
+/// A URL as it may be printed or exported: `user:password@` becomes
+/// `***@` and every query value `***` (tokens travel there).
+pub fn redact_url(s: &str) -> String {
+    let (scheme, rest) = match s.split_once("://") {
+        Some((sch, r)) => (format!("{sch}://"), r),
+        None => (String::new(), s),
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(i) => before_query.split_at(i),
+        None => (before_query, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}{authority}{path}");
+    if let Some(q) = query {
+        let masked: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) => format!("{k}=***"),
+                None => kv.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&masked.join("&"));
+    }
+    out
 }
 
 /// An IP network, `addr/prefix`.

@@ -222,13 +222,10 @@ pub fn prometheus_sources(out: &mut String, urls: &[String], sources: &[SourceSt
     ];
     for (name, kind, f) in series {
         let _ = writeln!(out, "# TYPE corerelay_{name}_by_source {kind}");
-        for (url, s) in urls.iter().zip(sources) {
-            let url = url.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(
-                out,
-                "corerelay_{name}_by_source{{source=\"{url}\"}} {}",
-                f(s)
-            );
+        // Labelled by index in the config, not by URL: a URL can carry a
+        // token (`/status` lists each index with its masked URL).
+        for (i, s) in sources.iter().enumerate().take(urls.len()) {
+            let _ = writeln!(out, "corerelay_{name}_by_source{{source=\"{i}\"}} {}", f(s));
         }
     }
 }
