@@ -68,6 +68,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])?;
     let server = Server::start(cfg)?;
     let cfg = server.config();
@@ -117,11 +118,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let stopper = server.stopper();
+    let (path, port, running) = (cli.config.clone(), cli.port, server.config().clone());
     std::thread::Builder::new()
         .name("corerelay-signals".into())
         .spawn(move || {
             let mut seen = 0;
             for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    reload(path.as_deref(), port, &running);
+                    continue;
+                }
                 seen += 1;
                 if seen == 1 {
                     log::info!("signal {sig}: graceful shutdown (again to exit at once)");
@@ -137,4 +143,84 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     server.wait();
     log::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: re-reads the config file. An invalid file is logged and
+/// ignored; the server keeps running and no connection drops. Applying a
+/// valid file live is not built yet: the settings that differ are logged
+/// as needing a restart.
+fn reload(path: Option<&std::path::Path>, port: Option<u16>, running: &Config) {
+    let Some(path) = path else {
+        log::warn!("SIGHUP: running on the embedded defaults, there is no file to re-read");
+        return;
+    };
+    match Config::load(path) {
+        Err(e) => log::error!("SIGHUP: {e}; the running configuration is kept"),
+        Ok(mut new) => {
+            if let Some(port) = port {
+                new.rely.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], port))];
+            }
+            let changed = config_changes(running, &new);
+            if changed.is_empty() {
+                log::info!("SIGHUP: {} re-read, nothing changed", path.display());
+            } else {
+                log::warn!(
+                    "SIGHUP: {} re-read; changed, and applied only after a restart: {}",
+                    path.display(),
+                    changed.join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// The top-level sections that differ between two configurations.
+fn config_changes(a: &Config, b: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check(
+        "workers",
+        a.workers == b.workers && a.cpus == b.cpus && a.pin == b.pin,
+    );
+    check("rely", format!("{:?}", a.rely) == format!("{:?}", b.rely));
+    check(
+        "websocket",
+        format!("{:?}", a.websocket) == format!("{:?}", b.websocket),
+    );
+    check(
+        "admin",
+        format!("{:?}", a.admin) == format!("{:?}", b.admin),
+    );
+    check(
+        "sources",
+        format!(
+            "{:?}",
+            a.sources
+                .iter()
+                .map(|s| (&s.url, &s.headers, s.websocket))
+                .collect::<Vec<_>>()
+        ) == format!(
+            "{:?}",
+            b.sources
+                .iter()
+                .map(|s| (&s.url, &s.headers, s.websocket))
+                .collect::<Vec<_>>()
+        ),
+    );
+    check(
+        "veltix",
+        format!("{:?}", a.veltix) == format!("{:?}", b.veltix),
+    );
+    check(
+        "limits",
+        a.max_connections == b.max_connections
+            && a.max_memory == b.max_memory
+            && a.send_timeout == b.send_timeout
+            && a.shutdown_grace == b.shutdown_grace,
+    );
+    out
 }

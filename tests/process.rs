@@ -533,3 +533,48 @@ fn source_url_secrets_never_appear() {
     signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child).success());
 }
+
+/// SIGHUP never kills the server: it re-reads the file; an invalid file is
+/// logged and ignored, a changed one is reported as needing a restart, and
+/// the connections stay up throughout.
+#[test]
+fn sighup_rereads_the_config_and_keeps_running() {
+    let body = "workers: 1\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\n";
+    let cfg = write_config("hup", body);
+    let (mut child, addr, logs) =
+        spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap(), "-v"]));
+    let mut alice = RelyClient::connect(addr, b"alice").unwrap();
+    let mut bob = RelyClient::connect(addr, b"bob").unwrap();
+    let expect_log = |what: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let line = logs
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {what:?}"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    };
+    std::fs::write(&cfg, "workers: lots\n").unwrap();
+    signal(&child, libc::SIGHUP);
+    let line = expect_log("SIGHUP:");
+    assert!(line.contains("running configuration is kept"), "{line}");
+    std::fs::write(&cfg, format!("{body}max_connections: 7\n")).unwrap();
+    signal(&child, libc::SIGHUP);
+    let line = expect_log("SIGHUP:");
+    assert!(line.contains("after a restart: limits"), "{line}");
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    // The connections made before the signals still relay.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        alice.send(b"bob", b"still here").unwrap();
+        if let Some(m) = bob.recv(Some(Duration::from_millis(50))).unwrap() {
+            assert_eq!(m.payload, b"still here");
+            break;
+        }
+        assert!(Instant::now() < deadline, "relay after SIGHUP");
+    }
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}
