@@ -15,7 +15,8 @@ struct Cli {
     /// YAML config file (default: embedded defaults, RELY on 0.0.0.0:33333).
     #[arg(short, long)]
     config: Option<PathBuf>,
-    /// More logging: -v info, -vv debug, -vvv trace (RUST_LOG wins).
+    /// More logging: warnings by default; -v info (the start-up report),
+    /// -vv debug, -vvv trace (RUST_LOG wins).
     #[arg(short, action = clap::ArgAction::Count)]
     verbose: u8,
     /// Validate the config and exit.
@@ -28,7 +29,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => "warn,corerelay=info",
+        0 => "warn",
         1 => "info",
         2 => "debug",
         _ => "trace",
@@ -80,8 +81,24 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             .map_or("<embedded defaults>".into(), |p| p.display().to_string())
     );
     match limit {
-        Ok(l) => log::info!("file limit soft={} hard={}", l.soft, l.hard),
+        Ok(l) => {
+            log::info!("file limit soft={} hard={}", l.soft, l.hard);
+            if cfg.max_connections as u64 > l.soft {
+                log::warn!(
+                    "max_connections {} is above the file limit {}: connections past the limit fail to be accepted (raise LimitNOFILE, or leave max_connections unset)",
+                    cfg.max_connections,
+                    l.soft
+                );
+            }
+        }
         Err(e) => log::warn!("cannot read or raise the file limit: {e}"),
+    }
+    for a in server.admin_addrs() {
+        if !a.ip().is_loopback() {
+            log::warn!(
+                "the admin API on {a} is reachable beyond this host: admin.allow decides who may use it"
+            );
+        }
     }
     log::info!(
         "workers={} cpus={:?} busy_poll={} max_connections={}",

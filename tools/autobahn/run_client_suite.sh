@@ -13,5 +13,5 @@ SUITE=${AUTOBAHN_DIR:-../shared/conformance/autobahn}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cargo build --release --bin corerelay-autobahn-client >/dev/null
-bash "$SUITE/run_fuzzingserver.sh" "$WSTEST" "$PORT" "$OUT" "$PWD/target/release/corerelay-autobahn-client" "$CASES" '["12.*","13.*"]'
+cargo build --release --example corerelay-autobahn-client >/dev/null
+bash "$SUITE/run_fuzzingserver.sh" "$WSTEST" "$PORT" "$OUT" "$PWD/target/release/examples/corerelay-autobahn-client" "$CASES" '["12.*","13.*"]'
