@@ -294,15 +294,22 @@ impl Config {
 /// Finds the first line that defines `key` (its last dotted component), for
 /// errors found after parsing, where serde no longer knows positions.
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    let leaf = key.rsplit('.').next().unwrap_or(key);
-    let leaf = leaf.split('[').next().unwrap_or(leaf);
-    text.lines()
-        .position(|l| {
-            let t = l.trim_start();
-            t.strip_prefix(leaf)
+    // Each dotted component is looked for after the previous one's line,
+    // so `websocket.listen` finds the listen under websocket, not rely's.
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    let mut found = None;
+    for part in key.split('.') {
+        let name = part.split('[').next().unwrap_or(part);
+        let at = lines[from..].iter().position(|l| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.strip_prefix(name)
                 .is_some_and(|r| r.trim_start().starts_with(':'))
-        })
-        .map(|i| i + 1)
+        })?;
+        found = Some(from + at);
+        from += at + 1;
+    }
+    found.map(|i| i + 1)
 }
 
 impl Config {

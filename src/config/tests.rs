@@ -147,3 +147,31 @@ fn url_secrets_are_masked_and_userinfo_becomes_basic_auth() {
     .to_string();
     assert!(e.contains("bad port") && !e.contains("s3cret"), "{e}");
 }
+
+#[test]
+fn listeners_on_one_port_are_refused_with_the_second_key() {
+    let e = Config::from_yaml(
+        "rely:\n  listen: [\"0.0.0.0:5000\"]\nwebsocket:\n  listen: [\"127.0.0.1:5000\"]\n  endpoints:\n    - path: /x\n",
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("websocket.listen") && e.contains("overlaps rely.listen"),
+        "{e}"
+    );
+    assert!(e.contains(":4:"), "names the line: {e}");
+    let e = Config::from_yaml(
+        "sources:\n  - url: \"ws://h/\"\n    websocket_port: 8080\nveltix:\n  - listen: \"0.0.0.0:8080\"\n",
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("veltix[0].listen"), "{e}");
+    // Port 0, other ports, or other families do not clash.
+    Config::from_yaml(
+        "rely:\n  listen: [\"127.0.0.1:0\", \"[::1]:5000\"]\nwebsocket:\n  listen: [\"127.0.0.1:0\", \"0.0.0.0:5000\"]\n  endpoints:\n    - path: /x\n",
+        None,
+    )
+    .expect("no clash");
+}

@@ -207,6 +207,24 @@ impl FileConfig {
             });
         }
         let veltix = validate_veltix(self.veltix.unwrap_or_default(), max_connections, &err)?;
+        // Every TCP listener with its key, in the order they bind.
+        let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
+        listeners.extend(listen.iter().map(|a| ("rely.listen".to_owned(), *a)));
+        for a in websocket.iter().flat_map(|w| &w.listen) {
+            listeners.push(("websocket.listen".into(), *a));
+        }
+        for a in admin.iter().flat_map(|a| &a.listen) {
+            listeners.push(("admin.listen".into(), *a));
+        }
+        for (i, s) in sources.iter().enumerate() {
+            if let Some(a) = s.websocket {
+                listeners.push((format!("sources[{i}].websocket_port"), a));
+            }
+        }
+        for (i, v) in veltix.iter().enumerate() {
+            listeners.push((format!("veltix[{i}].listen"), v.listen));
+        }
+        check_listeners(&listeners, &err)?;
         Ok(Config {
             source: path.map(Path::to_owned),
             veltix,
@@ -350,4 +368,31 @@ fn validate_ws(
         slow_consumer: ws.slow_consumer.unwrap_or(DEFAULT_SLOW_CONSUMER),
         endpoints,
     })
+}
+
+/// Two listeners on one port would both bind (every group uses
+/// SO_REUSEPORT) and share its connections at random, or fail at start:
+/// refused here, naming the second one. Port 0 (a free port each) never
+/// clashes; an unspecified address clashes with any address of its family.
+fn check_listeners(
+    listeners: &[(String, SocketAddr)],
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for (i, (key, a)) in listeners.iter().enumerate() {
+        if a.port() == 0 {
+            continue;
+        }
+        let clash = listeners[..i].iter().find(|(_, b)| {
+            b.port() == a.port()
+                && a.is_ipv4() == b.is_ipv4()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        });
+        if let Some((first, b)) = clash {
+            return Err(err(
+                key,
+                format!("{a} overlaps {first} ({b}): each listener needs its own port"),
+            ));
+        }
+    }
+    Ok(())
 }
