@@ -12,7 +12,8 @@ use corerelay::{sys, Server};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// YAML config file (default: embedded defaults, RELY on 0.0.0.0:33333).
+    /// YAML config file (default: ./config.yaml if there is one, as Veylor
+    /// reads it; else the embedded defaults, RELY on 0.0.0.0:33333).
     #[arg(short, long)]
     config: Option<PathBuf>,
     /// More logging: warnings by default; -v info (the start-up report),
@@ -44,7 +45,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Read when no -c is given and it exists in the working directory.
+const LOCAL_CONFIG: &str = "config.yaml";
+
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    // As Veylor does: with no -c, ./config.yaml when there is one.
+    let mut cli = cli;
+    if cli.config.is_none() && std::path::Path::new(LOCAL_CONFIG).is_file() {
+        log::warn!("no -c given: using ./{LOCAL_CONFIG}");
+        cli.config = Some(PathBuf::from(LOCAL_CONFIG));
+    }
     let mut cfg = match &cli.config {
         Some(p) => Config::load(p)?,
         None => Config::defaults(),

@@ -578,3 +578,54 @@ fn sighup_rereads_the_config_and_keeps_running() {
     signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child).code(), Some(0));
 }
+
+/// As Veylor: run with no -c in a folder holding config.yaml, and that file
+/// is used; a Veylor-shaped file opens no RELY listener.
+#[test]
+fn config_yaml_in_the_working_directory_is_used() {
+    let dir = std::env::temp_dir().join(format!("corerelay-proc-{}-cwd", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.yaml"),
+        "pin: false\nworkers: 1\nsources:\n  - url: \"ws://127.0.0.1:9/feed\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("-v")
+        .current_dir(&dir)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("websocket=127.0.0.1:"))
+    {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("start-up report: {lines:?}"));
+        lines.push(line);
+    }
+    let log = lines.join("\n");
+    assert!(
+        log.contains("using ./config.yaml") && log.contains("config=config.yaml"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("listening: rely"),
+        "no RELY for a Veylor-shaped file: {log}"
+    );
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -175,3 +175,24 @@ fn listeners_on_one_port_are_refused_with_the_second_key() {
     )
     .expect("no clash");
 }
+
+#[test]
+fn a_veylor_shaped_file_serves_what_veylor_serves() {
+    let veylor = "sources:\n  - url: \"ws://127.0.0.1:9000/feed\"\n    websocket_port: 8765\n";
+    let c = Config::from_yaml(veylor, None).unwrap();
+    assert!(c.rely.listen.is_empty(), "no RELY on 0.0.0.0");
+    assert!(c.sources[0].force_binary, "binary, as Veylor sends");
+    let c = Config::from_yaml(&format!("{veylor}    force_binary: false\n"), None).unwrap();
+    assert!(!c.sources[0].force_binary, "unless the file says otherwise");
+    let mixed = format!("rely:\n  listen: [\"127.0.0.1:0\"]\n{veylor}");
+    let c = Config::from_yaml(&mixed, None).unwrap();
+    assert!(
+        !c.sources[0].force_binary && c.rely.listen.len() == 1,
+        "not Veylor-shaped"
+    );
+    assert_eq!(
+        Config::defaults().rely.listen[0].port(),
+        33333,
+        "relayd's default kept"
+    );
+}

@@ -63,10 +63,21 @@ impl FileConfig {
         if mesh_capacity == 0 {
             return Err(err("mesh_capacity", "must be at least 1".into()));
         }
+        // A file in Veylor's shape (sources, and no rely, websocket or
+        // veltix section) serves what Veylor serves: no RELY listener, and
+        // binary to clients, unless it says otherwise.
+        let veylor_shaped = self.sources.is_some()
+            && self.rely.is_none()
+            && self.websocket.is_none()
+            && self.veltix.is_none();
         let rely = self.rely.unwrap_or_default();
-        let listen = rely
-            .listen
-            .unwrap_or_else(|| vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_RELY_PORT))]);
+        let listen = rely.listen.unwrap_or_else(|| {
+            if veylor_shaped {
+                Vec::new()
+            } else {
+                vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_RELY_PORT))]
+            }
+        });
         let max_payload = rely.max_payload.map_or(DEFAULT_MAX_PAYLOAD, |s| s.0);
         if max_payload > MAX_MAX_PAYLOAD {
             return Err(err(
@@ -197,7 +208,7 @@ impl FileConfig {
                 websocket,
                 unix_socket: s.unix_socket_path,
                 unix_mode,
-                force_binary: s.force_binary.unwrap_or(false),
+                force_binary: s.force_binary.unwrap_or(veylor_shaped),
                 echo_upstream: s.echo_upstream.unwrap_or(false),
                 max_message_size: max as usize,
                 connect_timeout: s
