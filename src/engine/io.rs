@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 
+use super::metrics::Counter;
 use super::outbox::{Flush, Outbox};
 use super::stream::{Drain, Stream};
 use crate::config::SlowConsumer;
@@ -151,6 +152,20 @@ impl Io {
     #[inline]
     pub(crate) fn admit(&self, len: usize) -> Queued {
         admit(&self.out, len, &self.limits)
+    }
+
+    /// Queues one of the connection's own writes (an echo, a pong) under
+    /// the same limits as deliveries; a write the `drop` policy refuses is
+    /// counted in `dropped`. `Queued::Disconnect` asks the caller to say
+    /// goodbye (a slow consumer).
+    pub(crate) fn push_own(&mut self, parts: &[&[u8]], dropped: &Counter) -> Queued {
+        let q = self.admit(parts.iter().map(|p| p.len()).sum());
+        match q {
+            Queued::Yes => self.out.push_bytes(parts),
+            Queued::Dropped => dropped.inc(),
+            Queued::Disconnect => {}
+        }
+        q
     }
 
     /// Starts closing: stop reading; close once flushed or by `now + grace`.

@@ -18,6 +18,8 @@
 //!   as `Request.respond` does);
 //! - none: discarded and counted.
 
+use std::sync::Arc;
+
 use super::{Outcome, Stage};
 use crate::config::{Config, VeltixConfig, VeltixOnMessage};
 use crate::engine::channels::Channel;
@@ -59,6 +61,30 @@ pub(crate) struct VeltixStage {
     pong_ticks: u64,
     /// Holds one of the listener's `max_clients` places.
     counted: bool,
+    /// The hub's selector while a hub member (made once, not per frame).
+    hub: Option<Arc<Selector>>,
+}
+
+/// The next id of the server's range, 32768 to 65535, wrapping.
+fn take_server_id(next: &mut u16) -> u16 {
+    let id = *next;
+    *next = if id == u16::MAX {
+        v3::SERVER_IDS
+    } else {
+        id + 1
+    };
+    id
+}
+
+/// An echo: an own write under the connection's limits, counted as a frame
+/// out. False: the client is a slow consumer (over its limit).
+fn echo(io: &mut Io, parts: &[&[u8]], cx: &Ctx<'_>) -> bool {
+    match io.push_own(parts, &cx.metrics().slow_consumer_drop) {
+        Queued::Yes => cx.metrics().veltix_frames_out.inc(),
+        Queued::Dropped => {}
+        Queued::Disconnect => return false,
+    }
+    true
 }
 
 impl VeltixStage {
@@ -84,6 +110,7 @@ impl VeltixStage {
             next_id: v3::SERVER_IDS,
             pong_ticks: l.map_or(1, |l| Timing::ticks(l.pong_timeout, TICK)),
             counted: false,
+            hub: None,
         };
         (Stage::Veltix(st), limits)
     }
@@ -98,13 +125,7 @@ impl VeltixStage {
 
     /// A fresh server-range request id.
     fn server_id(&mut self) -> u16 {
-        let id = self.next_id;
-        self.next_id = if id == u16::MAX {
-            v3::SERVER_IDS
-        } else {
-            id + 1
-        };
-        id
+        take_server_id(&mut self.next_id)
     }
 
     /// Takes a place on the listener, or refuses (v3: `server_full`).
@@ -144,6 +165,7 @@ impl VeltixStage {
             .is_some_and(|l| l.on_message == VeltixOnMessage::Hub)
         {
             cx.join(self.hub(), me.slot as usize);
+            self.hub = Some(Arc::new(Selector::Channel(self.hub())));
         }
     }
 
@@ -222,7 +244,7 @@ impl VeltixStage {
         let Phase::V3(dec) = &mut self.phase else {
             return Outcome::Continue;
         };
-        let (hub, keepalive, next_id) = (self.listener, &mut self.keepalive, &mut self.next_id);
+        let (hub, keepalive, next_id) = (&self.hub, &mut self.keepalive, &mut self.next_id);
         let mut slow = false;
         dec.feed(input, l.max_message_size, |ev| {
             let f = match ev {
@@ -257,39 +279,22 @@ impl VeltixStage {
             }
             match l.on_message {
                 VeltixOnMessage::Hub => {
-                    let id = *next_id;
-                    *next_id = if id == u16::MAX {
-                        v3::SERVER_IDS
-                    } else {
-                        id + 1
-                    };
+                    let id = take_server_id(next_id);
                     let kind = Kind::Veltix {
                         ty: f.ty,
                         flags: f.flags,
                         request_id: id,
                     };
                     let msg = Message::with_kind(kind, f.content);
-                    let sel = Selector::Channel(Channel::VeltixHub(hub));
-                    cx.fanout(std::sync::Arc::new(sel), msg, false, Some(me));
+                    if let Some(sel) = hub {
+                        cx.fanout(sel.clone(), msg, false, Some(me));
+                    }
                     true
                 }
                 VeltixOnMessage::Echo => {
                     let h = v3::header(f.flags, f.ty, f.request_id, f.content);
-                    match io.admit(h.len() + f.content.len()) {
-                        Queued::Yes => {
-                            io.out.push_bytes(&[&h, f.content]);
-                            cx.metrics().veltix_frames_out.inc();
-                            true
-                        }
-                        Queued::Dropped => {
-                            cx.metrics().slow_consumer_drop.inc();
-                            true
-                        }
-                        Queued::Disconnect => {
-                            slow = true;
-                            false
-                        }
-                    }
+                    slow = !echo(io, &[&h, f.content], cx);
+                    !slow
                 }
                 VeltixOnMessage::None => {
                     cx.metrics().veltix_discarded.inc();
@@ -315,7 +320,7 @@ impl VeltixStage {
         let Phase::V1(dec) = &mut self.phase else {
             return Outcome::Continue;
         };
-        let hub = self.listener;
+        let hub = &self.hub;
         let mut slow = false;
         let res = dec.feed(input, l.max_message_size, |ev| {
             let f = match ev {
@@ -330,28 +335,16 @@ impl VeltixStage {
             match l.on_message {
                 VeltixOnMessage::Hub => {
                     let msg = Message::with_kind(Kind::VeltixV1Frame, f.raw);
-                    let sel = Selector::Channel(Channel::VeltixHub(hub));
-                    cx.fanout(std::sync::Arc::new(sel), msg, false, Some(me));
+                    if let Some(sel) = hub {
+                        cx.fanout(sel.clone(), msg, false, Some(me));
+                    }
                     true
                 }
                 VeltixOnMessage::Echo => {
-                    let mut out = Vec::with_capacity(v1::HEADER + f.content.len());
-                    v1::encode(&mut out, f.ty, f.content, unix_ms());
-                    match io.admit(out.len()) {
-                        Queued::Yes => {
-                            io.out.push_bytes(&[&out]);
-                            cx.metrics().veltix_frames_out.inc();
-                            true
-                        }
-                        Queued::Dropped => {
-                            cx.metrics().slow_consumer_drop.inc();
-                            true
-                        }
-                        Queued::Disconnect => {
-                            slow = true;
-                            false
-                        }
-                    }
+                    // The header on the stack: no copy of the content.
+                    let h = v1::header(f.ty, f.content, unix_ms());
+                    slow = !echo(io, &[&h, f.content], cx);
+                    !slow
                 }
                 VeltixOnMessage::None => {
                     cx.metrics().veltix_discarded.inc();

@@ -143,15 +143,9 @@ impl WsStage {
                             let op = if text { ws::OP_TEXT } else { ws::OP_BINARY };
                             let (h, n) = ws::header_array(op, data.len());
                             // Own writes share the connection's queue and limit.
-                            match io.admit(n + data.len()) {
-                                Queued::Yes => io.out.push_bytes(&[&h[..n], data]),
-                                Queued::Dropped => cx.metrics().slow_consumer_drop.inc(),
-                                Queued::Disconnect => {
-                                    slow = true;
-                                    return false;
-                                }
-                            }
-                            true
+                            let drops = &cx.metrics().slow_consumer_drop;
+                            slow = io.push_own(&[&h[..n], data], drops) == Queued::Disconnect;
+                            !slow
                         }
                         OnMessage::Broadcast => {
                             match broadcast {
@@ -183,15 +177,9 @@ impl WsStage {
                     // connection's limit, or a client that pings and never
                     // reads would grow the server without bound.
                     let (h, n) = ws::header_array(ws::OP_PONG, p.len());
-                    match io.admit(n + p.len()) {
-                        Queued::Yes => io.out.push_bytes(&[&h[..n], p]),
-                        Queued::Dropped => cx.metrics().slow_consumer_drop.inc(),
-                        Queued::Disconnect => {
-                            slow = true;
-                            return false;
-                        }
-                    }
-                    true
+                    let drops = &cx.metrics().slow_consumer_drop;
+                    slow = io.push_own(&[&h[..n], p], drops) == Queued::Disconnect;
+                    !slow
                 }
                 Event::Pong(_) => {
                     keepalive.on_pong();

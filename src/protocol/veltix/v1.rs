@@ -87,11 +87,18 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Parse<'_>, TooLarge> {
 
 /// Appends one frame to `out`.
 pub fn encode(out: &mut Vec<u8>, ty: u16, content: &[u8], timestamp_ms: u64) {
-    out.extend_from_slice(&ty.to_be_bytes());
-    out.extend_from_slice(&(content.len() as u32).to_be_bytes());
-    out.extend_from_slice(&Sha256::digest(content));
-    out.extend_from_slice(&timestamp_ms.to_be_bytes());
+    out.extend_from_slice(&header(ty, content, timestamp_ms));
     out.extend_from_slice(content);
+}
+
+/// The header of a frame of `content` (on the stack).
+pub fn header(ty: u16, content: &[u8], timestamp_ms: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..2].copy_from_slice(&ty.to_be_bytes());
+    h[2..6].copy_from_slice(&(content.len() as u32).to_be_bytes());
+    h[6..38].copy_from_slice(&Sha256::digest(content));
+    h[38..].copy_from_slice(&timestamp_ms.to_be_bytes());
+    h
 }
 
 /// Incremental decoder: per-connection state is only the partial frame.

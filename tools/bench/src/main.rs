@@ -832,17 +832,49 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 /// WebSocket echo against corerelay and raw TCP ping-pong against a
 /// thread-per-connection echo server, same payload, same run.
 fn ws_echo(a: &Args, s: &Setup) {
-    let (warm, dur) = (
-        Duration::from_secs_f64(a.warmup),
-        Duration::from_secs_f64(a.duration),
-    );
     let conns: Vec<ws::WsConn> = (0..a.clients)
         .map(|_| {
             ws::WsConn::connect(s.ws_addr, "/echo").unwrap_or_else(|e| exit_err("ws connect", e))
         })
         .collect();
+    echo(
+        a,
+        "ws-echo",
+        "corerelay WebSocket",
+        conns,
+        ws::ws_round_trip,
+    );
+}
+
+/// Veltix v3 echo round trips, with the same raw TCP baseline.
+fn veltix_echo(a: &Args, s: &Setup) {
+    let conns: Vec<TcpStream> = (0..a.clients)
+        .map(|_| ws::veltix_connect(s.veltix.1).unwrap_or_else(|e| exit_err("veltix connect", e)))
+        .collect();
+    echo(
+        a,
+        "veltix-echo",
+        "corerelay Veltix",
+        conns,
+        ws::veltix_round_trip,
+    );
+}
+
+/// Echo round trips on `conns`, then raw TCP ping-pong against a
+/// thread-per-connection echo server with the same payload, and the report.
+fn echo<C: Send + 'static>(
+    a: &Args,
+    mode: &str,
+    label: &str,
+    conns: Vec<C>,
+    round_trip: fn(&mut C, &[u8]) -> io::Result<()>,
+) {
+    let (warm, dur) = (
+        Duration::from_secs_f64(a.warmup),
+        Duration::from_secs_f64(a.duration),
+    );
     let m = Measure::start(a);
-    let (n, h, el) = ws::pingpong(conns, a.payload, warm, dur, ws::ws_round_trip);
+    let (n, h, el) = ws::pingpong(conns, a.payload, warm, dur, round_trip);
     let (_, srv, me) = m.end(a);
     let base = ws::tcp_echo_server().unwrap_or_else(|e| exit_err("tcp echo server", e));
     let tcp: Vec<TcpStream> = (0..a.clients)
@@ -860,15 +892,11 @@ fn ws_echo(a: &Args, s: &Setup) {
             "echo round trip, {} connections, {} B",
             a.clients, a.payload
         );
-        plot(
-            p,
-            &title,
-            &[("corerelay WebSocket", &h), ("raw TCP baseline", &th)],
-        );
+        plot(p, &title, &[(label, &h), ("raw TCP baseline", &th)]);
     }
     if a.json || a.csv {
         emit_json(format!(
-            "{{\"mode\":\"ws-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
+            "{{\"mode\":\"{mode}\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
             a.clients,
             a.payload,
             percentiles_json(&h),
@@ -877,63 +905,12 @@ fn ws_echo(a: &Args, s: &Setup) {
             srv.map_or("null".into(), |v| format!("{v:.3}"))
         ));
     } else {
-        println!("ws-echo clients={} payload={}B", a.clients, a.payload);
+        println!("{mode} clients={} payload={}B", a.clients, a.payload);
         println!(
-            "  corerelay WebSocket: {rate:.0} round trips/s, rtt us p50 {:.1} p99 {:.1} p99.9 {:.1}",
+            "  {label}: {rate:.0} round trips/s, rtt us p50 {:.1} p99 {:.1} p99.9 {:.1}",
             us(&h, 0.5),
             us(&h, 0.99),
             us(&h, 0.999)
-        );
-        println!(
-            "  raw TCP baseline:    {:.0} round trips/s, rtt us p50 {:.1} p99 {:.1}",
-            tn as f64 / tel,
-            us(&th, 0.5),
-            us(&th, 0.99)
-        );
-        println!("  p50 ratio WebSocket/TCP: {ratio:.2}");
-    }
-}
-
-/// Veltix v3 echo round trips against `--clients` connections, with the
-/// raw TCP ping-pong baseline of ws-echo in the same run.
-fn veltix_echo(a: &Args, s: &Setup) {
-    let (warm, dur) = (
-        Duration::from_secs_f64(a.warmup),
-        Duration::from_secs_f64(a.duration),
-    );
-    let conns: Vec<TcpStream> = (0..a.clients)
-        .map(|_| ws::veltix_connect(s.veltix.1).unwrap_or_else(|e| exit_err("veltix connect", e)))
-        .collect();
-    let m = Measure::start(a);
-    let (n, h, el) = ws::pingpong(conns, a.payload, warm, dur, ws::veltix_round_trip);
-    let (_, srv, me) = m.end(a);
-    let base = ws::tcp_echo_server().unwrap_or_else(|e| exit_err("tcp echo server", e));
-    let tcp: Vec<TcpStream> = (0..a.clients)
-        .map(|_| {
-            let t = TcpStream::connect(base).unwrap_or_else(|e| exit_err("tcp connect", e));
-            let _ = t.set_nodelay(true);
-            t
-        })
-        .collect();
-    let (tn, th, tel) = ws::pingpong(tcp, a.payload, warm, dur, ws::tcp_round_trip);
-    let rate = n as f64 / el;
-    let ratio = us(&h, 0.5) / us(&th, 0.5).max(0.001);
-    if a.json || a.csv {
-        emit_json(format!(
-            "{{\"mode\":\"veltix-echo\",\"clients\":{},\"payload\":{},\"round_trips_per_s\":{rate:.1},\"rtt_us\":{},\"tcp_round_trips_per_s\":{:.1},\"tcp_rtt_us\":{},\"p50_ratio_vs_tcp\":{ratio:.3},\"server_cpu_s\":{},\"client_cpu_s\":{me:.3}}}",
-            a.clients,
-            a.payload,
-            percentiles_json(&h),
-            tn as f64 / tel,
-            percentiles_json(&th),
-            srv.map_or("null".into(), |v| format!("{v:.3}"))
-        ));
-    } else {
-        println!("veltix-echo clients={} payload={}B", a.clients, a.payload);
-        println!(
-            "  Veltix echo:      {rate:.0} round trips/s, rtt us p50 {:.1} p99 {:.1}",
-            us(&h, 0.5),
-            us(&h, 0.99)
         );
         println!(
             "  raw TCP baseline: {:.0} round trips/s, rtt us p50 {:.1} p99 {:.1}",
@@ -941,6 +918,7 @@ fn veltix_echo(a: &Args, s: &Setup) {
             us(&th, 0.5),
             us(&th, 0.99)
         );
+        println!("  p50 ratio {label}/TCP: {ratio:.2}");
     }
 }
 
