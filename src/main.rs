@@ -23,17 +23,34 @@ struct Cli {
     /// Validate the config and exit.
     #[arg(long)]
     check_config: bool,
+    /// Run as a drop-in for wsproxy: configured only from its environment
+    /// variables (HOST, PORT, REDIS_URL, WS_PING_INTERVAL_SECS, ...) and a
+    /// ./.env file, as wsproxy is.
+    #[arg(long, conflicts_with = "config")]
+    wsproxy: bool,
+    /// Print the YAML config that --wsproxy runs, and exit.
+    #[arg(long, requires = "wsproxy")]
+    print_config: bool,
     /// RELY port on 0.0.0.0, like `python -m relayd 40000` (overrides the config's rely.listen).
     port: Option<u16>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.wsproxy {
+        // wsproxy reads ./.env (never overriding the environment) first.
+        let _ = dotenvy::dotenv();
+    }
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
         2 => "debug",
         _ => "trace",
+    };
+    // wsproxy's LOG_LEVEL applies when RUST_LOG is unset.
+    let level = match std::env::var("LOG_LEVEL") {
+        Ok(l) if cli.wsproxy && cli.verbose == 0 && !l.is_empty() => l,
+        _ => level.to_owned(),
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     match run(cli) {
@@ -51,11 +68,17 @@ const LOCAL_CONFIG: &str = "config.yaml";
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // As Veylor does: with no -c, ./config.yaml when there is one.
     let mut cli = cli;
-    if cli.config.is_none() && std::path::Path::new(LOCAL_CONFIG).is_file() {
+    if cli.config.is_none() && !cli.wsproxy && std::path::Path::new(LOCAL_CONFIG).is_file() {
         log::warn!("no -c given: using ./{LOCAL_CONFIG}");
         cli.config = Some(PathBuf::from(LOCAL_CONFIG));
     }
+    let env = |k: &str| std::env::var(k).ok();
+    if cli.print_config {
+        print!("{}", corerelay::config::wsproxy_yaml(&env)?);
+        return Ok(());
+    }
     let mut cfg = match &cli.config {
+        _ if cli.wsproxy => corerelay::config::wsproxy_config(&env)?,
         Some(p) => Config::load(p)?,
         None => Config::defaults(),
     };
@@ -65,9 +88,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     if cli.check_config {
         println!(
             "{}: ok",
-            cli.config
-                .as_ref()
-                .map_or("<defaults>".into(), |p| p.display().to_string())
+            cli.config.as_ref().map_or(
+                if cli.wsproxy {
+                    "<wsproxy environment>"
+                } else {
+                    "<defaults>"
+                }
+                .into(),
+                |p| p.display().to_string()
+            )
         );
         return Ok(());
     }

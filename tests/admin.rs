@@ -242,8 +242,14 @@ fn allowed_networks() {
         c.admin.as_mut().unwrap().allow =
             vec![corerelay::config::Cidr::parse("10.0.0.0/8").unwrap()];
     });
-    let r = http(s.handle.admin_addrs()[0], "GET", "/health", &[], b"");
-    assert_eq!(r.status, 403);
+    let admin = s.handle.admin_addrs()[0];
+    for path in ["/metrics", "/status"] {
+        assert_eq!(http(admin, "GET", path, &[], b"").status, 403, "{path}");
+    }
+    assert_eq!(http(admin, "POST", "/send?x=1", &[], b"hi").status, 403);
+    // Probes and load balancers may ask for health and readiness.
+    assert_eq!(http(admin, "GET", "/health", &[], b"").status, 200);
+    assert_eq!(http(admin, "GET", "/ready", &[], b"").status, 200);
 }
 
 #[test]

@@ -13,3 +13,4 @@ mod soak;
 mod sources;
 mod veltix;
 mod websocket;
+mod wsproxy;

@@ -339,38 +339,9 @@ for c in clients + [e]:
 
 /// target/veltix-venv/bin/python with veltix==3.3.0, built once.
 fn veltix_python() -> Result<std::path::PathBuf, String> {
-    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/veltix-venv");
-    let python = venv.join("bin/python");
-    let ready = |p: &std::path::Path| {
-        std::process::Command::new(p)
-            .args(["-c", "import veltix; assert veltix.__version__ == '3.3.0'"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if ready(&python) {
-        return Ok(python);
-    }
-    let run = |cmd: &mut std::process::Command| -> Result<(), String> {
-        let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-        if o.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&o.stderr)))
-        }
-    };
-    run(std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv))?;
-    run(std::process::Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "veltix==3.3.0",
-    ]))?;
-    if ready(&python) {
-        Ok(python)
-    } else {
-        Err("veltix 3.3.0 did not import after installing".into())
-    }
+    crate::support::venv_python(
+        "veltix-venv",
+        &["veltix==3.3.0"],
+        "import veltix; assert veltix.__version__ == '3.3.0'",
+    )
 }

@@ -51,6 +51,9 @@ pub struct Endpoint {
     pub id_prefix: String,
     /// Broadcast grouping tag.
     pub broadcast_tag: Option<String>,
+    /// A wsproxy session endpoint (its messages go to Redis, not
+    /// `on_message`).
+    pub session: Option<super::SessionConfig>,
 }
 
 impl Endpoint {

@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub veltix: Option<Vec<super::VeltixFile>>,
     /// Veylor's performance section.
     pub performance: Option<PerformanceFile>,
+    /// The Redis server (wsproxy sessions).
+    pub redis: Option<super::RedisFile>,
 }
 
 /// One `sources[]` entry as written (Veylor's keys, plus corerelay's).
@@ -155,6 +157,9 @@ pub struct EndpointFile {
     pub id_prefix: Option<String>,
     /// Tag whose value groups connections for `on_message: broadcast`.
     pub broadcast_tag: Option<String>,
+    /// wsproxy sessions: the socket hears `session:{id}:down` and its JSON
+    /// goes to `session:{id}:up` (needs the `redis:` section).
+    pub wsproxy: Option<super::SessionFile>,
 }
 
 /// The `rely:` section as written.

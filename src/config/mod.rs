@@ -16,17 +16,21 @@
 mod defaults;
 mod endpoint;
 mod file;
+mod redis;
 mod tls;
 mod validate;
 mod values;
 mod veltix;
+mod wsproxy;
 
 pub use defaults::*;
 pub use endpoint::*;
 pub use file::*;
+pub use redis::*;
 pub use tls::*;
 pub use values::*;
 pub use veltix::*;
+pub use wsproxy::*;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -77,6 +81,8 @@ pub struct Config {
     pub veltix: Vec<VeltixConfig>,
     /// Reconnect and queue settings shared by sources.
     pub performance: PerformanceConfig,
+    /// The Redis server the cores talk to (None: no Redis).
+    pub redis: Option<RedisConfig>,
 }
 
 /// A validated upstream source.

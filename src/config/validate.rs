@@ -217,6 +217,24 @@ impl FileConfig {
                 tls,
             });
         }
+        let redis = match self.redis {
+            None => None,
+            Some(r) => Some(
+                r.validate()
+                    .map_err(|(k, m)| err(&format!("redis.{k}"), m))?,
+            ),
+        };
+        if redis.is_none() {
+            let mut sessions = websocket
+                .iter()
+                .flat_map(|w| w.endpoints.iter().enumerate());
+            if let Some((i, _)) = sessions.find(|(_, e)| e.session.is_some()) {
+                return Err(err(
+                    &format!("websocket.endpoints[{i}].wsproxy"),
+                    "wsproxy sessions need a redis: section (url: redis://...)".into(),
+                ));
+            }
+        }
         let veltix = validate_veltix(self.veltix.unwrap_or_default(), max_connections, &err)?;
         // Every TCP listener with its key, in the order they bind.
         let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
@@ -239,6 +257,7 @@ impl FileConfig {
         Ok(Config {
             source: path.map(Path::to_owned),
             veltix,
+            redis,
             websocket,
             admin,
             sources,
@@ -339,6 +358,21 @@ fn validate_ws(
                 "on_message: broadcast needs broadcast_tag".into(),
             ));
         }
+        let session = match e.wsproxy {
+            None => None,
+            Some(s) => {
+                let s = s
+                    .validate()
+                    .map_err(|(k, m)| err(&key(&format!("wsproxy.{k}")), m))?;
+                if !params.contains(&s.param) {
+                    return Err(err(
+                        &key("wsproxy.session_param"),
+                        format!("parameter {:?} is not in the path", s.param),
+                    ));
+                }
+                Some(s)
+            }
+        };
         let max = e.max_message_size.map_or(DEFAULT_WS_MAX_MESSAGE, |s| s.0);
         if max == 0 || max > MAX_MAX_PAYLOAD {
             return Err(err(
@@ -356,6 +390,7 @@ fn validate_ws(
             id_param: e.id_param,
             id_prefix: e.id_prefix.unwrap_or_default(),
             broadcast_tag: e.broadcast_tag,
+            session,
         });
     }
     let nonzero =

@@ -16,6 +16,9 @@ pub enum Channel {
     Source(u16),
     /// The hub clients of Veltix listener `n`.
     VeltixHub(u16),
+    /// The members of a Redis channel this core subscribes (its local id;
+    /// `engine::redis` keeps the names).
+    Redis(u32),
 }
 
 /// One core's channel membership (slab keys).

@@ -33,6 +33,7 @@ use super::mesh::{Batch, Item, Outgoing};
 use super::message::{FanOp, Fanout, Frames};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Outbox};
+use super::redis::{self, Redis};
 use super::route::ctx;
 use super::shared::Shared;
 use super::stream::{Drain, Stream};
@@ -133,6 +134,8 @@ pub(crate) struct Core {
     upstreams: Upstreams,
     /// Admin requests waiting for the cores' replies.
     admin: AdminCalls,
+    /// This core's Redis client (None: no `redis:` section).
+    redis: Option<Redis>,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
     /// Reused buffer of accepted sockets.
@@ -179,6 +182,7 @@ impl Core {
             channels: Channels::default(),
             upstreams: Upstreams::new(cfg.sources.len(), cfg.workers, setup.index),
             admin: AdminCalls::default(),
+            redis: cfg.redis.as_ref().map(|_| Redis::new(setup.index)),
             selected: Vec::new(),
             accepted: Vec::new(),
             shared,
@@ -228,8 +232,12 @@ impl Core {
                 self.read_ready();
             }
             self.apply_local();
+            self.service_redis();
             self.run_timers();
             self.dial_upstreams(instant);
+            if let Some(r) = self.redis.as_mut() {
+                r.flush(&self.shared, self.poll.registry());
+            }
             self.flush_dirty();
             self.cut_if_over_memory();
             if let Some(arc) = self.local_data.take() {
@@ -250,6 +258,9 @@ impl Core {
         for k in keys {
             self.close(k, CloseReason::Shutdown);
         }
+        if let Some(r) = self.redis.as_mut() {
+            r.close(self.poll.registry());
+        }
         log::debug!("core {} stopped", self.index);
     }
 
@@ -259,6 +270,13 @@ impl Core {
         for ev in events.iter() {
             let t = ev.token();
             if t == WAKER {
+                continue;
+            }
+            if t == redis::CMD_TOKEN || t == redis::SUB_TOKEN {
+                if let Some(r) = self.redis.as_mut() {
+                    let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                    r.on_event(t, readable, ev.is_writable());
+                }
                 continue;
             }
             if t.0 >= LISTENER_BASE {
@@ -333,7 +351,8 @@ impl Core {
         // Reads wait while a cross-core channel is full; spinning on them
         // would only burn the CPU the destination core needs.
         let read_ready = !self.ready.is_empty() && !self.mesh.backpressured() && !draining;
-        if busy_poll || read_ready || accept_ready {
+        let redis_ready = self.redis.as_ref().is_some_and(Redis::busy);
+        if busy_poll || read_ready || accept_ready || redis_ready {
             return Some(Duration::ZERO);
         }
         let mut t = if self.mesh.has_pending() || draining {
@@ -950,6 +969,66 @@ impl Core {
         }
         self.fired = fired;
         self.fired.clear();
+    }
+
+    /// Redis: connects, replies and channel messages. Replies and
+    /// subscription confirmations go to the connections that asked;
+    /// a channel message reaches the channel's members as a fan-out on this
+    /// core (framed once, under each member's limits).
+    fn service_redis(&mut self) {
+        let Some(r) = self.redis.as_mut() else {
+            return;
+        };
+        r.service(self.poll.registry(), &self.shared);
+        let mut events = r.take_events();
+        for ev in events.drain(..) {
+            match ev {
+                redis::Event::Answer(c, tag, a) => {
+                    if self.live(c) {
+                        self.act_then_read(c, |s, io, me, cx| s.on_redis(io, me, tag, a, cx));
+                    }
+                }
+                redis::Event::Ready(c) => {
+                    if self.live(c) {
+                        self.act_then_read(c, |s, io, me, cx| s.on_subscribed(io, me, cx));
+                    }
+                }
+                redis::Event::Message(selector, data) => {
+                    // Verbatim: text when it is UTF-8, binary otherwise
+                    // (never an empty text frame).
+                    let text = std::str::from_utf8(&data).is_ok();
+                    self.fanout(Fanout {
+                        selector,
+                        msg: Some(super::message::Message::new(text, &data)),
+                        force_binary: false,
+                        exclude: None,
+                        op: FanOp::Send,
+                        reply: None,
+                    });
+                }
+            }
+        }
+        if let Some(r) = self.redis.as_mut() {
+            r.recycle_events(events);
+        }
+    }
+
+    /// Calls a waiting stage with an answer; if it goes on, it may read
+    /// what its client sent meanwhile.
+    fn act_then_read(
+        &mut self,
+        c: ConnId,
+        f: impl FnOnce(&mut Stage, &mut Io, ConnId, &mut super::route::Ctx<'_>) -> Outcome,
+    ) {
+        let key = c.slot as usize;
+        if self.act(key, f) == Step::Open {
+            if let Some(c) = self.conns.get_mut(key) {
+                if c.io.readable && !c.io.in_ready {
+                    c.io.in_ready = true;
+                    self.ready.push((key, c.gen));
+                }
+            }
+        }
     }
 
     /// Sends the upgrade request on upstreams whose TCP connect completed.

@@ -136,6 +136,44 @@ metrics! {
     queued_bytes,
     /// Event-loop iterations.
     loop_iterations,
+    /// The Redis command connection is up (gauge, 0 or 1).
+    redis_cmd_up,
+    /// The Redis subscription connection is up (gauge, 0 or 1).
+    redis_sub_up,
+    /// Redis connections lost after they were up.
+    redis_reconnects,
+    /// Redis requests sent (or buffered to send).
+    redis_requests,
+    /// Redis requests waiting for their reply (gauge).
+    redis_in_flight,
+    /// Redis replies received.
+    redis_replies,
+    /// Nanoseconds from request to reply, summed (divide by
+    /// redis_replies for the mean).
+    redis_reply_ns,
+    /// Commands dropped because Redis was away or its buffer full
+    /// (publishes to `:up` among them).
+    redis_dropped,
+    /// Error replies from Redis.
+    redis_errors,
+    /// Connections dropped because a reply did not come in time.
+    redis_timeouts,
+    /// Connections dropped for a malformed, unexpected or oversized reply.
+    redis_bad_replies,
+    /// Messages received on subscribed channels.
+    redis_messages,
+    /// Channels this core subscribes (gauge).
+    redis_channels,
+    /// wsproxy session sockets open (gauge).
+    session_sockets,
+    /// Session upgrades refused (401, 403, 500, 503, 504).
+    session_refused,
+    /// Client messages published to a session's `:up` channel.
+    session_up,
+    /// Client text messages that were not JSON (answered with an error).
+    session_invalid_json,
+    /// Client binary messages ignored (wsproxy takes text only).
+    session_binary_ignored,
     /// Nanoseconds spent working (not waiting in epoll) in iterations.
     loop_busy_ns,
     /// Cross-core batches waiting in this core's channel (gauge).
@@ -231,7 +269,16 @@ pub fn prometheus_sources(out: &mut String, urls: &[String], sources: &[SourceSt
 }
 
 /// Counters that are levels, not totals.
-const GAUGES: [&str; 3] = ["connections", "queued_bytes", "mesh_queue_depth"];
+const GAUGES: [&str; 8] = [
+    "connections",
+    "queued_bytes",
+    "mesh_queue_depth",
+    "redis_cmd_up",
+    "redis_sub_up",
+    "redis_in_flight",
+    "redis_channels",
+    "session_sockets",
+];
 
 /// Renders every core's counters in the Prometheus text format, one series
 /// per core (`core` label).

@@ -74,6 +74,7 @@ pub mod mesh;
 pub mod message;
 pub mod metrics;
 pub(crate) mod outbox;
+pub(crate) mod redis;
 pub(crate) mod route;
 pub(crate) mod shared;
 pub(crate) mod stream;

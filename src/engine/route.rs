@@ -19,6 +19,7 @@ use super::io::Login;
 use super::mesh::Outgoing;
 use super::message::{AdminCall, FanOp, Fanout, Message};
 use super::metrics::{CoreMetrics, SourceStatus};
+use super::redis::{Answer, Join};
 use super::tags::{Selector, Tag, TagIndex};
 use super::timer::Timing;
 use super::ConnId;
@@ -40,6 +41,7 @@ pub(crate) struct Ctx<'a> {
     pub(super) now: u64,
     pub(super) timing: &'a Timing,
     pub(super) draining: bool,
+    pub(super) redis: Option<&'a mut super::redis::Redis>,
 }
 
 /// Builds a [`Ctx`] from a core's fields (a macro, so the borrows stay
@@ -61,6 +63,7 @@ macro_rules! ctx {
             now: $core.now,
             timing: &$core.timing,
             draining: $core.drain_deadline.is_some(),
+            redis: $core.redis.as_mut(),
         }
     };
 }
@@ -205,6 +208,58 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// Sends a Redis command whose reply comes back to `me`'s stage
+    /// (`Stage::on_redis`, with `tag`). Err at once if Redis is away.
+    pub(crate) fn redis_call(&mut self, me: ConnId, tag: u8, args: &[&[u8]]) -> Result<(), Answer> {
+        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
+            (Some(r), Some(cfg)) => r.call(cfg, self.metrics, me, tag, args),
+            _ => Err(Answer::Down),
+        }
+    }
+
+    /// Sends a Redis command nobody waits for (dropped and counted while
+    /// Redis is away). False if dropped.
+    pub(crate) fn redis_send(&mut self, args: &[&[u8]]) -> bool {
+        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
+            (Some(r), Some(cfg)) => r.send(cfg, self.metrics, args),
+            _ => {
+                self.metrics.redis_dropped.inc();
+                false
+            }
+        }
+    }
+
+    /// `me` joins Redis channel `name` on this core (subscribed once per
+    /// core, refcounted). A `Ready` or `Pending` join must be left once.
+    pub(crate) fn redis_join(&mut self, name: &[u8], me: ConnId) -> Join {
+        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
+            (Some(r), Some(cfg)) => r.join(cfg, self.metrics, name, me),
+            _ => Join::Down,
+        }
+    }
+
+    /// Undoes a join of Redis channel `id`.
+    pub(crate) fn redis_leave(&mut self, id: u32, me: ConnId) {
+        if let (Some(r), Some(cfg)) = (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
+            r.leave(cfg, self.metrics, id, me);
+        }
+    }
+
+    /// wsproxy session sockets open on every core.
+    pub(crate) fn session_sockets(&self) -> u64 {
+        self.all_metrics
+            .iter()
+            .map(|m| m.session_sockets.get())
+            .sum()
+    }
+
+    /// Is every core's Redis connected? (wsproxy's /health.)
+    pub(crate) fn redis_connected(&self) -> bool {
+        self.all_metrics
+            .iter()
+            .all(|m| m.redis_cmd_up.get() == 1 && m.redis_sub_up.get() == 1)
+    }
+
     /// The Prometheus text of every core's and every source's counters.
     pub(crate) fn metrics_text(&self) -> String {
         let mut body = super::metrics::prometheus(self.all_metrics);
@@ -308,6 +363,7 @@ pub(crate) mod test {
                 now: self.now,
                 timing: &self.timing,
                 draining: false,
+                redis: None,
             }
         }
 

@@ -259,7 +259,7 @@ impl Upstreams {
 /// The delay before attempt `attempts` (1-based): `base * 2^(attempts-1)`
 /// capped at `max` (at least `base`), times a jitter between half and all
 /// of it drawn from `random`.
-fn backoff(base: Duration, max: Duration, attempts: u32, random: u64) -> Duration {
+pub(crate) fn backoff(base: Duration, max: Duration, attempts: u32, random: u64) -> Duration {
     let grown = base.as_secs_f64() * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
     let capped = grown.min(max.as_secs_f64().max(base.as_secs_f64()));
     let r = (random >> 11) as f64 / (1u64 << 53) as f64;

@@ -8,7 +8,7 @@
 //! Inputs past [`MAX_SPLIT_INPUT`] bytes are split-checked on their prefix
 //! only, so one input costs O(n^2) at worst on a small n.
 
-use super::{http, lenprefix, rely, veltix, ws};
+use super::{http, lenprefix, rely, resp, veltix, ws};
 
 /// Longest prefix whose every split is checked.
 pub const MAX_SPLIT_INPUT: usize = 2048;
@@ -283,11 +283,45 @@ pub fn veltix_v1(data: &[u8]) {
     assert_eq!(v1_events(&[&again]), (want, None), "round trip");
 }
 
+/// Replies taken from a buffer as its bytes arrive in `chunks`.
+fn resp_events(chunks: &[&[u8]]) -> (Vec<String>, Option<resp::RespError>) {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    for c in chunks {
+        buf.extend_from_slice(c);
+        loop {
+            match resp::decode(&buf, MAX_PAYLOAD as usize) {
+                Ok(Some((v, n))) => {
+                    assert!(n <= MAX_PAYLOAD as usize, "reply over the cap");
+                    out.push(format!("{v:?}"));
+                    buf.drain(..n);
+                }
+                // What the Redis client does with a buffer that holds no
+                // whole reply within the cap.
+                Ok(None) if buf.len() > MAX_PAYLOAD as usize => {
+                    return (out, Some(resp::RespError::TooLarge))
+                }
+                Ok(None) => break,
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+    (out, None)
+}
+
+/// Redis replies (RESP2).
+pub fn resp(data: &[u8]) {
+    let whole = resp_events(&[prefix(data)]);
+    for (a, b) in splits(data) {
+        assert_eq!(resp_events(&[a, b]), whole, "split at {}", a.len());
+    }
+}
+
 /// One check: panics if `data` breaks an invariant.
 pub type Check = fn(&[u8]);
 
 /// Every check by its fuzz target's name.
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("rely", rely),
     ("ws_server", ws_server),
     ("ws_client", ws_client),
@@ -296,6 +330,7 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("config_yaml", config_yaml),
     ("veltix_v1", veltix_v1),
     ("veltix_v3", veltix_v3),
+    ("resp", resp),
 ];
 
 #[cfg(test)]

@@ -119,6 +119,16 @@ impl HttpError {
     }
 }
 
+/// A complete plain-text response that closes the connection (`body` as
+/// it is, no newline added: wsproxy's clients compare it).
+pub fn plain_response(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Most headers a request may carry.
 pub const MAX_HEADERS: usize = 64;
 

@@ -5,5 +5,6 @@ pub mod check;
 pub mod http;
 pub mod lenprefix;
 pub mod rely;
+pub mod resp;
 pub mod veltix;
 pub mod ws;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -368,4 +370,46 @@ pub fn http(
     // The server may answer (413) before taking the whole body.
     let _ = s.write_all(body);
     read_response(&mut s)
+}
+
+/// `target/<name>/bin/python` of a venv holding `packages` (pip
+/// requirement strings), built once; `check` is Python code that succeeds
+/// only when they import at the right versions. `.ci/run` builds them
+/// ahead; a test that finds none builds it (PyPI is reachable).
+pub fn venv_python(
+    name: &str,
+    packages: &[&str],
+    check: &str,
+) -> Result<std::path::PathBuf, String> {
+    use std::process::Command;
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(name);
+    let python = venv.join("bin/python");
+    let ready = |p: &std::path::Path| {
+        Command::new(p)
+            .args(["-c", check])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready(&python) {
+        return Ok(python);
+    }
+    let run = |cmd: &mut Command| -> Result<(), String> {
+        let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&o.stderr)))
+        }
+    };
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(packages))?;
+    if ready(&python) {
+        Ok(python)
+    } else {
+        Err(format!("{packages:?} did not import after installing"))
+    }
 }

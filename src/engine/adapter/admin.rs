@@ -41,6 +41,9 @@ pub(crate) struct AdminStage {
     pending: bool,
     /// Tick at which the request now in the buffer began (None: empty).
     started: Option<u64>,
+    /// The peer is outside the allowed networks: it gets /health and
+    /// /ready only (load balancers and probes), 403 for the rest.
+    outsider: bool,
 }
 
 /// Splits `a=1&b=2` into url-decoded pairs (empty keys skipped).
@@ -75,6 +78,15 @@ fn ok(body: &[u8], keep_alive: bool) -> Answer {
         status: "200 OK",
         content_type: TEXT,
         body: body.to_vec(),
+        keep_alive,
+    }
+}
+
+fn json(status: &'static str, body: String, keep_alive: bool) -> Answer {
+    Answer {
+        status,
+        content_type: "application/json",
+        body: body.into_bytes(),
         keep_alive,
     }
 }
@@ -125,13 +137,7 @@ impl AdminStage {
             self.started = Some(cx.now());
         }
         self.buf.extend_from_slice(input);
-        if !admin.allows(io.peer.ip()) {
-            log::debug!(
-                "{}: admin request from outside the allowed networks",
-                io.peer
-            );
-            return refuse(io, cx, "403 Forbidden", "forbidden");
-        }
+        self.outsider = !admin.allows(io.peer.ip());
         self.resume(io, me, cx)
     }
 
@@ -214,7 +220,53 @@ impl AdminStage {
     ) -> Option<Outcome> {
         let now = cx.now();
         let call = |op: FanOp| (op, Selector::from_pairs(&form_pairs(&req.query)));
+        let public = matches!(req.path.as_str(), "/health" | "/ready");
+        if self.outsider && !public {
+            log::debug!(
+                "{}: admin request from outside the allowed networks",
+                io.peer
+            );
+            return Some(refuse(io, cx, "403 Forbidden", "forbidden"));
+        }
+        let wsproxy =
+            cx.cfg().redis.is_some() && cx.cfg().ws().endpoints.iter().any(|e| e.session.is_some());
         let (op, selector, msg) = match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/health") if wsproxy => {
+                // wsproxy's answer, with Redis's state across every core.
+                let n = cx.session_sockets();
+                let a = if cx.redis_connected() {
+                    json(
+                        "200 OK",
+                        format!(
+                            r#"{{"status":"healthy","redis":"connected","active_connections":{n}}}"#
+                        ),
+                        keep_alive,
+                    )
+                } else {
+                    json(
+                        "503 Service Unavailable",
+                        format!(
+                            r#"{{"status":"unhealthy","redis":"disconnected","active_connections":{n},"error":"no connection to Redis"}}"#
+                        ),
+                        keep_alive,
+                    )
+                };
+                respond(io, &a, now);
+                return None;
+            }
+            ("GET" | "HEAD", "/ready") if wsproxy => {
+                let a = if cx.draining() {
+                    json(
+                        "503 Service Unavailable",
+                        r#"{"status":"draining"}"#.into(),
+                        keep_alive,
+                    )
+                } else {
+                    json("200 OK", r#"{"status":"ready"}"#.into(), keep_alive)
+                };
+                respond(io, &a, now);
+                return None;
+            }
             ("GET" | "HEAD", "/health") => {
                 respond(io, &ok(b"ok\n", keep_alive), now);
                 return None;
@@ -410,7 +462,7 @@ mod tests {
         st.on_bytes(
             &mut io,
             me(),
-            &mut b"GET /health HTTP/1.1\r\n\r\n".to_vec(),
+            &mut b"GET /metrics HTTP/1.1\r\n\r\n".to_vec(),
             &mut t.cx(),
         );
         assert!(io.out.contents().starts_with(b"HTTP/1.1 403"));

@@ -10,6 +10,7 @@
 //! WebSocket port goes to the admin stage when the admin API is served there.
 
 use super::admin::AdminStage;
+use super::session::SessionOpen;
 use super::ws::{broadcast_selector, WsStage};
 use super::{Outcome, Stage};
 use crate::engine::channels::Channel;
@@ -98,6 +99,13 @@ impl HandshakeStage {
         // Frames the client sent right behind its request head.
         let early = rest(self, req.head_len);
         let next = match (routed, self.source) {
+            (Some((endpoint, params)), _) if ws.endpoints[endpoint].session.is_some() => {
+                let ep = &ws.endpoints[endpoint];
+                let Some(s) = ep.session.as_ref() else {
+                    return self.refuse(io, HttpError::NotFound, cx);
+                };
+                return SessionOpen::begin(io, me, endpoint, s, &req, &params, key, early, cx);
+            }
             (Some((endpoint, params)), _) => {
                 let ep = &ws.endpoints[endpoint];
                 let mut tags: Vec<(Box<str>, Box<str>)> = ep

@@ -19,15 +19,17 @@
 pub(crate) mod admin;
 pub(crate) mod handshake;
 pub(crate) mod rely;
+pub(crate) mod session;
 pub(crate) mod unix;
 pub(crate) mod upstream;
 pub(crate) mod veltix;
 pub(crate) mod ws;
 
-use super::admin_calls::Answer;
+use super::admin_calls::Answer as AdminAnswer;
 use super::io::{CloseReason, Io, Limits};
 use super::listener::ListenerKind;
 use super::message::{FanOp, Wire};
+use super::redis::Answer;
 use super::route::Ctx;
 use super::timer::Timing;
 use super::ConnId;
@@ -58,6 +60,8 @@ pub(crate) enum Stage {
     Unix(unix::UnixStage),
     Upstream(upstream::UpstreamStage),
     Veltix(veltix::VeltixStage),
+    /// A wsproxy session between its request head and its 101.
+    Session(session::SessionOpen),
 }
 
 /// Calls `$method` on whichever stage this is.
@@ -71,6 +75,7 @@ macro_rules! each {
             Stage::Unix($s) => $e,
             Stage::Upstream($s) => $e,
             Stage::Veltix($s) => $e,
+            Stage::Session($s) => $e,
         }
     };
 }
@@ -123,7 +128,11 @@ impl Stage {
     /// yet? Then the core calls [`Stage::resume`] before reading.
     #[inline]
     pub(crate) fn wants_resume(&self) -> bool {
-        matches!(self, Stage::Admin(s) if s.wants_resume())
+        match self {
+            Stage::Admin(s) => s.wants_resume(),
+            Stage::Session(_) => true,
+            _ => false,
+        }
     }
 
     /// Before reading: work left from an earlier read (pipelined admin
@@ -132,6 +141,8 @@ impl Stage {
     pub(crate) fn resume(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         match self {
             Stage::Admin(s) => s.resume(io, me, cx),
+            // Nothing is read until Redis has answered.
+            Stage::Session(_) => Outcome::Await,
             _ => Outcome::Continue,
         }
     }
@@ -156,7 +167,7 @@ impl Stage {
     pub(crate) fn on_drain(&mut self, io: &mut Io, now: u64) -> Outcome {
         match self {
             Stage::Ws(s) => s.goodbye(io, CloseReason::Shutdown, now),
-            Stage::Handshake(_) => Outcome::Close(CloseReason::Shutdown),
+            Stage::Handshake(_) | Stage::Session(_) => Outcome::Close(CloseReason::Shutdown),
             Stage::Upstream(s) => s.on_drain(io, now),
             Stage::Rely(_) | Stage::Admin(_) | Stage::Unix(_) | Stage::Veltix(_) => {
                 Outcome::Continue
@@ -179,6 +190,7 @@ impl Stage {
             Stage::Ws(s) => s.on_close(me, cx),
             Stage::Unix(s) => s.on_close(me, cx),
             Stage::Veltix(s) => s.on_close(me, cx),
+            Stage::Session(s) => s.on_close(me, cx),
             _ => {}
         }
     }
@@ -223,9 +235,32 @@ impl Stage {
     }
 
     /// An answer for a request this stage waits on.
-    pub(crate) fn on_answer(&mut self, io: &mut Io, a: Answer, now: u64) -> Outcome {
+    pub(crate) fn on_answer(&mut self, io: &mut Io, a: AdminAnswer, now: u64) -> Outcome {
         match self {
             Stage::Admin(s) => s.on_answer(io, a, now),
+            _ => Outcome::Continue,
+        }
+    }
+
+    /// A Redis reply for a request this stage made (`Ctx::redis_call`).
+    pub(crate) fn on_redis(
+        &mut self,
+        io: &mut Io,
+        me: ConnId,
+        tag: u8,
+        a: Answer,
+        cx: &mut Ctx<'_>,
+    ) -> Outcome {
+        match self {
+            Stage::Session(s) => s.on_redis(io, me, tag, a, cx),
+            _ => Outcome::Continue,
+        }
+    }
+
+    /// A Redis channel this stage joined is subscribed.
+    pub(crate) fn on_subscribed(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
+        match self {
+            Stage::Session(s) => s.on_subscribed(io, me, cx),
             _ => Outcome::Continue,
         }
     }

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use super::rely::relay_transfer;
+use super::session::on_session_message;
 use super::Outcome;
 use crate::config::{Endpoint, OnMessage};
 use crate::engine::channels::Channel;
@@ -31,6 +32,9 @@ enum Role {
     Endpoint(u16),
     /// A client of upstream source `n`: its messages go upstream.
     Source(u16),
+    /// A wsproxy session socket, a member of Redis channel `n` (its
+    /// `:down`); its messages go to `session_up`.
+    Session(u32),
 }
 
 /// A WebSocket client.
@@ -44,6 +48,8 @@ pub(crate) struct WsStage {
     /// For `on_message: broadcast`: the connections sharing this one's
     /// `broadcast_tag` value (None: it has no such tag).
     broadcast: Option<Arc<Selector>>,
+    /// A session socket's `:up` channel name.
+    session_up: Option<Box<[u8]>>,
 }
 
 /// A close to send, and why.
@@ -88,6 +94,7 @@ impl WsStage {
             tags,
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast,
+            session_up: None,
         }
     }
 
@@ -99,6 +106,26 @@ impl WsStage {
             tags: Vec::new(),
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
+            session_up: None,
+        }
+    }
+
+    /// A wsproxy session socket of endpoint `index`, a member of Redis
+    /// channel `channel`, publishing to `up`.
+    pub(crate) fn session(
+        _index: usize,
+        ep: &Endpoint,
+        channel: u32,
+        up: Vec<u8>,
+        cx: &Ctx<'_>,
+    ) -> WsStage {
+        WsStage {
+            decoder: Decoder::new(ep.max_message_size),
+            role: Role::Session(channel),
+            tags: Vec::new(),
+            keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
+            broadcast: None,
+            session_up: Some(up.into()),
         }
     }
 
@@ -110,7 +137,7 @@ impl WsStage {
         cx: &mut Ctx<'_>,
     ) -> Outcome {
         let on_message = match self.role {
-            Role::Source(_) => None,
+            Role::Source(_) | Role::Session(_) => None,
             Role::Endpoint(i) => match cx.cfg().ws().endpoints.get(i as usize) {
                 Some(ep) => Some(ep.on_message),
                 None => return Outcome::Close(CloseReason::Protocol),
@@ -121,6 +148,7 @@ impl WsStage {
             role,
             keepalive,
             broadcast,
+            session_up,
             ..
         } = self;
         // What to do after the decoder stops: a close to send, if any.
@@ -135,6 +163,10 @@ impl WsStage {
                         if let Role::Source(src) = *role {
                             // Kept as it is: text stays text, binary binary.
                             cx.send_upstream(src, text, data);
+                        }
+                        if let (Role::Session(_), Some(up)) = (*role, session_up.as_deref()) {
+                            slow = !on_session_message(io, up, text, data, cx);
+                            return !slow;
                         }
                         return true;
                     };
@@ -267,8 +299,16 @@ impl WsStage {
     pub(crate) fn on_close(&mut self, me: ConnId, cx: &mut Ctx<'_>) {
         let slot = me.slot as usize;
         cx.untag(slot, &self.tags);
-        if let Role::Source(src) = self.role {
-            cx.leave(Channel::Source(src), slot);
+        match self.role {
+            Role::Source(src) => cx.leave(Channel::Source(src), slot),
+            Role::Session(ch) => {
+                cx.leave(Channel::Redis(ch), slot);
+                cx.redis_leave(ch, me);
+                let m = cx.metrics();
+                m.session_sockets
+                    .set(m.session_sockets.get().saturating_sub(1));
+            }
+            Role::Endpoint(_) => {}
         }
     }
 

@@ -1,0 +1,989 @@
+//! [`Redis`]: one core's Redis client (DESIGN.md section 6). Two
+//! non-blocking connections driven by the core's loop: one for commands,
+//! one for subscriptions. No thread, no blocking call: the core hands it
+//! readiness, it reads and decodes replies ([`crate::protocol::resp`]),
+//! matches them in order against what each request was for, and gives the
+//! core [`Event`]s to hand to connections. Everything one iteration asks
+//! for goes out in one write per connection (`flush`).
+//!
+//! Bounds: the read buffer is capped (`max_reply_bytes`); commands wait in
+//! a capped buffer while Redis is away (`max_pending_bytes`), beyond which
+//! a publish is dropped and counted and a request fails at once; every
+//! request has a deadline (`request_timeout`), and a connection whose
+//! oldest request passes it is dropped (a Redis that stopped answering),
+//! failing what was pending. A lost connection comes back with the
+//! sources' capped backoff and jitter; the subscription connection then
+//! subscribes this core's channels again, 512 to a command.
+//!
+//! Subscriptions are per core and refcounted: a core subscribes exactly the
+//! channels its own connections joined, so a message arrives on the core
+//! that owns its receivers. Each subscribed channel is a
+//! [`Channel::Redis`] of the core's channel index, so a message reaches its
+//! members by the same fan-out (framed once, slow-consumer policy) as a
+//! source's message. A join waits for the subscription to be confirmed
+//! (`Join::Pending`, then [`Event::Ready`]), so a connection that is told
+//! "subscribed" misses nothing published after.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::channels::Channel;
+use super::metrics::CoreMetrics;
+use super::shared::Shared;
+use super::tags::Selector;
+use super::upstreams::backoff;
+use super::ConnId;
+use crate::config::RedisConfig;
+use crate::protocol::resp::{self, Value};
+
+/// The command connection's token on the core's poll.
+pub(crate) const CMD_TOKEN: Token = Token(usize::MAX - 1);
+/// The subscription connection's token.
+pub(crate) const SUB_TOKEN: Token = Token(usize::MAX - 2);
+
+/// Channels per SUBSCRIBE when resubscribing (as Centrifuge batches).
+const SUBSCRIBE_BATCH: usize = 512;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Reads per connection per iteration before the others get a turn.
+const READS_PER_ITERATION: usize = 64;
+/// A connection that stayed up this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// What a reply means to whoever asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// `$-1` or `*-1`.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A simple or bulk string.
+    Bytes(Vec<u8>),
+    /// An array (its contents are not needed by any caller yet).
+    Array,
+    /// Redis refused the command (`-ERR ...`).
+    Error(String),
+    /// No connection to Redis (or its buffer is full).
+    Down,
+    /// No reply within `request_timeout`.
+    Timeout,
+}
+
+/// Whom a reply goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// AUTH, SELECT, CLIENT SETNAME: an error drops the connection.
+    Setup,
+    /// A keepalive PING.
+    Ping,
+    /// Nobody waits (PUBLISH, EXPIRE): errors are counted.
+    Ignore,
+    /// A connection's stage, with its own tag for the request.
+    Conn(ConnId, u8),
+}
+
+/// What the core hands on after `service`.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A reply for connection `.0`'s request tagged `.1`.
+    Answer(ConnId, u8, Answer),
+    /// The channel connection `.0` joined is subscribed.
+    Ready(ConnId),
+    /// A message on a subscribed channel, for its members.
+    Message(Arc<Selector>, Vec<u8>),
+}
+
+/// The answer to a join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Join {
+    /// Subscribed already: a member from now on.
+    Ready(Channel),
+    /// A SUBSCRIBE is on its way: [`Event::Ready`] follows.
+    Pending(Channel),
+    /// The subscription connection is down.
+    Down,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting to (re)connect.
+    Idle { retry_at: Instant },
+    /// A helper thread resolves the host name.
+    Resolving(Receiver<io::Result<Vec<SocketAddr>>>),
+    /// TCP connect in progress.
+    Connecting {
+        stream: TcpStream,
+        deadline: Instant,
+    },
+    /// Connected (the setup commands lead its pipeline).
+    Up { stream: TcpStream },
+}
+
+/// One connection to Redis.
+#[derive(Debug)]
+struct Link {
+    token: Token,
+    sub: bool,
+    state: State,
+    /// Encoded commands not yet written (from `written`).
+    out: Vec<u8>,
+    written: usize,
+    /// Bytes read and not yet decoded (capped).
+    inb: Vec<u8>,
+    /// What each reply in flight is for, oldest first, with its deadline
+    /// and send time.
+    pending: VecDeque<(Want, Instant, Instant)>,
+    readable: bool,
+    writable: bool,
+    attempts: u32,
+    up_since: Option<Instant>,
+    /// Last time a byte came in (keepalive).
+    heard: Instant,
+    /// The subscription connection's outstanding PING.
+    ping_due: Option<Instant>,
+}
+
+/// A channel this core subscribes.
+#[derive(Debug)]
+struct Sub {
+    /// Its local channel id.
+    id: u32,
+    /// Members and joiners.
+    refs: usize,
+    /// Joiners waiting for the confirmation.
+    waiting: Vec<ConnId>,
+    /// The last command sent for it was SUBSCRIBE.
+    subscribed: bool,
+    /// Confirmations still due for commands sent for it.
+    outstanding: u32,
+    selector: Arc<Selector>,
+}
+
+/// One core's Redis client.
+#[derive(Debug)]
+pub(crate) struct Redis {
+    core: usize,
+    cmd: Link,
+    sub: Link,
+    subs: HashMap<Box<[u8]>, Sub>,
+    names: HashMap<u32, Box<[u8]>>,
+    next_id: u32,
+    events: Vec<Event>,
+}
+
+impl Link {
+    fn new(token: Token, sub: bool) -> Link {
+        let now = Instant::now();
+        Link {
+            token,
+            sub,
+            state: State::Idle { retry_at: now },
+            out: Vec::new(),
+            written: 0,
+            inb: Vec::new(),
+            pending: VecDeque::new(),
+            readable: false,
+            writable: false,
+            attempts: 0,
+            up_since: None,
+            heard: now,
+            ping_due: None,
+        }
+    }
+
+    fn up(&self) -> bool {
+        matches!(self.state, State::Up { .. })
+    }
+
+    /// May a command be buffered now (up, or about to be)?
+    fn accepting(&self) -> bool {
+        !matches!(self.state, State::Idle { .. })
+    }
+
+    fn name(&self) -> &'static str {
+        if self.sub {
+            "subscribe"
+        } else {
+            "command"
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Appends a command if the buffer has room.
+    fn push(&mut self, args: &[&[u8]], cap: usize) -> bool {
+        if self.queued() + resp::encoded_len(args) > cap {
+            return false;
+        }
+        resp::encode(&mut self.out, args);
+        true
+    }
+}
+
+impl Redis {
+    pub(crate) fn new(core: usize) -> Redis {
+        Redis {
+            core,
+            cmd: Link::new(CMD_TOKEN, false),
+            sub: Link::new(SUB_TOKEN, true),
+            subs: HashMap::new(),
+            names: HashMap::new(),
+            next_id: 0,
+            events: Vec::new(),
+        }
+    }
+
+    /// Readiness from the core's poll.
+    pub(crate) fn on_event(&mut self, token: Token, readable: bool, writable: bool) {
+        let l = if token == CMD_TOKEN {
+            &mut self.cmd
+        } else {
+            &mut self.sub
+        };
+        l.readable |= readable;
+        l.writable |= writable;
+    }
+
+    /// Input is waiting that the last iteration left (its read budget ran
+    /// out): the core must not sleep.
+    pub(crate) fn busy(&self) -> bool {
+        (self.cmd.readable && self.cmd.up()) || (self.sub.readable && self.sub.up())
+    }
+
+    /// Sends a command whose reply goes to `me`'s stage, tagged `tag`.
+    /// Err(Down) at once if there is no connection or no room.
+    pub(crate) fn call(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        me: ConnId,
+        tag: u8,
+        args: &[&[u8]],
+    ) -> Result<(), Answer> {
+        self.command(cfg, m, Want::Conn(me, tag), args)
+            .then_some(())
+            .ok_or(Answer::Down)
+    }
+
+    /// Sends a command nobody waits for (a failure is counted). False if
+    /// it was dropped (no connection, or no room).
+    pub(crate) fn send(&mut self, cfg: &RedisConfig, m: &CoreMetrics, args: &[&[u8]]) -> bool {
+        let ok = self.command(cfg, m, Want::Ignore, args);
+        if !ok {
+            m.redis_dropped.inc();
+        }
+        ok
+    }
+
+    fn command(&mut self, cfg: &RedisConfig, m: &CoreMetrics, want: Want, args: &[&[u8]]) -> bool {
+        let l = &mut self.cmd;
+        if !l.accepting() || !l.push(args, cfg.max_pending_bytes) {
+            return false;
+        }
+        let now = Instant::now();
+        l.pending.push_back((want, now + cfg.request_timeout, now));
+        m.redis_requests.inc();
+        m.redis_in_flight.set(l.pending.len() as u64);
+        true
+    }
+
+    /// `me` joins channel `name`: subscribed at once, after a
+    /// confirmation, or not at all while the subscription connection is
+    /// down. Every join is matched by one [`Redis::leave`] (a `Down` join
+    /// holds nothing).
+    pub(crate) fn join(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        name: &[u8],
+        me: ConnId,
+    ) -> Join {
+        if !self.sub.accepting() {
+            return Join::Down;
+        }
+        // While connecting, the connect's resubscribe sends it.
+        let up = self.sub.up();
+        if let Some(s) = self.subs.get_mut(name) {
+            if s.subscribed && s.outstanding == 0 {
+                s.refs += 1;
+                return Join::Ready(Channel::Redis(s.id));
+            }
+            if !s.subscribed && up {
+                if !self.sub.push(&[b"SUBSCRIBE", name], cfg.max_pending_bytes) {
+                    return Join::Down;
+                }
+                s.subscribed = true;
+                s.outstanding += 1;
+            }
+            s.refs += 1;
+            s.waiting.push(me);
+            return Join::Pending(Channel::Redis(s.id));
+        }
+        if up && !self.sub.push(&[b"SUBSCRIBE", name], cfg.max_pending_bytes) {
+            return Join::Down;
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.subs.insert(
+            name.into(),
+            Sub {
+                id,
+                refs: 1,
+                waiting: vec![me],
+                subscribed: up,
+                outstanding: u32::from(up),
+                selector: Arc::new(Selector::Channel(Channel::Redis(id))),
+            },
+        );
+        self.names.insert(id, name.into());
+        m.redis_channels.set(self.subs.len() as u64);
+        Join::Pending(Channel::Redis(id))
+    }
+
+    /// Undoes one join of channel `id` by `me`; the last one unsubscribes.
+    pub(crate) fn leave(&mut self, cfg: &RedisConfig, m: &CoreMetrics, id: u32, me: ConnId) {
+        let Some(name) = self.names.get(&id) else {
+            return;
+        };
+        let Some(s) = self.subs.get_mut(name) else {
+            return;
+        };
+        s.waiting.retain(|w| *w != me);
+        s.refs = s.refs.saturating_sub(1);
+        if s.refs > 0 {
+            return;
+        }
+        if s.subscribed
+            && self.sub.up()
+            && self
+                .sub
+                .push(&[b"UNSUBSCRIBE", name], cfg.max_pending_bytes)
+        {
+            s.subscribed = false;
+            s.outstanding += 1;
+            return; // forgotten when the confirmation comes
+        }
+        if s.outstanding == 0 || !self.sub.up() {
+            let name = name.clone();
+            self.forget(&name);
+            m.redis_channels.set(self.subs.len() as u64);
+        }
+    }
+
+    fn forget(&mut self, name: &[u8]) {
+        if let Some(s) = self.subs.remove(name) {
+            self.names.remove(&s.id);
+        }
+    }
+
+    /// One iteration's work: dial what is due, finish connects, read and
+    /// decode replies, fail requests past their deadline, ping idle
+    /// connections. What connections must hear is left in
+    /// [`Redis::take_events`].
+    pub(crate) fn service(&mut self, registry: &Registry, shared: &Arc<Shared>) {
+        let Some(cfg) = shared.cfg.redis.as_ref() else {
+            return;
+        };
+        let m = &shared.metrics[self.core];
+        let now = Instant::now();
+        for sub in [false, true] {
+            self.dial(sub, registry, cfg, shared, now);
+            self.finish_connect(sub, registry, cfg, m, now);
+            if let Err(why) = self.read(sub, cfg, m) {
+                self.drop_link(sub, registry, cfg, m, &why);
+                continue;
+            }
+            if let Err(why) = self.check_deadlines(sub, cfg, m, now) {
+                self.drop_link(sub, registry, cfg, m, &why);
+            }
+        }
+        m.redis_cmd_up.set(u64::from(self.cmd.up()));
+        m.redis_sub_up.set(u64::from(self.sub.up()));
+        m.redis_in_flight.set(self.cmd.pending.len() as u64);
+    }
+
+    /// What the last `service` left for connections.
+    pub(crate) fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Hands back the (emptied) event buffer for reuse.
+    pub(crate) fn recycle_events(&mut self, mut v: Vec<Event>) {
+        v.clear();
+        if self.events.is_empty() {
+            self.events = v;
+        }
+    }
+
+    fn link(&mut self, sub: bool) -> &mut Link {
+        if sub {
+            &mut self.sub
+        } else {
+            &mut self.cmd
+        }
+    }
+
+    fn dial(
+        &mut self,
+        sub: bool,
+        registry: &Registry,
+        cfg: &RedisConfig,
+        shared: &Arc<Shared>,
+        now: Instant,
+    ) {
+        let core = self.core;
+        let m = &shared.metrics[core];
+        let l = self.link(sub);
+        let addr = match &l.state {
+            State::Idle { retry_at } if *retry_at <= now => {
+                let t = &cfg.target;
+                match t.host.parse::<IpAddr>() {
+                    Ok(ip) => Ok(SocketAddr::new(ip, t.port)),
+                    Err(_) => {
+                        l.state = resolve(t.host.clone(), t.port, shared.clone(), core);
+                        return;
+                    }
+                }
+            }
+            State::Resolving(rx) => match rx.try_recv() {
+                Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs[0]),
+                Ok(r) => Err(r.err().map_or("no address".into(), |e| e.to_string())),
+                Err(_) => return,
+            },
+            _ => return,
+        };
+        let addr = match addr {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("redis {}: cannot resolve: {e}", cfg.url);
+                return self.drop_link(sub, registry, cfg, m, "resolve failed");
+            }
+        };
+        let l = self.link(sub);
+        let opened = TcpStream::connect(addr).and_then(|mut s| {
+            registry.register(&mut s, l.token, Interest::READABLE | Interest::WRITABLE)?;
+            Ok(s)
+        });
+        match opened {
+            Ok(stream) => {
+                log::debug!("core {core}: redis {} connection to {addr}", l.name());
+                l.state = State::Connecting {
+                    stream,
+                    deadline: now + cfg.connect_timeout,
+                };
+                l.readable = false;
+                l.writable = false;
+            }
+            Err(e) => {
+                log::debug!("core {core}: redis connect to {addr}: {e}");
+                self.drop_link(sub, registry, cfg, m, "connect failed");
+            }
+        }
+    }
+
+    /// A connect that completed (or failed, or ran out of time).
+    fn finish_connect(
+        &mut self,
+        sub: bool,
+        registry: &Registry,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        now: Instant,
+    ) {
+        let core = self.core;
+        let l = self.link(sub);
+        let State::Connecting { stream, deadline } = &l.state else {
+            return;
+        };
+        let failed = if !l.writable {
+            (now >= *deadline).then(|| "connect timeout".to_owned())
+        } else {
+            match stream.take_error() {
+                Ok(None) if stream.peer_addr().is_ok() => None,
+                Ok(Some(e)) | Err(e) => Some(format!("connect: {e}")),
+                Ok(None) => {
+                    l.writable = false;
+                    (now >= *deadline).then(|| "connect timeout".to_owned())
+                }
+            }
+        };
+        if let Some(why) = failed {
+            return self.drop_link(sub, registry, cfg, m, &why);
+        }
+        if !l.writable {
+            return;
+        }
+        let State::Connecting { stream, .. } =
+            std::mem::replace(&mut l.state, State::Idle { retry_at: now })
+        else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        l.state = State::Up { stream };
+        l.up_since = Some(now);
+        l.heard = now;
+        // The setup commands go first, ahead of anything buffered while
+        // connecting (commands are only buffered from now on: `accepting`).
+        let mut setup = Vec::new();
+        let mut n = 0;
+        let t = &cfg.target;
+        if let Some(pass) = &t.password {
+            match &t.user {
+                Some(u) => resp::encode(&mut setup, &[b"AUTH", u.as_bytes(), pass.as_bytes()]),
+                None => resp::encode(&mut setup, &[b"AUTH", pass.as_bytes()]),
+            }
+            n += 1;
+        }
+        if t.db != 0 {
+            resp::encode(&mut setup, &[b"SELECT", t.db.to_string().as_bytes()]);
+            n += 1;
+        }
+        let name = format!(
+            "{}-{}-{}",
+            cfg.client_name,
+            core,
+            if sub { "sub" } else { "cmd" }
+        );
+        resp::encode(&mut setup, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+        n += 1;
+        let deadline = now + cfg.request_timeout;
+        for _ in 0..n {
+            l.pending.push_front((Want::Setup, deadline, now));
+        }
+        setup.extend_from_slice(&l.out[l.written..]);
+        l.out = setup;
+        l.written = 0;
+        log::info!(
+            "core {core}: redis {} connection up ({})",
+            l.name(),
+            cfg.url
+        );
+        if sub {
+            self.resubscribe(cfg, now);
+        }
+    }
+
+    /// After a (re)connect: every channel with members is subscribed again,
+    /// in batches, with a PING behind them so a silent Redis is noticed.
+    fn resubscribe(&mut self, cfg: &RedisConfig, now: Instant) {
+        self.subs.retain(|_, s| s.refs > 0);
+        self.names = self.subs.iter().map(|(k, s)| (s.id, k.clone())).collect();
+        let names: Vec<Box<[u8]>> = self.subs.keys().cloned().collect();
+        for batch in names.chunks(SUBSCRIBE_BATCH) {
+            let mut args: Vec<&[u8]> = Vec::with_capacity(batch.len() + 1);
+            args.push(b"SUBSCRIBE");
+            args.extend(batch.iter().map(|n| &n[..]));
+            resp::encode(&mut self.sub.out, &args);
+        }
+        for s in self.subs.values_mut() {
+            s.subscribed = true;
+            s.outstanding = 1;
+        }
+        if !names.is_empty() {
+            log::info!(
+                "core {}: redis resubscribing {} channels",
+                self.core,
+                names.len()
+            );
+            resp::encode(&mut self.sub.out, &[b"PING"]);
+            self.sub.ping_due = Some(now + cfg.request_timeout);
+        }
+    }
+
+    /// Reads what the socket has (budgeted) and decodes every whole reply.
+    fn read(&mut self, sub: bool, cfg: &RedisConfig, m: &CoreMetrics) -> Result<(), String> {
+        let l = self.link(sub);
+        let State::Up { stream } = &mut l.state else {
+            return Ok(());
+        };
+        if !l.readable {
+            return Ok(());
+        }
+        let mut closed = false;
+        for i in 0..=READS_PER_ITERATION {
+            if i == READS_PER_ITERATION {
+                break; // still readable: the core comes back at once
+            }
+            let len = l.inb.len();
+            l.inb.resize(len + READ_CHUNK, 0);
+            match stream.read(&mut l.inb[len..]) {
+                Ok(0) => {
+                    l.inb.truncate(len);
+                    closed = true;
+                    l.readable = false;
+                    break;
+                }
+                Ok(n) => {
+                    l.inb.truncate(len + n);
+                    l.heard = Instant::now();
+                    if n < READ_CHUNK {
+                        // Most likely drained; one more read confirms it
+                        // cheaply next time if not.
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    l.inb.truncate(len);
+                    l.readable = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => l.inb.truncate(len),
+                Err(e) => {
+                    l.inb.truncate(len);
+                    return Err(format!("read failed: {e}"));
+                }
+            }
+            if l.inb.len() > cfg.max_reply_bytes {
+                // Decode what is whole before judging the rest.
+                break;
+            }
+        }
+        self.decode(sub, cfg, m)?;
+        if closed {
+            return Err("Redis closed the connection".into());
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, sub: bool, cfg: &RedisConfig, m: &CoreMetrics) -> Result<(), String> {
+        let mut inb = std::mem::take(&mut self.link(sub).inb);
+        let mut at = 0;
+        let res = loop {
+            match resp::decode(&inb[at..], cfg.max_reply_bytes) {
+                Ok(Some((v, n))) => {
+                    at += n;
+                    let r = if sub {
+                        self.on_push(v, m)
+                    } else {
+                        self.on_reply(v, m)
+                    };
+                    if let Err(e) = r {
+                        break Err(e);
+                    }
+                }
+                Ok(None) if inb.len() - at > cfg.max_reply_bytes => {
+                    m.redis_bad_replies.inc();
+                    break Err("a reply over redis.max_reply_bytes".into());
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    m.redis_bad_replies.inc();
+                    break Err(e.to_string());
+                }
+            }
+        };
+        inb.drain(..at);
+        let l = self.link(sub);
+        l.inb = inb;
+        // A burst's buffer is not kept for an idle connection.
+        if l.inb.is_empty() && l.inb.capacity() > 4 * READ_CHUNK {
+            l.inb = Vec::new();
+        }
+        res
+    }
+
+    /// A reply on the command connection: the oldest request's.
+    fn on_reply(&mut self, v: Value<'_>, m: &CoreMetrics) -> Result<(), String> {
+        let Some((want, _, sent)) = self.cmd.pending.pop_front() else {
+            m.redis_bad_replies.inc();
+            return Err("a reply nobody asked for".into());
+        };
+        m.redis_replies.inc();
+        m.redis_reply_ns.add(sent.elapsed().as_nanos() as u64);
+        let answer = match v {
+            Value::Nil => Answer::Nil,
+            Value::Int(i) => Answer::Int(i),
+            Value::Simple(b) | Value::Bulk(b) => Answer::Bytes(b.to_vec()),
+            Value::Array(_) => Answer::Array,
+            Value::Error(e) => {
+                m.redis_errors.inc();
+                Answer::Error(String::from_utf8_lossy(e).into_owned())
+            }
+        };
+        match (want, answer) {
+            (Want::Setup, Answer::Error(e)) => Err(format!("setup refused: {e}")),
+            (Want::Conn(c, tag), a) => {
+                self.events.push(Event::Answer(c, tag, a));
+                Ok(())
+            }
+            (Want::Ignore, Answer::Error(e)) => {
+                log::debug!("core {}: redis: {e}", self.core);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A message on the subscription connection: a confirmation, a
+    /// channel message, or a pong.
+    fn on_push(&mut self, v: Value<'_>, m: &CoreMetrics) -> Result<(), String> {
+        let parts = match v {
+            Value::Array(parts) => parts,
+            Value::Simple(b) if b.eq_ignore_ascii_case(b"PONG") => {
+                self.sub.ping_due = None;
+                return Ok(());
+            }
+            Value::Simple(_) if self.sub.pending.front().is_some_and(|p| p.0 == Want::Setup) => {
+                self.sub.pending.pop_front();
+                return Ok(());
+            }
+            Value::Error(e) => {
+                m.redis_errors.inc();
+                return Err(format!(
+                    "subscription connection refused: {}",
+                    String::from_utf8_lossy(e)
+                ));
+            }
+            _ => {
+                m.redis_bad_replies.inc();
+                return Err("unexpected reply on the subscription connection".into());
+            }
+        };
+        let kind = parts.first().and_then(Value::bytes).unwrap_or_default();
+        match (kind, parts.get(1).and_then(Value::bytes), parts.get(2)) {
+            (b"message", Some(ch), Some(payload)) => {
+                let Some(s) = self.subs.get(ch) else {
+                    return Ok(()); // unsubscribed meanwhile
+                };
+                let Some(data) = payload.bytes() else {
+                    m.redis_bad_replies.inc();
+                    return Err("a message without a payload".into());
+                };
+                m.redis_messages.inc();
+                self.events
+                    .push(Event::Message(s.selector.clone(), data.to_vec()));
+                Ok(())
+            }
+            (b"subscribe" | b"unsubscribe", Some(ch), _) => {
+                let subscribe = kind == b"subscribe";
+                let Some(s) = self.subs.get_mut(ch) else {
+                    return Ok(());
+                };
+                s.outstanding = s.outstanding.saturating_sub(1);
+                if s.outstanding > 0 {
+                    return Ok(());
+                }
+                if s.subscribed {
+                    for w in s.waiting.drain(..) {
+                        self.events.push(Event::Ready(w));
+                    }
+                } else if s.refs == 0 {
+                    let ch = ch.to_vec();
+                    self.forget(&ch);
+                    m.redis_channels.set(self.subs.len() as u64);
+                }
+                let _ = subscribe;
+                Ok(())
+            }
+            (b"pong", _, _) => {
+                self.sub.ping_due = None;
+                Ok(())
+            }
+            _ => {
+                m.redis_bad_replies.inc();
+                Err("unexpected push on the subscription connection".into())
+            }
+        }
+    }
+
+    /// Fails a connection whose oldest request passed its deadline; pings
+    /// an idle one.
+    fn check_deadlines(
+        &mut self,
+        sub: bool,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        now: Instant,
+    ) -> Result<(), String> {
+        let l = self.link(sub);
+        if !l.up() {
+            return Ok(());
+        }
+        if l.pending.front().is_some_and(|p| p.1 <= now) || l.ping_due.is_some_and(|d| d <= now) {
+            m.redis_timeouts.inc();
+            return Err(format!("no reply within {:?}", cfg.request_timeout));
+        }
+        let Some(every) = cfg.ping_interval else {
+            return Ok(());
+        };
+        if now.duration_since(l.heard) >= every && l.pending.is_empty() && l.ping_due.is_none() {
+            resp::encode(&mut l.out, &[b"PING"]);
+            if sub {
+                l.ping_due = Some(now + cfg.request_timeout);
+            } else {
+                l.pending
+                    .push_back((Want::Ping, now + cfg.request_timeout, now));
+            }
+            l.heard = now; // one ping per interval
+        }
+        Ok(())
+    }
+
+    /// Writes what this iteration queued: one write per connection.
+    pub(crate) fn flush(&mut self, shared: &Arc<Shared>, registry: &Registry) {
+        let Some(cfg) = shared.cfg.redis.as_ref() else {
+            return;
+        };
+        let m = &shared.metrics[self.core];
+        for sub in [false, true] {
+            let l = self.link(sub);
+            let State::Up { stream } = &mut l.state else {
+                continue;
+            };
+            if l.written == l.out.len() {
+                continue;
+            }
+            let mut failed = None;
+            while l.written < l.out.len() {
+                match stream.write(&l.out[l.written..]) {
+                    Ok(0) => {
+                        failed = Some("write returned 0".to_owned());
+                        break;
+                    }
+                    Ok(n) => l.written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        l.writable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        failed = Some(format!("write failed: {e}"));
+                        break;
+                    }
+                }
+            }
+            if l.written == l.out.len() {
+                l.out.clear();
+                l.written = 0;
+                if l.out.capacity() > 4 * READ_CHUNK {
+                    l.out = Vec::new();
+                }
+            } else if l.written > l.out.len() / 2 {
+                l.out.drain(..l.written);
+                l.written = 0;
+            }
+            if let Some(why) = failed {
+                self.drop_link(sub, registry, cfg, m, &why);
+            }
+        }
+    }
+
+    /// Ends a connection: every request it held fails, the backoff grows,
+    /// the channels wait to be subscribed again.
+    fn drop_link(
+        &mut self,
+        sub: bool,
+        registry: &Registry,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        why: &str,
+    ) {
+        let core = self.core;
+        let l = self.link(sub);
+        let was_up = l.up();
+        match std::mem::replace(
+            &mut l.state,
+            State::Idle {
+                retry_at: Instant::now(),
+            },
+        ) {
+            State::Up { mut stream } | State::Connecting { mut stream, .. } => {
+                let _ = registry.deregister(&mut stream);
+            }
+            _ => {}
+        }
+        if l.up_since.take().is_some_and(|t| t.elapsed() >= STABLE) {
+            l.attempts = 0;
+        }
+        l.attempts = l.attempts.saturating_add(1);
+        let delay = backoff(
+            cfg.reconnect_delay,
+            cfg.reconnect_max_delay,
+            l.attempts,
+            uuid::Uuid::new_v4().as_u64_pair().1,
+        );
+        l.state = State::Idle {
+            retry_at: Instant::now() + delay,
+        };
+        l.out.clear();
+        l.written = 0;
+        l.inb.clear();
+        l.readable = false;
+        l.writable = false;
+        l.ping_due = None;
+        let failed: Vec<_> = l.pending.drain(..).collect();
+        let name = l.name();
+        if was_up {
+            m.redis_reconnects.inc();
+            log::warn!("core {core}: redis {name} connection lost ({why}); retrying in {delay:?}");
+        } else {
+            log::debug!(
+                "core {core}: redis {name} connection failed ({why}); retrying in {delay:?}"
+            );
+        }
+        let answer = if why.starts_with("no reply") {
+            Answer::Timeout
+        } else {
+            Answer::Down
+        };
+        for (want, _, _) in failed {
+            if let Want::Conn(c, tag) = want {
+                self.events.push(Event::Answer(c, tag, answer.clone()));
+            }
+        }
+        if sub {
+            // Subscribed again on reconnect; joiners keep waiting (their
+            // own deadlines bound the wait).
+            for s in self.subs.values_mut() {
+                s.subscribed = false;
+                s.outstanding = 0;
+            }
+            self.subs.retain(|_, s| s.refs > 0);
+            self.names = self.subs.iter().map(|(k, s)| (s.id, k.clone())).collect();
+            m.redis_channels.set(self.subs.len() as u64);
+        }
+        m.redis_cmd_up.set(u64::from(self.cmd.up()));
+        m.redis_sub_up.set(u64::from(self.sub.up()));
+    }
+
+    /// The core shuts down: the connections close with it.
+    pub(crate) fn close(&mut self, registry: &Registry) {
+        for l in [&mut self.cmd, &mut self.sub] {
+            if let State::Up { stream } | State::Connecting { stream, .. } = &mut l.state {
+                let _ = registry.deregister(stream);
+            }
+            l.state = State::Idle {
+                retry_at: Instant::now() + Duration::from_secs(3600),
+            };
+        }
+    }
+}
+
+/// Resolves on a helper thread that wakes the core (never on a core).
+fn resolve(host: String, port: u16, shared: Arc<Shared>, core: usize) -> State {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let spawned = std::thread::Builder::new()
+        .name("corerelay-resolve".into())
+        .spawn(move || {
+            use std::net::ToSocketAddrs;
+            let r = (host.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>());
+            let _ = tx.send(r);
+            shared.inboxes[core].wake();
+        });
+    match spawned {
+        Ok(_) => State::Resolving(rx),
+        Err(_) => State::Idle {
+            retry_at: Instant::now() + Duration::from_secs(1),
+        },
+    }
+}
