@@ -207,3 +207,62 @@ fn default_max_connections_fits_the_file_limit() {
     let set = Config::from_yaml("max_connections: 5\n", None).unwrap();
     assert_eq!(set.max_connections, 5, "an explicit value is kept");
 }
+
+/// The Redis and wsproxy block is valid and documents every key.
+#[test]
+fn example_redis_block_is_valid() {
+    let block = example_block(
+        "#websocket:\n#  listen: [\"0.0.0.0:8080\"]",
+        "# --- end of the Redis",
+    );
+    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
+    let s = cfg.websocket.expect("websocket").endpoints[0]
+        .session
+        .clone()
+        .expect("a session endpoint");
+    assert_eq!(s.auth_grace_period, std::time::Duration::from_secs(10800));
+    let r = cfg.redis.expect("redis");
+    assert_eq!((r.target.host.as_str(), r.target.port), ("127.0.0.1", 6379));
+    assert_documents(
+        &block,
+        &[
+            "session_param",
+            "auth",
+            "auth_timeout",
+            "auth_grace_period",
+            "prefix",
+            "url",
+            "connect_timeout",
+            "request_timeout",
+            "max_reply_bytes",
+            "max_pending_bytes",
+            "ping_interval",
+            "reconnect_delay",
+            "reconnect_max_delay",
+            "client_name",
+        ],
+    );
+}
+
+#[test]
+fn wsproxy_endpoints_need_redis_and_their_parameter() {
+    let e = Config::from_yaml(
+        "websocket:\n  endpoints:\n    - path: /{a}/ws/{session_id}\n      wsproxy: {}\n",
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("need a redis: section"), "{e}");
+    assert_eq!(e.line, Some(4), "{e}");
+    let e = Config::from_yaml(
+        "redis: {}\nwebsocket:\n  endpoints:\n    - path: /ws/{id}\n      wsproxy: {}\n",
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("\"session_id\" is not in the path"),
+        "{e}"
+    );
+    let e = Config::from_yaml("redis:\n  url: \"redis://:hunter2@h:x\"\n", None).unwrap_err();
+    assert!(e.to_string().contains("redis.url"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
