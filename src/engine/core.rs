@@ -993,13 +993,10 @@ impl Core {
                         self.act_then_read(c, |s, io, me, cx| s.on_subscribed(io, me, cx));
                     }
                 }
-                redis::Event::Message(selector, data) => {
-                    // Verbatim: text when it is UTF-8, binary otherwise
-                    // (never an empty text frame).
-                    let text = std::str::from_utf8(&data).is_ok();
+                redis::Event::Message(selector, msg) => {
                     self.fanout(Fanout {
                         selector,
-                        msg: Some(super::message::Message::new(text, &data)),
+                        msg: Some(msg),
                         force_binary: false,
                         exclude: None,
                         op: FanOp::Send,

@@ -35,6 +35,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::channels::Channel;
+use super::message::Message;
 use super::metrics::CoreMetrics;
 use super::shared::Shared;
 use super::tags::Selector;
@@ -96,8 +97,9 @@ pub(crate) enum Event {
     Answer(ConnId, u8, Answer),
     /// The channel connection `.0` joined is subscribed.
     Ready(ConnId),
-    /// A message on a subscribed channel, for its members.
-    Message(Arc<Selector>, Vec<u8>),
+    /// A message on a subscribed channel, for its members: verbatim, text
+    /// when it is UTF-8 and binary otherwise (never an empty text frame).
+    Message(Arc<Selector>, Message),
 }
 
 /// The answer to a join.
@@ -176,6 +178,9 @@ pub(crate) struct Redis {
     names: HashMap<u32, Box<[u8]>>,
     next_id: u32,
     events: Vec<Event>,
+    /// Reads land here first (appending to a link's buffer costs a copy
+    /// of what arrived, not a zeroing of a whole chunk per read).
+    scratch: Box<[u8]>,
 }
 
 impl Link {
@@ -239,6 +244,7 @@ impl Redis {
             names: HashMap::new(),
             next_id: 0,
             events: Vec::new(),
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         }
     }
 
@@ -601,56 +607,57 @@ impl Redis {
 
     /// Reads what the socket has (budgeted) and decodes every whole reply.
     fn read(&mut self, sub: bool, cfg: &RedisConfig, m: &CoreMetrics) -> Result<(), String> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let res = self.read_into(sub, cfg, &mut scratch);
+        self.scratch = scratch;
+        let closed = res?;
+        self.decode(sub, cfg, m)?;
+        if closed {
+            return Err("Redis closed the connection".into());
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has, within the budget. Ok(true): the peer
+    /// closed after what was read.
+    fn read_into(
+        &mut self,
+        sub: bool,
+        cfg: &RedisConfig,
+        scratch: &mut [u8],
+    ) -> Result<bool, String> {
         let l = self.link(sub);
         let State::Up { stream } = &mut l.state else {
-            return Ok(());
+            return Ok(false);
         };
         if !l.readable {
-            return Ok(());
+            return Ok(false);
         }
-        let mut closed = false;
-        for i in 0..=READS_PER_ITERATION {
-            if i == READS_PER_ITERATION {
-                break; // still readable: the core comes back at once
-            }
-            let len = l.inb.len();
-            l.inb.resize(len + READ_CHUNK, 0);
-            match stream.read(&mut l.inb[len..]) {
+        // Past the budget the link stays readable: the core comes back at
+        // once.
+        for _ in 0..READS_PER_ITERATION {
+            match stream.read(scratch) {
                 Ok(0) => {
-                    l.inb.truncate(len);
-                    closed = true;
                     l.readable = false;
-                    break;
+                    return Ok(true);
                 }
                 Ok(n) => {
-                    l.inb.truncate(len + n);
+                    l.inb.extend_from_slice(&scratch[..n]);
                     l.heard = Instant::now();
-                    if n < READ_CHUNK {
-                        // Most likely drained; one more read confirms it
-                        // cheaply next time if not.
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    l.inb.truncate(len);
                     l.readable = false;
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => l.inb.truncate(len),
-                Err(e) => {
-                    l.inb.truncate(len);
-                    return Err(format!("read failed: {e}"));
-                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read failed: {e}")),
             }
             if l.inb.len() > cfg.max_reply_bytes {
                 // Decode what is whole before judging the rest.
                 break;
             }
         }
-        self.decode(sub, cfg, m)?;
-        if closed {
-            return Err("Redis closed the connection".into());
-        }
-        Ok(())
+        Ok(false)
     }
 
     fn decode(&mut self, sub: bool, cfg: &RedisConfig, m: &CoreMetrics) -> Result<(), String> {
@@ -758,8 +765,9 @@ impl Redis {
                     return Err("a message without a payload".into());
                 };
                 m.redis_messages.inc();
+                let text = std::str::from_utf8(data).is_ok();
                 self.events
-                    .push(Event::Message(s.selector.clone(), data.to_vec()));
+                    .push(Event::Message(s.selector.clone(), Message::new(text, data)));
                 Ok(())
             }
             (b"subscribe" | b"unsubscribe", Some(ch), _) => {

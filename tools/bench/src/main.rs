@@ -30,6 +30,7 @@ use corerelay::{Server, ServerHandle};
 use hdrhistogram::Histogram;
 
 mod ws;
+mod wsproxy;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator for corerelay (RELY) with a Redis pub/sub baseline")]
@@ -124,6 +125,15 @@ struct Args {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// wsproxy: the redis-server to publish through.
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    redis: SocketAddr,
+    /// wsproxy: redis-server's PID, for its CPU time.
+    #[arg(long)]
+    redis_pid: Option<u32>,
+    /// wsproxy: measure client messages up to Redis instead.
+    #[arg(long)]
+    up: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +156,10 @@ enum Mode {
     VeltixHub,
     /// Veltix v3 echo round trips (one client).
     VeltixEcho,
+    /// wsproxy sessions: a publisher on `session:{id}:down` for `--subs`
+    /// sessions (`--proto redis`: plain Redis subscribers, the floor);
+    /// `--up`: the sessions publish to `:up`.
+    Wsproxy,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -796,9 +810,14 @@ fn main() {
     let Some(mode) = a.mode else {
         exit_err("usage", "a mode or --compare is required")
     };
-    if a.proto == Proto::Redis && a.inproc.is_some() {
+    if a.proto == Proto::Redis && a.inproc.is_some() && mode != Mode::Wsproxy {
         eprintln!("corerelay-bench: --inproc runs corerelay; use --target/--pid for redis");
         std::process::exit(2);
+    }
+    if mode == Mode::Wsproxy {
+        // It runs its own in-process server (a wsproxy config).
+        wsproxy::run(&a);
+        std::process::exit(0);
     }
     if mode == Mode::SourceFanout {
         // It builds its own in-process server around the feed it serves.
@@ -815,6 +834,7 @@ fn main() {
         Mode::VeltixHub => ws_fanout(&a, &s, true),
         Mode::VeltixEcho => veltix_echo(&a, &s),
         Mode::SourceFanout => source_fanout(&a),
+        Mode::Wsproxy => wsproxy::run(&a),
     }
     // Client threads may still hold sockets; exit without a graceful drain.
     std::process::exit(0);
