@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use corerelay::config::Config;
 use corerelay::Server;
 
-use crate::support::redis::{DelayProxy, RedisServer, Reply, SilentRedis};
+use crate::support::redis::{DelayProxy, GarbageRedis, RedisServer, Reply, SilentRedis};
 use crate::support::{http, read_http_head, wait_until, TestServer, WsRaw, WAIT};
 
 fn yaml(redis_url: &str, extra_endpoint: &str) -> String {
@@ -567,4 +567,51 @@ fn the_wsproxy_command_with_its_environment_and_python_clients() {
     }
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_url_logs_in_selects_its_database_and_names_the_connections() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let mut r = redis.client();
+    assert_eq!(r.cmd(&["AUTH", "s3cret"]), Reply::Simple("OK".into()));
+    r.cmd(&["SELECT", "3"]);
+    r.cmd(&["SET", "session:db3:auth", "t"]);
+    let url = format!(
+        "redis://default:s3cret@127.0.0.1:{}/3?pool_size=512",
+        redis.port
+    );
+    let (s, ws) = server(1, &url, |_| {});
+    wait_redis_up(&s);
+    // The token is found in database 3 only.
+    let mut w = session(ws, "db3", "t");
+    match r.cmd(&["CLIENT", "LIST"]) {
+        Reply::Bulk(list) => {
+            let list = String::from_utf8_lossy(&list).into_owned();
+            assert!(list.contains("name=corerelay-0-cmd"), "{list}");
+            assert!(list.contains("name=corerelay-0-sub"), "{list}");
+        }
+        other => panic!("CLIENT LIST answered {other:?}"),
+    }
+    // Pub/sub ignores databases: the socket hears its channel.
+    r.publish("session:db3:down", b"{}");
+    assert_eq!(text_of(&mut w), "{}");
+    // A wrong password: no connection, /health says so, nothing crashes.
+    let bad = format!("redis://default:wrong@127.0.0.1:{}", redis.port);
+    let (s2, ws2) = server(1, &bad, |_| {});
+    wait_until(|| s2.handle.metrics().redis_errors >= 1, "AUTH refused");
+    assert_eq!(s2.handle.metrics().redis_cmd_up, 0);
+    assert_eq!(http(ws2, "GET", "/health", &[], b"").status, 503);
+}
+
+#[test]
+fn a_redis_that_answers_garbage_is_dropped_counted_and_retried() {
+    let garbage = GarbageRedis::start();
+    let (s, ws) = server(1, &format!("redis://{}", garbage.addr), |_| {});
+    wait_until(
+        || s.handle.metrics().redis_bad_replies >= 2,
+        "garbage refused, and again after a retry",
+    );
+    let (code, _, _) = open(ws, "/agent1/ws/g", Some("Bearer t"));
+    assert!(code == 500 || code == 504, "refused, not crashed: {code}");
+    assert_eq!(http(ws, "GET", "/health", &[], b"").status, 503);
 }

@@ -207,6 +207,12 @@ impl Link {
         matches!(self.state, State::Up { .. })
     }
 
+    /// Up and logged in (AUTH, SELECT and SETNAME answered): what /health
+    /// and the `redis_*_up` gauges report.
+    fn ready(&self) -> bool {
+        self.up() && self.pending.front().is_none_or(|p| p.0 != Want::Setup)
+    }
+
     /// May a command be buffered now (up, or about to be)?
     fn accepting(&self) -> bool {
         !matches!(self.state, State::Idle { .. })
@@ -412,8 +418,8 @@ impl Redis {
                 self.drop_link(sub, registry, cfg, m, &why);
             }
         }
-        m.redis_cmd_up.set(u64::from(self.cmd.up()));
-        m.redis_sub_up.set(u64::from(self.sub.up()));
+        m.redis_cmd_up.set(u64::from(self.cmd.ready()));
+        m.redis_sub_up.set(u64::from(self.sub.ready()));
         m.redis_in_flight.set(self.cmd.pending.len() as u64);
     }
 
@@ -958,8 +964,8 @@ impl Redis {
             self.names = self.subs.iter().map(|(k, s)| (s.id, k.clone())).collect();
             m.redis_channels.set(self.subs.len() as u64);
         }
-        m.redis_cmd_up.set(u64::from(self.cmd.up()));
-        m.redis_sub_up.set(u64::from(self.sub.up()));
+        m.redis_cmd_up.set(u64::from(self.cmd.ready()));
+        m.redis_sub_up.set(u64::from(self.sub.ready()));
     }
 
     /// The core shuts down: the connections close with it.

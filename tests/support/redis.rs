@@ -32,6 +32,15 @@ impl RedisServer {
 
     /// Starts one on `port` (a restart keeps the port).
     pub fn on(port: u16) -> RedisServer {
+        Self::with_args(port, &[])
+    }
+
+    /// Starts one on a free port with extra arguments (`--requirepass x`).
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        Self::with_args(free_port(), args)
+    }
+
+    fn with_args(port: u16, extra: &[&str]) -> RedisServer {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(&bin)
             .args([
@@ -46,6 +55,7 @@ impl RedisServer {
                 "--loglevel",
                 "warning",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -54,7 +64,8 @@ impl RedisServer {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Ok(mut c) = RedisClient::try_connect(s.addr()) {
-                if c.cmd(&["PING"]) == Reply::Simple("PONG".into()) {
+                // Up, with or without a password.
+                if matches!(c.cmd(&["PING"]), Reply::Simple(_) | Reply::Error(_)) {
                     return s;
                 }
             }
@@ -268,5 +279,30 @@ impl DelayProxy {
             }
         });
         DelayProxy { addr }
+    }
+}
+
+/// Answers every read with bytes that are not RESP.
+pub struct GarbageRedis {
+    pub addr: SocketAddr,
+}
+
+impl GarbageRedis {
+    pub fn start() -> GarbageRedis {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().take(64).flatten() {
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut b) {
+                        if n == 0 || s.write_all(b"?this is not redis\r\n").is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        GarbageRedis { addr }
     }
 }
