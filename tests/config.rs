@@ -240,6 +240,7 @@ fn example_redis_block_is_valid() {
             "reconnect_delay",
             "reconnect_max_delay",
             "client_name",
+            "per_core",
         ],
     );
 }

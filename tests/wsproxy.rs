@@ -615,3 +615,121 @@ fn a_redis_that_answers_garbage_is_dropped_counted_and_retried() {
     assert!(code == 500 || code == 504, "refused, not crashed: {code}");
     assert_eq!(http(ws, "GET", "/health", &[], b"").status, 503);
 }
+
+/// Sockets on both cores of a 2-core server, opened until each core
+/// holds one (bounded).
+fn sockets_on_both_cores(s: &TestServer, ws: SocketAddr, id: &str) -> Vec<WsRaw> {
+    let mut socks = Vec::new();
+    for _ in 0..64 {
+        socks.push(session(ws, id, "t"));
+        if (0..2).all(|c| s.handle.core_metrics(c).unwrap().session_sockets > 0) {
+            return socks;
+        }
+    }
+    panic!("no socket landed on one of the cores");
+}
+
+#[test]
+fn with_redis_on_core_zero_only_every_core_is_served() {
+    let redis = RedisServer::start();
+    let (s, ws) = server(2, &redis.url(), |c| {
+        c.redis.as_mut().unwrap().per_core = false;
+    });
+    wait_until(
+        || s.handle.core_metrics(0).unwrap().redis_sub_up == 1,
+        "core 0 connected",
+    );
+    let mut r = redis.client();
+    // Two connections in all, both core 0's.
+    match r.cmd(&["CLIENT", "LIST"]) {
+        Reply::Bulk(list) => {
+            let list = String::from_utf8_lossy(&list).into_owned();
+            assert_eq!(list.matches("name=corerelay-").count(), 2, "{list}");
+            assert!(!list.contains("name=corerelay-1-"), "{list}");
+        }
+        other => panic!("CLIENT LIST answered {other:?}"),
+    }
+    assert_eq!(http(ws, "GET", "/health", &[], b"").status, 200);
+    r.cmd(&["SET", "session:c0:auth", "t"]);
+    let (code, body, _) = open(ws, "/a/ws/c0", Some("Bearer wrong"));
+    assert_eq!((code, body.as_str()), (403, "Invalid authorization token"));
+    let mut socks = sockets_on_both_cores(&s, ws, "c0");
+    // One subscription (core 0's) reaches the sockets of both cores.
+    assert_eq!(r.publish("session:c0:down", b"{\"n\":1}"), 1);
+    for w in &mut socks {
+        assert_eq!(text_of(w), "{\"n\":1}");
+    }
+    // Up from every socket, whichever core holds it.
+    let mut backend = redis.client();
+    backend.subscribe("session:c0:up");
+    for w in &mut socks {
+        w.send(0x1, true, b"{\"up\":true}");
+        assert_eq!(
+            backend.message_within(WAIT).as_deref(),
+            Some(&b"{\"up\":true}"[..])
+        );
+    }
+    // A Redis restart: resubscribed by core 0, heard on both cores.
+    let port = redis.kill();
+    wait_until(
+        || http(ws, "GET", "/health", &[], b"").status == 503,
+        "503 while away",
+    );
+    let redis = RedisServer::on(port);
+    let mut r = redis.client();
+    let deadline = Instant::now() + WAIT;
+    while r.publish("session:c0:down", b"{\"n\":2}") == 0 {
+        assert!(Instant::now() < deadline, "never resubscribed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for w in &mut socks {
+        assert_eq!(text_of(w), "{\"n\":2}");
+    }
+    // The last socket to close, on whichever core, unsubscribes.
+    drop(socks);
+    wait_until(
+        || s.handle.metrics().redis_channels == 0,
+        "unsubscribed after the last socket",
+    );
+    assert_eq!(r.publish("session:c0:down", b"{}"), 0);
+}
+
+#[test]
+fn with_redis_on_core_zero_only_the_101_still_waits_for_the_subscription() {
+    let redis = RedisServer::start();
+    let proxy = DelayProxy::start(redis.addr(), b"-0-sub", Duration::from_millis(300));
+    let (s, ws) = server(2, &format!("redis://{}", proxy.addr), |c| {
+        let r = c.redis.as_mut().unwrap();
+        r.per_core = false;
+        r.request_timeout = Duration::from_secs(3);
+        c.websocket.as_mut().unwrap().endpoints[0]
+            .session
+            .as_mut()
+            .unwrap()
+            .auth_timeout = Duration::from_secs(3);
+    });
+    wait_until(
+        || s.handle.core_metrics(0).unwrap().redis_sub_up == 1,
+        "core 0 connected",
+    );
+    let mut r = redis.client();
+    // Until both cores have taken some (bounded; the kernel spreads
+    // connections by source port).
+    for i in 0..40 {
+        if i >= 4 && (0..2).all(|c| s.handle.core_metrics(c).unwrap().ws_upgrades > 0) {
+            break;
+        }
+        let id = format!("c0slow-{i}");
+        r.cmd(&["SET", &format!("session:{id}:auth"), "t"]);
+        let mut w = session(ws, &id, "t");
+        assert_eq!(
+            r.publish(&format!("session:{id}:down"), b"{\"first\":true}"),
+            1
+        );
+        assert_eq!(text_of(&mut w), "{\"first\":true}");
+    }
+    assert!(
+        (0..2).all(|c| s.handle.core_metrics(c).unwrap().ws_upgrades > 0),
+        "sessions on both cores"
+    );
+}

@@ -52,6 +52,10 @@ pub struct RedisFile {
     pub reconnect_max_delay: Option<Dur>,
     /// `CLIENT SETNAME` prefix (the core's number is appended).
     pub client_name: Option<String>,
+    /// Each core keeps its own two connections (true), or only core 0
+    /// does and the others reach Redis through it (false: two connections
+    /// in all, for many cores or a low `maxclients`).
+    pub per_core: Option<bool>,
 }
 
 /// A parsed `redis://` URL.
@@ -166,6 +170,8 @@ pub struct RedisConfig {
     pub reconnect_max_delay: Duration,
     /// `CLIENT SETNAME` prefix.
     pub client_name: String,
+    /// Two connections per core (else on core 0 only).
+    pub per_core: bool,
 }
 
 impl RedisFile {
@@ -213,6 +219,7 @@ impl RedisFile {
                 DEFAULT_REDIS_RECONNECT_MAX_DELAY,
             ),
             client_name: name,
+            per_core: self.per_core.unwrap_or(true),
         })
     }
 }

@@ -33,7 +33,7 @@ use super::mesh::{Batch, Item, Outgoing};
 use super::message::{FanOp, Fanout, Frames};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Outbox};
-use super::redis::{self, Redis};
+use super::redis::{self, remote, JoinState, Redis};
 use super::route::ctx;
 use super::shared::Shared;
 use super::stream::{Drain, Stream};
@@ -182,7 +182,11 @@ impl Core {
             channels: Channels::default(),
             upstreams: Upstreams::new(cfg.sources.len(), cfg.workers, setup.index),
             admin: AdminCalls::default(),
-            redis: cfg.redis.as_ref().map(|_| Redis::new(setup.index)),
+            redis: cfg
+                .redis
+                .as_ref()
+                .filter(|r| r.per_core || setup.index == remote::CORE)
+                .map(|_| Redis::new(setup.index)),
             selected: Vec::new(),
             accepted: Vec::new(),
             shared,
@@ -667,6 +671,13 @@ impl Core {
                     start,
                     len,
                 } => self.reply(req, count, &data[start as usize..(start + len) as usize]),
+                Item::Redis { conn, start, len } => {
+                    let d = data.clone();
+                    let bytes = d
+                        .get(start as usize..(start + len) as usize)
+                        .unwrap_or_default();
+                    self.redis_item(conn, bytes);
+                }
             }
         }
         items.clear();
@@ -972,41 +983,133 @@ impl Core {
     }
 
     /// Redis: connects, replies and channel messages. Replies and
-    /// subscription confirmations go to the connections that asked;
-    /// a channel message reaches the channel's members as a fan-out on this
-    /// core (framed once, under each member's limits).
+    /// subscription confirmations go to the connections that asked (on
+    /// this core, or through the mesh when this core holds Redis for the
+    /// others); a channel message reaches the channel's members as a
+    /// fan-out on this core and on each other core with members (framed
+    /// once per core, under each member's limits).
     fn service_redis(&mut self) {
         let Some(r) = self.redis.as_mut() else {
             return;
         };
         r.service(self.poll.registry(), &self.shared);
         let mut events = r.take_events();
+        let mut cores = std::mem::take(&mut self.selected);
         for ev in events.drain(..) {
             match ev {
+                redis::Event::Answer(c, tag, a) if c.core as usize != self.index => {
+                    self.mesh
+                        .redis(c.core as usize, c, remote::ANSWER, tag, |out| {
+                            remote::encode_answer(out, &a)
+                        });
+                }
                 redis::Event::Answer(c, tag, a) => {
                     if self.live(c) {
                         self.act_then_read(c, |s, io, me, cx| s.on_redis(io, me, tag, a, cx));
                     }
                 }
-                redis::Event::Ready(c) => {
+                redis::Event::Ready(c, id) if c.core as usize != self.index => {
+                    self.mesh
+                        .redis(c.core as usize, c, remote::JOINED, remote::READY, |out| {
+                            out.extend_from_slice(&id.to_le_bytes())
+                        });
+                }
+                redis::Event::Ready(c, id) => {
                     if self.live(c) {
-                        self.act_then_read(c, |s, io, me, cx| s.on_subscribed(io, me, cx));
+                        self.act_then_read(c, |s, io, me, cx| {
+                            s.on_joined(io, me, JoinState::Ready, id, cx)
+                        });
                     }
                 }
-                redis::Event::Message(selector, msg) => {
-                    self.fanout(Fanout {
+                redis::Event::Message(id, selector, msg) => {
+                    if let Some(r) = self.redis.as_ref() {
+                        r.remote_cores(id, &mut cores);
+                    }
+                    let f = Fanout {
                         selector,
                         msg: Some(msg),
                         force_binary: false,
                         exclude: None,
                         op: FanOp::Send,
                         reply: None,
-                    });
+                    };
+                    for &core in &cores {
+                        self.mesh.fanout(core, f.clone());
+                    }
+                    self.fanout(f);
                 }
             }
         }
+        cores.clear();
+        if self.selected.is_empty() {
+            self.selected = cores;
+        }
         if let Some(r) = self.redis.as_mut() {
             r.recycle_events(events);
+        }
+    }
+
+    /// Redis work another core sent (`redis.per_core: false`): commands
+    /// and joins for the core that holds Redis, answers and join results
+    /// for the connection's own core.
+    fn redis_item(&mut self, conn: ConnId, d: &[u8]) {
+        let (op, tag, body) = match d {
+            [op, tag, body @ ..] => (*op, *tag, body),
+            _ => return,
+        };
+        let id = body
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes);
+        let back = conn.core as usize;
+        match op {
+            remote::CALL | remote::SEND | remote::JOIN | remote::LEAVE => {
+                let (Some(r), Some(cfg)) = (self.redis.as_mut(), self.shared.cfg.redis.as_ref())
+                else {
+                    return;
+                };
+                let m = &self.shared.metrics[self.index];
+                match op {
+                    remote::CALL => {
+                        if !r.command_encoded(cfg, m, Some((conn, tag)), body) {
+                            self.mesh.redis(back, conn, remote::ANSWER, tag, |out| {
+                                remote::encode_answer(out, &redis::Answer::Down)
+                            });
+                        }
+                    }
+                    remote::SEND => {
+                        r.command_encoded(cfg, m, None, body);
+                    }
+                    remote::JOIN => {
+                        let (state, id) = remote::join_state(r.join(cfg, m, body, conn));
+                        self.mesh.redis(back, conn, remote::JOINED, state, |out| {
+                            out.extend_from_slice(&id.to_le_bytes())
+                        });
+                    }
+                    _ => r.leave(cfg, m, id, conn),
+                }
+            }
+            remote::ANSWER if self.live(conn) => {
+                let a = remote::decode_answer(body);
+                self.act_then_read(conn, |s, io, me, cx| s.on_redis(io, me, tag, a, cx));
+            }
+            remote::JOINED => {
+                let state = match tag {
+                    remote::READY => JoinState::Ready,
+                    remote::PENDING => JoinState::Pending,
+                    _ => JoinState::Down,
+                };
+                if self.live(conn) {
+                    self.act_then_read(conn, |s, io, me, cx| s.on_joined(io, me, state, id, cx));
+                } else if state != JoinState::Down {
+                    // Gone before it heard: give the join back.
+                    self.mesh
+                        .redis(remote::CORE, conn, remote::LEAVE, 0, |out| {
+                            out.extend_from_slice(&id.to_le_bytes())
+                        });
+                }
+            }
+            _ => {}
         }
     }
 

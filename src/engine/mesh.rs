@@ -82,6 +82,18 @@ pub enum Item {
         /// Length of the status text.
         len: u32,
     },
+    /// Redis work between a connection's core and the core holding the
+    /// Redis connections (`redis.per_core: false`): `data[start..start +
+    /// len]` is an op byte, a tag byte and the op's bytes
+    /// (`engine::redis::remote`).
+    Redis {
+        /// The connection it is for (or from).
+        conn: ConnId,
+        /// Offset in the batch's data.
+        start: u32,
+        /// Length in the batch's data.
+        len: u32,
+    },
 }
 
 /// One cross-core batch: the bytes of every delivery in one buffer (one
@@ -280,6 +292,23 @@ impl Outgoing {
             start,
             len,
         });
+    }
+
+    /// Redis work for core `dst` about `conn`: `op`, `tag`, then what
+    /// `body` appends (an encoded command, a channel name, an answer).
+    pub fn redis(
+        &mut self,
+        dst: usize,
+        conn: ConnId,
+        op: u8,
+        tag: u8,
+        body: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let (start, _) = self.append(dst, &[&[op, tag]]);
+        let b = &mut self.building[dst];
+        body(&mut b.data);
+        let len = (b.data.len() as u32).saturating_sub(start);
+        b.items.push(Item::Redis { conn, start, len });
     }
 
     /// Asks core `dst` to close `conn` (last login wins).

@@ -95,11 +95,22 @@ enum Want {
 pub(crate) enum Event {
     /// A reply for connection `.0`'s request tagged `.1`.
     Answer(ConnId, u8, Answer),
-    /// The channel connection `.0` joined is subscribed.
-    Ready(ConnId),
+    /// The channel connection `.0` joined (local id `.1`) is subscribed.
+    Ready(ConnId, u32),
     /// A message on a subscribed channel, for its members: verbatim, text
     /// when it is UTF-8 and binary otherwise (never an empty text frame).
-    Message(Arc<Selector>, Message),
+    Message(u32, Arc<Selector>, Message),
+}
+
+/// What a stage hears about its join later (`Stage::on_joined`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinState {
+    /// Subscribed: a member from now on.
+    Ready,
+    /// On its way (the id is now held).
+    Pending,
+    /// Cannot be made.
+    Down,
 }
 
 /// The answer to a join.
@@ -111,6 +122,9 @@ pub(crate) enum Join {
     Pending(Channel),
     /// The subscription connection is down.
     Down,
+    /// Asked of the core that holds Redis: the result comes as
+    /// `Stage::on_joined` (`redis.per_core: false`).
+    Remote,
 }
 
 #[derive(Debug)]
@@ -166,6 +180,9 @@ struct Sub {
     /// Confirmations still due for commands sent for it.
     outstanding: u32,
     selector: Arc<Selector>,
+    /// Joins per core from other cores (`redis.per_core: false`), indexed
+    /// by core; empty while only this core's connections joined.
+    remote: Vec<u32>,
 }
 
 /// One core's Redis client.
@@ -238,6 +255,15 @@ impl Link {
         resp::encode(&mut self.out, args);
         true
     }
+
+    /// Appends one command already encoded (by another core).
+    fn push_encoded(&mut self, cmd: &[u8], cap: usize) -> bool {
+        if self.queued() + cmd.len() > cap {
+            return false;
+        }
+        self.out.extend_from_slice(cmd);
+        true
+    }
 }
 
 impl Redis {
@@ -296,6 +322,30 @@ impl Redis {
         ok
     }
 
+    /// A command another core encoded (`redis.per_core: false`): its reply
+    /// goes to `from` (tag `tag`) if `want`, else nowhere. False if dropped.
+    pub(crate) fn command_encoded(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        want: Option<(ConnId, u8)>,
+        cmd: &[u8],
+    ) -> bool {
+        let l = &mut self.cmd;
+        if !l.accepting() || !l.push_encoded(cmd, cfg.max_pending_bytes) {
+            if want.is_none() {
+                m.redis_dropped.inc();
+            }
+            return false;
+        }
+        let now = Instant::now();
+        let want = want.map_or(Want::Ignore, |(c, t)| Want::Conn(c, t));
+        l.pending.push_back((want, now + cfg.request_timeout, now));
+        m.redis_requests.inc();
+        m.redis_in_flight.set(l.pending.len() as u64);
+        true
+    }
+
     fn command(&mut self, cfg: &RedisConfig, m: &CoreMetrics, want: Want, args: &[&[u8]]) -> bool {
         let l = &mut self.cmd;
         if !l.accepting() || !l.push(args, cfg.max_pending_bytes) {
@@ -324,13 +374,23 @@ impl Redis {
         }
         // While connecting, the connect's resubscribe sends it.
         let up = self.sub.up();
+        let remote = (me.core as usize != self.core).then_some(me.core as usize);
         if let Some(s) = self.subs.get_mut(name) {
+            if let Some(c) = remote {
+                if s.remote.len() <= c {
+                    s.remote.resize(c + 1, 0);
+                }
+                s.remote[c] += 1;
+            }
             if s.subscribed && s.outstanding == 0 {
                 s.refs += 1;
                 return Join::Ready(Channel::Redis(s.id));
             }
             if !s.subscribed && up {
                 if !self.sub.push(&[b"SUBSCRIBE", name], cfg.max_pending_bytes) {
+                    if let Some(c) = remote {
+                        s.remote[c] -= 1;
+                    }
                     return Join::Down;
                 }
                 s.subscribed = true;
@@ -354,8 +414,13 @@ impl Redis {
                 subscribed: up,
                 outstanding: u32::from(up),
                 selector: Arc::new(Selector::Channel(Channel::Redis(id))),
+                remote: Vec::new(),
             },
         );
+        if let (Some(c), Some(s)) = (remote, self.subs.get_mut(name)) {
+            s.remote.resize(c + 1, 0);
+            s.remote[c] = 1;
+        }
         self.names.insert(id, name.into());
         m.redis_channels.set(self.subs.len() as u64);
         Join::Pending(Channel::Redis(id))
@@ -371,6 +436,9 @@ impl Redis {
         };
         s.waiting.retain(|w| *w != me);
         s.refs = s.refs.saturating_sub(1);
+        if let Some(n) = s.remote.get_mut(me.core as usize) {
+            *n = n.saturating_sub(1);
+        }
         if s.refs > 0 {
             return;
         }
@@ -389,6 +457,21 @@ impl Redis {
             self.forget(&name);
             m.redis_channels.set(self.subs.len() as u64);
         }
+    }
+
+    /// The other cores with members of channel `id` (per_core: false).
+    pub(crate) fn remote_cores(&self, id: u32, out: &mut Vec<usize>) {
+        out.clear();
+        let Some(s) = self.names.get(&id).and_then(|n| self.subs.get(n)) else {
+            return;
+        };
+        out.extend(
+            s.remote
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(c, _)| c),
+        );
     }
 
     fn forget(&mut self, name: &[u8]) {
@@ -772,8 +855,11 @@ impl Redis {
                 };
                 m.redis_messages.inc();
                 let text = std::str::from_utf8(data).is_ok();
-                self.events
-                    .push(Event::Message(s.selector.clone(), Message::new(text, data)));
+                self.events.push(Event::Message(
+                    s.id,
+                    s.selector.clone(),
+                    Message::new(text, data),
+                ));
                 Ok(())
             }
             (b"subscribe" | b"unsubscribe", Some(ch), _) => {
@@ -787,7 +873,7 @@ impl Redis {
                 }
                 if s.subscribed {
                     for w in s.waiting.drain(..) {
-                        self.events.push(Event::Ready(w));
+                        self.events.push(Event::Ready(w, s.id));
                     }
                 } else if s.refs == 0 {
                     let ch = ch.to_vec();
@@ -977,6 +1063,79 @@ impl Redis {
             l.state = State::Idle {
                 retry_at: Instant::now() + Duration::from_secs(3600),
             };
+        }
+    }
+}
+
+/// The ops of `mesh::Item::Redis` when only core 0 talks to Redis
+/// (`redis.per_core: false`): other cores send commands and joins to it,
+/// it sends answers, join results and channel messages (as fan-outs) back.
+pub(crate) mod remote {
+    use super::{Answer, Join};
+    use crate::engine::channels::Channel;
+
+    /// The core that holds the Redis connections then.
+    pub(crate) const CORE: usize = 0;
+    /// A command (encoded RESP) whose answer goes back, tagged.
+    pub(crate) const CALL: u8 = 1;
+    /// A command nobody waits for.
+    pub(crate) const SEND: u8 = 2;
+    /// An answer for a CALL.
+    pub(crate) const ANSWER: u8 = 3;
+    /// Join the channel named by the bytes.
+    pub(crate) const JOIN: u8 = 4;
+    /// A join's state (tag: READY, PENDING, DOWN), the channel id after.
+    pub(crate) const JOINED: u8 = 5;
+    /// Leave the channel whose id follows.
+    pub(crate) const LEAVE: u8 = 6;
+
+    pub(crate) const READY: u8 = 0;
+    pub(crate) const PENDING: u8 = 1;
+    pub(crate) const DOWN: u8 = 2;
+
+    /// Appends an answer.
+    pub(crate) fn encode_answer(out: &mut Vec<u8>, a: &Answer) {
+        match a {
+            Answer::Nil => out.push(0),
+            Answer::Int(i) => {
+                out.push(1);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            Answer::Bytes(b) => {
+                out.push(2);
+                out.extend_from_slice(b);
+            }
+            Answer::Array => out.push(3),
+            Answer::Error(e) => {
+                out.push(4);
+                out.extend_from_slice(e.as_bytes());
+            }
+            Answer::Down => out.push(5),
+            Answer::Timeout => out.push(6),
+        }
+    }
+
+    /// Reads an answer (Down if it is not one).
+    pub(crate) fn decode_answer(b: &[u8]) -> Answer {
+        match b.split_first() {
+            Some((0, _)) => Answer::Nil,
+            Some((1, i)) => i
+                .try_into()
+                .map_or(Answer::Down, |i| Answer::Int(i64::from_le_bytes(i))),
+            Some((2, v)) => Answer::Bytes(v.to_vec()),
+            Some((3, _)) => Answer::Array,
+            Some((4, e)) => Answer::Error(String::from_utf8_lossy(e).into_owned()),
+            Some((6, _)) => Answer::Timeout,
+            _ => Answer::Down,
+        }
+    }
+
+    /// A join result as (state, channel id).
+    pub(crate) fn join_state(j: Join) -> (u8, u32) {
+        match j {
+            Join::Ready(Channel::Redis(id)) => (READY, id),
+            Join::Pending(Channel::Redis(id)) => (PENDING, id),
+            _ => (DOWN, 0),
         }
     }
 }

@@ -19,7 +19,7 @@ use super::io::Login;
 use super::mesh::Outgoing;
 use super::message::{AdminCall, FanOp, Fanout, Message};
 use super::metrics::{CoreMetrics, SourceStatus};
-use super::redis::{Answer, Join};
+use super::redis::{remote, Answer, Join};
 use super::tags::{Selector, Tag, TagIndex};
 use super::timer::Timing;
 use super::ConnId;
@@ -209,19 +209,32 @@ impl<'a> Ctx<'a> {
     }
 
     /// Sends a Redis command whose reply comes back to `me`'s stage
-    /// (`Stage::on_redis`, with `tag`). Err at once if Redis is away.
+    /// (`Stage::on_redis`, with `tag`). Err at once if Redis is away (on
+    /// a core without its own connections, core 0 answers Down instead).
     pub(crate) fn redis_call(&mut self, me: ConnId, tag: u8, args: &[&[u8]]) -> Result<(), Answer> {
         match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
             (Some(r), Some(cfg)) => r.call(cfg, self.metrics, me, tag, args),
+            (None, Some(_)) => {
+                self.mesh.redis(remote::CORE, me, remote::CALL, tag, |out| {
+                    crate::protocol::resp::encode(out, args)
+                });
+                Ok(())
+            }
             _ => Err(Answer::Down),
         }
     }
 
     /// Sends a Redis command nobody waits for (dropped and counted while
-    /// Redis is away). False if dropped.
-    pub(crate) fn redis_send(&mut self, args: &[&[u8]]) -> bool {
+    /// Redis is away). False if dropped here.
+    pub(crate) fn redis_send(&mut self, me: ConnId, args: &[&[u8]]) -> bool {
         match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
             (Some(r), Some(cfg)) => r.send(cfg, self.metrics, args),
+            (None, Some(_)) => {
+                self.mesh.redis(remote::CORE, me, remote::SEND, 0, |out| {
+                    crate::protocol::resp::encode(out, args)
+                });
+                true
+            }
             _ => {
                 self.metrics.redis_dropped.inc();
                 false
@@ -229,19 +242,30 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// `me` joins Redis channel `name` on this core (subscribed once per
-    /// core, refcounted). A `Ready` or `Pending` join must be left once.
+    /// `me` joins Redis channel `name` (subscribed once per core that
+    /// holds Redis, refcounted). A `Ready`, `Pending` or `Remote` join must
+    /// be left once, with the id it got.
     pub(crate) fn redis_join(&mut self, name: &[u8], me: ConnId) -> Join {
         match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
             (Some(r), Some(cfg)) => r.join(cfg, self.metrics, name, me),
+            (None, Some(_)) => {
+                self.mesh.redis(remote::CORE, me, remote::JOIN, 0, |out| {
+                    out.extend_from_slice(name)
+                });
+                Join::Remote
+            }
             _ => Join::Down,
         }
     }
 
     /// Undoes a join of Redis channel `id`.
     pub(crate) fn redis_leave(&mut self, id: u32, me: ConnId) {
-        if let (Some(r), Some(cfg)) = (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
-            r.leave(cfg, self.metrics, id, me);
+        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
+            (Some(r), Some(cfg)) => r.leave(cfg, self.metrics, id, me),
+            (None, Some(_)) => self.mesh.redis(remote::CORE, me, remote::LEAVE, 0, |out| {
+                out.extend_from_slice(&id.to_le_bytes())
+            }),
+            _ => {}
         }
     }
 
@@ -253,9 +277,14 @@ impl<'a> Ctx<'a> {
             .sum()
     }
 
-    /// Is every core's Redis connected? (wsproxy's /health.)
+    /// Is Redis connected on every core that holds connections to it?
+    /// (wsproxy's /health.)
     pub(crate) fn redis_connected(&self) -> bool {
-        self.all_metrics
+        let holders = match self.cfg.redis.as_ref() {
+            Some(r) if !r.per_core => 1,
+            _ => self.all_metrics.len(),
+        };
+        self.all_metrics[..holders.min(self.all_metrics.len())]
             .iter()
             .all(|m| m.redis_cmd_up.get() == 1 && m.redis_sub_up.get() == 1)
     }

@@ -29,7 +29,7 @@ use super::admin_calls::Answer as AdminAnswer;
 use super::io::{CloseReason, Io, Limits};
 use super::listener::ListenerKind;
 use super::message::{FanOp, Wire};
-use super::redis::Answer;
+use super::redis::{Answer, JoinState};
 use super::route::Ctx;
 use super::timer::Timing;
 use super::ConnId;
@@ -257,10 +257,18 @@ impl Stage {
         }
     }
 
-    /// A Redis channel this stage joined is subscribed.
-    pub(crate) fn on_subscribed(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
+    /// News of a Redis channel this stage joined: subscribed, on its way
+    /// (with its id), or impossible.
+    pub(crate) fn on_joined(
+        &mut self,
+        io: &mut Io,
+        me: ConnId,
+        state: JoinState,
+        id: u32,
+        cx: &mut Ctx<'_>,
+    ) -> Outcome {
         match self {
-            Stage::Session(s) => s.on_subscribed(io, me, cx),
+            Stage::Session(s) => s.on_joined(io, me, state, id, cx),
             _ => Outcome::Continue,
         }
     }

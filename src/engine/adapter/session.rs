@@ -17,7 +17,7 @@ use super::{Outcome, Stage};
 use crate::config::{Endpoint, SessionConfig};
 use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits, Queued};
-use crate::engine::redis::{Answer, Join};
+use crate::engine::redis::{Answer, Join, JoinState};
 use crate::engine::route::Ctx;
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
@@ -55,6 +55,8 @@ pub(crate) struct SessionOpen {
     early: Vec<u8>,
     /// The `:down` channel joined (held until the stage ends).
     joined: Option<u32>,
+    /// A join asked of core 0 whose id has not come yet.
+    remote_join: bool,
 }
 
 /// The key and channel names of session `id`.
@@ -113,6 +115,7 @@ impl SessionOpen {
             deadline: cx.now() + Timing::ticks(s.auth_timeout, crate::engine::timer::TICK),
             early,
             joined: None,
+            remote_join: false,
         };
         if !s.auth {
             return st.subscribe(io, me, s, cx);
@@ -153,10 +156,12 @@ impl SessionOpen {
             }
             Join::Pending(Channel::Redis(id)) => {
                 self.joined = Some(id);
-                self.phase = Phase::Subscribe;
-                self.deadline =
-                    cx.now() + Timing::ticks(s.auth_timeout, crate::engine::timer::TICK);
-                Outcome::Upgrade(Stage::Session(self), Vec::new())
+                self.wait_subscription(s, cx)
+            }
+            // Core 0 answers with `on_joined`.
+            Join::Remote => {
+                self.remote_join = true;
+                self.wait_subscription(s, cx)
             }
             _ => refuse(
                 io,
@@ -165,6 +170,12 @@ impl SessionOpen {
                 cx,
             ),
         }
+    }
+
+    fn wait_subscription(mut self, s: &SessionConfig, cx: &Ctx<'_>) -> Outcome {
+        self.phase = Phase::Subscribe;
+        self.deadline = cx.now() + Timing::ticks(s.auth_timeout, crate::engine::timer::TICK);
+        Outcome::Upgrade(Stage::Session(self), Vec::new())
     }
 
     /// Subscribed: answers 101 and becomes a WebSocket session stage.
@@ -215,7 +226,7 @@ impl SessionOpen {
                 // period passes without one.
                 let key = name(s, &self.session, "auth");
                 let ttl = s.auth_grace_period.as_secs().to_string();
-                cx.redis_send(&[b"EXPIRE", &key, ttl.as_bytes()]);
+                cx.redis_send(me, &[b"EXPIRE", &key, ttl.as_bytes()]);
                 let st = std::mem::replace(self, SessionOpen::placeholder());
                 st.subscribe(io, me, s, cx)
             }
@@ -227,12 +238,36 @@ impl SessionOpen {
         }
     }
 
-    /// The `:down` subscription is confirmed.
-    pub(crate) fn on_subscribed(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
+    /// News of the `:down` join: confirmed (the 101 now), on its way (a
+    /// remote join's channel id), or impossible (503).
+    pub(crate) fn on_joined(
+        &mut self,
+        io: &mut Io,
+        me: ConnId,
+        state: JoinState,
+        id: u32,
+        cx: &mut Ctx<'_>,
+    ) -> Outcome {
+        if self.remote_join && state != JoinState::Down {
+            // Held from now on, whatever happens next: left on close.
+            self.remote_join = false;
+            self.joined = Some(id);
+        }
         if self.phase != Phase::Subscribe || io.closing.is_some() {
             return Outcome::Continue;
         }
-        std::mem::replace(self, SessionOpen::placeholder()).finish(io, me, cx)
+        match state {
+            JoinState::Ready => {
+                std::mem::replace(self, SessionOpen::placeholder()).finish(io, me, cx)
+            }
+            JoinState::Pending => Outcome::Continue,
+            JoinState::Down => refuse(
+                io,
+                "503 Service Unavailable",
+                "Unable to prepare session",
+                cx,
+            ),
+        }
     }
 
     /// An empty stand-in while the real one moves into its next stage.
@@ -246,6 +281,7 @@ impl SessionOpen {
             deadline: 0,
             early: Vec::new(),
             joined: None,
+            remote_join: false,
         }
     }
 
@@ -296,6 +332,7 @@ impl SessionOpen {
 /// now a slow consumer (its error answer did not fit).
 pub(crate) fn on_session_message(
     io: &mut Io,
+    me: ConnId,
     up: &[u8],
     text: bool,
     data: &[u8],
@@ -307,7 +344,7 @@ pub(crate) fn on_session_message(
         return true;
     }
     if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
-        if cx.redis_send(&[b"PUBLISH", up, data]) {
+        if cx.redis_send(me, &[b"PUBLISH", up, data]) {
             m.session_up.inc();
         }
         return true;

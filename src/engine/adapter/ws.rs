@@ -165,7 +165,7 @@ impl WsStage {
                             cx.send_upstream(src, text, data);
                         }
                         if let (Role::Session(_), Some(up)) = (*role, session_up.as_deref()) {
-                            slow = !on_session_message(io, up, text, data, cx);
+                            slow = !on_session_message(io, me, up, text, data, cx);
                             return !slow;
                         }
                         return true;
