@@ -733,3 +733,26 @@ fn with_redis_on_core_zero_only_the_101_still_waits_for_the_subscription() {
         "sessions on both cores"
     );
 }
+
+#[test]
+fn the_admin_api_reaches_a_session_by_its_tags() {
+    let redis = RedisServer::start();
+    let (s, ws) = server(2, &redis.url(), |_| {});
+    wait_redis_up(&s);
+    redis.client().cmd(&["SET", "session:tagged:auth", "t"]);
+    let mut socks = sockets_on_both_cores(&s, ws, "tagged");
+    // Sessions are tagged with their path parameters.
+    let r = http(
+        ws,
+        "POST",
+        "/send?session_id=tagged&agent_id=agent1",
+        &[],
+        b"{\"from\":\"admin\"}",
+    );
+    assert_eq!((r.status, r.text()), (200, socks.len().to_string()));
+    for w in &mut socks {
+        assert_eq!(text_of(w), "{\"from\":\"admin\"}");
+    }
+    let st = http(ws, "GET", "/status", &[], b"").text();
+    assert_eq!(st.matches("session_id=tagged").count(), socks.len(), "{st}");
+}

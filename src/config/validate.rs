@@ -373,6 +373,14 @@ fn validate_ws(
                 Some(s)
             }
         };
+        let mut tag_params = tag_params;
+        if let Some(s) = &session {
+            // The session id is always a tag: it names the session's
+            // sockets to the admin API and keeps its :up channel's name.
+            if !tag_params.contains(&s.param) {
+                tag_params.push(s.param.clone());
+            }
+        }
         let max = e.max_message_size.map_or(DEFAULT_WS_MAX_MESSAGE, |s| s.0);
         if max == 0 || max > MAX_MAX_PAYLOAD {
             return Err(err(

@@ -16,9 +16,29 @@ use super::{Outcome, Stage};
 use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits};
 use crate::engine::route::Ctx;
+use crate::engine::tags::Tag;
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
 use crate::protocol::http::{self, HttpError};
+
+/// An endpoint connection's tags: the endpoint's fixed ones, then its
+/// tagged path parameters (a parameter wins over a fixed tag of its name),
+/// sorted by key.
+fn endpoint_tags(ep: &crate::config::Endpoint, params: &[(String, String)]) -> Vec<Tag> {
+    let mut tags: Vec<Tag> = ep
+        .set_tags
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+        .collect();
+    for (k, v) in params {
+        if ep.tag_params.contains(k) {
+            tags.retain(|(tk, _)| **tk != **k);
+            tags.push((k.as_str().into(), v.as_str().into()));
+        }
+    }
+    tags.sort();
+    tags
+}
 
 /// A WebSocket listener's connection before the upgrade.
 #[derive(Debug)]
@@ -104,22 +124,12 @@ impl HandshakeStage {
                 let Some(s) = ep.session.as_ref() else {
                     return self.refuse(io, HttpError::NotFound, cx);
                 };
-                return SessionOpen::begin(io, me, endpoint, s, &req, &params, key, early, cx);
+                let tags = endpoint_tags(ep, &params);
+                return SessionOpen::begin(io, me, endpoint, s, &req, tags, key, early, cx);
             }
             (Some((endpoint, params)), _) => {
                 let ep = &ws.endpoints[endpoint];
-                let mut tags: Vec<(Box<str>, Box<str>)> = ep
-                    .set_tags
-                    .iter()
-                    .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
-                    .collect();
-                for (k, v) in &params {
-                    if ep.tag_params.contains(k) {
-                        tags.retain(|(tk, _)| **tk != **k);
-                        tags.push((k.as_str().into(), v.as_str().into()));
-                    }
-                }
-                tags.sort();
+                let tags = endpoint_tags(ep, &params);
                 let id = match &ep.id_param {
                     Some(p) => params
                         .iter()

@@ -61,7 +61,7 @@ pub(crate) enum Stage {
     Upstream(upstream::UpstreamStage),
     Veltix(veltix::VeltixStage),
     /// A wsproxy session between its request head and its 101.
-    Session(session::SessionOpen),
+    Session(Box<session::SessionOpen>),
 }
 
 /// Calls `$method` on whichever stage this is.

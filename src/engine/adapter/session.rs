@@ -19,6 +19,7 @@ use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits, Queued};
 use crate::engine::redis::{Answer, Join, JoinState};
 use crate::engine::route::Ctx;
+use crate::engine::tags::Tag;
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
 use crate::protocol::http::{self, Request};
@@ -57,6 +58,15 @@ pub(crate) struct SessionOpen {
     joined: Option<u32>,
     /// A join asked of core 0 whose id has not come yet.
     remote_join: bool,
+    /// The socket's tags (its path parameters, the session id among them).
+    tags: Vec<Tag>,
+}
+
+/// The session id among a session socket's tags.
+pub(crate) fn session_of<'t>(tags: &'t [Tag], s: &SessionConfig) -> Option<&'t str> {
+    tags.iter()
+        .find(|(k, _)| **k == *s.param)
+        .map(|(_, v)| &**v)
 }
 
 /// The key and channel names of session `id`.
@@ -93,16 +103,12 @@ impl SessionOpen {
         endpoint: usize,
         s: &SessionConfig,
         req: &Request,
-        params: &[(String, String)],
+        tags: Vec<Tag>,
         key: String,
         early: Vec<u8>,
         cx: &mut Ctx<'_>,
     ) -> Outcome {
-        let session = params
-            .iter()
-            .find(|(k, _)| *k == s.param)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
+        let session = session_of(&tags, s).unwrap_or_default().to_owned();
         if !valid_session_id(&session) {
             return refuse(io, "400 Bad Request", "Invalid session id", cx);
         }
@@ -116,6 +122,7 @@ impl SessionOpen {
             early,
             joined: None,
             remote_join: false,
+            tags,
         };
         if !s.auth {
             return st.subscribe(io, me, s, cx);
@@ -132,7 +139,7 @@ impl SessionOpen {
         if cx.redis_call(me, TAG_AUTH, &[b"GET", &auth_key]).is_err() {
             return refuse(io, "500 Internal Server Error", "Internal server error", cx);
         }
-        Outcome::Upgrade(Stage::Session(st), Vec::new())
+        Outcome::Upgrade(Stage::Session(Box::new(st)), Vec::new())
     }
 
     fn config<'c>(&self, cx: &Ctx<'c>) -> Option<(&'c Endpoint, &'c SessionConfig)> {
@@ -175,7 +182,7 @@ impl SessionOpen {
     fn wait_subscription(mut self, s: &SessionConfig, cx: &Ctx<'_>) -> Outcome {
         self.phase = Phase::Subscribe;
         self.deadline = cx.now() + Timing::ticks(s.auth_timeout, crate::engine::timer::TICK);
-        Outcome::Upgrade(Stage::Session(self), Vec::new())
+        Outcome::Upgrade(Stage::Session(Box::new(self)), Vec::new())
     }
 
     /// Subscribed: answers 101 and becomes a WebSocket session stage.
@@ -183,12 +190,13 @@ impl SessionOpen {
         let Some(id) = self.joined.take() else {
             return Outcome::Close(CloseReason::Protocol);
         };
-        let Some((ep, s)) = self.config(cx) else {
+        let Some((ep, _)) = self.config(cx) else {
             cx.redis_leave(id, me);
             return Outcome::Close(CloseReason::Protocol);
         };
-        let up = name(s, &self.session, "up");
         cx.join(Channel::Redis(id), me.slot as usize);
+        let tags = std::mem::take(&mut self.tags);
+        cx.tag(me.slot as usize, &tags);
         let ws_cfg = cx.cfg().ws();
         io.limits = Limits {
             bytes: ws_cfg.max_output_bytes,
@@ -201,7 +209,7 @@ impl SessionOpen {
         let m = cx.metrics();
         m.session_sockets.set(m.session_sockets.get() + 1);
         log::debug!("{}: session {} open", io.peer, self.session);
-        let next = WsStage::session(self.endpoint as usize, ep, id, up, cx);
+        let next = WsStage::session(self.endpoint, ep, id, tags, cx);
         Outcome::Upgrade(Stage::Ws(next), std::mem::take(&mut self.early))
     }
 
@@ -282,6 +290,7 @@ impl SessionOpen {
             early: Vec::new(),
             joined: None,
             remote_join: false,
+            tags: Vec::new(),
         }
     }
 
@@ -333,12 +342,24 @@ impl SessionOpen {
 pub(crate) fn on_session_message(
     io: &mut Io,
     me: ConnId,
-    up: &[u8],
+    endpoint: u16,
+    tags: &[Tag],
     text: bool,
     data: &[u8],
     cx: &mut Ctx<'_>,
 ) -> bool {
     let m = cx.metrics();
+    let Some(s) = cx
+        .cfg()
+        .ws()
+        .endpoints
+        .get(endpoint as usize)
+        .and_then(|e| e.session.as_ref())
+    else {
+        return true;
+    };
+    let up = name(s, session_of(tags, s).unwrap_or_default(), "up");
+    let up = &up[..];
     if !text {
         m.session_binary_ignored.inc();
         return true;

@@ -32,9 +32,9 @@ enum Role {
     Endpoint(u16),
     /// A client of upstream source `n`: its messages go upstream.
     Source(u16),
-    /// A wsproxy session socket, a member of Redis channel `n` (its
-    /// `:down`); its messages go to `session_up`.
-    Session(u32),
+    /// A wsproxy session socket of endpoint `endpoint`, a member of Redis
+    /// channel `channel` (its `:down`); its messages go to its `:up`.
+    Session { endpoint: u16, channel: u32 },
 }
 
 /// A WebSocket client.
@@ -48,8 +48,6 @@ pub(crate) struct WsStage {
     /// For `on_message: broadcast`: the connections sharing this one's
     /// `broadcast_tag` value (None: it has no such tag).
     broadcast: Option<Arc<Selector>>,
-    /// A session socket's `:up` channel name.
-    session_up: Option<Box<[u8]>>,
 }
 
 /// A close to send, and why.
@@ -94,7 +92,6 @@ impl WsStage {
             tags,
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast,
-            session_up: None,
         }
     }
 
@@ -106,26 +103,24 @@ impl WsStage {
             tags: Vec::new(),
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
-            session_up: None,
         }
     }
 
     /// A wsproxy session socket of endpoint `index`, a member of Redis
     /// channel `channel`, publishing to `up`.
     pub(crate) fn session(
-        _index: usize,
+        endpoint: u16,
         ep: &Endpoint,
         channel: u32,
-        up: Vec<u8>,
+        tags: Vec<Tag>,
         cx: &Ctx<'_>,
     ) -> WsStage {
         WsStage {
             decoder: Decoder::new(ep.max_message_size),
-            role: Role::Session(channel),
-            tags: Vec::new(),
+            role: Role::Session { endpoint, channel },
+            tags,
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
-            session_up: Some(up.into()),
         }
     }
 
@@ -137,7 +132,7 @@ impl WsStage {
         cx: &mut Ctx<'_>,
     ) -> Outcome {
         let on_message = match self.role {
-            Role::Source(_) | Role::Session(_) => None,
+            Role::Source(_) | Role::Session { .. } => None,
             Role::Endpoint(i) => match cx.cfg().ws().endpoints.get(i as usize) {
                 Some(ep) => Some(ep.on_message),
                 None => return Outcome::Close(CloseReason::Protocol),
@@ -148,8 +143,7 @@ impl WsStage {
             role,
             keepalive,
             broadcast,
-            session_up,
-            ..
+            tags,
         } = self;
         // What to do after the decoder stops: a close to send, if any.
         let mut goodbye: Option<Goodbye> = None;
@@ -164,8 +158,8 @@ impl WsStage {
                             // Kept as it is: text stays text, binary binary.
                             cx.send_upstream(src, text, data);
                         }
-                        if let (Role::Session(_), Some(up)) = (*role, session_up.as_deref()) {
-                            slow = !on_session_message(io, me, up, text, data, cx);
+                        if let Role::Session { endpoint, .. } = *role {
+                            slow = !on_session_message(io, me, endpoint, tags, text, data, cx);
                             return !slow;
                         }
                         return true;
@@ -301,7 +295,7 @@ impl WsStage {
         cx.untag(slot, &self.tags);
         match self.role {
             Role::Source(src) => cx.leave(Channel::Source(src), slot),
-            Role::Session(ch) => {
+            Role::Session { channel: ch, .. } => {
                 cx.leave(Channel::Redis(ch), slot);
                 cx.redis_leave(ch, me);
                 let m = cx.metrics();
