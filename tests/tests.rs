@@ -13,4 +13,5 @@ mod soak;
 mod sources;
 mod veltix;
 mod websocket;
+mod wsgateway;
 mod wsproxy;

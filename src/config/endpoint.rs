@@ -54,6 +54,12 @@ pub struct Endpoint {
     /// A wsproxy session endpoint (its messages go to Redis, not
     /// `on_message`).
     pub session: Option<super::SessionConfig>,
+    /// Its connections' events go to the `events:` stream.
+    pub events: bool,
+    /// Tags copied into its events.
+    pub stream_include_tags: Vec<String>,
+    /// `{json.V}` variables: (V, JSON path split at dots).
+    pub json_vars: Vec<(String, Vec<String>)>,
 }
 
 impl Endpoint {

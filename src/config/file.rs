@@ -50,6 +50,10 @@ pub struct FileConfig {
     pub performance: Option<PerformanceFile>,
     /// The Redis server (wsproxy sessions).
     pub redis: Option<super::RedisFile>,
+    /// Client events to a Redis stream (wsgateway's stream_redis).
+    pub events: Option<super::EventsFile>,
+    /// Connection hashes in Redis (wsgateway's connection_redis_sync).
+    pub sync: Option<super::SyncFile>,
 }
 
 /// One `sources[]` entry as written (Veylor's keys, plus corerelay's).
@@ -160,6 +164,14 @@ pub struct EndpointFile {
     /// wsproxy sessions: the socket hears `session:{id}:down` and its JSON
     /// goes to `session:{id}:up` (needs the `redis:` section).
     pub wsproxy: Option<super::SessionFile>,
+    /// Send this endpoint's open, message and close events to the
+    /// `events:` stream (default: true when there is one).
+    pub events: Option<bool>,
+    /// Tags copied into this endpoint's events.
+    pub stream_include_tags: Option<Vec<String>>,
+    /// Variables for `{json.V}` in the stream name: V -> a JSON path
+    /// (`data.actionRef`).
+    pub json_extract_vars: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The `rely:` section as written.

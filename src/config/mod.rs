@@ -15,6 +15,7 @@
 
 mod defaults;
 mod endpoint;
+mod events;
 mod file;
 mod redis;
 mod tls;
@@ -25,6 +26,7 @@ mod wsproxy;
 
 pub use defaults::*;
 pub use endpoint::*;
+pub use events::*;
 pub use file::*;
 pub use redis::*;
 pub use tls::*;
@@ -81,8 +83,47 @@ pub struct Config {
     pub veltix: Vec<VeltixConfig>,
     /// Reconnect and queue settings shared by sources.
     pub performance: PerformanceConfig,
-    /// The Redis server the cores talk to (None: no Redis).
+    /// The `redis:` section: the server of wsproxy sessions (None: none).
     pub redis: Option<RedisConfig>,
+    /// Client events to a Redis stream (wsgateway's `stream_redis`).
+    pub events: Option<EventsConfig>,
+    /// Connection hashes in Redis (wsgateway's `connection_redis_sync`).
+    pub sync: Option<SyncConfig>,
+    /// Other Redis servers (events, sync) when they are not `redis`:
+    /// server `1 + i` (see [`Config::redis_server`]).
+    pub redis_extra: Vec<RedisConfig>,
+}
+
+/// The sessions' server: the `redis:` section.
+pub const SESSIONS_SERVER: usize = 0;
+
+impl Config {
+    /// Redis server `i`: 0 is the `redis:` section, the rest are
+    /// `redis_extra`.
+    pub fn redis_server(&self, i: usize) -> Option<&RedisConfig> {
+        match i {
+            0 => self.redis.as_ref(),
+            i => self.redis_extra.get(i - 1),
+        }
+    }
+
+    /// How many server indexes there are (0 may be unset).
+    pub fn redis_server_count(&self) -> usize {
+        1 + self.redis_extra.len()
+    }
+
+    /// Does core `core` hold connections to server `server`? (Every core
+    /// does, unless the server is `per_core: false`: then core 0 only.)
+    pub fn holds_redis(&self, core: usize, server: usize) -> bool {
+        self.redis_server(server)
+            .is_some_and(|r| r.per_core || core == 0)
+    }
+
+    /// Does server `server` need a subscription connection? (The
+    /// sessions' server does.)
+    pub fn redis_subscribes(&self, server: usize) -> bool {
+        server == SESSIONS_SERVER && self.redis.is_some()
+    }
 }
 
 /// A validated upstream source.

@@ -97,7 +97,7 @@ impl FileConfig {
         }
         let websocket = match self.websocket {
             None => None,
-            Some(ws) => Some(validate_ws(ws, &err)?),
+            Some(ws) => Some(validate_ws(ws, self.events.is_some(), &err)?),
         };
         // On by default with WebSocket (wsgateway), off for a pure relayd
         // setup; `admin: {listen: []}` turns it off.
@@ -235,6 +235,72 @@ impl FileConfig {
                 ));
             }
         }
+        // Events and sync may name other servers: each distinct one gets
+        // an index (0 is `redis:`), so two names of one server share its
+        // connections.
+        let mut extra: Vec<RedisConfig> = Vec::new();
+        let mut server_of = |r: Option<RedisFile>,
+                             fallback: Option<usize>,
+                             section: &str|
+         -> Result<usize, ConfigError> {
+            let Some(r) = r else {
+                return fallback.ok_or_else(|| {
+                    err(
+                        section,
+                        format!("{section} needs a Redis server: {section}.redis.url or a redis: section"),
+                    )
+                });
+            };
+            let r = r
+                .validate()
+                .map_err(|(k, m)| err(&format!("{section}.redis.{k}"), m))?;
+            if redis.as_ref().is_some_and(|m| m.target == r.target) {
+                return Ok(SESSIONS_SERVER);
+            }
+            if let Some(i) = extra.iter().position(|x| x.target == r.target) {
+                return Ok(i + 1);
+            }
+            extra.push(r);
+            Ok(extra.len())
+        };
+        let main = redis.as_ref().map(|_| SESSIONS_SERVER);
+        let events = match self.events {
+            None => None,
+            Some(e) => {
+                let server = server_of(e.redis, main, "events")?;
+                let name = e.stream_name.filter(|s| !s.is_empty());
+                Some(EventsConfig {
+                    server,
+                    stream: Template::parse(name.as_deref().unwrap_or(DEFAULT_STREAM_NAME)),
+                    maxlen: e.stream_maxlen.filter(|&n| n > 0),
+                })
+            }
+        };
+        let sync = match self.sync {
+            None => None,
+            Some(s) => {
+                let server =
+                    server_of(s.redis, events.as_ref().map(|e| e.server).or(main), "sync")?;
+                Some(SyncConfig {
+                    server,
+                    ttl: s.ttl.map(|d| d.0).filter(|d| !d.is_zero()),
+                })
+            }
+        };
+        if let (Some(s), Some(ttl), Some(ws)) =
+            (&sync, sync.as_ref().and_then(|s| s.ttl), &websocket)
+        {
+            let _ = s;
+            match ws.ping_interval {
+                Some(p) if ttl >= 2 * p && ttl.as_secs() >= 1 => {}
+                _ => {
+                    return Err(err(
+                        "sync.ttl",
+                        "must be at least 1s and twice websocket.ping_interval (it is refreshed at each ping)".into(),
+                    ))
+                }
+            }
+        }
         let veltix = validate_veltix(self.veltix.unwrap_or_default(), max_connections, &err)?;
         // Every TCP listener with its key, in the order they bind.
         let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
@@ -257,6 +323,9 @@ impl FileConfig {
         Ok(Config {
             source: path.map(Path::to_owned),
             veltix,
+            redis_extra: extra,
+            events,
+            sync,
             redis,
             websocket,
             admin,
@@ -291,6 +360,7 @@ impl FileConfig {
 
 fn validate_ws(
     ws: WsFile,
+    events_on: bool,
     err: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<WsConfig, ConfigError> {
     let listen = ws
@@ -388,6 +458,16 @@ fn validate_ws(
                 format!("{max} is outside 1..=1GiB"),
             ));
         }
+        let mut json_vars = Vec::new();
+        for (v, path) in e.json_extract_vars.unwrap_or_default() {
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(err(
+                    &key("json_extract_vars"),
+                    format!("{v:?}: a variable name is letters, digits and _"),
+                ));
+            }
+            json_vars.push((v, crate::engine::events::split_json_path(&path)));
+        }
         endpoints.push(Endpoint {
             path: e.path,
             template,
@@ -398,6 +478,9 @@ fn validate_ws(
             id_param: e.id_param,
             id_prefix: e.id_prefix.unwrap_or_default(),
             broadcast_tag: e.broadcast_tag,
+            events: e.events.unwrap_or(events_on) && session.is_none(),
+            stream_include_tags: e.stream_include_tags.unwrap_or_default(),
+            json_vars,
             session,
         });
     }

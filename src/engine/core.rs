@@ -134,8 +134,9 @@ pub(crate) struct Core {
     upstreams: Upstreams,
     /// Admin requests waiting for the cores' replies.
     admin: AdminCalls,
-    /// This core's Redis client (None: no `redis:` section).
-    redis: Option<Redis>,
+    /// This core's Redis clients, by server (`Config::redis_server`;
+    /// None: not configured, or held by core 0 only).
+    redis: Vec<Option<Redis>>,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
     /// Reused buffer of accepted sockets.
@@ -182,11 +183,12 @@ impl Core {
             channels: Channels::default(),
             upstreams: Upstreams::new(cfg.sources.len(), cfg.workers, setup.index),
             admin: AdminCalls::default(),
-            redis: cfg
-                .redis
-                .as_ref()
-                .filter(|r| r.per_core || setup.index == remote::CORE)
-                .map(|_| Redis::new(setup.index)),
+            redis: (0..cfg.redis_server_count())
+                .map(|s| {
+                    cfg.holds_redis(setup.index, s)
+                        .then(|| Redis::new(setup.index, s, cfg.redis_subscribes(s)))
+                })
+                .collect(),
             selected: Vec::new(),
             accepted: Vec::new(),
             shared,
@@ -239,7 +241,7 @@ impl Core {
             self.service_redis();
             self.run_timers();
             self.dial_upstreams(instant);
-            if let Some(r) = self.redis.as_mut() {
+            for r in self.redis.iter_mut().flatten() {
                 r.flush(&self.shared, self.poll.registry());
             }
             self.flush_dirty();
@@ -262,7 +264,7 @@ impl Core {
         for k in keys {
             self.close(k, CloseReason::Shutdown);
         }
-        if let Some(r) = self.redis.as_mut() {
+        for r in self.redis.iter_mut().flatten() {
             r.close(self.poll.registry());
         }
         log::debug!("core {} stopped", self.index);
@@ -276,10 +278,11 @@ impl Core {
             if t == WAKER {
                 continue;
             }
-            if t == redis::CMD_TOKEN || t == redis::SUB_TOKEN {
-                if let Some(r) = self.redis.as_mut() {
+            if t.0 >= redis::TOKEN_FLOOR {
+                let (server, sub) = redis::of_token(t);
+                if let Some(Some(r)) = self.redis.get_mut(server) {
                     let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                    r.on_event(t, readable, ev.is_writable());
+                    r.on_event(sub, readable, ev.is_writable());
                 }
                 continue;
             }
@@ -355,7 +358,7 @@ impl Core {
         // Reads wait while a cross-core channel is full; spinning on them
         // would only burn the CPU the destination core needs.
         let read_ready = !self.ready.is_empty() && !self.mesh.backpressured() && !draining;
-        let redis_ready = self.redis.as_ref().is_some_and(Redis::busy);
+        let redis_ready = self.redis.iter().flatten().any(Redis::busy);
         if busy_poll || read_ready || accept_ready || redis_ready {
             return Some(Duration::ZERO);
         }
@@ -972,7 +975,7 @@ impl Core {
                     self.close(t.key, CloseReason::WriteTimeout);
                     continue;
                 }
-                if self.act(t.key, |s, io, _, cx| s.on_deadline(io, cx)) == Step::Closed {
+                if self.act(t.key, |s, io, me, cx| s.on_deadline(io, me, cx)) == Step::Closed {
                     continue;
                 }
             }
@@ -989,17 +992,37 @@ impl Core {
     /// fan-out on this core and on each other core with members (framed
     /// once per core, under each member's limits).
     fn service_redis(&mut self) {
-        let Some(r) = self.redis.as_mut() else {
+        if self.redis.is_empty() {
             return;
-        };
-        r.service(self.poll.registry(), &self.shared);
-        let mut events = r.take_events();
+        }
+        let (mut cmd_up, mut sub_up, mut in_flight) = (0, 0, 0);
+        for server in 0..self.redis.len() {
+            let Some(r) = self.redis[server].as_mut() else {
+                continue;
+            };
+            r.service(self.poll.registry(), &self.shared);
+            let (c, s) = r.ready();
+            cmd_up += u64::from(c);
+            sub_up += u64::from(s);
+            in_flight += r.in_flight() as u64;
+            let events = r.take_events();
+            self.redis_events(server, events);
+        }
+        let m = self.metrics();
+        m.redis_cmd_up.set(cmd_up);
+        m.redis_sub_up.set(sub_up);
+        m.redis_in_flight.set(in_flight);
+    }
+
+    /// Hands server `server`'s events to the connections they are for.
+    fn redis_events(&mut self, server: usize, mut events: Vec<redis::Event>) {
         let mut cores = std::mem::take(&mut self.selected);
+        let s = server as u8;
         for ev in events.drain(..) {
             match ev {
                 redis::Event::Answer(c, tag, a) if c.core as usize != self.index => {
                     self.mesh
-                        .redis(c.core as usize, c, remote::ANSWER, tag, |out| {
+                        .redis(c.core as usize, c, remote::ANSWER, tag, s, |out| {
                             remote::encode_answer(out, &a)
                         });
                 }
@@ -1009,10 +1032,14 @@ impl Core {
                     }
                 }
                 redis::Event::Ready(c, id) if c.core as usize != self.index => {
-                    self.mesh
-                        .redis(c.core as usize, c, remote::JOINED, remote::READY, |out| {
-                            out.extend_from_slice(&id.to_le_bytes())
-                        });
+                    self.mesh.redis(
+                        c.core as usize,
+                        c,
+                        remote::JOINED,
+                        remote::READY,
+                        s,
+                        |out| out.extend_from_slice(&id.to_le_bytes()),
+                    );
                 }
                 redis::Event::Ready(c, id) => {
                     if self.live(c) {
@@ -1022,7 +1049,7 @@ impl Core {
                     }
                 }
                 redis::Event::Message(id, selector, msg) => {
-                    if let Some(r) = self.redis.as_ref() {
+                    if let Some(Some(r)) = self.redis.get(server) {
                         r.remote_cores(id, &mut cores);
                     }
                     let f = Fanout {
@@ -1044,7 +1071,7 @@ impl Core {
         if self.selected.is_empty() {
             self.selected = cores;
         }
-        if let Some(r) = self.redis.as_mut() {
+        if let Some(Some(r)) = self.redis.get_mut(server) {
             r.recycle_events(events);
         }
     }
@@ -1053,8 +1080,8 @@ impl Core {
     /// and joins for the core that holds Redis, answers and join results
     /// for the connection's own core.
     fn redis_item(&mut self, conn: ConnId, d: &[u8]) {
-        let (op, tag, body) = match d {
-            [op, tag, body @ ..] => (*op, *tag, body),
+        let (op, tag, server, body) = match d {
+            [op, tag, server, body @ ..] => (*op, *tag, *server as usize, body),
             _ => return,
         };
         let id = body
@@ -1062,17 +1089,20 @@ impl Core {
             .and_then(|b| b.try_into().ok())
             .map_or(0, u32::from_le_bytes);
         let back = conn.core as usize;
+        let s = server as u8;
         match op {
-            remote::CALL | remote::SEND | remote::JOIN | remote::LEAVE => {
-                let (Some(r), Some(cfg)) = (self.redis.as_mut(), self.shared.cfg.redis.as_ref())
-                else {
+            remote::CALL | remote::SEND | remote::EVENT | remote::JOIN | remote::LEAVE => {
+                let (Some(Some(r)), Some(cfg)) = (
+                    self.redis.get_mut(server),
+                    self.shared.cfg.redis_server(server),
+                ) else {
                     return;
                 };
                 let m = &self.shared.metrics[self.index];
                 match op {
                     remote::CALL => {
                         if !r.command_encoded(cfg, m, Some((conn, tag)), body) {
-                            self.mesh.redis(back, conn, remote::ANSWER, tag, |out| {
+                            self.mesh.redis(back, conn, remote::ANSWER, tag, s, |out| {
                                 remote::encode_answer(out, &redis::Answer::Down)
                             });
                         }
@@ -1080,11 +1110,15 @@ impl Core {
                     remote::SEND => {
                         r.command_encoded(cfg, m, None, body);
                     }
+                    remote::EVENT => {
+                        r.send_event_encoded(cfg, m, body);
+                    }
                     remote::JOIN => {
                         let (state, id) = remote::join_state(r.join(cfg, m, body, conn));
-                        self.mesh.redis(back, conn, remote::JOINED, state, |out| {
-                            out.extend_from_slice(&id.to_le_bytes())
-                        });
+                        self.mesh
+                            .redis(back, conn, remote::JOINED, state, s, |out| {
+                                out.extend_from_slice(&id.to_le_bytes())
+                            });
                     }
                     _ => r.leave(cfg, m, id, conn),
                 }
@@ -1104,7 +1138,7 @@ impl Core {
                 } else if state != JoinState::Down {
                     // Gone before it heard: give the join back.
                     self.mesh
-                        .redis(remote::CORE, conn, remote::LEAVE, 0, |out| {
+                        .redis(remote::CORE, conn, remote::LEAVE, 0, s, |out| {
                             out.extend_from_slice(&id.to_le_bytes())
                         });
                 }
@@ -1275,7 +1309,7 @@ impl Core {
         let me = conn_id(self.index, key, c.gen);
         {
             let mut cx = ctx!(self);
-            c.stage.on_close(me, &mut cx);
+            c.stage.on_close(&c.io, me, &mut cx);
             if let Some(l) = c.io.login.take() {
                 cx.logout(&l);
             }

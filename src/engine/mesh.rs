@@ -84,7 +84,8 @@ pub enum Item {
     },
     /// Redis work between a connection's core and the core holding the
     /// Redis connections (`redis.per_core: false`): `data[start..start +
-    /// len]` is an op byte, a tag byte and the op's bytes
+    /// len]` is an op byte, a tag byte, the server's index and the op's
+    /// bytes
     /// (`engine::redis::remote`).
     Redis {
         /// The connection it is for (or from).
@@ -302,9 +303,10 @@ impl Outgoing {
         conn: ConnId,
         op: u8,
         tag: u8,
+        server: u8,
         body: impl FnOnce(&mut Vec<u8>),
     ) {
-        let (start, _) = self.append(dst, &[&[op, tag]]);
+        let (start, _) = self.append(dst, &[&[op, tag, server]]);
         let b = &mut self.building[dst];
         body(&mut b.data);
         let len = (b.data.len() as u32).saturating_sub(start);

@@ -166,6 +166,13 @@ metrics! {
     redis_channels,
     /// wsproxy session sockets open (gauge).
     session_sockets,
+    /// Client events (and sync writes) Redis accepted.
+    events_written,
+    /// Client events Redis refused (an error reply).
+    events_failed,
+    /// Client events dropped: the buffer was full while Redis was away,
+    /// or they were in flight on a connection that was lost.
+    events_dropped,
     /// Session upgrades refused (401, 403, 500, 503, 504).
     session_refused,
     /// Client messages published to a session's `:up` channel.

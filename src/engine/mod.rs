@@ -67,6 +67,7 @@ pub mod channels;
 pub(crate) mod conn;
 pub(crate) mod core;
 pub mod directory;
+pub(crate) mod events;
 pub(crate) mod io;
 pub(crate) mod keepalive;
 pub(crate) mod listener;

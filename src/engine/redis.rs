@@ -44,10 +44,22 @@ use super::ConnId;
 use crate::config::RedisConfig;
 use crate::protocol::resp::{self, Value};
 
-/// The command connection's token on the core's poll.
-pub(crate) const CMD_TOKEN: Token = Token(usize::MAX - 1);
-/// The subscription connection's token.
-pub(crate) const SUB_TOKEN: Token = Token(usize::MAX - 2);
+/// Redis servers a config may name (sessions, events, sync).
+pub(crate) const MAX_SERVERS: usize = 4;
+/// Tokens at or above this are Redis connections: server `s` has
+/// `usize::MAX - 1 - 2s` (commands) and the one below (subscriptions).
+pub(crate) const TOKEN_FLOOR: usize = usize::MAX - 2 * MAX_SERVERS;
+
+/// A Redis connection's token on the core's poll.
+pub(crate) fn token(server: usize, sub: bool) -> Token {
+    Token(usize::MAX - 1 - 2 * server - usize::from(sub))
+}
+
+/// The server and connection of a Redis token.
+pub(crate) fn of_token(t: Token) -> (usize, bool) {
+    let k = usize::MAX - 1 - t.0;
+    (k / 2, k % 2 == 1)
+}
 
 /// Channels per SUBSCRIBE when resubscribing (as Centrifuge batches).
 const SUBSCRIBE_BATCH: usize = 512;
@@ -86,6 +98,9 @@ enum Want {
     Ping,
     /// Nobody waits (PUBLISH, EXPIRE): errors are counted.
     Ignore,
+    /// A client event (XADD) or a sync write: kept while Redis is away,
+    /// counted when written, failed or lost.
+    Event,
     /// A connection's stage, with its own tag for the request.
     Conn(ConnId, u8),
 }
@@ -189,6 +204,10 @@ struct Sub {
 #[derive(Debug)]
 pub(crate) struct Redis {
     core: usize,
+    /// Its index in `Config::redis_servers`.
+    server: usize,
+    /// Keeps a subscription connection (the sessions' server does).
+    subscribes: bool,
     cmd: Link,
     sub: Link,
     subs: HashMap<Box<[u8]>, Sub>,
@@ -267,11 +286,15 @@ impl Link {
 }
 
 impl Redis {
-    pub(crate) fn new(core: usize) -> Redis {
+    /// Core `core`'s client of server `server` (`Config::redis_servers`);
+    /// `subscribes`: it also keeps a subscription connection.
+    pub(crate) fn new(core: usize, server: usize, subscribes: bool) -> Redis {
         Redis {
             core,
-            cmd: Link::new(CMD_TOKEN, false),
-            sub: Link::new(SUB_TOKEN, true),
+            server,
+            subscribes,
+            cmd: Link::new(token(server, false), false),
+            sub: Link::new(token(server, true), true),
             subs: HashMap::new(),
             names: HashMap::new(),
             next_id: 0,
@@ -281,12 +304,8 @@ impl Redis {
     }
 
     /// Readiness from the core's poll.
-    pub(crate) fn on_event(&mut self, token: Token, readable: bool, writable: bool) {
-        let l = if token == CMD_TOKEN {
-            &mut self.cmd
-        } else {
-            &mut self.sub
-        };
+    pub(crate) fn on_event(&mut self, sub: bool, readable: bool, writable: bool) {
+        let l = if sub { &mut self.sub } else { &mut self.cmd };
         l.readable |= readable;
         l.writable |= writable;
     }
@@ -310,6 +329,47 @@ impl Redis {
         self.command(cfg, m, Want::Conn(me, tag), args)
             .then_some(())
             .ok_or(Answer::Down)
+    }
+
+    /// Sends an event (an XADD, a sync write): unlike other commands it
+    /// waits while Redis is away, in the connection's capped buffer, and
+    /// goes out after the reconnect, in order. False if dropped (no room);
+    /// counted either way.
+    pub(crate) fn send_event(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        args: &[&[u8]],
+    ) -> bool {
+        self.event(cfg, m, |l, cap| l.push(args, cap))
+    }
+
+    /// [`Redis::send_event`] for an event another core encoded.
+    pub(crate) fn send_event_encoded(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        cmd: &[u8],
+    ) -> bool {
+        self.event(cfg, m, |l, cap| l.push_encoded(cmd, cap))
+    }
+
+    fn event(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        push: impl FnOnce(&mut Link, usize) -> bool,
+    ) -> bool {
+        let l = &mut self.cmd;
+        if !push(l, cfg.max_pending_bytes) {
+            m.events_dropped.inc();
+            return false;
+        }
+        let now = Instant::now();
+        l.pending
+            .push_back((Want::Event, now + cfg.request_timeout, now));
+        m.redis_requests.inc();
+        true
     }
 
     /// Sends a command nobody waits for (a failure is counted). False if
@@ -342,7 +402,6 @@ impl Redis {
         let want = want.map_or(Want::Ignore, |(c, t)| Want::Conn(c, t));
         l.pending.push_back((want, now + cfg.request_timeout, now));
         m.redis_requests.inc();
-        m.redis_in_flight.set(l.pending.len() as u64);
         true
     }
 
@@ -354,7 +413,6 @@ impl Redis {
         let now = Instant::now();
         l.pending.push_back((want, now + cfg.request_timeout, now));
         m.redis_requests.inc();
-        m.redis_in_flight.set(l.pending.len() as u64);
         true
     }
 
@@ -485,12 +543,15 @@ impl Redis {
     /// connections. What connections must hear is left in
     /// [`Redis::take_events`].
     pub(crate) fn service(&mut self, registry: &Registry, shared: &Arc<Shared>) {
-        let Some(cfg) = shared.cfg.redis.as_ref() else {
+        let Some(cfg) = shared.cfg.redis_server(self.server) else {
             return;
         };
         let m = &shared.metrics[self.core];
         let now = Instant::now();
         for sub in [false, true] {
+            if sub && !self.subscribes {
+                continue;
+            }
             self.dial(sub, registry, cfg, shared, now);
             self.finish_connect(sub, registry, cfg, m, now);
             if let Err(why) = self.read(sub, cfg, m) {
@@ -501,9 +562,16 @@ impl Redis {
                 self.drop_link(sub, registry, cfg, m, &why);
             }
         }
-        m.redis_cmd_up.set(u64::from(self.cmd.ready()));
-        m.redis_sub_up.set(u64::from(self.sub.ready()));
-        m.redis_in_flight.set(self.cmd.pending.len() as u64);
+    }
+
+    /// Its command and subscription connections are up and logged in.
+    pub(crate) fn ready(&self) -> (bool, bool) {
+        (self.cmd.ready(), self.sub.ready())
+    }
+
+    /// Requests waiting for their reply.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.cmd.pending.len()
     }
 
     /// What the last `service` left for connections.
@@ -651,6 +719,11 @@ impl Redis {
         resp::encode(&mut setup, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
         n += 1;
         let deadline = now + cfg.request_timeout;
+        // What waited while Redis was away is sent now: its clock starts now.
+        for p in l.pending.iter_mut() {
+            p.1 = deadline;
+            p.2 = now;
+        }
         for _ in 0..n {
             l.pending.push_front((Want::Setup, deadline, now));
         }
@@ -814,6 +887,15 @@ impl Redis {
                 log::debug!("core {}: redis: {e}", self.core);
                 Ok(())
             }
+            (Want::Event, Answer::Error(e)) => {
+                m.events_failed.inc();
+                log::debug!("core {}: redis refused an event: {e}", self.core);
+                Ok(())
+            }
+            (Want::Event, _) => {
+                m.events_written.inc();
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -929,7 +1011,7 @@ impl Redis {
 
     /// Writes what this iteration queued: one write per connection.
     pub(crate) fn flush(&mut self, shared: &Arc<Shared>, registry: &Registry) {
-        let Some(cfg) = shared.cfg.redis.as_ref() else {
+        let Some(cfg) = shared.cfg.redis_server(self.server) else {
             return;
         };
         let m = &shared.metrics[self.core];
@@ -1035,8 +1117,11 @@ impl Redis {
             Answer::Down
         };
         for (want, _, _) in failed {
-            if let Want::Conn(c, tag) = want {
-                self.events.push(Event::Answer(c, tag, answer.clone()));
+            match want {
+                Want::Conn(c, tag) => self.events.push(Event::Answer(c, tag, answer.clone())),
+                // Written or not, we cannot know: at most once.
+                Want::Event => m.events_dropped.inc(),
+                _ => {}
             }
         }
         if sub {
@@ -1050,8 +1135,6 @@ impl Redis {
             self.names = self.subs.iter().map(|(k, s)| (s.id, k.clone())).collect();
             m.redis_channels.set(self.subs.len() as u64);
         }
-        m.redis_cmd_up.set(u64::from(self.cmd.ready()));
-        m.redis_sub_up.set(u64::from(self.sub.ready()));
     }
 
     /// The core shuts down: the connections close with it.
@@ -1088,6 +1171,8 @@ pub(crate) mod remote {
     pub(crate) const JOINED: u8 = 5;
     /// Leave the channel whose id follows.
     pub(crate) const LEAVE: u8 = 6;
+    /// An event (kept while Redis is away).
+    pub(crate) const EVENT: u8 = 7;
 
     pub(crate) const READY: u8 = 0;
     pub(crate) const PENDING: u8 = 1;

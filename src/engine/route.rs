@@ -23,7 +23,7 @@ use super::redis::{remote, Answer, Join};
 use super::tags::{Selector, Tag, TagIndex};
 use super::timer::Timing;
 use super::ConnId;
-use crate::config::Config;
+use crate::config::{Config, RedisConfig, SESSIONS_SERVER};
 
 /// Everything a stage may touch besides its own connection.
 pub(crate) struct Ctx<'a> {
@@ -41,7 +41,7 @@ pub(crate) struct Ctx<'a> {
     pub(super) now: u64,
     pub(super) timing: &'a Timing,
     pub(super) draining: bool,
-    pub(super) redis: Option<&'a mut super::redis::Redis>,
+    pub(super) redis: &'a mut [Option<super::redis::Redis>],
 }
 
 /// Builds a [`Ctx`] from a core's fields (a macro, so the borrows stay
@@ -63,7 +63,7 @@ macro_rules! ctx {
             now: $core.now,
             timing: &$core.timing,
             draining: $core.drain_deadline.is_some(),
-            redis: $core.redis.as_mut(),
+            redis: &mut $core.redis,
         }
     };
 }
@@ -208,63 +208,119 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Sends a Redis command whose reply comes back to `me`'s stage
-    /// (`Stage::on_redis`, with `tag`). Err at once if Redis is away (on
-    /// a core without its own connections, core 0 answers Down instead).
-    pub(crate) fn redis_call(&mut self, me: ConnId, tag: u8, args: &[&[u8]]) -> Result<(), Answer> {
-        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
-            (Some(r), Some(cfg)) => r.call(cfg, self.metrics, me, tag, args),
+    /// This core's client of Redis server `server`, with its config; or
+    /// None and whether the server exists at all (then core 0 holds it).
+    fn redis_of(
+        &mut self,
+        server: usize,
+    ) -> (Option<&mut super::redis::Redis>, Option<&'a RedisConfig>) {
+        let cfg = self.cfg.redis_server(server);
+        let r = self.redis.get_mut(server).and_then(Option::as_mut);
+        (r, cfg)
+    }
+
+    /// Sends a command to Redis server `server` whose reply comes back to
+    /// `me`'s stage (`Stage::on_redis`, with `tag`). Err at once if Redis is
+    /// away (on a core without its own connections, core 0 answers Down
+    /// instead).
+    pub(crate) fn redis_call(
+        &mut self,
+        server: usize,
+        me: ConnId,
+        tag: u8,
+        args: &[&[u8]],
+    ) -> Result<(), Answer> {
+        let m = self.metrics;
+        match self.redis_of(server) {
+            (Some(r), Some(cfg)) => r.call(cfg, m, me, tag, args),
             (None, Some(_)) => {
-                self.mesh.redis(remote::CORE, me, remote::CALL, tag, |out| {
-                    crate::protocol::resp::encode(out, args)
-                });
+                self.mesh
+                    .redis(remote::CORE, me, remote::CALL, tag, server as u8, |out| {
+                        crate::protocol::resp::encode(out, args)
+                    });
                 Ok(())
             }
             _ => Err(Answer::Down),
         }
     }
 
-    /// Sends a Redis command nobody waits for (dropped and counted while
-    /// Redis is away). False if dropped here.
-    pub(crate) fn redis_send(&mut self, me: ConnId, args: &[&[u8]]) -> bool {
-        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
-            (Some(r), Some(cfg)) => r.send(cfg, self.metrics, args),
+    /// Sends a command to server `server` nobody waits for (dropped and
+    /// counted while Redis is away, once its buffer is full). False if
+    /// dropped here.
+    pub(crate) fn redis_send(&mut self, server: usize, me: ConnId, args: &[&[u8]]) -> bool {
+        let m = self.metrics;
+        match self.redis_of(server) {
+            (Some(r), Some(cfg)) => r.send(cfg, m, args),
             (None, Some(_)) => {
-                self.mesh.redis(remote::CORE, me, remote::SEND, 0, |out| {
-                    crate::protocol::resp::encode(out, args)
-                });
+                self.mesh
+                    .redis(remote::CORE, me, remote::SEND, 0, server as u8, |out| {
+                        crate::protocol::resp::encode(out, args)
+                    });
                 true
             }
             _ => {
-                self.metrics.redis_dropped.inc();
+                m.redis_dropped.inc();
                 false
             }
         }
     }
 
-    /// `me` joins Redis channel `name` (subscribed once per core that
-    /// holds Redis, refcounted). A `Ready`, `Pending` or `Remote` join must
-    /// be left once, with the id it got.
-    pub(crate) fn redis_join(&mut self, name: &[u8], me: ConnId) -> Join {
-        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
-            (Some(r), Some(cfg)) => r.join(cfg, self.metrics, name, me),
+    /// Sends an event (an XADD, a sync write) to server `server`: kept
+    /// while Redis is away, in the capped buffer, and sent in order after
+    /// the reconnect. False if dropped here (counted).
+    pub(crate) fn redis_event(&mut self, server: usize, me: ConnId, args: &[&[u8]]) -> bool {
+        let m = self.metrics;
+        match self.redis_of(server) {
+            (Some(r), Some(cfg)) => r.send_event(cfg, m, args),
             (None, Some(_)) => {
-                self.mesh.redis(remote::CORE, me, remote::JOIN, 0, |out| {
-                    out.extend_from_slice(name)
-                });
+                self.mesh
+                    .redis(remote::CORE, me, remote::EVENT, 0, server as u8, |out| {
+                        crate::protocol::resp::encode(out, args)
+                    });
+                true
+            }
+            _ => {
+                m.events_dropped.inc();
+                false
+            }
+        }
+    }
+
+    /// `me` joins channel `name` of the sessions' server (subscribed once
+    /// per core that holds Redis, refcounted). A `Ready`, `Pending` or
+    /// `Remote` join must be left once, with the id it got.
+    pub(crate) fn redis_join(&mut self, name: &[u8], me: ConnId) -> Join {
+        let m = self.metrics;
+        match self.redis_of(SESSIONS_SERVER) {
+            (Some(r), Some(cfg)) => r.join(cfg, m, name, me),
+            (None, Some(_)) => {
+                self.mesh.redis(
+                    remote::CORE,
+                    me,
+                    remote::JOIN,
+                    0,
+                    SESSIONS_SERVER as u8,
+                    |out| out.extend_from_slice(name),
+                );
                 Join::Remote
             }
             _ => Join::Down,
         }
     }
 
-    /// Undoes a join of Redis channel `id`.
+    /// Undoes a join of the sessions' channel `id`.
     pub(crate) fn redis_leave(&mut self, id: u32, me: ConnId) {
-        match (self.redis.as_deref_mut(), self.cfg.redis.as_ref()) {
-            (Some(r), Some(cfg)) => r.leave(cfg, self.metrics, id, me),
-            (None, Some(_)) => self.mesh.redis(remote::CORE, me, remote::LEAVE, 0, |out| {
-                out.extend_from_slice(&id.to_le_bytes())
-            }),
+        let m = self.metrics;
+        match self.redis_of(SESSIONS_SERVER) {
+            (Some(r), Some(cfg)) => r.leave(cfg, m, id, me),
+            (None, Some(_)) => self.mesh.redis(
+                remote::CORE,
+                me,
+                remote::LEAVE,
+                0,
+                SESSIONS_SERVER as u8,
+                |out| out.extend_from_slice(&id.to_le_bytes()),
+            ),
             _ => {}
         }
     }
@@ -277,16 +333,16 @@ impl<'a> Ctx<'a> {
             .sum()
     }
 
-    /// Is Redis connected on every core that holds connections to it?
-    /// (wsproxy's /health.)
+    /// Is every Redis connection of every core up? (wsproxy's /health.)
     pub(crate) fn redis_connected(&self) -> bool {
-        let holders = match self.cfg.redis.as_ref() {
-            Some(r) if !r.per_core => 1,
-            _ => self.all_metrics.len(),
-        };
-        self.all_metrics[..holders.min(self.all_metrics.len())]
-            .iter()
-            .all(|m| m.redis_cmd_up.get() == 1 && m.redis_sub_up.get() == 1)
+        let cfg = self.cfg;
+        self.all_metrics.iter().enumerate().all(|(core, m)| {
+            let held = (0..cfg.redis_server_count()).filter(|&s| cfg.holds_redis(core, s));
+            let (cmd, sub) = held.fold((0, 0), |(c, s), server| {
+                (c + 1, s + u64::from(cfg.redis_subscribes(server)))
+            });
+            m.redis_cmd_up.get() == cmd && m.redis_sub_up.get() == sub
+        })
     }
 
     /// The Prometheus text of every core's and every source's counters.
@@ -392,7 +448,7 @@ pub(crate) mod test {
                 now: self.now,
                 timing: &self.timing,
                 draining: false,
-                redis: None,
+                redis: &mut [],
             }
         }
 

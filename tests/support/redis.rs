@@ -306,3 +306,84 @@ impl GarbageRedis {
         GarbageRedis { addr }
     }
 }
+
+/// One stream entry as a backend sees it: its fields as a map (field
+/// order is not part of the contract).
+pub type Entry = std::collections::HashMap<String, Vec<u8>>;
+
+impl RedisClient {
+    /// XGROUP CREATE ... MKSTREAM (an existing group is fine).
+    pub fn group(&mut self, stream: &str, group: &str) {
+        match self.cmd(&["XGROUP", "CREATE", stream, group, "0", "MKSTREAM"]) {
+            Reply::Simple(_) => {}
+            Reply::Error(e) if e.starts_with("BUSYGROUP") => {}
+            r => panic!("XGROUP answered {r:?}"),
+        }
+    }
+
+    /// Reads entries through the consumer group until `n` arrived or
+    /// `d` passed (each XREADGROUP blocks at most 200 ms), acking them.
+    pub fn read_group(&mut self, stream: &str, group: &str, n: usize, d: Duration) -> Vec<Entry> {
+        let deadline = Instant::now() + d;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            let r = self.cmd(&[
+                "XREADGROUP",
+                "GROUP",
+                group,
+                "backend",
+                "COUNT",
+                "1000",
+                "BLOCK",
+                "200",
+                "STREAMS",
+                stream,
+                ">",
+            ]);
+            let Reply::Array(streams) = r else { continue };
+            for s in streams {
+                let Reply::Array(mut kv) = s else { continue };
+                let Some(Reply::Array(entries)) = kv.pop() else {
+                    continue;
+                };
+                for e in entries {
+                    let Reply::Array(mut parts) = e else { continue };
+                    let Some(Reply::Array(fields)) = parts.pop() else {
+                        continue;
+                    };
+                    if let Some(Reply::Bulk(id)) = parts.pop() {
+                        let id = String::from_utf8_lossy(&id).into_owned();
+                        self.cmd(&["XACK", stream, group, &id]);
+                    }
+                    let mut m = Entry::new();
+                    for pair in fields.chunks(2) {
+                        if let [Reply::Bulk(k), Reply::Bulk(v)] = pair {
+                            m.insert(String::from_utf8_lossy(k).into_owned(), v.clone());
+                        }
+                    }
+                    out.push(m);
+                }
+            }
+        }
+        out
+    }
+
+    /// HGETALL as a sorted list of pairs.
+    pub fn hgetall(&mut self, key: &str) -> Vec<(String, String)> {
+        let Reply::Array(a) = self.cmd(&["HGETALL", key]) else {
+            panic!("HGETALL did not answer an array")
+        };
+        let mut v: Vec<(String, String)> = a
+            .chunks(2)
+            .filter_map(|p| match p {
+                [Reply::Bulk(k), Reply::Bulk(v)] => Some((
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}

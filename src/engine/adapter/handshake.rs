@@ -147,6 +147,10 @@ impl HandshakeStage {
                     msgs: usize::MAX,
                     policy: ws.slow_consumer,
                 };
+                // wsgateway's open event, after the endpoint's tags are set.
+                if ep.events {
+                    crate::engine::events::on_open(cx, me, ep, id.as_bytes(), &tags, io.peer);
+                }
                 WsStage::endpoint(endpoint, ep, tags, broadcast, cx)
             }
             (None, Some(src)) => {

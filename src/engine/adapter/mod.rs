@@ -159,8 +159,17 @@ impl Stage {
     }
 
     /// A deadline passed.
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
-        each!(self, s => s.on_deadline(io, cx))
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
+        match self {
+            Stage::Rely(s) => s.on_deadline(io, cx),
+            Stage::Handshake(s) => s.on_deadline(io, cx),
+            Stage::Ws(s) => s.on_deadline(io, me, cx),
+            Stage::Admin(s) => s.on_deadline(io, cx),
+            Stage::Unix(s) => s.on_deadline(io, cx),
+            Stage::Upstream(s) => s.on_deadline(io, cx),
+            Stage::Veltix(s) => s.on_deadline(io, cx),
+            Stage::Session(s) => s.on_deadline(io, cx),
+        }
     }
 
     /// The server begins to drain: say goodbye where the protocol has a way.
@@ -185,9 +194,9 @@ impl Stage {
     }
 
     /// The connection closes: leave every index the stage joined.
-    pub(crate) fn on_close(&mut self, me: ConnId, cx: &mut Ctx<'_>) {
+    pub(crate) fn on_close(&mut self, io: &Io, me: ConnId, cx: &mut Ctx<'_>) {
         match self {
-            Stage::Ws(s) => s.on_close(me, cx),
+            Stage::Ws(s) => s.on_close(io, me, cx),
             Stage::Unix(s) => s.on_close(me, cx),
             Stage::Veltix(s) => s.on_close(me, cx),
             Stage::Session(s) => s.on_close(me, cx),
@@ -228,7 +237,7 @@ impl Stage {
         out: &mut Vec<u8>,
     ) -> bool {
         match (self, op) {
-            (Stage::Ws(s), FanOp::SetTags(changes)) => s.set_tags(me, changes, cx),
+            (Stage::Ws(s), FanOp::SetTags(changes)) => s.set_tags(io, me, changes, cx),
             (Stage::Ws(s), FanOp::Status { json }) => s.status(io, *json, out),
             _ => false,
         }

@@ -14,7 +14,7 @@
 
 use super::ws::WsStage;
 use super::{Outcome, Stage};
-use crate::config::{Endpoint, SessionConfig};
+use crate::config::{Endpoint, SessionConfig, SESSIONS_SERVER};
 use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits, Queued};
 use crate::engine::redis::{Answer, Join, JoinState};
@@ -136,7 +136,10 @@ impl SessionOpen {
         };
         st.token = token.as_bytes().to_vec();
         let auth_key = name(s, &st.session, "auth");
-        if cx.redis_call(me, TAG_AUTH, &[b"GET", &auth_key]).is_err() {
+        if cx
+            .redis_call(SESSIONS_SERVER, me, TAG_AUTH, &[b"GET", &auth_key])
+            .is_err()
+        {
             return refuse(io, "500 Internal Server Error", "Internal server error", cx);
         }
         Outcome::Upgrade(Stage::Session(Box::new(st)), Vec::new())
@@ -234,7 +237,7 @@ impl SessionOpen {
                 // period passes without one.
                 let key = name(s, &self.session, "auth");
                 let ttl = s.auth_grace_period.as_secs().to_string();
-                cx.redis_send(me, &[b"EXPIRE", &key, ttl.as_bytes()]);
+                cx.redis_send(SESSIONS_SERVER, me, &[b"EXPIRE", &key, ttl.as_bytes()]);
                 let st = std::mem::replace(self, SessionOpen::placeholder());
                 st.subscribe(io, me, s, cx)
             }
@@ -365,7 +368,7 @@ pub(crate) fn on_session_message(
         return true;
     }
     if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
-        if cx.redis_send(me, &[b"PUBLISH", up, data]) {
+        if cx.redis_send(SESSIONS_SERVER, me, &[b"PUBLISH", up, data]) {
             m.session_up.inc();
         }
         return true;

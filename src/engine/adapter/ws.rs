@@ -131,10 +131,10 @@ impl WsStage {
         input: &mut [u8],
         cx: &mut Ctx<'_>,
     ) -> Outcome {
-        let on_message = match self.role {
-            Role::Source(_) | Role::Session { .. } => None,
+        let (on_message, events) = match self.role {
+            Role::Source(_) | Role::Session { .. } => (None, None),
             Role::Endpoint(i) => match cx.cfg().ws().endpoints.get(i as usize) {
-                Some(ep) => Some(ep.on_message),
+                Some(ep) => (Some(ep.on_message), ep.events.then_some(ep)),
                 None => return Outcome::Close(CloseReason::Protocol),
             },
         };
@@ -153,6 +153,10 @@ impl WsStage {
             match ev {
                 Event::Message { text, data } => {
                     cx.metrics().ws_messages_in.inc();
+                    // wsgateway's message event, in this connection's order.
+                    if let (Some(ep), Some(l)) = (events, io.login.as_ref()) {
+                        crate::engine::events::on_message(cx, me, ep, &l.id, tags, text, data);
+                    }
                     let (Some(on_message), Role::Endpoint(_)) = (on_message, *role) else {
                         if let Role::Source(src) = *role {
                             // Kept as it is: text stays text, binary binary.
@@ -244,7 +248,7 @@ impl WsStage {
 
     /// Send the next ping, or give up on an unanswered one or an idle
     /// client.
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         let (now, t) = (cx.now(), cx.timing());
         if self.keepalive.dead(now, t.ws_pong) {
             log::debug!("{}: ping unanswered", io.peer);
@@ -265,6 +269,10 @@ impl WsStage {
             let mut f = Vec::with_capacity(2);
             ws::encode_frame(&mut f, ws::OP_PING, b"");
             io.out.push_bytes(&[&f]);
+            // A live connection keeps its sync hashes from expiring.
+            if let (Role::Endpoint(_), Some(l)) = (self.role, io.login.as_ref()) {
+                crate::engine::events::refresh(cx, me, &l.id);
+            }
         }
         Outcome::Continue
     }
@@ -273,15 +281,13 @@ impl WsStage {
     /// closes once it is flushed.
     pub(crate) fn goodbye(&mut self, io: &mut Io, why: CloseReason, now: u64) -> Outcome {
         let (g, discard) = match why {
-            CloseReason::Kicked => {
-                // Its id now belongs to the newer connection: forget it here
-                // so cleanup cannot touch the newer login.
-                io.login = None;
-                (
-                    (ws::CLOSE_POLICY, "replaced by a newer connection", why),
-                    false,
-                )
-            }
+            // Its id now belongs to the newer connection. The login is kept
+            // (its close event names it); releasing it at close is
+            // epoch-checked, so it cannot touch the newer login.
+            CloseReason::Kicked => (
+                (ws::CLOSE_POLICY, "replaced by a newer connection", why),
+                false,
+            ),
             CloseReason::SlowConsumer => ((ws::CLOSE_POLICY, "slow consumer", why), true),
             CloseReason::Shutdown => ((ws::CLOSE_GOING_AWAY, "server shutting down", why), false),
             _ => ((ws::CLOSE_NORMAL, "Closed by server", why), false),
@@ -290,9 +296,17 @@ impl WsStage {
         Outcome::Continue
     }
 
-    pub(crate) fn on_close(&mut self, me: ConnId, cx: &mut Ctx<'_>) {
+    pub(crate) fn on_close(&mut self, io: &Io, me: ConnId, cx: &mut Ctx<'_>) {
         let slot = me.slot as usize;
         cx.untag(slot, &self.tags);
+        if let (Role::Endpoint(i), Some(l)) = (self.role, io.login.as_ref()) {
+            if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize).filter(|e| e.events) {
+                // A replaced connection's id now names the newer one: its
+                // close event goes out, but the newer one's hashes stay.
+                let replaced = io.closing.is_some_and(|c| c.reason == CloseReason::Kicked);
+                crate::engine::events::on_close(cx, me, ep, &l.id, &self.tags, !replaced);
+            }
+        }
         match self.role {
             Role::Source(src) => cx.leave(Channel::Source(src), slot),
             Role::Session { channel: ch, .. } => {
@@ -309,6 +323,7 @@ impl WsStage {
     /// Applies tag changes, keeping the index exact.
     pub(crate) fn set_tags(
         &mut self,
+        io: &Io,
         me: ConnId,
         changes: &[(String, String)],
         cx: &mut Ctx<'_>,
@@ -322,6 +337,9 @@ impl WsStage {
         cx.tag(slot, &added);
         if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize) {
             self.broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &self.tags);
+            if let Some(l) = io.login.as_ref() {
+                crate::engine::events::on_tags(cx, me, ep, &l.id, &removed, &added);
+            }
         }
         true
     }
@@ -527,13 +545,22 @@ mod tests {
     }
 
     #[test]
-    fn a_kick_forgets_the_id_and_says_why() {
+    fn a_kick_says_why_and_its_cleanup_leaves_the_newer_login() {
         let mut t = TestCx::new(CFG, 2);
         let mut io = test_io("127.0.0.1:1");
         io.login = Some(t.cx().login(b"alice", me()));
+        let newer = ConnId {
+            core: 1,
+            slot: 9,
+            gen: 3,
+        };
+        t.cx().login(b"alice", newer);
         let mut st = client(&mut t, 0, Vec::new());
         st.goodbye(&mut io, CloseReason::Kicked, 1);
-        assert!(io.login.is_none());
+        // What the core does at close: an epoch-checked logout.
+        let l = io.login.take().expect("kept for the close event");
+        t.cx().logout(&l);
+        assert_eq!(t.dir.lookup(b"alice"), Some(newer));
         let out = io.out.contents();
         assert_eq!(&out[2..4], &1008u16.to_be_bytes());
         assert!(out.ends_with(b"replaced by a newer connection"));
@@ -545,13 +572,13 @@ mod tests {
         let tags = vec![("room".into(), "r1".into())];
         t.cx().tag(4, &tags);
         let mut st = client(&mut t, 1, tags.clone());
-        st.on_close(me(), &mut t.cx());
+        st.on_close(&test_io("127.0.0.1:1"), me(), &mut t.cx());
         let mut slots = Vec::new();
         t.tags.select(&tags, &mut slots);
         assert!(slots.is_empty());
         t.cx().join(Channel::Source(0), 4);
         let mut src = WsStage::source_client(0, 1024, &t.cx());
-        src.on_close(me(), &mut t.cx());
+        src.on_close(&test_io("127.0.0.1:1"), me(), &mut t.cx());
         assert_eq!(t.channels.len(Channel::Source(0)), 0);
     }
 }
