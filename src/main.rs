@@ -13,7 +13,8 @@ use corerelay::{sys, Server};
 #[command(version, about)]
 struct Cli {
     /// YAML config file (default: ./config.yaml if there is one, as Veylor
-    /// reads it; else the embedded defaults, RELY on 0.0.0.0:33333).
+    /// reads it, then ./config.yml, as wsgateway does; else the embedded
+    /// defaults, RELY on 0.0.0.0:33333).
     #[arg(short, long)]
     config: Option<PathBuf>,
     /// More logging: warnings by default; -v info (the start-up report),
@@ -63,14 +64,18 @@ fn main() -> ExitCode {
 }
 
 /// Read when no -c is given and it exists in the working directory.
-const LOCAL_CONFIG: &str = "config.yaml";
+/// Veylor's ./config.yaml, then wsgateway's ./config.yml.
+const LOCAL_CONFIGS: [&str; 2] = ["config.yaml", "config.yml"];
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    // As Veylor does: with no -c, ./config.yaml when there is one.
+    // As Veylor and wsgateway do: with no -c, their file when there is one.
     let mut cli = cli;
-    if cli.config.is_none() && !cli.wsproxy && std::path::Path::new(LOCAL_CONFIG).is_file() {
-        log::warn!("no -c given: using ./{LOCAL_CONFIG}");
-        cli.config = Some(PathBuf::from(LOCAL_CONFIG));
+    let local = LOCAL_CONFIGS
+        .iter()
+        .find(|f| std::path::Path::new(f).is_file());
+    if let (None, false, Some(f)) = (&cli.config, cli.wsproxy, local) {
+        log::warn!("no -c given: using ./{f}");
+        cli.config = Some(PathBuf::from(f));
     }
     let env = |k: &str| std::env::var(k).ok();
     if cli.print_config {

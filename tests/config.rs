@@ -267,3 +267,31 @@ fn wsproxy_endpoints_need_redis_and_their_parameter() {
     assert!(e.to_string().contains("redis.url"), "{e}");
     assert!(!e.to_string().contains("hunter2"), "{e}");
 }
+
+/// The events block is valid and documents every key.
+#[test]
+fn example_events_block_is_valid() {
+    let block = example_block(
+        "#websocket:\n#  listen: [\"0.0.0.0:5000\"]",
+        "# --- end of the events",
+    );
+    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
+    let ep = &cfg.websocket.expect("websocket").endpoints[0];
+    assert!(ep.events);
+    assert_eq!(ep.json_vars.len(), 2);
+    let ev = cfg.events.expect("events");
+    assert_eq!(ev.stream.fixed(), Some("connectionevents"));
+    assert_eq!(cfg.sync.expect("sync").server, ev.server);
+    assert_documents(
+        &block,
+        &[
+            "events",
+            "stream_include_tags",
+            "json_extract_vars",
+            "stream_name",
+            "stream_maxlen",
+            "sync",
+            "ttl",
+        ],
+    );
+}

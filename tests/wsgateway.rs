@@ -288,3 +288,186 @@ fn past_the_buffer_events_are_dropped_and_counted() {
     assert_eq!(pong.opcode, 0xA);
     assert!(start.elapsed() < Duration::from_secs(2));
 }
+
+/// A wsgateway config.yml with every key its own sample has (our values).
+fn wsgateway_yml(redis: &str) -> String {
+    format!(
+        "listen_addr: 127.0.0.1:0
+internal_endpoint_access_whitelist:
+  - 127.0.0.0/8
+  - 10.0.0.0/8
+  - not-a-network
+  - ::1/128
+connection_redis_sync:
+  # hashes connection:<id> and connection:<id>:tags
+  addr: {redis}/0?client_name=gwsync
+stream_redis:
+  addr: {redis}/0?client_name=gwstream&pool_size=1000
+  stream_name: connectionevents
+max_message_size_kb: 64
+endpoints:
+  - path: /connect
+    set_tags:
+      foo: bar
+      other: tag
+    stream_include_tags:
+      - foo
+      - group
+    max_message_size_kb: 128
+    json_extract_vars:
+      command: \"command\"
+      other: \"data.actionRef\"
+      bad-name: \"x\"
+  - path: /connect/v2
+    set_tags:
+      version: 2
+      beta: true
+    stream_include_tags:
+      - version
+      - beta
+prometheus:
+  enabled: true
+"
+    )
+}
+
+#[test]
+fn wsgateways_config_yml_runs_as_it_is() {
+    let redis = RedisServer::start();
+    let yml = wsgateway_yml(&redis.url());
+    let cfg = Config::from_yaml(&yml, None).expect("wsgateway's config.yml loads");
+    assert!(cfg.rely.listen.is_empty(), "no RELY listener");
+    let ws_cfg = cfg.websocket.as_ref().unwrap();
+    assert_eq!(ws_cfg.endpoints.len(), 2);
+    assert_eq!(ws_cfg.endpoints[0].max_message_size, 128 * 1024);
+    assert_eq!(
+        ws_cfg.endpoints[1].max_message_size,
+        64 * 1024,
+        "the global limit"
+    );
+    assert_eq!(
+        ws_cfg.endpoints[0].json_vars.len(),
+        2,
+        "the bad variable name is skipped"
+    );
+    assert_eq!(
+        ws_cfg.endpoints[1].set_tags,
+        vec![
+            ("beta".into(), "true".into()),
+            ("version".into(), "2".into())
+        ],
+        "scalars become strings"
+    );
+    let admin = cfg.admin.as_ref().unwrap();
+    assert!(admin.on_websocket_listener && admin.listen.is_empty());
+    assert_eq!(admin.allow.len(), 3, "the bad network is skipped");
+    let ev = cfg.events.as_ref().unwrap();
+    assert_eq!(ev.stream.fixed(), Some("connectionevents"));
+    let sync = cfg.sync.as_ref().unwrap();
+    assert_eq!(ev.server, sync.server, "one server, one set of connections");
+    assert_eq!(
+        cfg.redis_server(ev.server).unwrap().client_name,
+        "gwstream",
+        "client_name from the URL"
+    );
+    let (s, ws) = server_yaml(&yml, 2, |_| {});
+    wait_cmd_up(&s);
+    let mut r = redis.client();
+    r.group("connectionevents", "ws_consumers");
+    let _a = WsRaw::connect(ws, "/connect");
+    let _b = WsRaw::connect(ws, "/connect/v2");
+    let ev = r.read_group("connectionevents", "ws_consumers", 2, WAIT);
+    let mut tags: Vec<String> = ev.iter().map(|e| text(e, "tags")).collect();
+    tags.sort();
+    assert_eq!(tags, ["beta=true&version=2", "foo=bar"]);
+    // The admin API shares listen_addr.
+    assert_eq!(http(ws, "POST", "/send?foo=bar", &[], b"hi").text(), "1");
+    let st = http(ws, "GET", "/status", &[], b"").text();
+    assert_eq!(st.lines().count(), 2, "{st}");
+}
+
+#[test]
+fn wsgateway_configs_that_cannot_run_are_refused_naming_the_key() {
+    let amqp = "listen_addr: 127.0.0.1:0\nstream_amqp:\n  addr: amqp://guest:guest@localhost:5672/\n  exchange: wsgateway\nendpoints:\n  - path: /connect\n";
+    let e = Config::from_yaml(amqp, None).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("stream_amqp"), "{e}");
+    assert!(e.to_string().contains("not supported yet"), "{e}");
+    assert_eq!(e.line, Some(2), "{e}");
+    let none = "listen_addr: 127.0.0.1:0\nendpoints:\n  - path: /connect\n";
+    let e = Config::from_yaml(none, None).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("stream_redis.addr"), "{e}");
+    let bad = "stream_redis:\n  addr: rediss://u:hunter2@h:6380\nendpoints:\n  - path: /c\n";
+    let e = Config::from_yaml(bad, None).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("stream_redis.addr"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let typo = "stream_redis:\n  addr: redis://h\n  stream_nmae: x\nendpoints:\n  - path: /c\n";
+    let e = Config::from_yaml(typo, None).unwrap_err();
+    assert!(e.to_string().contains("stream_nmae"), "{e}");
+    assert_eq!(e.line, Some(3), "{e}");
+}
+
+/// wsgateway's demo backend and e2e client, in our words: the backend
+/// reads the stream through a group, answers with /send?id=, sets tags
+/// with a form body sent as text/plain, and sends to a tag.
+#[test]
+fn the_demo_backend_round_trip() {
+    let redis = RedisServer::start();
+    let yml = wsgateway_yml(&redis.url());
+    let (s, ws) = server_yaml(&yml, 2, |_| {});
+    wait_cmd_up(&s);
+    let mut r = redis.client();
+    r.group("connectionevents", "ws_consumers");
+    let mut c = WsRaw::connect(ws, "/connect");
+    let open = r.read_group("connectionevents", "ws_consumers", 1, WAIT);
+    let id = text(&open[0], "connection");
+    // echo
+    c.send(0x1, true, b"echo hello there");
+    let m = r.read_group("connectionevents", "ws_consumers", 1, WAIT);
+    let said = text(&m[0], "message");
+    let reply = said.strip_prefix("echo ").unwrap();
+    let a = http(
+        ws,
+        "POST",
+        &format!("/send?id={id}"),
+        &[("Content-Type", "text/plain")],
+        reply.as_bytes(),
+    );
+    assert_eq!(a.text(), "1");
+    assert_eq!(c.read().unwrap().payload, b"hello there");
+    // settag, with the form body sent as text/plain
+    let a = http(
+        ws,
+        "POST",
+        &format!("/settags?id={id}"),
+        &[("Content-Type", "text/plain;charset=UTF-8")],
+        b"foo=1234",
+    );
+    assert_eq!(a.text(), "1");
+    c.send(0x1, true, b"gettag foo");
+    let m = r.read_group("connectionevents", "ws_consumers", 1, WAIT);
+    assert_eq!(
+        text(&m[0], "tags"),
+        "foo=1234",
+        "the next event carries the new tag"
+    );
+    // send to a tag
+    let a = http(
+        ws,
+        "POST",
+        "/send?foo=1234",
+        &[("Content-Type", "text/plain")],
+        b"a message!",
+    );
+    assert_eq!(a.text(), "1");
+    assert_eq!(c.read().unwrap().payload, b"a message!");
+    // close with a body: the body, then 1000
+    let a = http(ws, "POST", &format!("/close?id={id}"), &[], b"bye");
+    assert_eq!(a.text(), "1");
+    assert_eq!(c.read().unwrap().payload, b"bye");
+    assert_eq!(c.expect_close(), 1000);
+    let m = r.read_group("connectionevents", "ws_consumers", 1, WAIT);
+    assert_eq!(
+        (text(&m[0], "action"), text(&m[0], "tags")),
+        ("close".into(), "foo=1234".into())
+    );
+}

@@ -22,6 +22,7 @@ mod tls;
 mod validate;
 mod values;
 mod veltix;
+mod wsgateway;
 mod wsproxy;
 
 pub use defaults::*;
@@ -32,6 +33,7 @@ pub use redis::*;
 pub use tls::*;
 pub use values::*;
 pub use veltix::*;
+pub use wsgateway::is_wsgateway;
 pub use wsproxy::*;
 
 use std::fmt;
@@ -295,6 +297,15 @@ impl Config {
 
     /// Parses and validates YAML text (`path` is used in errors only).
     pub fn from_yaml(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        if wsgateway::is_wsgateway(text) {
+            let err = |key: &str, message: String| ConfigError {
+                path: path.map(Path::to_owned),
+                line: line_of(text, key),
+                key: Some(key.to_owned()),
+                message,
+            };
+            return wsgateway::translate(text, &err)?.validate(path, text);
+        }
         let file: FileConfig = if text.trim().is_empty() {
             FileConfig::default()
         } else {
