@@ -157,20 +157,43 @@ fn xadd(
     };
     let tag_field = tags_field(tags, &ep.stream_include_tags);
     let maxlen = ev.maxlen.map(|n| n.to_string());
-    let mut args: Vec<&[u8]> = Vec::with_capacity(14);
-    args.extend([b"XADD".as_slice(), stream.as_bytes()]);
-    if let Some(n) = &maxlen {
-        args.extend([b"MAXLEN".as_slice(), b"~", n.as_bytes()]);
+    // On the stack: this runs per client message.
+    let mut args: [&[u8]; 16] = [b""; 16];
+    let mut n = 0;
+    fn put<'a>(args: &mut [&'a [u8]; 16], n: &mut usize, parts: &[&'a [u8]]) {
+        for p in parts {
+            args[*n] = p;
+            *n += 1;
+        }
     }
-    args.extend([b"*".as_slice(), b"connection", id, b"action", action]);
+    put(&mut args, &mut n, &[b"XADD", stream.as_bytes()]);
+    if let Some(m) = &maxlen {
+        put(&mut args, &mut n, &[b"MAXLEN", b"~", m.as_bytes()]);
+    }
+    put(
+        &mut args,
+        &mut n,
+        &[b"*", b"connection", id, b"action", action],
+    );
     if let Some((text, data)) = msg {
-        args.extend([b"type".as_slice(), if text { b"text" } else { b"binary" }]);
-        args.extend([b"tags".as_slice(), tag_field.as_bytes(), b"message", data]);
+        let kind: &[u8] = if text { b"text" } else { b"binary" };
+        put(
+            &mut args,
+            &mut n,
+            &[
+                b"type",
+                kind,
+                b"tags",
+                tag_field.as_bytes(),
+                b"message",
+                data,
+            ],
+        );
     } else {
-        args.extend([b"tags".as_slice(), tag_field.as_bytes()]);
+        put(&mut args, &mut n, &[b"tags", tag_field.as_bytes()]);
     }
     let server = ev.server;
-    cx.redis_event(server, me, &args);
+    cx.redis_event(server, me, &args[..n]);
 }
 
 /// A connection opened (after its 101): its `open` event, and its hashes.

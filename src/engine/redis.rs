@@ -217,6 +217,8 @@ pub(crate) struct Redis {
     /// Reads land here first (appending to a link's buffer costs a copy
     /// of what arrived, not a zeroing of a whole chunk per read).
     scratch: Box<[u8]>,
+    /// The clock at the last `service`.
+    now: Instant,
 }
 
 impl Link {
@@ -300,6 +302,7 @@ impl Redis {
             next_id: 0,
             events: Vec::new(),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            now: Instant::now(),
         }
     }
 
@@ -365,7 +368,10 @@ impl Redis {
             m.events_dropped.inc();
             return false;
         }
-        let now = Instant::now();
+        // This iteration's clock, not a clock read per event: an event's
+        // deadline is coarse anyway (and restarts when a connection comes
+        // up).
+        let now = self.now;
         l.pending
             .push_back((Want::Event, now + cfg.request_timeout, now));
         m.redis_requests.inc();
@@ -548,6 +554,7 @@ impl Redis {
         };
         let m = &shared.metrics[self.core];
         let now = Instant::now();
+        self.now = now;
         for sub in [false, true] {
             if sub && !self.subscribes {
                 continue;

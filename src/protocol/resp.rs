@@ -190,12 +190,30 @@ pub fn decode(buf: &[u8], cap: usize) -> Result<Option<(Value<'_>, usize)>, Resp
     }
 }
 
+/// Appends `prefix`, `n` in decimal, and CRLF (no formatter: this runs
+/// twice per argument of every command).
+fn header(out: &mut Vec<u8>, prefix: u8, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push(prefix);
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends one command: an array of bulk strings.
 pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
-    use std::io::Write;
-    let _ = write!(out, "*{}\r\n", args.len());
+    out.reserve(encoded_len(args));
+    header(out, b'*', args.len());
     for a in args {
-        let _ = write!(out, "${}\r\n", a.len());
+        header(out, b'$', a.len());
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }

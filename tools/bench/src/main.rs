@@ -29,6 +29,7 @@ use corerelay::protocol::rely::{self, Decoder, Frame};
 use corerelay::{Server, ServerHandle};
 use hdrhistogram::Histogram;
 
+mod events;
 mod ws;
 mod wsproxy;
 
@@ -160,6 +161,9 @@ enum Mode {
     /// sessions (`--proto redis`: plain Redis subscribers, the floor);
     /// `--up`: the sessions publish to `:up`.
     Wsproxy,
+    /// wsgateway events: `--subs` connections send, a reader XREADs the
+    /// stream (`--redis`).
+    Events,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -819,6 +823,10 @@ fn main() {
         wsproxy::run(&a);
         std::process::exit(0);
     }
+    if mode == Mode::Events {
+        events::run(&a);
+        std::process::exit(0);
+    }
     if mode == Mode::SourceFanout {
         // It builds its own in-process server around the feed it serves.
         source_fanout(&a);
@@ -835,6 +843,7 @@ fn main() {
         Mode::VeltixEcho => veltix_echo(&a, &s),
         Mode::SourceFanout => source_fanout(&a),
         Mode::Wsproxy => wsproxy::run(&a),
+        Mode::Events => events::run(&a),
     }
     // Client threads may still hold sockets; exit without a graceful drain.
     std::process::exit(0);
