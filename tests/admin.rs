@@ -44,9 +44,23 @@ fn health_ready_metrics() {
     let m = http(st.admin, "GET", "/metrics", &[], b"").text();
     assert!(m.contains("# TYPE corerelay_connections gauge"), "{m}");
     assert!(
-        m.contains("corerelay_ws_upgrades{core=\"0\"}")
-            && m.contains("corerelay_ws_upgrades{core=\"1\"}")
+        m.contains("corerelay_ws_upgrades_total{core=\"0\"}")
+            && m.contains("corerelay_ws_upgrades_total{core=\"1\"}")
     );
+    // Prometheus conventions: HELP on every family, process metrics.
+    let families = m.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    let helps = m.lines().filter(|l| l.starts_with("# HELP ")).count();
+    assert_eq!(families, helps, "{m}");
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "corerelay_build_info{version=",
+    ] {
+        assert!(m.contains(&format!("\n{name}")), "{name} in {m}");
+    }
     let total: u64 = m
         .lines()
         .filter(|l| l.starts_with("corerelay_connections{"))

@@ -313,7 +313,7 @@ fn upstream_fans_out_and_clients_talk_back() {
         metrics.contains("corerelay_source_up_by_source{source=\"0\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("corerelay_source_messages_in_by_source{source=\"0\"} 2"));
+    assert!(metrics.contains("corerelay_source_messages_in_by_source_total{source=\"0\"} 2"));
 }
 
 #[test]

@@ -31,14 +31,18 @@ impl Counter {
 }
 
 macro_rules! metrics {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         /// One core's counters.
         #[derive(Debug, Default)]
-        pub struct CoreMetrics { $( $(#[$doc])* pub $name: Counter, )* }
+        pub struct CoreMetrics { $( $(#[doc = $doc])* pub $name: Counter, )* }
 
         /// A point-in-time copy of counters (one core or summed).
         #[derive(Debug, Default, Clone, PartialEq, Eq)]
-        pub struct Snapshot { $( $(#[$doc])* pub $name: u64, )* }
+        pub struct Snapshot { $( $(#[doc = $doc])* pub $name: u64, )* }
+
+        /// (name, help) of every counter, in order: the doc comments above
+        /// are the HELP text of /metrics.
+        pub const HELP: &[(&str, &str)] = &[ $( (stringify!($name), concat!($($doc),*)), )* ];
 
         impl CoreMetrics {
             /// Copies the counters.
@@ -250,27 +254,70 @@ impl SourceStatus {
     }
 }
 
-/// (name, Prometheus type, value) of one per-source series.
-type Series = (&'static str, &'static str, fn(&SourceStatus) -> u64);
+/// (name, Prometheus type, help, value) of one per-source series.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&SourceStatus) -> u64,
+);
 
-/// Prometheus lines for sources (label: the URL).
+/// One family's HELP and TYPE lines. HELP text is escaped as the text
+/// format asks (backslash and newline).
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let help = help.replace('\\', "\\\\");
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Prometheus lines for sources, labelled by index in the config, not by
+/// URL: a URL can carry a token (`/status` lists each index with its
+/// masked URL).
 pub fn prometheus_sources(out: &mut String, urls: &[String], sources: &[SourceStatus]) {
     use std::fmt::Write;
     let series: [Series; 5] = [
-        ("source_up", "gauge", |s| {
-            u64::from(s.state.get() == SourceStatus::UP)
-        }),
-        ("source_messages_in", "counter", |s| s.messages_in.get()),
-        ("source_messages_out", "counter", |s| s.messages_out.get()),
-        ("source_dropped", "counter", |s| s.dropped.get()),
-        ("source_reconnects", "counter", |s| s.reconnects.get()),
+        (
+            "source_up",
+            "gauge",
+            "1 while the source's connection is open.",
+            |s| u64::from(s.state.get() == SourceStatus::UP),
+        ),
+        (
+            "source_messages_in",
+            "counter",
+            "Messages received from the source.",
+            |s| s.messages_in.get(),
+        ),
+        (
+            "source_messages_out",
+            "counter",
+            "Client messages written to the source.",
+            |s| s.messages_out.get(),
+        ),
+        (
+            "source_dropped",
+            "counter",
+            "Client messages dropped while the source was down.",
+            |s| s.dropped.get(),
+        ),
+        (
+            "source_reconnects",
+            "counter",
+            "Connections to the source lost.",
+            |s| s.reconnects.get(),
+        ),
     ];
-    for (name, kind, f) in series {
-        let _ = writeln!(out, "# TYPE corerelay_{name}_by_source {kind}");
-        // Labelled by index in the config, not by URL: a URL can carry a
-        // token (`/status` lists each index with its masked URL).
+    for (name, kind, help, f) in series {
+        let full = if kind == "counter" {
+            format!("corerelay_{name}_by_source_total")
+        } else {
+            format!("corerelay_{name}_by_source")
+        };
+        family(out, &full, kind, help);
         for (i, s) in sources.iter().enumerate().take(urls.len()) {
-            let _ = writeln!(out, "corerelay_{name}_by_source{{source=\"{i}\"}} {}", f(s));
+            let _ = writeln!(out, "{full}{{source=\"{i}\"}} {}", f(s));
         }
     }
 }
@@ -287,33 +334,131 @@ const GAUGES: [&str; 8] = [
     "session_sockets",
 ];
 
+/// The exported name of counter `name`, and the divisor to its base unit:
+/// counters end in `_total`; nanosecond sums become seconds.
+fn exported(name: &str) -> (String, Option<f64>) {
+    if GAUGES.contains(&name) {
+        return (format!("corerelay_{name}"), None);
+    }
+    match name.strip_suffix("_ns") {
+        Some(stem) => (format!("corerelay_{stem}_seconds_total"), Some(1e9)),
+        None => (format!("corerelay_{name}_total"), None),
+    }
+}
+
 /// Renders every core's counters in the Prometheus text format, one series
-/// per core (`core` label).
+/// per core (`core` label), each family with HELP and TYPE.
 pub fn prometheus(cores: &[CoreMetrics]) -> String {
     use std::fmt::Write;
-    let snaps: Vec<Snapshot> = cores.iter().map(CoreMetrics::snapshot).collect();
-    let mut out = String::with_capacity(64 * 40 * cores.len().max(1));
-    let names: Vec<&'static str> = Snapshot::default()
-        .pairs()
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    for (i, name) in names.iter().enumerate() {
+    let snaps: Vec<Vec<(&'static str, u64)>> = cores.iter().map(|c| c.snapshot().pairs()).collect();
+    let mut out = String::with_capacity(64 * 60 * cores.len().max(1));
+    for (i, (name, help)) in HELP.iter().enumerate() {
         let kind = if GAUGES.contains(name) {
             "gauge"
         } else {
             "counter"
         };
-        let _ = writeln!(out, "# TYPE corerelay_{name} {kind}");
+        let (full, div) = exported(name);
+        family(&mut out, &full, kind, help);
         for (core, s) in snaps.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "corerelay_{name}{{core=\"{core}\"}} {}",
-                s.pairs()[i].1
-            );
+            let v = s[i].1;
+            let _ = match div {
+                Some(d) => writeln!(out, "{full}{{core=\"{core}\"}} {}", v as f64 / d),
+                None => writeln!(out, "{full}{{core=\"{core}\"}} {v}"),
+            };
         }
     }
     out
+}
+
+/// The standard process metrics (`process_*`, as the Prometheus client
+/// libraries name them) from /proc, and `corerelay_build_info`. Reading
+/// /proc is a few in-memory syscalls, not blocking I/O.
+pub fn prometheus_process(out: &mut String) {
+    use std::fmt::Write;
+    // SAFETY: sysconf only reads a system constant.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    if let (Some(u), Some(s)) = (field(14), field(15)) {
+        family(
+            out,
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+        );
+        let _ = writeln!(out, "process_cpu_seconds_total {}", (u + s) as f64 / tick);
+    }
+    if let Some(rss) = field(24) {
+        family(
+            out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+        );
+        let _ = writeln!(out, "process_resident_memory_bytes {}", rss * page);
+    }
+    if let Some(vsz) = field(23) {
+        family(
+            out,
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+        );
+        let _ = writeln!(out, "process_virtual_memory_bytes {vsz}");
+    }
+    if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
+        family(
+            out,
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+        );
+        let _ = writeln!(out, "process_open_fds {}", d.count());
+    }
+    if let Ok(l) = crate::sys::file_limit() {
+        family(
+            out,
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+        );
+        let _ = writeln!(out, "process_max_fds {}", l.soft);
+    }
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+    });
+    if let (Some(b), Some(start)) = (btime, field(22)) {
+        family(
+            out,
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+        );
+        let _ = writeln!(
+            out,
+            "process_start_time_seconds {}",
+            b as f64 + start as f64 / tick
+        );
+    }
+    family(
+        out,
+        "corerelay_build_info",
+        "gauge",
+        "The running version; always 1.",
+    );
+    let _ = writeln!(
+        out,
+        "corerelay_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
 }
 
 #[cfg(test)]
@@ -326,7 +471,13 @@ mod tests {
         cores[1].connections.set(3);
         cores[0].accepted.add(7);
         let t = prometheus(&cores);
-        assert!(t.contains("# TYPE corerelay_connections gauge\ncorerelay_connections{core=\"0\"} 0\ncorerelay_connections{core=\"1\"} 3\n"));
-        assert!(t.contains("# TYPE corerelay_accepted counter\ncorerelay_accepted{core=\"0\"} 7\n"));
+        assert!(t.contains("# TYPE corerelay_connections gauge\ncorerelay_connections{core=\"0\"} 0\ncorerelay_connections{core=\"1\"} 3\n"), "{t}");
+        assert!(t.contains("# HELP corerelay_accepted_total Connections accepted.\n# TYPE corerelay_accepted_total counter\ncorerelay_accepted_total{core=\"0\"} 7\n"), "{t}");
+        cores[0].loop_busy_ns.add(1_500_000_000);
+        let t = prometheus(&cores);
+        assert!(
+            t.contains("corerelay_loop_busy_seconds_total{core=\"0\"} 1.5\n"),
+            "{t}"
+        );
     }
 }

@@ -350,6 +350,9 @@ impl<'a> Ctx<'a> {
         let mut body = super::metrics::prometheus(self.all_metrics);
         let urls: Vec<String> = self.cfg.sources.iter().map(|s| s.url.clone()).collect();
         super::metrics::prometheus_sources(&mut body, &urls, self.sources);
+        if !self.cfg.veltix.is_empty() {
+            body.push_str("# HELP corerelay_veltix_clients Clients on each Veltix listener.\n# TYPE corerelay_veltix_clients gauge\n");
+        }
         for (l, n) in self.cfg.veltix.iter().zip(self.veltix) {
             use std::fmt::Write;
             let _ = writeln!(
@@ -359,6 +362,7 @@ impl<'a> Ctx<'a> {
                 n.load(Ordering::Relaxed)
             );
         }
+        super::metrics::prometheus_process(&mut body);
         body
     }
 }
