@@ -86,6 +86,7 @@ fn example_websocket_block_is_valid() {
             "id_param",
             "id_prefix",
             "broadcast_tag",
+            "allowed_origins",
             "allow",
             "max_request_bytes",
             "on_websocket_listener",

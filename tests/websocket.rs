@@ -593,3 +593,38 @@ fn id_prefix_keeps_endpoint_ids_apart_from_rely_ids() {
         .expect("still alice's");
     assert_eq!(m.payload, b"for the RELY client");
 }
+
+#[test]
+fn allowed_origins_refuse_other_browser_origins_with_403() {
+    let (s, ws) = crate::support::ws_server(
+        1,
+        "  endpoints:\n    - path: /app\n      on_message: echo\n      allowed_origins: [\"https://app.example.com\", \"https://*.example.org/\"]\n",
+        |_| {},
+    );
+    let upgrade = |origin: Option<&str>| {
+        let mut t = std::net::TcpStream::connect(ws).unwrap();
+        let mut req = crate::support::WsRaw::request("/app");
+        if let Some(o) = origin {
+            req = req.replacen("\r\n\r\n", &format!("\r\nOrigin: {o}\r\n\r\n"), 1);
+        }
+        std::io::Write::write_all(&mut t, req.as_bytes()).unwrap();
+        crate::support::read_http_head(&mut t)
+    };
+    assert!(upgrade(Some("https://app.example.com")).starts_with("HTTP/1.1 101"));
+    assert!(
+        upgrade(Some("HTTPS://App.Example.com")).starts_with("HTTP/1.1 101"),
+        "case-insensitive"
+    );
+    assert!(
+        upgrade(Some("https://eu.example.org")).starts_with("HTTP/1.1 101"),
+        "a wildcard"
+    );
+    assert!(
+        upgrade(None).starts_with("HTTP/1.1 101"),
+        "clients that are not browsers send none"
+    );
+    let refused = upgrade(Some("http://evil.example"));
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(upgrade(Some("https://example.org.evil.com")).starts_with("HTTP/1.1 403"));
+    assert_eq!(s.handle.metrics().ws_origin_refused, 2);
+}

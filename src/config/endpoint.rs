@@ -60,6 +60,51 @@ pub struct Endpoint {
     pub stream_include_tags: Vec<String>,
     /// `{json.V}` variables: (V, JSON path split at dots).
     pub json_vars: Vec<(String, Vec<String>)>,
+    /// Origins allowed to connect, lower-cased patterns (empty: any).
+    pub allowed_origins: Vec<String>,
+}
+
+/// Does `origin` match `pattern` (both lower-case; `*` matches any run of
+/// characters)?
+fn glob(pattern: &[u8], s: &[u8]) -> bool {
+    // Iterative matching with one backtrack point: linear enough for the
+    // short strings an Origin header holds.
+    let (mut p, mut i) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while i < s.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some(p);
+            mark = i;
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == s[i] {
+            p += 1;
+            i += 1;
+        } else if let Some(sp) = star {
+            p = sp + 1;
+            mark += 1;
+            i = mark;
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+impl Endpoint {
+    /// May a request with this `Origin` header (None: not sent, as by
+    /// clients that are not browsers) connect here?
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        let Some(o) = origin else {
+            return true;
+        };
+        if self.allowed_origins.is_empty() {
+            return true;
+        }
+        let o = o.trim().to_ascii_lowercase();
+        self.allowed_origins
+            .iter()
+            .any(|p| glob(p.as_bytes(), o.as_bytes()))
+    }
 }
 
 impl Endpoint {

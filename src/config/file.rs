@@ -167,6 +167,9 @@ pub struct EndpointFile {
     /// Send this endpoint's open, message and close events to the
     /// `events:` stream (default: true when there is one).
     pub events: Option<bool>,
+    /// Browser origins allowed to connect (`https://app.example.com`, `*`
+    /// wildcards); others get 403. Absent: any.
+    pub allowed_origins: Option<Vec<String>>,
     /// Tags copied into this endpoint's events.
     pub stream_include_tags: Option<Vec<String>>,
     /// Variables for `{json.V}` in the stream name: V -> a JSON path

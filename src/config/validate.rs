@@ -481,6 +481,12 @@ fn validate_ws(
             events: e.events.unwrap_or(events_on) && session.is_none(),
             stream_include_tags: e.stream_include_tags.unwrap_or_default(),
             json_vars,
+            allowed_origins: e
+                .allowed_origins
+                .unwrap_or_default()
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
             session,
         });
     }

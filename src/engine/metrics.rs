@@ -114,6 +114,8 @@ metrics! {
     ws_handshake_errors,
     /// Connections that did not complete the upgrade in time.
     ws_handshake_timeouts,
+    /// Upgrades refused because their Origin is not allowed (403).
+    ws_origin_refused,
     /// WebSocket messages received.
     ws_messages_in,
     /// WebSocket messages discarded (`on_message: none`, or nothing to

@@ -116,6 +116,19 @@ impl HandshakeStage {
             Ok(k) => k.to_owned(),
             Err(e) => return self.refuse(io, e, cx),
         };
+        if let Some((endpoint, _)) = &routed {
+            if !ws.endpoints[*endpoint].origin_allowed(req.header("origin")) {
+                log::debug!("{}: origin {:?} not allowed", io.peer, req.header("origin"));
+                cx.metrics().ws_origin_refused.inc();
+                cx.metrics().ws_handshake_errors.inc();
+                io.out.push_bytes(&[&http::plain_response(
+                    "403 Forbidden",
+                    "origin not allowed\n",
+                )]);
+                io.close_after_answer(CloseReason::Protocol, cx.now());
+                return Outcome::Continue;
+            }
+        }
         // Frames the client sent right behind its request head.
         let early = rest(self, req.head_len);
         let next = match (routed, self.source) {
