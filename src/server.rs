@@ -118,8 +118,21 @@ impl Server {
         for (kind, bind) in listener_table(&cfg) {
             match bind {
                 Bind::Tcp(addr) => {
-                    let (addr, group) = bind_group(addr, workers, cfg.backlog)
-                        .map_err(|source| StartError::Bind { addr, source })?;
+                    let (addr, group) = match bind_group(addr, workers, cfg.backlog) {
+                        Ok(g) => g,
+                        // The admin API nobody asked for is best effort: a
+                        // second server on this host runs without it.
+                        Err(e)
+                            if kind == ListenerKind::Admin
+                                && cfg.admin.as_ref().is_some_and(|a| a.listen_defaulted) =>
+                        {
+                            log::warn!(
+                                "the default admin API on {addr} is not available ({e}); running without it (set admin.listen to choose another address)"
+                            );
+                            continue;
+                        }
+                        Err(source) => return Err(StartError::Bind { addr, source }),
+                    };
                     bound.push((kind, addr));
                     if let ListenerKind::Veltix(i) = kind {
                         // Port 0 resolved: /status and /metrics name the real one.

@@ -629,3 +629,64 @@ fn config_yaml_in_the_working_directory_is_used() {
     assert!(wait_exit(&mut child).success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The embedded defaults serve the admin API on 127.0.0.1:6666 (NATS's
+/// monitoring port habit); if another process holds that port, the server
+/// says so and runs without it.
+#[test]
+fn the_embedded_defaults_serve_the_admin_api_on_loopback() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .args(["-v", &port.to_string()])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, logs) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut bound = None;
+    while bound.is_none() && Instant::now() < deadline {
+        match logs.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains("listening: admin on 127.0.0.1:6666") => bound = Some(true),
+            Ok(l) if l.contains("default admin API on 127.0.0.1:6666 is not available") => {
+                bound = Some(false)
+            }
+            _ => {}
+        }
+    }
+    // Killed whatever happens below.
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    match bound {
+        Some(true) => {
+            let a: SocketAddr = "127.0.0.1:6666".parse().unwrap();
+            assert_eq!(
+                crate::support::http(a, "GET", "/health", &[], b"").status,
+                200
+            );
+            let m = crate::support::http(a, "GET", "/metrics", &[], b"").text();
+            assert!(m.contains("corerelay_accepted_total"), "{m}");
+        }
+        Some(false) => {} // another process holds it: said, and still serving RELY
+        None => panic!("neither bound nor explained"),
+    }
+    signal(&child.0, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child.0).code(), Some(0));
+}

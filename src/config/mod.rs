@@ -183,6 +183,9 @@ pub struct AdminConfig {
     /// A request's head and body must arrive within this of its first
     /// byte (slowloris), else 408 and close.
     pub request_timeout: Duration,
+    /// `listen` is the default (127.0.0.1:6666), not written: if another
+    /// process holds it, the server starts without the admin API.
+    pub listen_defaulted: bool,
 }
 
 impl AdminConfig {

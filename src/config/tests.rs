@@ -99,10 +99,16 @@ fn cidr() {
     );
     assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
     assert!(Cidr::parse("10.0.0.0/33").is_err() && Cidr::parse("nope").is_err());
-    assert!(
-        Config::defaults().admin.is_none(),
-        "pure relayd defaults bind no admin port"
+    let admin = Config::defaults()
+        .admin
+        .expect("the admin API on the embedded defaults");
+    assert_eq!(
+        admin.listen,
+        vec!["127.0.0.1:6666".parse().unwrap()],
+        "loopback only"
     );
+    let off = Config::from_yaml("admin: {listen: []}\n", None).unwrap();
+    assert!(off.admin.unwrap().listen.is_empty());
 }
 
 #[test]

@@ -99,38 +99,37 @@ impl FileConfig {
             None => None,
             Some(ws) => Some(validate_ws(ws, self.events.is_some(), &err)?),
         };
-        // On by default with WebSocket (wsgateway), off for a pure relayd
-        // setup; `admin: {listen: []}` turns it off.
-        let admin = match (self.admin, websocket.is_some()) {
-            (None, false) => None,
-            (a, _) => {
-                let a = a.unwrap_or_default();
-                let allow = match a.allow {
-                    None => DEFAULT_ADMIN_ALLOW
-                        .iter()
-                        .map(|c| Cidr::parse(c).expect("literal network"))
-                        .collect(),
-                    Some(list) => list
-                        .iter()
-                        .map(|c| Cidr::parse(c))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| err("admin.allow", e))?,
-                };
-                Some(AdminConfig {
-                    listen: a.listen.unwrap_or_else(|| {
-                        vec![DEFAULT_ADMIN_LISTEN.parse().expect("literal address")]
-                    }),
-                    allow,
-                    max_request_bytes: a
-                        .max_request_bytes
-                        .map_or(DEFAULT_ADMIN_MAX_REQUEST, |s| s.0)
-                        .clamp(1024, 1 << 30) as usize,
-                    on_websocket_listener: a.on_websocket_listener.unwrap_or(false),
-                    request_timeout: a
-                        .request_timeout
-                        .map_or(DEFAULT_ADMIN_REQUEST_TIMEOUT, |d| d.0),
-                })
-            }
+        // On by default whatever is configured (NATS's monitoring port):
+        // /health, /ready, /metrics and /status on loopback for relayd- and
+        // Veylor-only setups too; `admin: {listen: []}` turns it off.
+        let admin = {
+            let a = self.admin.unwrap_or_default();
+            let allow = match a.allow {
+                None => DEFAULT_ADMIN_ALLOW
+                    .iter()
+                    .map(|c| Cidr::parse(c).expect("literal network"))
+                    .collect(),
+                Some(list) => list
+                    .iter()
+                    .map(|c| Cidr::parse(c))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| err("admin.allow", e))?,
+            };
+            Some(AdminConfig {
+                listen_defaulted: a.listen.is_none(),
+                listen: a.listen.unwrap_or_else(|| {
+                    vec![DEFAULT_ADMIN_LISTEN.parse().expect("literal address")]
+                }),
+                allow,
+                max_request_bytes: a
+                    .max_request_bytes
+                    .map_or(DEFAULT_ADMIN_MAX_REQUEST, |s| s.0)
+                    .clamp(1024, 1 << 30) as usize,
+                on_websocket_listener: a.on_websocket_listener.unwrap_or(false),
+                request_timeout: a
+                    .request_timeout
+                    .map_or(DEFAULT_ADMIN_REQUEST_TIMEOUT, |d| d.0),
+            })
         };
         let perf = self.performance.unwrap_or_default();
         let performance = PerformanceConfig {

@@ -39,6 +39,9 @@ impl TestServer {
         cfg.workers = workers;
         cfg.pin = false;
         cfg.rely.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        if let Some(a) = cfg.admin.as_mut() {
+            a.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        }
         f(&mut cfg);
         let handle = Server::start(cfg).expect("server starts");
         let addr = handle.rely_addrs()[0];
