@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use corerelay::config::Config;
+use corerelay::config::{Config, LogFormat};
 use corerelay::{sys, Server};
 
 /// corerelay: a thread-per-core message relay (RELY, relayd-compatible).
@@ -32,8 +32,32 @@ struct Cli {
     /// Print the YAML config that --wsproxy runs, and exit.
     #[arg(long, requires = "wsproxy")]
     print_config: bool,
+    /// Log line format: text, or json (one object a line); overrides the
+    /// config's log_format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
     /// RELY port on 0.0.0.0, like `python -m relayd 40000` (overrides the config's rely.listen).
     port: Option<u16>,
+}
+
+/// Starts the logger: RUST_LOG wins over `level`; `json` writes one
+/// object a line with the time, level, target and message (escaped by
+/// serde_json, so any message stays one parseable line).
+fn init_logging(level: &str, format: LogFormat) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    if format == LogFormat::Json {
+        b.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "message": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    b.init();
 }
 
 fn main() -> ExitCode {
@@ -53,8 +77,7 @@ fn main() -> ExitCode {
         Ok(l) if cli.wsproxy && cli.verbose == 0 && !l.is_empty() => l,
         _ => level.to_owned(),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
-    match run(cli) {
+    match run(cli, &level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("corerelay: {e}");
@@ -67,14 +90,15 @@ fn main() -> ExitCode {
 /// Veylor's ./config.yaml, then wsgateway's ./config.yml.
 const LOCAL_CONFIGS: [&str; 2] = ["config.yaml", "config.yml"];
 
-fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
     // As Veylor and wsgateway do: with no -c, their file when there is one.
     let mut cli = cli;
     let local = LOCAL_CONFIGS
         .iter()
         .find(|f| std::path::Path::new(f).is_file());
+    let mut used_local = None;
     if let (None, false, Some(f)) = (&cli.config, cli.wsproxy, local) {
-        log::warn!("no -c given: using ./{f}");
+        used_local = Some(*f);
         cli.config = Some(PathBuf::from(f));
     }
     let env = |k: &str| std::env::var(k).ok();
@@ -82,11 +106,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         print!("{}", corerelay::config::wsproxy_yaml(&env)?);
         return Ok(());
     }
+    // The config names the log format, so it is read first (its errors go
+    // to stderr as they are).
     let mut cfg = match &cli.config {
         _ if cli.wsproxy => corerelay::config::wsproxy_config(&env)?,
         Some(p) => Config::load(p)?,
         None => Config::defaults(),
     };
+    init_logging(level, cli.log_format.unwrap_or(cfg.log_format));
+    if let Some(f) = used_local {
+        log::warn!("no -c given: using ./{f}");
+    }
     if let Some(port) = cli.port {
         cfg.rely.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], port))];
     }

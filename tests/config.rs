@@ -19,6 +19,7 @@ fn example_config_is_valid_and_documents_every_key() {
         "mesh_capacity",
         "shutdown_grace",
         "send_timeout",
+        "log_format",
         "max_memory",
         "backlog",
         "rely",

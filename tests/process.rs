@@ -690,3 +690,75 @@ fn the_embedded_defaults_serve_the_admin_api_on_loopback() {
     signal(&child.0, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child.0).code(), Some(0));
 }
+
+/// `--log-format json`: every line is one JSON object; connect and close
+/// lines (debug) name the connection, peer, protocol and close reason.
+#[test]
+fn json_log_lines_parse_and_name_connections() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = write_config(
+        "jsonlog",
+        &format!(
+            "rely: {{listen: [\"127.0.0.1:{port}\"]}}\nadmin: {{listen: []}}\nlog_format: json\n"
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args(["-vv", "-c", cfg.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, logs) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let deadline = Instant::now() + WAIT;
+    let c = loop {
+        if let Ok(c) = RelyClient::connect(("127.0.0.1", port), b"jsonlogger") {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "listening");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let me = c.local_addr().unwrap().to_string();
+    drop(c);
+    let (mut accepted, mut closed) = (false, false);
+    while !(accepted && closed) && Instant::now() < deadline {
+        let Ok(l) = logs.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        for k in ["ts", "level", "target", "message"] {
+            assert!(v.get(k).is_some(), "{k} in {l}");
+        }
+        let msg = v["message"].as_str().unwrap();
+        assert!(!msg.contains("Some(") && !msg.contains("None"), "{msg}");
+        if msg.starts_with("accepted conn=") && msg.contains(&format!("peer={me} proto=rely")) {
+            accepted = true;
+        }
+        if msg.starts_with("closed conn=")
+            && msg.contains(&format!("peer={me} proto=rely reason=peer closed"))
+        {
+            closed = true;
+        }
+    }
+    assert!(accepted && closed, "connect and close lines");
+    signal(&child.0, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child.0).code(), Some(0));
+}

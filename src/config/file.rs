@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub veltix: Option<Vec<super::VeltixFile>>,
     /// Veylor's performance section.
     pub performance: Option<PerformanceFile>,
+    /// Log lines as `text` or `json`.
+    pub log_format: Option<super::LogFormat>,
     /// The Redis server (wsproxy sessions).
     pub redis: Option<super::RedisFile>,
     /// Client events to a Redis stream (wsgateway's stream_redis).

@@ -85,6 +85,8 @@ pub struct Config {
     pub veltix: Vec<VeltixConfig>,
     /// Reconnect and queue settings shared by sources.
     pub performance: PerformanceConfig,
+    /// How log lines are written.
+    pub log_format: LogFormat,
     /// The `redis:` section: the server of wsproxy sessions (None: none).
     pub redis: Option<RedisConfig>,
     /// Client events to a Redis stream (wsgateway's `stream_redis`).
@@ -94,6 +96,17 @@ pub struct Config {
     /// Other Redis servers (events, sync) when they are not `redis`:
     /// server `1 + i` (see [`Config::redis_server`]).
     pub redis_extra: Vec<RedisConfig>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// `[time LEVEL target] message`, for people.
+    #[default]
+    Text,
+    /// One JSON object a line: `ts`, `level`, `target`, `message`.
+    Json,
 }
 
 /// The sessions' server: the `redis:` section.

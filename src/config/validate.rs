@@ -323,6 +323,7 @@ impl FileConfig {
             source: path.map(Path::to_owned),
             veltix,
             redis_extra: extra,
+            log_format: self.log_format.unwrap_or_default(),
             events,
             sync,
             redis,

@@ -470,11 +470,17 @@ impl Core {
             log::debug!("{peer}: TCP_NODELAY failed: {e}");
         }
         let (stage, limits) = Stage::accepted(kind, &self.shared.cfg, &self.timing, self.now);
-        if self.insert(stream, peer, stage, limits, true).is_some() {
+        let proto = stage.name();
+        if let Some(id) = self.insert(stream, peer, stage, limits, true) {
             let m = self.metrics();
             m.accepted.inc();
             m.connections.set(self.conns.len() as u64);
-            log::debug!("core {}: accepted {peer}", self.index);
+            log::debug!(
+                "accepted conn={}:{}:{} peer={peer} proto={proto}",
+                id.core,
+                id.slot,
+                id.gen
+            );
         }
     }
 
@@ -1320,7 +1326,14 @@ impl Core {
         m.closed.inc();
         m.connections.set(self.conns.len() as u64);
         m.queued_bytes.set(self.queued);
-        log::debug!("core {}: closed {} ({reason:?})", self.index, c.io.peer);
+        log::debug!(
+            "closed conn={}:{}:{} peer={} proto={} reason={reason}",
+            me.core,
+            me.slot,
+            me.gen,
+            c.io.peer,
+            c.stage.name()
+        );
     }
 }
 

@@ -51,6 +51,26 @@ pub enum CloseReason {
     Shutdown,
 }
 
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::PeerClosed => "peer closed",
+            CloseReason::IoError => "socket error",
+            CloseReason::Protocol => "protocol error",
+            CloseReason::NotLoggedIn => "not logged in",
+            CloseReason::Spoofed => "spoofed sender",
+            CloseReason::Kicked => "replaced by a newer login",
+            CloseReason::Idle => "idle",
+            CloseReason::HandshakeTimeout => "handshake timeout",
+            CloseReason::PingTimeout => "ping unanswered",
+            CloseReason::Closed => "closed",
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::WriteTimeout => "write timeout",
+            CloseReason::Shutdown => "shutdown",
+        })
+    }
+}
+
 /// Result of offering bytes to a connection's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Queued {

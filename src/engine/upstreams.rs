@@ -102,7 +102,8 @@ impl Upstreams {
                 State::Resolving(rx) => match rx.try_recv() {
                     Ok(Ok(addrs)) if !addrs.is_empty() => Some(addrs[0]),
                     Ok(r) => {
-                        log::warn!("source {}: cannot resolve: {:?}", cfg.url, r.err());
+                        let why = r.err().map_or("no address".to_owned(), |e| e.to_string());
+                        log::warn!("source {}: cannot resolve: {why}", cfg.url);
                         self.down(i, false, shared);
                         None
                     }

@@ -62,7 +62,14 @@ impl HandshakeStage {
     }
 
     fn refuse(&self, io: &mut Io, e: HttpError, cx: &mut Ctx<'_>) -> Outcome {
-        log::debug!("{}: handshake refused: {e:?}", io.peer);
+        log::debug!(
+            "{}: handshake refused: {}",
+            io.peer,
+            String::from_utf8_lossy(&e.response())
+                .lines()
+                .next()
+                .unwrap_or("")
+        );
         cx.metrics().ws_handshake_errors.inc();
         io.out.push_bytes(&[&e.response()]);
         io.close_after_answer(CloseReason::Protocol, cx.now());
@@ -118,7 +125,11 @@ impl HandshakeStage {
         };
         if let Some((endpoint, _)) = &routed {
             if !ws.endpoints[*endpoint].origin_allowed(req.header("origin")) {
-                log::debug!("{}: origin {:?} not allowed", io.peer, req.header("origin"));
+                log::debug!(
+                    "{}: origin {} not allowed",
+                    io.peer,
+                    req.header("origin").unwrap_or_default()
+                );
                 cx.metrics().ws_origin_refused.inc();
                 cx.metrics().ws_handshake_errors.inc();
                 io.out.push_bytes(&[&http::plain_response(

@@ -99,6 +99,20 @@ impl Stage {
         }
     }
 
+    /// The protocol, for log lines.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Stage::Rely(_) => "rely",
+            Stage::Handshake(_) => "websocket-upgrade",
+            Stage::Ws(_) => "websocket",
+            Stage::Admin(_) => "admin",
+            Stage::Unix(_) => "unix",
+            Stage::Upstream(_) => "upstream",
+            Stage::Veltix(_) => "veltix",
+            Stage::Session(_) => "wsproxy-upgrade",
+        }
+    }
+
     /// The connection is in the slab as `me`: join what it belongs to, and
     /// speak first where the protocol does (a Veltix v3 server's hello).
     pub(crate) fn on_open(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {

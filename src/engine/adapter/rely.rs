@@ -76,7 +76,7 @@ impl RelyStage {
                             cx.logout(&old);
                         }
                     }
-                    log::debug!("{}: login {:?}", io.peer, String::from_utf8_lossy(id));
+                    log::debug!("{}: login {}", io.peer, String::from_utf8_lossy(id));
                     io.login = Some(cx.login(id, me));
                     true
                 }
