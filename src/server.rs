@@ -41,7 +41,17 @@ pub enum StartError {
 impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::Bind { addr, source } => {
+                write!(f, "cannot listen on {addr}: {source}")?;
+                if source.kind() == io::ErrorKind::AddrInUse {
+                    let p = addr.port();
+                    write!(
+                        f,
+                        " (another server listens there: `ss -ltnp 'sport = :{p}'` names it; if nothing listens, a client socket in TIME_WAIT holds it and it frees within a minute: reserve the port with `sysctl net.ipv4.ip_local_reserved_ports={p}`, see tools/systemd/corerelay-ports.conf)"
+                    )?;
+                }
+                Ok(())
+            }
             StartError::Unix { path, source } => {
                 write!(f, "cannot listen on {}: {source}", path.display())
             }

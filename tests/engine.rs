@@ -465,3 +465,21 @@ fn max_memory_cuts_the_largest_queues() {
         "under their own limits"
     );
 }
+
+#[test]
+fn a_busy_port_is_refused_with_how_to_find_the_holder() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let mut cfg = corerelay::config::Config::defaults();
+    cfg.workers = 1;
+    cfg.pin = false;
+    cfg.rely.listen = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    cfg.admin = None;
+    let e = match corerelay::Server::start(cfg) {
+        Ok(_) => panic!("started on a busy port"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(e.contains(&format!("ss -ltnp 'sport = :{port}'")), "{e}");
+    assert!(e.contains("ip_local_reserved_ports"), "{e}");
+}
