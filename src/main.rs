@@ -10,8 +10,11 @@ use corerelay::{sys, Server};
 
 /// corerelay: a thread-per-core message relay (RELY, relayd-compatible).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Extras that do not run the server.
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// YAML config file (default: ./config.yaml if there is one, as Veylor
     /// reads it, then ./config.yml, as wsgateway does; else the embedded
     /// defaults, RELY on 0.0.0.0:33333).
@@ -40,6 +43,19 @@ struct Cli {
     port: Option<u16>,
 }
 
+/// What `corerelay <command>` does instead of serving.
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell): `corerelay completions bash > /etc/bash_completion.d/corerelay`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `corerelay man | man -l -`.
+    Man,
+}
+
 /// Starts the logger: RUST_LOG wins over `level`; `json` writes one
 /// object a line with the time, level, target and message (escaped by
 /// serde_json, so any message stays one parseable line).
@@ -62,6 +78,28 @@ fn init_logging(level: &str, format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.cmd {
+        Some(Cmd::Completions { shell }) => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "corerelay",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Some(Cmd::Man) => {
+            use clap::CommandFactory;
+            let r = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
+            return if r.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        None => {}
+    }
     if cli.wsproxy {
         // wsproxy reads ./.env (never overriding the environment) first.
         let _ = dotenvy::dotenv();

@@ -762,3 +762,25 @@ fn json_log_lines_parse_and_name_connections() {
     signal(&child.0, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child.0).code(), Some(0));
 }
+
+/// Shell completions and the man page come from the same CLI definition.
+#[test]
+fn completions_and_man_page() {
+    let out = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_corerelay()") && script.contains("--wsproxy"),
+        "{script}"
+    );
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.contains(".TH corerelay 1") && man.contains("log\\-format"),
+        "{man}"
+    );
+}
