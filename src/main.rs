@@ -159,6 +159,12 @@ fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
         cfg.rely.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], port))];
     }
     if cli.check_config {
+        let text = cli
+            .config
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        cfg.check_host(&text)?;
         println!(
             "{}: ok",
             cli.config.as_ref().map_or(

@@ -99,6 +99,25 @@ fn version_and_check_config() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    // What only the host can tell: a socket directory that is not there.
+    let missing = write_config(
+        "nosockdir",
+        "workers: 1\nsources:\n  - url: \"ws://127.0.0.1:9/x\"\n    unix_socket_path: /nonexistent-corerelay/feed.sock\n",
+    );
+    let out = Command::new(BIN)
+        .args(["--check-config", "-c", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.yaml:4") && err.contains("sources[0].unix_socket_path"),
+        "{err}"
+    );
+    assert!(
+        err.contains("/nonexistent-corerelay does not exist"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -365,6 +365,42 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What only this host can tell, and start-up would find: each Unix
+    /// socket's directory exists and this user may create files in it.
+    /// (`--check-config` runs it; `text` is the file, for line numbers.)
+    pub fn check_host(&self, text: &str) -> Result<(), ConfigError> {
+        for (i, s) in self.sources.iter().enumerate() {
+            let Some(path) = &s.unix_socket else { continue };
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let problem = if !dir.is_dir() {
+                Some("does not exist")
+            } else {
+                use std::os::unix::ffi::OsStrExt;
+                let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok();
+                // SAFETY: access(2) reads a NUL-terminated path we own.
+                let ok = c.is_some_and(
+                    |c| unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0,
+                );
+                (!ok).then_some("is not writable by this user")
+            };
+            if let Some(p) = problem {
+                let key = format!("sources[{i}].unix_socket_path");
+                return Err(ConfigError {
+                    path: self.source.clone(),
+                    line: line_of(text, &key),
+                    key: Some(key),
+                    message: format!("the socket's directory {} {p}", dir.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Finds the first line that defines `key` (its last dotted component), for
 /// errors found after parsing, where serde no longer knows positions.
 fn line_of(text: &str, key: &str) -> Option<usize> {
