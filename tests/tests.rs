@@ -11,6 +11,7 @@ mod process;
 mod rely;
 mod soak;
 mod sources;
+mod tls;
 mod veltix;
 mod websocket;
 mod wsgateway;

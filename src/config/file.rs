@@ -117,6 +117,8 @@ pub struct AdminFile {
     pub on_websocket_listener: Option<bool>,
     /// A request's head and body must arrive within this.
     pub request_timeout: Option<Dur>,
+    /// TLS for these listeners (https://).
+    pub tls: Option<super::TlsFile>,
 }
 
 /// The `websocket:` section as written.
@@ -129,6 +131,8 @@ pub struct WsFile {
     pub handshake_timeout: Option<Dur>,
     /// Request head cap.
     pub max_handshake_bytes: Option<Size>,
+    /// TLS for these listeners (wss://).
+    pub tls: Option<super::TlsFile>,
     /// Server ping interval; 0 disables.
     pub ping_interval: Option<Dur>,
     /// Pong deadline after a ping.
@@ -195,4 +199,6 @@ pub struct RelyFile {
     pub max_output_bytes: Option<Size>,
     /// Policy when the output queue is over its limit.
     pub slow_consumer: Option<SlowConsumer>,
+    /// TLS for these listeners.
+    pub tls: Option<super::TlsFile>,
 }

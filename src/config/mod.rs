@@ -196,6 +196,8 @@ pub struct AdminConfig {
     /// A request's head and body must arrive within this of its first
     /// byte (slowloris), else 408 and close.
     pub request_timeout: Duration,
+    /// TLS for its listeners (None: plain).
+    pub tls: Option<ServerTls>,
     /// `listen` is the default (127.0.0.1:6666), not written: if another
     /// process holds it, the server starts without the admin API.
     pub listen_defaulted: bool,
@@ -229,6 +231,8 @@ pub struct WsConfig {
     pub slow_consumer: SlowConsumer,
     /// Endpoints, matched in order.
     pub endpoints: Vec<Endpoint>,
+    /// TLS for its listeners (None: plain).
+    pub tls: Option<ServerTls>,
 }
 
 impl WsConfig {
@@ -256,6 +260,8 @@ pub struct RelyConfig {
     pub max_output_bytes: usize,
     /// Slow-consumer policy.
     pub slow_consumer: SlowConsumer,
+    /// TLS for its listeners (None: plain).
+    pub tls: Option<ServerTls>,
 }
 
 /// A configuration error, with as much location as is known.
@@ -439,6 +445,7 @@ impl Config {
                 max_output_bytes: DEFAULT_WS_MAX_OUTPUT_BYTES as usize,
                 slow_consumer: DEFAULT_SLOW_CONSUMER,
                 endpoints: Vec::new(),
+                tls: None,
             })
         })
     }

@@ -95,6 +95,13 @@ impl FileConfig {
         if max_output == 0 {
             return Err(err("rely.max_output_bytes", "must be at least 1".into()));
         }
+        let rely_tls = match rely.tls {
+            None => None,
+            Some(t) => Some(
+                t.validate()
+                    .map_err(|(k, m)| err(&format!("rely.tls.{k}"), m))?,
+            ),
+        };
         let websocket = match self.websocket {
             None => None,
             Some(ws) => Some(validate_ws(ws, self.events.is_some(), &err)?),
@@ -129,6 +136,13 @@ impl FileConfig {
                 request_timeout: a
                     .request_timeout
                     .map_or(DEFAULT_ADMIN_REQUEST_TIMEOUT, |d| d.0),
+                tls: match a.tls {
+                    None => None,
+                    Some(t) => Some(
+                        t.validate()
+                            .map_err(|(k, m)| err(&format!("admin.tls.{k}"), m))?,
+                    ),
+                },
             })
         };
         let perf = self.performance.unwrap_or_default();
@@ -353,6 +367,7 @@ impl FileConfig {
                 idle_timeout,
                 max_output_bytes: usize::try_from(max_output).unwrap_or(usize::MAX),
                 slow_consumer: rely.slow_consumer.unwrap_or(DEFAULT_SLOW_CONSUMER),
+                tls: rely_tls,
             },
         })
     }
@@ -510,6 +525,13 @@ fn validate_ws(
             .max(1) as usize,
         slow_consumer: ws.slow_consumer.unwrap_or(DEFAULT_SLOW_CONSUMER),
         endpoints,
+        tls: match ws.tls {
+            None => None,
+            Some(t) => Some(
+                t.validate()
+                    .map_err(|(k, m)| err(&format!("websocket.tls.{k}"), m))?,
+            ),
+        },
     })
 }
 

@@ -469,6 +469,29 @@ impl Core {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("{peer}: TCP_NODELAY failed: {e}");
         }
+        // A listener with `tls:` serves TLS: the handshake runs inside the
+        // stream as bytes arrive; the stage sees plaintext only.
+        let cfg = &self.shared.cfg;
+        let tls = match kind {
+            ListenerKind::Rely => cfg.rely.tls.as_ref(),
+            ListenerKind::WebSocket => cfg.websocket.as_ref().and_then(|w| w.tls.as_ref()),
+            ListenerKind::Admin => cfg.admin.as_ref().and_then(|a| a.tls.as_ref()),
+            _ => None,
+        };
+        let stream = match (stream, tls) {
+            (Stream::Tcp(tcp), Some(t)) => match rustls::ServerConnection::new(t.config.clone()) {
+                Ok(c) => Stream::Tls(Box::new(super::stream::TlsStream {
+                    tcp,
+                    tls: rustls::Connection::Server(c),
+                })),
+                Err(e) => {
+                    self.metrics().tls_errors.inc();
+                    log::debug!("{peer}: TLS setup failed: {e}");
+                    return;
+                }
+            },
+            (s, _) => s,
+        };
         let (stage, limits) = Stage::accepted(kind, &self.shared.cfg, &self.timing, self.now);
         let proto = stage.name();
         if let Some(id) = self.insert(stream, peer, stage, limits, true) {
@@ -949,6 +972,13 @@ impl Core {
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
+                        if matches!(conn.io.stream, Stream::Tls(_))
+                            && e.kind() == io::ErrorKind::InvalidData
+                        {
+                            // A bad handshake or record (plain HTTP on a TLS
+                            // port, an unknown CA at the client, ...).
+                            self.shared.metrics[self.index].tls_errors.inc();
+                        }
                         log::debug!("{}: read error: {e}", conn.io.peer);
                         self.close(key, CloseReason::IoError);
                         break;

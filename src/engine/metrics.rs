@@ -116,6 +116,8 @@ metrics! {
     ws_handshake_timeouts,
     /// Upgrades refused because their Origin is not allowed (403).
     ws_origin_refused,
+    /// TLS connections closed for a failed handshake or a bad record.
+    tls_errors,
     /// WebSocket messages received.
     ws_messages_in,
     /// WebSocket messages discarded (`on_message: none`, or nothing to

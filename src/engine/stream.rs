@@ -155,15 +155,17 @@ impl Source for Stream {
     }
 }
 
-/// A TLS client connection over a non-blocking TCP socket (wss:// sources).
-/// rustls is sans-io: records are read from and written to the socket
-/// here, so the engine's read and flush paths stay the same.
+/// A TLS connection over a non-blocking TCP socket: a client (wss://
+/// sources) or a server (listeners with `tls:`). rustls is sans-io:
+/// records are read from and written to the socket here, so the engine's
+/// read and flush paths stay the same (a server's handshake replies go out
+/// from the read that took the client's hello).
 #[derive(Debug)]
 pub struct TlsStream {
     /// The socket.
     pub tcp: TcpStream,
     /// The TLS state.
-    pub tls: rustls::ClientConnection,
+    pub tls: rustls::Connection,
 }
 
 impl TlsStream {

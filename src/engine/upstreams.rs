@@ -277,7 +277,10 @@ fn open_stream(cfg: &SourceConfig, addr: SocketAddr) -> io::Result<Stream> {
     let name = rustls::pki_types::ServerName::try_from(cfg.target.host.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let conn = rustls::ClientConnection::new(tls.clone(), name).map_err(io::Error::other)?;
-    Ok(Stream::Tls(Box::new(TlsStream { tcp, tls: conn })))
+    Ok(Stream::Tls(Box::new(TlsStream {
+        tcp,
+        tls: rustls::Connection::Client(conn),
+    })))
 }
 
 #[cfg(test)]
