@@ -86,52 +86,21 @@ impl RedisUrl {
     /// client ignores what it does not know.
     pub fn parse(raw: &str) -> Result<RedisUrl, String> {
         let shown = redact_url(raw);
-        let rest = raw
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("{shown:?}: the URL must start with redis://"))?;
-        let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
-        let (authority, path) = match rest.split_once('/') {
-            Some((a, p)) => (a, p),
-            None => (rest, ""),
-        };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (user, password) = match userinfo {
-            None => (None, None),
-            Some(u) => {
-                let dec = crate::protocol::http::url_decode;
-                match u.split_once(':') {
-                    // redis://:pass@host is the password alone (AUTH pass).
-                    Some(("", p)) => (None, Some(dec(p))),
-                    Some((n, p)) => (Some(dec(n)), Some(dec(p))),
-                    None => (None, Some(dec(u))),
-                }
-            }
-        };
-        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-            let (h, after) = h
-                .split_once(']')
-                .ok_or_else(|| format!("{shown:?}: unclosed [ in host"))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| format!("{shown:?}: bad port"))?,
-                None => 6379,
-            };
-            (h.to_owned(), port)
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_owned(),
-                    p.parse().map_err(|_| format!("{shown:?}: bad port"))?,
-                ),
-                None => (hostport.to_owned(), 6379),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("{shown:?}: no host"));
+        let u = url::Url::parse(raw.trim()).map_err(|e| format!("{shown:?}: {e}"))?;
+        if u.scheme() != "redis" {
+            return Err(format!("{shown:?}: the URL must start with redis://"));
         }
-        let db = match path.trim_end_matches('/') {
+        let host = super::values::host_of(&u).ok_or_else(|| format!("{shown:?}: no host"))?;
+        let dec = super::values::userinfo_part;
+        let (user, password) = match (u.username(), u.password()) {
+            ("", None) => (None, None),
+            // redis://:pass@host and redis://pass@host are the password
+            // alone (AUTH pass), as redis-cli and go-redis read them.
+            ("", Some(p)) => (None, Some(dec(p))),
+            (n, None) => (None, Some(dec(n))),
+            (n, Some(p)) => (Some(dec(n)), Some(dec(p))),
+        };
+        let db = match u.path().trim_matches('/') {
             "" => 0,
             d => d
                 .parse()
@@ -139,7 +108,7 @@ impl RedisUrl {
         };
         Ok(RedisUrl {
             host,
-            port,
+            port: u.port().unwrap_or(6379),
             user,
             password,
             db,

@@ -147,52 +147,62 @@ pub struct WsUrl {
     pub userinfo: Option<String>,
 }
 
+/// The host of a parsed URL without IPv6 brackets, and whether there is one.
+pub(crate) fn host_of(u: &url::Url) -> Option<String> {
+    match u.host()? {
+        url::Host::Domain("") => None,
+        url::Host::Domain(d) => Some(d.to_owned()),
+        url::Host::Ipv4(a) => Some(a.to_string()),
+        url::Host::Ipv6(a) => Some(a.to_string()),
+    }
+}
+
+/// A URL's percent-encoded userinfo part, decoded (not form-decoded: a
+/// `+` in a password is a plus).
+pub(crate) fn userinfo_part(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 impl WsUrl {
-    /// Parses `ws[s]://host[:port][/path][?query]`.
+    /// Parses `ws[s]://[user:password@]host[:port][/path][?query]` (the
+    /// `url` crate, WHATWG rules).
     pub fn parse(raw: &str) -> Result<WsUrl, String> {
-        // Errors show the URL with its secrets masked.
+        // Errors show the URL with its secrets masked; the parser's own
+        // messages never include the input.
         let shown = redact_url(raw);
         let s = shown.as_str();
-        let (tls, rest) = if let Some(r) = raw.strip_prefix("wss://") {
-            (true, r)
-        } else if let Some(r) = raw.strip_prefix("ws://") {
-            (false, r)
-        } else {
-            return Err(format!("{s:?}: the URL must start with ws:// or wss://"));
+        let u = url::Url::parse(raw.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+        let tls = match u.scheme() {
+            "wss" => true,
+            "ws" => false,
+            _ => return Err(format!("{s:?}: the URL must start with ws:// or wss://")),
         };
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
-            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
-            None => (rest, "/".to_owned()),
-        };
+        let host = host_of(&u).ok_or_else(|| format!("{s:?}: no host"))?;
+        let port = u
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
+        // The request target: path and query as written (the fragment is
+        // never sent).
+        let mut path = u.path().to_owned();
+        if path.is_empty() {
+            path.push('/');
+        }
+        if let Some(q) = u.query() {
+            path.push('?');
+            path.push_str(q);
+        }
         // user:password@ becomes a Basic Authorization header (it is never
         // printed).
-        let (userinfo, authority) = match authority.rsplit_once('@') {
-            Some((u, a)) => (Some(crate::protocol::http::url_decode(u)), a),
-            None => (None, authority),
-        };
-        let default_port = if tls { 443 } else { 80 };
-        let (host, port) = if let Some(h) = authority.strip_prefix('[') {
-            let (h, after) = h
-                .split_once(']')
-                .ok_or_else(|| format!("{s:?}: unclosed [ in host"))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| format!("{s:?}: bad port"))?,
-                None => default_port,
-            };
-            (h.to_owned(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_owned(),
-                    p.parse().map_err(|_| format!("{s:?}: bad port"))?,
-                ),
-                None => (authority.to_owned(), default_port),
+        let userinfo = (!u.username().is_empty() || u.password().is_some()).then(|| {
+            let mut ui = userinfo_part(u.username());
+            if let Some(p) = u.password() {
+                ui.push(':');
+                ui.push_str(&userinfo_part(p));
             }
-        };
-        if host.is_empty() {
-            return Err(format!("{s:?}: no host"));
-        }
+            ui
+        });
         Ok(WsUrl {
             tls,
             host,

@@ -170,39 +170,35 @@ pub fn switching_protocols(key: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Decodes `%XX` escapes and `+` (form encoding) in a query or form value.
+/// Decodes a query or form value: `+` is a space, `%XX` a byte
+/// (form_urlencoded's rules; invalid UTF-8 becomes U+FFFD).
 pub fn url_decode(s: &str) -> String {
-    String::from_utf8_lossy(&url_decode_bytes(s)).into_owned()
+    let spaced: Vec<u8> = s
+        .bytes()
+        .map(|c| if c == b'+' { b' ' } else { c })
+        .collect();
+    percent_encoding::percent_decode(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
-/// Decodes `%XX` escapes; None if the result is not UTF-8 (so two
-/// different invalid byte strings never decode to the same text).
+/// Decodes a path segment's `%XX` escapes (a `+` stays a plus: paths are
+/// not form-encoded); None if the result is not UTF-8, so two different
+/// invalid byte strings never decode to the same text.
 pub fn url_decode_utf8(s: &str) -> Option<String> {
-    String::from_utf8(url_decode_bytes(s)).ok()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
-fn url_decode_bytes(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
+/// The `k=v&k2=v2` pairs of a query or form body, decoded (form_urlencoded);
+/// empty keys are skipped.
+pub fn form_pairs(s: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(s.as_bytes())
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -248,5 +244,19 @@ mod tests {
     fn decoding() {
         assert_eq!(url_decode("a%20b+c%2"), "a b c%2");
         assert_eq!(url_decode("%e2%82%ac"), "€");
+        assert_eq!(
+            url_decode_utf8("a+b%20c").as_deref(),
+            Some("a+b c"),
+            "paths keep +"
+        );
+        assert_eq!(url_decode_utf8("%ff"), None);
+        assert_eq!(
+            form_pairs("a=1&=x&b=two+words&c"),
+            vec![
+                ("a".to_string(), "1".to_string()),
+                ("b".to_string(), "two words".to_string()),
+                ("c".to_string(), String::new())
+            ]
+        );
     }
 }

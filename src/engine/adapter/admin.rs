@@ -24,7 +24,7 @@ use crate::engine::route::Ctx;
 use crate::engine::tags::Selector;
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
-use crate::protocol::http::{self, url_decode, HttpError, Request};
+use crate::protocol::http::{self, HttpError, Request};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
@@ -46,17 +46,7 @@ pub(crate) struct AdminStage {
     outsider: bool,
 }
 
-/// Splits `a=1&b=2` into url-decoded pairs (empty keys skipped).
-pub(crate) fn form_pairs(s: &str) -> Vec<(String, String)> {
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (url_decode(k), url_decode(v))
-        })
-        .filter(|(k, _)| !k.is_empty())
-        .collect()
-}
+pub(crate) use crate::protocol::http::form_pairs;
 
 /// Queues an HTTP response; without keep-alive the connection then closes.
 fn respond(io: &mut Io, a: &Answer, now: u64) {
