@@ -295,6 +295,32 @@ fn reload(path: Option<&std::path::Path>, port: Option<u16>, running: &Config) {
             if let Some(port) = port {
                 new.rely.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], port))];
             }
+            // TLS certificates change live: the next handshakes present
+            // what the files hold now.
+            let sections = [
+                ("rely", running.rely.tls.as_ref(), new.rely.tls.as_ref()),
+                (
+                    "websocket",
+                    running.websocket.as_ref().and_then(|w| w.tls.as_ref()),
+                    new.websocket.as_ref().and_then(|w| w.tls.as_ref()),
+                ),
+                (
+                    "admin",
+                    running.admin.as_ref().and_then(|a| a.tls.as_ref()),
+                    new.admin.as_ref().and_then(|a| a.tls.as_ref()),
+                ),
+            ];
+            for (name, old, now) in sections {
+                if let (Some(old), Some(now)) = (old, now) {
+                    match old.reload(&now.cert, &now.key) {
+                        Ok(()) => log::info!(
+                            "SIGHUP: {name} TLS certificate reloaded from {}",
+                            now.cert.display()
+                        ),
+                        Err(e) => log::error!("SIGHUP: {name} TLS: {e}; the old certificate stays"),
+                    }
+                }
+            }
             let changed = config_changes(running, &new);
             if changed.is_empty() {
                 log::info!("SIGHUP: {} re-read, nothing changed", path.display());

@@ -803,3 +803,83 @@ fn completions_and_man_page() {
         "{man}"
     );
 }
+
+/// SIGHUP reloads TLS certificates: the next handshakes present the new
+/// one, and a connection opened before keeps its session.
+#[test]
+fn sighup_reloads_tls_certificates() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let make = || rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (a, b) = (make(), make());
+    let dir = std::env::temp_dir().join(format!("corerelay-hup-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, a.cert.pem()).unwrap();
+    std::fs::write(&key, a.signing_key.serialize_pem()).unwrap();
+    let body = format!(
+        "workers: 1\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\n  tls: {{cert: \"{}\", key: \"{}\"}}\nadmin: {{listen: []}}\n",
+        cert.display(),
+        key.display()
+    );
+    let cfg = write_config("hup-tls", &body);
+    let (child, addr, logs) =
+        spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap(), "-v"]));
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    // A client trusting both, reporting which certificate it was shown.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(a.cert.der().clone()).unwrap();
+    roots.add(b.cert.der().clone()).unwrap();
+    let client_cfg = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let connect = || {
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(client_cfg.clone(), name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        let shown = conn.peer_certificates().unwrap()[0].to_vec();
+        (rustls::StreamOwned::new(conn, tcp), shown)
+    };
+    let (mut early, shown) = connect();
+    assert_eq!(shown, a.cert.der().to_vec(), "the first certificate");
+    early.write_all(&login_frame("early")).unwrap();
+    std::fs::write(&cert, b.cert.pem()).unwrap();
+    std::fs::write(&key, b.signing_key.serialize_pem()).unwrap();
+    signal(&child.0, libc::SIGHUP);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let l = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a reload line");
+        if l.contains("rely TLS certificate reloaded") {
+            break;
+        }
+    }
+    let (_late, shown) = connect();
+    assert_eq!(shown, b.cert.der().to_vec(), "the new certificate");
+    // The connection from before still relays (to itself).
+    let f = transfer_frame("early", "early", b"still here");
+    early.write_all(&f).unwrap();
+    let mut back = vec![0u8; f.len()];
+    early.read_exact(&mut back).unwrap();
+    assert_eq!(back, f);
+    signal(&child.0, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child.0).code(), Some(0));
+}
