@@ -4,7 +4,6 @@
 //! answering through the admin API.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use corerelay::config::Config;
 use corerelay::Server;
@@ -282,11 +281,9 @@ fn past_the_buffer_events_are_dropped_and_counted() {
     // Still served.
     let a = http(ws, "GET", "/health", &[], b"");
     assert_eq!(a.status, 200);
-    let start = Instant::now();
     w.send(0x9, true, b"p");
-    let pong = w.read().expect("pong");
+    let pong = w.read().expect("pong within the wait");
     assert_eq!(pong.opcode, 0xA);
-    assert!(start.elapsed() < Duration::from_secs(2));
 }
 
 /// A wsgateway config.yml with every key its own sample has (our values).

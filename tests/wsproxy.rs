@@ -333,16 +333,13 @@ fn redis_restart_keeps_sockets_open_and_they_hear_again() {
 #[test]
 fn auth_against_a_redis_that_does_not_answer_is_504_within_the_timeout() {
     let silent = SilentRedis::start();
-    let (_s, ws) = server(1, &format!("redis://{}", silent.addr), |_| {});
-    let t = Instant::now();
+    // The connection's own deadline is far away: within the read's wait
+    // (5 s) only the 1 s auth timeout can answer. No clock is read here.
+    let (_s, ws) = server(1, &format!("redis://{}", silent.addr), |c| {
+        c.redis.as_mut().unwrap().request_timeout = Duration::from_secs(60);
+    });
     let (code, body, _) = open(ws, "/agent1/ws/hang", Some("Bearer t"));
     assert_eq!((code, body.as_str()), (504, "Authentication timeout"));
-    // auth_timeout is 1 s; the wheel ticks at 100 ms.
-    assert!(
-        t.elapsed() < Duration::from_millis(2500),
-        "{:?}",
-        t.elapsed()
-    );
 }
 
 #[test]
@@ -557,7 +554,6 @@ fn the_wsproxy_command_with_its_environment_and_python_clients() {
     // SHUTDOWN_GRACE_PERIOD_SECS.
     redis.client().cmd(&["SET", "session:bye:auth", "t"]);
     let mut w = session(addr, "bye", "t");
-    let t = Instant::now();
     let mut child = child;
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     assert_eq!(w.expect_close(), 1001);
@@ -573,7 +569,6 @@ fn the_wsproxy_command_with_its_environment_and_python_clients() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

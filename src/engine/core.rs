@@ -183,12 +183,21 @@ impl Core {
             channels: Channels::default(),
             upstreams: Upstreams::new(cfg.sources.len(), cfg.workers, setup.index),
             admin: AdminCalls::default(),
-            redis: (0..cfg.redis_server_count())
-                .map(|s| {
-                    cfg.holds_redis(setup.index, s)
-                        .then(|| Redis::new(setup.index, s, cfg.redis_subscribes(s)))
-                })
-                .collect(),
+            redis: {
+                let held: Vec<Option<Redis>> = (0..cfg.redis_server_count())
+                    .map(|s| {
+                        cfg.holds_redis(setup.index, s)
+                            .then(|| Redis::new(setup.index, s, cfg.redis_subscribes(s)))
+                    })
+                    .collect();
+                // Empty when this core talks to no Redis: the loop skips
+                // every Redis step on one length check.
+                if held.iter().all(Option::is_none) {
+                    Vec::new()
+                } else {
+                    held
+                }
+            },
             selected: Vec::new(),
             accepted: Vec::new(),
             shared,

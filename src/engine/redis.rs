@@ -131,10 +131,10 @@ pub(crate) enum JoinState {
 /// The answer to a join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Join {
-    /// Subscribed already: a member from now on.
-    Ready(Channel),
+    /// Subscribed already: a member of `Channel::Redis(id)` from now on.
+    Ready(u32),
     /// A SUBSCRIBE is on its way: [`Event::Ready`] follows.
-    Pending(Channel),
+    Pending(u32),
     /// The subscription connection is down.
     Down,
     /// Asked of the core that holds Redis: the result comes as
@@ -448,7 +448,7 @@ impl Redis {
             }
             if s.subscribed && s.outstanding == 0 {
                 s.refs += 1;
-                return Join::Ready(Channel::Redis(s.id));
+                return Join::Ready(s.id);
             }
             if !s.subscribed && up {
                 if !self.sub.push(&[b"SUBSCRIBE", name], cfg.max_pending_bytes) {
@@ -462,7 +462,7 @@ impl Redis {
             }
             s.refs += 1;
             s.waiting.push(me);
-            return Join::Pending(Channel::Redis(s.id));
+            return Join::Pending(s.id);
         }
         if up && !self.sub.push(&[b"SUBSCRIBE", name], cfg.max_pending_bytes) {
             return Join::Down;
@@ -487,7 +487,7 @@ impl Redis {
         }
         self.names.insert(id, name.into());
         m.redis_channels.set(self.subs.len() as u64);
-        Join::Pending(Channel::Redis(id))
+        Join::Pending(id)
     }
 
     /// Undoes one join of channel `id` by `me`; the last one unsubscribes.
@@ -1162,7 +1162,6 @@ impl Redis {
 /// it sends answers, join results and channel messages (as fan-outs) back.
 pub(crate) mod remote {
     use super::{Answer, Join};
-    use crate::engine::channels::Channel;
 
     /// The core that holds the Redis connections then.
     pub(crate) const CORE: usize = 0;
@@ -1225,9 +1224,9 @@ pub(crate) mod remote {
     /// A join result as (state, channel id).
     pub(crate) fn join_state(j: Join) -> (u8, u32) {
         match j {
-            Join::Ready(Channel::Redis(id)) => (READY, id),
-            Join::Pending(Channel::Redis(id)) => (PENDING, id),
-            _ => (DOWN, 0),
+            Join::Ready(id) => (READY, id),
+            Join::Pending(id) => (PENDING, id),
+            Join::Down | Join::Remote => (DOWN, 0),
         }
     }
 }

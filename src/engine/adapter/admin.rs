@@ -365,7 +365,7 @@ impl AdminStage {
         }
     }
 
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         let late = self
             .started
             .filter(|_| !self.pending)

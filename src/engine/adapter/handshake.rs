@@ -210,7 +210,7 @@ impl HandshakeStage {
         Some(self.deadline)
     }
 
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         log::debug!("{}: WebSocket handshake timeout", io.peer);
         cx.metrics().ws_handshake_timeouts.inc();
         Outcome::Close(CloseReason::HandshakeTimeout)

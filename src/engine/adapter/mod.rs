@@ -174,16 +174,7 @@ impl Stage {
 
     /// A deadline passed.
     pub(crate) fn on_deadline(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
-        match self {
-            Stage::Rely(s) => s.on_deadline(io, cx),
-            Stage::Handshake(s) => s.on_deadline(io, cx),
-            Stage::Ws(s) => s.on_deadline(io, me, cx),
-            Stage::Admin(s) => s.on_deadline(io, cx),
-            Stage::Unix(s) => s.on_deadline(io, cx),
-            Stage::Upstream(s) => s.on_deadline(io, cx),
-            Stage::Veltix(s) => s.on_deadline(io, cx),
-            Stage::Session(s) => s.on_deadline(io, cx),
-        }
+        each!(self, s => s.on_deadline(io, me, cx))
     }
 
     /// The server begins to drain: say goodbye where the protocol has a way.

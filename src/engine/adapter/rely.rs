@@ -106,7 +106,7 @@ impl RelyStage {
         t.rely_idle.map(|i| io.last_active + i)
     }
 
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         log::debug!("{}: idle timeout", io.peer);
         cx.metrics().idle_timeouts.inc();
         Outcome::Close(CloseReason::Idle)

@@ -48,7 +48,6 @@ pub(crate) struct SessionOpen {
     /// Sec-WebSocket-Key, for the 101.
     key: String,
     token: Vec<u8>,
-    session: String,
     phase: Phase,
     /// Tick by which this phase must finish.
     deadline: u64,
@@ -108,15 +107,14 @@ impl SessionOpen {
         early: Vec<u8>,
         cx: &mut Ctx<'_>,
     ) -> Outcome {
-        let session = session_of(&tags, s).unwrap_or_default().to_owned();
-        if !valid_session_id(&session) {
+        let session = session_of(&tags, s).unwrap_or_default();
+        if !valid_session_id(session) {
             return refuse(io, "400 Bad Request", "Invalid session id", cx);
         }
         let mut st = SessionOpen {
             endpoint: endpoint as u16,
             key,
             token: Vec::new(),
-            session,
             phase: Phase::Auth,
             deadline: cx.now() + Timing::ticks(s.auth_timeout, crate::engine::timer::TICK),
             early,
@@ -135,7 +133,7 @@ impl SessionOpen {
             return refuse(io, "401 Unauthorized", "Missing authorization token", cx);
         };
         st.token = token.as_bytes().to_vec();
-        let auth_key = name(s, &st.session, "auth");
+        let auth_key = name(s, st.session(s), "auth");
         if cx
             .redis_call(SESSIONS_SERVER, me, TAG_AUTH, &[b"GET", &auth_key])
             .is_err()
@@ -143,6 +141,11 @@ impl SessionOpen {
             return refuse(io, "500 Internal Server Error", "Internal server error", cx);
         }
         Outcome::Upgrade(Stage::Session(Box::new(st)), Vec::new())
+    }
+
+    /// Its session id: a tag (validated in `begin`).
+    fn session<'t>(&'t self, s: &SessionConfig) -> &'t str {
+        session_of(&self.tags, s).unwrap_or_default()
     }
 
     fn config<'c>(&self, cx: &Ctx<'c>) -> Option<(&'c Endpoint, &'c SessionConfig)> {
@@ -158,13 +161,13 @@ impl SessionOpen {
         s: &SessionConfig,
         cx: &mut Ctx<'_>,
     ) -> Outcome {
-        let down = name(s, &self.session, "down");
+        let down = name(s, self.session(s), "down");
         match cx.redis_join(&down, me) {
-            Join::Ready(Channel::Redis(id)) => {
+            Join::Ready(id) => {
                 self.joined = Some(id);
                 self.finish(io, me, cx)
             }
-            Join::Pending(Channel::Redis(id)) => {
+            Join::Pending(id) => {
                 self.joined = Some(id);
                 self.wait_subscription(s, cx)
             }
@@ -173,7 +176,7 @@ impl SessionOpen {
                 self.remote_join = true;
                 self.wait_subscription(s, cx)
             }
-            _ => refuse(
+            Join::Down => refuse(
                 io,
                 "503 Service Unavailable",
                 "Unable to prepare session",
@@ -193,7 +196,7 @@ impl SessionOpen {
         let Some(id) = self.joined.take() else {
             return Outcome::Close(CloseReason::Protocol);
         };
-        let Some((ep, _)) = self.config(cx) else {
+        let Some((ep, s)) = self.config(cx) else {
             cx.redis_leave(id, me);
             return Outcome::Close(CloseReason::Protocol);
         };
@@ -211,7 +214,11 @@ impl SessionOpen {
         cx.metrics().ws_upgrades.inc();
         let m = cx.metrics();
         m.session_sockets.set(m.session_sockets.get() + 1);
-        log::debug!("{}: session {} open", io.peer, self.session);
+        log::debug!(
+            "{}: session {} open",
+            io.peer,
+            session_of(&tags, s).unwrap_or_default()
+        );
         let next = WsStage::session(self.endpoint, ep, id, tags, cx);
         Outcome::Upgrade(Stage::Ws(next), std::mem::take(&mut self.early))
     }
@@ -235,7 +242,7 @@ impl SessionOpen {
             Answer::Bytes(v) if v == self.token => {
                 // Reconnects with the same token work until the grace
                 // period passes without one.
-                let key = name(s, &self.session, "auth");
+                let key = name(s, self.session(s), "auth");
                 let ttl = s.auth_grace_period.as_secs().to_string();
                 cx.redis_send(SESSIONS_SERVER, me, &[b"EXPIRE", &key, ttl.as_bytes()]);
                 let st = std::mem::replace(self, SessionOpen::placeholder());
@@ -287,7 +294,6 @@ impl SessionOpen {
             endpoint: 0,
             key: String::new(),
             token: Vec::new(),
-            session: String::new(),
             phase: Phase::Auth,
             deadline: 0,
             early: Vec::new(),
@@ -318,7 +324,7 @@ impl SessionOpen {
         io.closing.is_none().then_some(self.deadline)
     }
 
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         cx.metrics().ws_handshake_timeouts.inc();
         match self.phase {
             Phase::Auth => refuse(io, "504 Gateway Timeout", "Authentication timeout", cx),

@@ -77,7 +77,7 @@ impl UnixStage {
         None
     }
 
-    pub(crate) fn on_deadline(&mut self, _io: &mut Io, _cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, _io: &mut Io, _me: ConnId, _cx: &mut Ctx<'_>) -> Outcome {
         Outcome::Continue
     }
 }

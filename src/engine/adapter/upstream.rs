@@ -266,7 +266,7 @@ impl UpstreamStage {
         }
     }
 
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         let Phase::Open { keepalive, .. } = &mut self.phase else {
             log::warn!("source {}: connect/upgrade timed out", self.source);
             return Outcome::Close(CloseReason::HandshakeTimeout);

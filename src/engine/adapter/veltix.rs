@@ -377,7 +377,7 @@ impl VeltixStage {
         }
     }
 
-    pub(crate) fn on_deadline(&mut self, io: &mut Io, cx: &mut Ctx<'_>) -> Outcome {
+    pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         if let Phase::Hello { .. } = self.phase {
             log::debug!("{}: Veltix handshake timeout", io.peer);
             cx.metrics().ws_handshake_timeouts.inc();

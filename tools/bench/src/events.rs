@@ -21,25 +21,7 @@ use hdrhistogram::Histogram;
 use crate::{exit_err, report, self_cpu, server_cpu, stat_cpu, Args};
 
 fn connect(ws: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(ws).unwrap_or_else(|e| exit_err("connect", e));
-    let _ = s.set_nodelay(true);
-    write!(
-        s,
-        "GET /connect HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap_or_else(|e| exit_err("upgrade", e));
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => exit_err("upgrade", "connection closed"),
-        }
-    }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        exit_err("upgrade", String::from_utf8_lossy(&head));
-    }
-    s
+    crate::ws::upgrade(ws, "/connect", "").unwrap_or_else(|e| exit_err("upgrade", e))
 }
 
 /// A masked binary frame carrying `seq` and the send time.
@@ -48,16 +30,8 @@ fn frame(seq: u64, epoch: Instant, size: usize) -> Vec<u8> {
     p.extend_from_slice(&seq.to_le_bytes());
     p.extend_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
     p.resize(size.max(16), b'x');
-    let mask = [9u8, 8, 7, 6];
-    let mut v = vec![0x82];
-    if p.len() < 126 {
-        v.push(0x80 | p.len() as u8);
-    } else {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(p.len() as u16).to_be_bytes());
-    }
-    v.extend_from_slice(&mask);
-    v.extend(p.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut v = Vec::with_capacity(p.len() + 14);
+    crate::ws::masked_frame(&mut v, 0x2, &p);
     v
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use corerelay::protocol::resp;
 use corerelay::protocol::veltix::v3;
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
@@ -43,31 +44,55 @@ pub struct WsConn {
     out: Vec<u8>,
 }
 
+/// Connects and upgrades on `path`, sending `extra` header lines (each
+/// ending in CRLF); the socket once the 101 is read.
+pub fn upgrade(addr: SocketAddr, path: &str, extra: &str) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(io::Error::other(format!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&head)
+        )));
+    }
+    Ok(s)
+}
+
+/// Appends a masked client frame (`opcode` with FIN).
+pub fn masked_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xffff {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+}
+
 impl WsConn {
     /// Connects and upgrades on `path`.
     pub fn connect(addr: SocketAddr, path: &str) -> io::Result<WsConn> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )?;
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut b)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            head.push(b[0]);
-        }
-        if !head.starts_with(b"HTTP/1.1 101") {
-            return Err(io::Error::other(format!(
-                "upgrade refused: {}",
-                String::from_utf8_lossy(&head)
-            )));
-        }
         Ok(WsConn {
-            s,
+            s: upgrade(addr, path, "")?,
             buf: Vec::new(),
             out: Vec::new(),
         })
@@ -75,21 +100,7 @@ impl WsConn {
 
     /// Appends a masked binary frame to the write buffer.
     pub fn push(&mut self, payload: &[u8]) {
-        let mask = [0x11, 0x22, 0x33, 0x44];
-        self.out.push(0x82);
-        let len = payload.len();
-        if len < 126 {
-            self.out.push(0x80 | len as u8);
-        } else if len <= 0xffff {
-            self.out.push(0x80 | 126);
-            self.out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            self.out.push(0x80 | 127);
-            self.out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        self.out.extend_from_slice(&mask);
-        self.out
-            .extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        masked_frame(&mut self.out, 0x2, payload);
     }
 
     /// Writes the buffer.
@@ -615,6 +626,45 @@ pub enum Client {
     Ws(mio::net::TcpStream),
     /// A Unix-socket client (4-byte length framing).
     Unix(mio::net::UnixStream),
+    /// A Redis subscriber (pub/sub pushes; the payload of each message).
+    Resp(mio::net::TcpStream),
+}
+
+/// How a client's bytes are framed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Ws,
+    LenPrefix,
+    Resp,
+}
+
+/// The payload of a pub/sub push (`message` or `pmessage`), if it is one.
+fn push_payload<'a>(v: &resp::Value<'a>) -> Option<&'a [u8]> {
+    let resp::Value::Array(parts) = v else {
+        return None;
+    };
+    match parts.as_slice() {
+        [k, _, p] if k.bytes() == Some(b"message") => p.bytes(),
+        [k, _, _, p] if k.bytes() == Some(b"pmessage") => p.bytes(),
+        _ => None,
+    }
+}
+
+/// The first whole frame in `b`: its payload (None: a frame with none,
+/// such as a subscription confirmation) and its length.
+fn next_frame(framing: Framing, b: &[u8]) -> Option<(Option<&[u8]>, usize)> {
+    match framing {
+        Framing::Ws => parse_server_frame(b).map(|(p, n)| (Some(p), n)),
+        Framing::LenPrefix if b.len() >= 4 => {
+            let n = u32::from_be_bytes(b[..4].try_into().unwrap_or_default()) as usize;
+            (b.len() >= 4 + n).then(|| (Some(&b[4..4 + n]), 4 + n))
+        }
+        Framing::LenPrefix => None,
+        Framing::Resp => match resp::decode(b, usize::MAX) {
+            Ok(Some((v, n))) => Some((push_payload(&v), n)),
+            _ => None,
+        },
+    }
 }
 
 /// Starts the reader over already-connected clients.
@@ -622,18 +672,24 @@ pub fn readers(epoch: Instant, clients: Vec<Client>) -> io::Result<Readers> {
     let poll = Poll::new()?;
     let mut conns = Vec::with_capacity(clients.len());
     for (i, c) in clients.into_iter().enumerate() {
-        match c {
+        let (s, framing) = match c {
             Client::Unix(mut u) => {
                 poll.registry()
                     .register(&mut u, Token(i), Interest::READABLE)?;
-                conns.push((Err(u), Vec::<u8>::new(), SeqTracker::default(), false));
+                (Err(u), Framing::LenPrefix)
             }
             Client::Ws(mut t) => {
                 poll.registry()
                     .register(&mut t, Token(i), Interest::READABLE)?;
-                conns.push((Ok(t), Vec::<u8>::new(), SeqTracker::default(), true));
+                (Ok(t), Framing::Ws)
             }
-        }
+            Client::Resp(mut t) => {
+                poll.registry()
+                    .register(&mut t, Token(i), Interest::READABLE)?;
+                (Ok(t), Framing::Resp)
+            }
+        };
+        conns.push((s, Vec::<u8>::new(), SeqTracker::default(), framing));
     }
     let delivered = Arc::new(AtomicU64::new(0));
     let gaps = Arc::new(AtomicU64::new(0));
@@ -662,7 +718,7 @@ pub fn readers(epoch: Instant, clients: Vec<Client>) -> io::Result<Readers> {
                 break;
             }
             for ev in events.iter() {
-                let (s, buf, next, is_ws) = &mut conns[ev.token().0];
+                let (s, buf, next, framing) = &mut conns[ev.token().0];
                 loop {
                     let r = match s {
                         Ok(t) => t.read(&mut tmp),
@@ -676,17 +732,11 @@ pub fn readers(epoch: Instant, clients: Vec<Client>) -> io::Result<Readers> {
                 let now = epoch.elapsed().as_nanos() as u64;
                 let measure = m.load(Ordering::Relaxed);
                 let mut at = 0;
-                loop {
-                    let frame = if *is_ws {
-                        parse_server_frame(&buf[at..])
-                    } else if buf.len() - at >= 4 {
-                        let n = u32::from_be_bytes(buf[at..at + 4].try_into().unwrap_or_default())
-                            as usize;
-                        (buf.len() - at >= 4 + n).then(|| (&buf[at + 4..at + 4 + n], 4 + n))
-                    } else {
-                        None
+                while let Some((p, used)) = next_frame(*framing, &buf[at..]) {
+                    let Some(p) = p else {
+                        at += used;
+                        continue;
                     };
-                    let Some((p, used)) = frame else { break };
                     if p.len() >= 16 {
                         let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
                         let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());

@@ -10,17 +10,16 @@
 //! Payloads carry a sequence number and the send time in their first 16
 //! bytes (so they travel as binary frames: not UTF-8).
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use corerelay::config::Config;
-use corerelay::protocol::resp::{self, Value};
+use corerelay::protocol::resp;
 use corerelay::Server;
-use hdrhistogram::Histogram;
-use mio::{Events, Interest, Poll, Token};
+
+use crate::ws::{readers, Client};
 
 use crate::{exit_err, report, self_cpu, server_cpu, stat_cpu, Args, Proto};
 
@@ -56,112 +55,6 @@ fn resp_read(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
     }
 }
 
-/// A receiver: a session socket (WebSocket frames) or a Redis subscriber.
-struct Rx {
-    s: mio::net::TcpStream,
-    ws: bool,
-}
-
-/// Reads every receiver on one mio thread: deliveries, and latency from
-/// the send time in the payload.
-struct Readers {
-    delivered: Arc<AtomicU64>,
-    measuring: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    hist: Arc<Mutex<Histogram<u64>>>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-fn payload_of_push(v: &Value<'_>) -> Option<Vec<u8>> {
-    let Value::Array(parts) = v else { return None };
-    match parts.as_slice() {
-        [k, _, p] if k.bytes() == Some(b"message") => p.bytes().map(<[u8]>::to_vec),
-        [k, _, _, p] if k.bytes() == Some(b"pmessage") => p.bytes().map(<[u8]>::to_vec),
-        _ => None,
-    }
-}
-
-fn readers(epoch: Instant, rxs: Vec<Rx>) -> io::Result<Readers> {
-    let poll = Poll::new()?;
-    let mut conns = Vec::with_capacity(rxs.len());
-    for (i, mut r) in rxs.into_iter().enumerate() {
-        poll.registry()
-            .register(&mut r.s, Token(i), Interest::READABLE)?;
-        conns.push((r, Vec::<u8>::new()));
-    }
-    let delivered = Arc::new(AtomicU64::new(0));
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds"),
-    ));
-    let (d, m, st, h) = (
-        delivered.clone(),
-        measuring.clone(),
-        stop.clone(),
-        hist.clone(),
-    );
-    let mut poll = poll;
-    let thread = std::thread::spawn(move || {
-        let mut events = Events::with_capacity(1024);
-        let mut tmp = vec![0u8; 256 * 1024];
-        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
-        while !st.load(Ordering::Relaxed) {
-            if poll
-                .poll(&mut events, Some(Duration::from_millis(50)))
-                .is_err()
-            {
-                break;
-            }
-            for ev in events.iter() {
-                let (r, buf) = &mut conns[ev.token().0];
-                loop {
-                    match r.s.read(&mut tmp) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
-                }
-                let now = epoch.elapsed().as_nanos() as u64;
-                let measure = m.load(Ordering::Relaxed);
-                let mut at = 0;
-                loop {
-                    let (p, used) = if r.ws {
-                        match crate::ws::parse_server_frame(&buf[at..]) {
-                            Some((p, used)) => (Some(p.to_vec()), used),
-                            None => break,
-                        }
-                    } else {
-                        match resp::decode(&buf[at..], usize::MAX) {
-                            Ok(Some((v, used))) => (payload_of_push(&v), used),
-                            _ => break,
-                        }
-                    };
-                    at += used;
-                    let Some(p) = p.filter(|p| p.len() >= 16) else {
-                        continue;
-                    };
-                    let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
-                    if measure {
-                        let _ = local.record(now.saturating_sub(sent).max(1));
-                    }
-                    d.fetch_add(1, Ordering::Relaxed);
-                }
-                buf.drain(..at);
-            }
-        }
-        if let Ok(mut hh) = h.lock() {
-            let _ = hh.add(&local);
-        }
-    });
-    Ok(Readers {
-        delivered,
-        measuring,
-        stop,
-        hist,
-        thread,
-    })
-}
-
 /// A payload: sequence, send time (ns since `epoch`), padding.
 fn payload(seq: u64, epoch: Instant, size: usize) -> Vec<u8> {
     let mut p = Vec::with_capacity(size.max(16));
@@ -173,25 +66,12 @@ fn payload(seq: u64, epoch: Instant, size: usize) -> Vec<u8> {
 
 /// A session socket on `/bench/ws/{id}`.
 fn session(ws: SocketAddr, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(ws).unwrap_or_else(|e| exit_err("connect", e));
-    let _ = s.set_nodelay(true);
-    write!(
-        s,
-        "GET /bench/ws/{id} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer bench\r\n\r\n"
+    crate::ws::upgrade(
+        ws,
+        &format!("/bench/ws/{id}"),
+        "Authorization: Bearer bench\r\n",
     )
-    .unwrap_or_else(|e| exit_err("upgrade", e));
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => exit_err("upgrade", "connection closed"),
-        }
-    }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        exit_err("upgrade", String::from_utf8_lossy(&head));
-    }
-    s
+    .unwrap_or_else(|e| exit_err("upgrade", e))
 }
 
 /// The wsproxy mode.
@@ -238,9 +118,11 @@ pub fn run(a: &Args) {
         };
         s.set_nonblocking(true)
             .unwrap_or_else(|e| exit_err("nonblocking", e));
-        rxs.push(Rx {
-            s: mio::net::TcpStream::from_std(s),
-            ws: a.proto != Proto::Redis,
+        let s = mio::net::TcpStream::from_std(s);
+        rxs.push(if a.proto == Proto::Redis {
+            Client::Resp(s)
+        } else {
+            Client::Ws(s)
         });
         channels.push(ch);
     }
@@ -326,10 +208,7 @@ fn up(a: &Args, ws: SocketAddr, ids: &[String], inproc: bool, epoch: Instant) {
     let mut socks: Vec<TcpStream> = ids.iter().map(|id| session(ws, id)).collect();
     let r = readers(
         epoch,
-        vec![Rx {
-            s: mio::net::TcpStream::from_std(sub),
-            ws: false,
-        }],
+        vec![Client::Resp(mio::net::TcpStream::from_std(sub))],
     )
     .unwrap_or_else(|e| exit_err("readers", e));
     let measure_from = Instant::now() + Duration::from_secs_f64(a.warmup);
@@ -354,7 +233,7 @@ fn up(a: &Args, ws: SocketAddr, ids: &[String], inproc: bool, epoch: Instant) {
         let i = (seq % ids.len() as u64) as usize;
         let body = json_payload(seq, epoch, a.payload);
         frame.clear();
-        frame.extend_from_slice(&masked_text(&body));
+        crate::ws::masked_frame(&mut frame, 0x1, &body);
         if socks[i].write_all(&frame).is_err() {
             exit_err("send", "session socket closed");
         }
@@ -378,23 +257,4 @@ fn json_payload(_seq: u64, _epoch: Instant, size: usize) -> Vec<u8> {
     }
     p.extend_from_slice(b"\"}");
     p
-}
-
-/// A masked client text frame.
-fn masked_text(payload: &[u8]) -> Vec<u8> {
-    let mask = [1u8, 2, 3, 4];
-    let mut v = vec![0x81];
-    let len = payload.len();
-    if len < 126 {
-        v.push(0x80 | len as u8);
-    } else if len <= 0xffff {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        v.push(0x80 | 127);
-        v.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    v
 }
