@@ -190,6 +190,7 @@ impl Server {
             metrics: (0..workers).map(|_| CoreMetrics::default()).collect(),
             sources: cfg.sources.iter().map(|_| Default::default()).collect(),
             veltix_clients: cfg.veltix.iter().map(|_| Default::default()).collect(),
+            deflate: Shared::deflate_stats(&cfg, workers),
             shutdown: AtomicBool::new(false),
             quiesced: AtomicUsize::new(0),
             cfg,

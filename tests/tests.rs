@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod config;
 mod corpus;
+mod deflate;
 mod engine;
 mod process;
 mod rely;

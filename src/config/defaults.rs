@@ -66,6 +66,14 @@ pub const DEFAULT_WS_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_WS_MAX_MESSAGE: u64 = 1024 * 1024;
 /// Output queue byte limit per WebSocket connection.
 pub const DEFAULT_WS_MAX_OUTPUT_BYTES: u64 = 16 * 1024 * 1024;
+/// Messages shorter than this are not worth deflating: the 2-9 bytes of
+/// block overhead and the CPU buy nothing (Node's ws uses 1 KiB; JSON
+/// ticks of a few hundred bytes still shrink 2-3 times, so lower).
+pub const DEFAULT_WS_COMPRESSION_MIN_SIZE: u64 = 128;
+/// zlib's default level: near level 9's ratio at a third of its CPU. A
+/// broadcast is compressed once per core, so its cost is per message, not
+/// per subscriber.
+pub const DEFAULT_WS_COMPRESSION_LEVEL: u32 = 6;
 
 /// wsgateway's admin API address (loopback only by default).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:6666";

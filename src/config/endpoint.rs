@@ -62,6 +62,8 @@ pub struct Endpoint {
     pub json_vars: Vec<(String, Vec<String>)>,
     /// Origins allowed to connect, lower-cased patterns (empty: any).
     pub allowed_origins: Vec<String>,
+    /// permessage-deflate negotiation.
+    pub compression: crate::protocol::deflate::Policy,
 }
 
 /// Does `origin` match `pattern` (both lower-case; `*` matches any run of

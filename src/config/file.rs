@@ -81,6 +81,9 @@ pub struct SourceFile {
     pub echo_upstream: Option<bool>,
     /// Largest message from the source or its clients.
     pub max_message_size: Option<Size>,
+    /// Offer permessage-deflate to the feed (its compressed messages are
+    /// inflated here, bounded by max_message_size).
+    pub compression: Option<bool>,
     /// Connect and upgrade deadline.
     pub connect_timeout: Option<Dur>,
     /// PEM file of CA certificates to trust for wss:// (a private feed);
@@ -143,6 +146,19 @@ pub struct WsFile {
     pub max_output_bytes: Option<Size>,
     /// Slow-consumer policy.
     pub slow_consumer: Option<SlowConsumer>,
+    /// permessage-deflate for every endpoint (and the sources' WebSocket
+    /// clients) unless an endpoint says otherwise: off, shared, dedicated.
+    pub compression: Option<crate::protocol::deflate::Mode>,
+    /// Messages shorter than this are sent uncompressed.
+    pub compression_min_size: Option<Size>,
+    /// zlib level, 1 (fastest) to 9 (smallest).
+    pub compression_level: Option<u32>,
+    /// `dedicated`: largest window the server compresses with (9..=15;
+    /// a smaller one costs less memory per connection).
+    pub server_max_window_bits: Option<u8>,
+    /// `dedicated`: largest window clients are asked to compress with,
+    /// when they offer to be told (9..=15).
+    pub client_max_window_bits: Option<u8>,
     /// Endpoints (paths).
     pub endpoints: Option<Vec<EndpointFile>>,
 }
@@ -176,6 +192,8 @@ pub struct EndpointFile {
     /// Browser origins allowed to connect (`https://app.example.com`, `*`
     /// wildcards); others get 403. Absent: any.
     pub allowed_origins: Option<Vec<String>>,
+    /// permessage-deflate here (default: the section's `compression`).
+    pub compression: Option<crate::protocol::deflate::Mode>,
     /// Tags copied into this endpoint's events.
     pub stream_include_tags: Option<Vec<String>>,
     /// Variables for `{json.V}` in the stream name: V -> a JSON path

@@ -163,6 +163,8 @@ pub struct SourceConfig {
     pub echo_upstream: bool,
     /// Largest message.
     pub max_message_size: usize,
+    /// Offer permessage-deflate to the feed.
+    pub compression: bool,
     /// Connect and upgrade deadline.
     pub connect_timeout: Duration,
     /// TLS client settings for wss:// (None for ws://).
@@ -233,6 +235,13 @@ pub struct WsConfig {
     pub endpoints: Vec<Endpoint>,
     /// TLS for its listeners (None: plain).
     pub tls: Option<ServerTls>,
+    /// permessage-deflate for the sources' WebSocket clients (endpoints
+    /// carry their own).
+    pub compression: crate::protocol::deflate::Policy,
+    /// Messages shorter than this go out uncompressed.
+    pub compression_min_size: usize,
+    /// zlib level for everything compressed.
+    pub compression_level: u32,
 }
 
 impl WsConfig {
@@ -446,6 +455,9 @@ impl Config {
                 slow_consumer: DEFAULT_SLOW_CONSUMER,
                 endpoints: Vec::new(),
                 tls: None,
+                compression: crate::protocol::deflate::Policy::OFF,
+                compression_min_size: DEFAULT_WS_COMPRESSION_MIN_SIZE as usize,
+                compression_level: DEFAULT_WS_COMPRESSION_LEVEL,
             })
         })
     }

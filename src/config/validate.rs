@@ -224,6 +224,7 @@ impl FileConfig {
                 force_binary: s.force_binary.unwrap_or(veylor_shaped),
                 echo_upstream: s.echo_upstream.unwrap_or(false),
                 max_message_size: max as usize,
+                compression: s.compression.unwrap_or(false),
                 connect_timeout: s
                     .connect_timeout
                     .map_or(DEFAULT_SOURCE_CONNECT_TIMEOUT, |d| d.0),
@@ -388,6 +389,34 @@ fn validate_ws(
             "list at least one endpoint (path: ...)".into(),
         ));
     }
+    let window = |v: Option<u8>, k: &str| -> Result<u8, ConfigError> {
+        match v {
+            None => Ok(crate::protocol::deflate::MAX_BITS),
+            Some(b) if (9..=15).contains(&b) => Ok(b),
+            Some(b) => Err(err(
+                &format!("websocket.{k}"),
+                format!("{b} is outside 9..=15 (zlib cannot deflate with 8)"),
+            )),
+        }
+    };
+    let policy = |mode| crate::protocol::deflate::Policy {
+        mode,
+        server_max_window_bits: 15,
+        client_max_window_bits: 15,
+    };
+    let mut section = policy(
+        ws.compression
+            .unwrap_or(crate::protocol::deflate::Mode::Off),
+    );
+    section.server_max_window_bits = window(ws.server_max_window_bits, "server_max_window_bits")?;
+    section.client_max_window_bits = window(ws.client_max_window_bits, "client_max_window_bits")?;
+    let level = ws.compression_level.unwrap_or(DEFAULT_WS_COMPRESSION_LEVEL);
+    if !(1..=9).contains(&level) {
+        return Err(err(
+            "websocket.compression_level",
+            format!("{level} is outside 1..=9"),
+        ));
+    }
     let mut endpoints = Vec::with_capacity(files.len());
     for (i, e) in files.into_iter().enumerate() {
         let key = |k: &str| format!("websocket.endpoints[{i}].{k}");
@@ -503,6 +532,10 @@ fn validate_ws(
                 .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
             session,
+            compression: crate::protocol::deflate::Policy {
+                mode: e.compression.unwrap_or(section.mode),
+                ..section
+            },
         });
     }
     let nonzero =
@@ -532,6 +565,12 @@ fn validate_ws(
                     .map_err(|(k, m)| err(&format!("websocket.tls.{k}"), m))?,
             ),
         },
+        compression: section,
+        compression_min_size: ws
+            .compression_min_size
+            .map_or(DEFAULT_WS_COMPRESSION_MIN_SIZE, |s| s.0)
+            as usize,
+        compression_level: level,
     })
 }
 

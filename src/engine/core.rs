@@ -30,7 +30,7 @@ use super::directory::LookupCache;
 use super::io::{CloseReason, Flushed, Io, Limits, Queued};
 use super::listener::{ListenSock, Listener, ListenerKind};
 use super::mesh::{Batch, Item, Outgoing};
-use super::message::{FanOp, Fanout, Frames};
+use super::message::{FanOp, Fanout, Frames, Wire};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Outbox};
 use super::redis::{self, remote, JoinState, Redis};
@@ -137,6 +137,9 @@ pub(crate) struct Core {
     /// This core's Redis clients, by server (`Config::redis_server`;
     /// None: not configured, or held by core 0 only).
     redis: Vec<Option<Redis>>,
+    /// Shared permessage-deflate contexts (one compressed frame per
+    /// broadcast on this core) and the buffer messages inflate into.
+    codec: crate::protocol::deflate::CoreCodec,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
     /// Reused buffer of accepted sockets.
@@ -163,6 +166,7 @@ impl Core {
             next_gen: 1,
             max_conns,
             scratch: vec![0u8; cfg.read_buffer].into_boxed_slice(),
+            codec: crate::protocol::deflate::CoreCodec::new(cfg.ws().compression_level),
             rx: setup.rx,
             mesh: Outgoing::new(shared.inboxes.clone(), setup.index),
             ready: Vec::new(),
@@ -810,6 +814,19 @@ impl Core {
         }
     }
 
+    /// Counts a shared compressed frame queued on `slot` in its endpoint's
+    /// permessage-deflate row.
+    fn count_deflated(&self, slot: usize, plain: usize, wire: usize) {
+        let Some(Stage::Ws(w)) = self.conns.get(slot).map(|c| &c.stage) else {
+            return;
+        };
+        let row = w.row(self.shared.cfg.ws().endpoints.len());
+        if let Some(s) = self.shared.deflate_of(self.index).get(row) {
+            s.out_plain.add(plain as u64);
+            s.out_wire.add(wire as u64);
+        }
+    }
+
     /// Runs a fan-out on every local connection it selects, each getting
     /// the message framed for its own wire (once per wire on this core),
     /// and reports the count (and status text) to its reply address.
@@ -830,7 +847,11 @@ impl Core {
             Selector::All => slots.extend(self.conns.iter().map(|(k, _)| k)),
             Selector::Channel(ch) => self.channels.select(*ch, &mut slots),
         }
-        let mut frames = f.msg.as_ref().map(|m| Frames::new(m, f.force_binary));
+        let min_deflate = self.shared.cfg.ws().compression_min_size;
+        let mut frames = f
+            .msg
+            .as_ref()
+            .map(|m| Frames::new(m, f.force_binary, min_deflate));
         let (mut n, mut text) = (0, Vec::new());
         for &slot in &slots {
             let Some(c) = self.conns.get_mut(slot) else {
@@ -845,11 +866,30 @@ impl Core {
                     let Some(wire) = c.stage.wire() else {
                         continue;
                     };
-                    if let Some(fr) = frames.as_mut() {
-                        let fr = fr.get(wire);
-                        let queued = self.queue_on(slot, fr.len(), |out| fr.push_to(out));
+                    if let (Some(m), Wire::WsOwn) = (&f.msg, wire) {
+                        // Compressed through the connection's own context.
+                        let mut frame = Vec::new();
+                        self.act(slot, |s, _, _, cx| {
+                            if let Stage::Ws(w) = s {
+                                frame = w.own_frame(m, f.force_binary, cx);
+                            }
+                            Outcome::Continue
+                        });
+                        let queued =
+                            self.queue_on(slot, frame.len(), |out| out.push_bytes(&[&frame]));
                         if matches!(f.op, FanOp::Send) && !queued {
                             continue;
+                        }
+                    } else if let Some(fr) = frames.as_mut() {
+                        let fr = fr.get(wire, &mut self.codec);
+                        let len = fr.len();
+                        let queued = self.queue_on(slot, len, |out| fr.push_to(out));
+                        if matches!(f.op, FanOp::Send) && !queued {
+                            continue;
+                        }
+                        let work = frames.as_ref().and_then(|f| f.work());
+                        if let (Wire::WsDeflate, Some((plain, _))) = (wire, work) {
+                            self.count_deflated(slot, plain, len);
                         }
                     }
                     if matches!(f.op, FanOp::Close) {
@@ -865,6 +905,12 @@ impl Core {
         }
         if matches!(f.op, FanOp::Send | FanOp::Close) {
             self.metrics().fanout_deliveries.add(n);
+        }
+        if let Some((plain, z)) = frames.as_ref().and_then(|f| f.work()) {
+            // Once per core per message, however many took it.
+            let m = self.metrics();
+            m.ws_compressor_input_bytes.add(plain as u64);
+            m.ws_compressor_output_bytes.add(z as u64);
         }
         self.selected = slots;
         if let Some(r) = f.reply {

@@ -19,6 +19,7 @@ fn core(yaml: &str) -> Core {
         metrics: vec![CoreMetrics::default()].into(),
         sources: Box::new([]),
         veltix_clients: Box::new([]),
+        deflate: Shared::deflate_stats(&cfg, 1),
         shutdown: AtomicBool::new(false),
         quiesced: AtomicUsize::new(0),
         cfg,

@@ -10,9 +10,11 @@
 
 use std::sync::Arc;
 
+use super::adapter::deflate::push_compressed_frame;
 use super::outbox::{Chunk, Outbox};
 use super::tags::Selector;
 use super::ConnId;
+use crate::protocol::deflate::CoreCodec;
 use crate::protocol::{lenprefix, veltix, ws};
 
 /// Frames at least this large are queued as a small per-core header plus
@@ -77,6 +79,12 @@ impl Message {
 pub(crate) enum Wire {
     /// One unmasked WebSocket data frame (server to client).
     WsServer,
+    /// The same, compressed without context (RSV1) when that is smaller:
+    /// permessage-deflate `shared`, compressed once per core.
+    WsDeflate,
+    /// Framed by the connection itself through its own compression
+    /// context (permessage-deflate `dedicated`); never cached.
+    WsOwn,
     /// A 4-byte big-endian length, then the payload (Unix clients).
     LenPrefix,
     /// A Veltix v3 frame.
@@ -91,7 +99,8 @@ impl Wire {
     #[inline]
     pub(crate) fn binary_header(self, len: usize) -> ([u8; 10], usize) {
         match self {
-            Wire::WsServer => ws::header_array(ws::OP_BINARY, len),
+            // A RELY transfer goes out uncompressed, whatever was agreed.
+            Wire::WsServer | Wire::WsDeflate | Wire::WsOwn => ws::header_array(ws::OP_BINARY, len),
             Wire::LenPrefix => {
                 let mut h = [0u8; 10];
                 h[..4].copy_from_slice(&(len as u32).to_be_bytes());
@@ -106,7 +115,7 @@ impl Wire {
 
 /// One message framed for one wire on one core: one buffer, or (large
 /// messages) a header and the message's own shared bytes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Framed {
     head: Arc<[u8]>,
     tail: Option<Arc<[u8]>>,
@@ -144,29 +153,77 @@ pub(crate) struct Frames<'m> {
     /// Force binary for WebSocket framing (a source's `force_binary`).
     force_binary: bool,
     ws: Option<Framed>,
+    /// The compressed frame, or the plain one when compressing does not pay.
+    deflated: Option<Framed>,
+    /// Shorter messages are not compressed.
+    min_deflate: usize,
+    /// The compressor's (input, output) bytes, if it ran and paid.
+    work: Option<(usize, usize)>,
     lenprefix: Option<Framed>,
     veltix_v3: Option<Framed>,
     veltix_v1: Option<Framed>,
 }
 
 impl<'m> Frames<'m> {
-    pub(crate) fn new(msg: &'m Message, force_binary: bool) -> Self {
+    pub(crate) fn new(msg: &'m Message, force_binary: bool, min_deflate: usize) -> Self {
         Frames {
             msg,
             force_binary,
             ws: None,
+            deflated: None,
+            min_deflate,
+            work: None,
             lenprefix: None,
             veltix_v3: None,
             veltix_v1: None,
         }
     }
 
-    /// The frame for `wire`.
+    /// The compressor's (input, output) bytes for this message on this core,
+    /// if its compressed frame is in use.
+    pub(crate) fn work(&self) -> Option<(usize, usize)> {
+        self.work
+    }
+
+    /// The compressed frame, if compressing pays.
+    fn deflate(&mut self, codec: &mut CoreCodec) -> Option<Framed> {
+        let msg = self.msg;
+        if msg.bytes.len() < self.min_deflate {
+            return None;
+        }
+        let mut z = codec.take_buf();
+        let ok = codec.deflater().message(&msg.bytes, &mut z, true) && z.len() < msg.bytes.len();
+        let framed = ok.then(|| {
+            let op = if self.force_binary || !msg.is_text() {
+                ws::OP_BINARY
+            } else {
+                ws::OP_TEXT
+            };
+            let mut f = Vec::with_capacity(z.len() + 10);
+            push_compressed_frame(&mut f, op, &z);
+            self.work = Some((msg.bytes.len(), z.len()));
+            Framed::one(f)
+        });
+        codec.put_buf(z);
+        framed
+    }
+
+    /// The frame for `wire` (`codec` compresses for [`Wire::WsDeflate`]).
     #[inline]
-    pub(crate) fn get(&mut self, wire: Wire) -> &Framed {
+    pub(crate) fn get(&mut self, wire: Wire, codec: &mut CoreCodec) -> &Framed {
         let msg = self.msg;
         match wire {
-            Wire::WsServer => {
+            Wire::WsDeflate => {
+                let f = match self.deflated.take() {
+                    Some(f) => f,
+                    None => match self.deflate(codec) {
+                        Some(f) => f,
+                        None => self.get(Wire::WsServer, codec).clone(),
+                    },
+                };
+                self.deflated.insert(f)
+            }
+            Wire::WsServer | Wire::WsOwn => {
                 let binary = self.force_binary || !msg.is_text();
                 self.ws.get_or_insert_with(|| {
                     let op = if binary { ws::OP_BINARY } else { ws::OP_TEXT };

@@ -110,6 +110,15 @@ metrics! {
     idle_timeouts,
     /// WebSocket upgrades completed.
     ws_upgrades,
+    /// Upgrades that agreed on permessage-deflate.
+    ws_compression_agreed,
+    /// Bytes given to a compressor: once per core for a broadcast to
+    /// `shared` connections, once per connection for `dedicated` ones.
+    ws_compressor_input_bytes,
+    /// Bytes a compressor produced for those.
+    ws_compressor_output_bytes,
+    /// Compressed messages that were not valid deflate data (closed 1007).
+    ws_inflate_errors,
     /// Upgrade requests refused with a 4xx.
     ws_handshake_errors,
     /// Connections that did not complete the upgrade in time.
@@ -255,6 +264,62 @@ impl SourceStatus {
             .get(self.state.get() as usize)
             .copied()
             .unwrap_or("down")
+    }
+}
+
+/// One endpoint's permessage-deflate traffic on one core: payload bytes of
+/// compressed messages before and after compression, each way.
+#[derive(Debug, Default)]
+pub struct DeflateStats {
+    /// Sent compressed: the messages' own bytes.
+    pub out_plain: Counter,
+    /// Sent compressed: what went on the wire.
+    pub out_wire: Counter,
+    /// Received compressed: what came on the wire.
+    pub in_wire: Counter,
+    /// Received compressed: the inflated messages.
+    pub in_plain: Counter,
+}
+
+/// Prometheus lines for permessage-deflate per endpoint (`names`: one per
+/// row, the endpoints' paths then the sources' clients), summed over cores
+/// (`stats` holds `names.len()` rows per core).
+pub fn prometheus_deflate(out: &mut String, names: &[String], stats: &[DeflateStats]) {
+    use std::fmt::Write;
+    type Row = (&'static str, &'static str, fn(&DeflateStats) -> u64);
+    let series: [Row; 4] = [
+        (
+            "ws_deflate_sent_plain_bytes",
+            "Bytes of messages sent compressed, before compression.",
+            |s| s.out_plain.get(),
+        ),
+        (
+            "ws_deflate_sent_wire_bytes",
+            "Bytes of messages sent compressed, as sent.",
+            |s| s.out_wire.get(),
+        ),
+        (
+            "ws_deflate_received_wire_bytes",
+            "Bytes of compressed messages received, as received.",
+            |s| s.in_wire.get(),
+        ),
+        (
+            "ws_deflate_received_plain_bytes",
+            "Bytes of compressed messages received, inflated.",
+            |s| s.in_plain.get(),
+        ),
+    ];
+    if names.is_empty() {
+        return;
+    }
+    for (name, help, f) in series {
+        let full = format!("corerelay_{name}_total");
+        family(out, &full, "counter", help);
+        for (row, n) in names.iter().enumerate() {
+            let v: u64 = stats.iter().skip(row).step_by(names.len()).map(f).sum();
+            let n = n.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "{full}{{endpoint=\"{n}\"}} {v}");
+        }
     }
 }
 

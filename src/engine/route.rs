@@ -42,6 +42,12 @@ pub(crate) struct Ctx<'a> {
     pub(super) timing: &'a Timing,
     pub(super) draining: bool,
     pub(super) redis: &'a mut [Option<super::redis::Redis>],
+    /// This core's shared compression contexts and buffer.
+    pub(super) codec: &'a mut crate::protocol::deflate::CoreCodec,
+    /// This core's permessage-deflate counters, one row per endpoint.
+    pub(super) deflate: &'a [super::metrics::DeflateStats],
+    /// Every core's (for /metrics).
+    pub(super) all_deflate: &'a [super::metrics::DeflateStats],
 }
 
 /// Builds a [`Ctx`] from a core's fields (a macro, so the borrows stay
@@ -64,6 +70,9 @@ macro_rules! ctx {
             timing: &$core.timing,
             draining: $core.drain_deadline.is_some(),
             redis: &mut $core.redis,
+            codec: &mut $core.codec,
+            deflate: $core.shared.deflate_of($core.index),
+            all_deflate: &$core.shared.deflate,
         }
     };
 }
@@ -80,6 +89,19 @@ impl<'a> Ctx<'a> {
     #[inline]
     pub(crate) fn timing(&self) -> &'a Timing {
         self.timing
+    }
+
+    /// This core's shared compression contexts and buffer.
+    #[inline]
+    pub(crate) fn codec(&mut self) -> &mut crate::protocol::deflate::CoreCodec {
+        self.codec
+    }
+
+    /// This core's permessage-deflate counters of endpoint `row` (the
+    /// sources' clients after the endpoints).
+    #[inline]
+    pub(crate) fn deflate_stats(&self, row: usize) -> Option<&'a super::metrics::DeflateStats> {
+        self.deflate.get(row)
     }
 
     /// The configuration (read only).
@@ -350,6 +372,28 @@ impl<'a> Ctx<'a> {
         let mut body = super::metrics::prometheus(self.all_metrics);
         let urls: Vec<String> = self.cfg.sources.iter().map(|s| s.url.clone()).collect();
         super::metrics::prometheus_sources(&mut body, &urls, self.sources);
+        if self
+            .all_deflate
+            .iter()
+            .any(|s| s.out_wire.get() + s.in_wire.get() > 0)
+            || self
+                .cfg
+                .ws()
+                .endpoints
+                .iter()
+                .any(|e| e.compression.mode != crate::protocol::deflate::Mode::Off)
+            || self.cfg.ws().compression.mode != crate::protocol::deflate::Mode::Off
+        {
+            let mut names: Vec<String> = self
+                .cfg
+                .ws()
+                .endpoints
+                .iter()
+                .map(|e| e.path.clone())
+                .collect();
+            names.push("(sources)".into());
+            super::metrics::prometheus_deflate(&mut body, &names, self.all_deflate);
+        }
         if !self.cfg.veltix.is_empty() {
             body.push_str("# HELP corerelay_veltix_clients Clients on each Veltix listener.\n# TYPE corerelay_veltix_clients gauge\n");
         }
@@ -385,6 +429,8 @@ pub(crate) mod test {
         pub metrics: Vec<CoreMetrics>,
         pub sources: Vec<SourceStatus>,
         pub veltix: Vec<AtomicUsize>,
+        pub codec: crate::protocol::deflate::CoreCodec,
+        pub deflate: Box<[crate::engine::metrics::DeflateStats]>,
         pub mesh: Outgoing,
         pub admin: AdminCalls,
         pub timing: Timing,
@@ -420,6 +466,8 @@ pub(crate) mod test {
                     .map(|_| SourceStatus::default())
                     .collect(),
                 veltix: cfg.veltix.iter().map(|_| AtomicUsize::new(0)).collect(),
+                codec: crate::protocol::deflate::CoreCodec::new(cfg.ws().compression_level),
+                deflate: crate::engine::shared::Shared::deflate_stats(&cfg, cores),
                 mesh: Outgoing::new(inboxes.into(), 0),
                 admin: AdminCalls::default(),
                 timing: Timing {
@@ -453,6 +501,9 @@ pub(crate) mod test {
                 timing: &self.timing,
                 draining: false,
                 redis: &mut [],
+                codec: &mut self.codec,
+                deflate: &self.deflate,
+                all_deflate: &self.deflate,
             }
         }
 

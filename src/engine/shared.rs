@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::directory::Directory;
 use super::mesh::Inbox;
-use super::metrics::{CoreMetrics, SourceStatus};
+use super::metrics::{CoreMetrics, DeflateStats, SourceStatus};
 use crate::config::Config;
 
 /// What all cores share.
@@ -23,6 +23,9 @@ pub struct Shared {
     pub metrics: Box<[CoreMetrics]>,
     /// One status per upstream source (written by its owner core).
     pub sources: Box<[SourceStatus]>,
+    /// permessage-deflate bytes per core per endpoint (rows of
+    /// [`Shared::deflate_rows`]; each core writes only its own).
+    pub deflate: Box<[DeflateStats]>,
     /// Clients on each Veltix listener (its `max_clients` bound).
     pub veltix_clients: Box<[AtomicUsize]>,
     /// Set once to begin a graceful shutdown.
@@ -35,6 +38,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Rows of permessage-deflate counters per core: one per endpoint,
+    /// then one for the sources' WebSocket clients.
+    pub fn deflate_rows(cfg: &Config) -> usize {
+        cfg.ws().endpoints.len() + 1
+    }
+
+    /// Zeroed permessage-deflate counters for `workers` cores.
+    pub fn deflate_stats(cfg: &Config, workers: usize) -> Box<[DeflateStats]> {
+        (0..workers * Self::deflate_rows(cfg))
+            .map(|_| DeflateStats::default())
+            .collect()
+    }
+
+    /// Core `core`'s permessage-deflate rows.
+    pub fn deflate_of(&self, core: usize) -> &[DeflateStats] {
+        let rows = Self::deflate_rows(&self.cfg);
+        self.deflate
+            .get(core * rows..(core + 1) * rows)
+            .unwrap_or(&[])
+    }
+
     /// Begins a graceful shutdown on every core.
     pub fn begin_shutdown(&self) {
         if !self.shutdown.swap(true, Ordering::SeqCst) {

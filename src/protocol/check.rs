@@ -8,7 +8,7 @@
 //! Inputs past [`MAX_SPLIT_INPUT`] bytes are split-checked on their prefix
 //! only, so one input costs O(n^2) at worst on a small n.
 
-use super::{http, lenprefix, rely, resp, veltix, ws};
+use super::{deflate, http, lenprefix, rely, resp, veltix, ws};
 
 /// Longest prefix whose every split is checked.
 pub const MAX_SPLIT_INPUT: usize = 2048;
@@ -87,7 +87,7 @@ fn ws_events(mut d: ws::Decoder, chunks: &[&[u8]]) -> (Vec<WsEv>, Option<ws::WsE
         let mut buf = c.to_vec();
         let r = d.feed(&mut buf, |e| {
             out.push(match e {
-                ws::Event::Message { text, data } => {
+                ws::Event::Message { text, data, .. } => {
                     assert!(data.len() <= MAX_PAYLOAD as usize, "message over the limit");
                     if text {
                         assert!(std::str::from_utf8(data).is_ok(), "text is UTF-8");
@@ -137,6 +137,75 @@ pub fn ws_server(data: &[u8]) {
 /// WebSocket frames from a server (what the upstream client reads).
 pub fn ws_client(data: &[u8]) {
     ws_check(data, || ws::Decoder::client(MAX_PAYLOAD as usize), true);
+}
+
+/// What a compressed client stream decodes and inflates to: per message,
+/// its kind and bytes, or why it stopped.
+type Inflated = (
+    Vec<(bool, Result<Vec<u8>, deflate::InflateError>)>,
+    Option<ws::WsError>,
+);
+
+fn inflate_events(chunks: &[&[u8]], fresh: bool, bits: u8) -> Inflated {
+    let mut d = ws::Decoder::new(MAX_PAYLOAD as usize);
+    d.allow_compressed();
+    let mut inflater = deflate::Inflater::new(bits);
+    let mut out = Vec::new();
+    for c in chunks {
+        let mut buf = c.to_vec();
+        let r = d.feed(&mut buf, |e| {
+            if let ws::Event::Message {
+                text,
+                data,
+                compressed: true,
+            } = e
+            {
+                let mut m = Vec::new();
+                let r = inflater.message(data, &mut m, MAX_PAYLOAD as usize, fresh);
+                assert!(m.len() <= MAX_PAYLOAD as usize + 1, "inflated past the cap");
+                out.push((text, r.map(|()| m)));
+                return r.is_ok();
+            }
+            true
+        });
+        if let Err(e) = r {
+            return (out, Some(e));
+        }
+    }
+    (out, None)
+}
+
+/// permessage-deflate from a client (what the server inflates): the first
+/// byte picks context takeover and the window, the rest is frames. The
+/// output never passes the cap, the result does not depend on how the
+/// input was split, and what inflates deflates and inflates back to itself.
+pub fn ws_inflate(data: &[u8]) {
+    let Some((&flags, frames)) = data.split_first() else {
+        return;
+    };
+    let fresh = flags & 1 == 1;
+    let bits = deflate::MIN_BITS + (flags >> 1) % 7;
+    let whole = inflate_events(&[prefix(frames)], fresh, bits);
+    for (a, b) in splits(frames) {
+        assert_eq!(
+            inflate_events(&[a, b], fresh, bits),
+            whole,
+            "split at {}",
+            a.len()
+        );
+    }
+    let mut z = deflate::Deflater::new(6, deflate::MAX_BITS);
+    for (_, r) in &whole.0 {
+        if let Ok(m) = r {
+            let mut c = Vec::new();
+            assert!(z.message(m, &mut c, true), "deflates");
+            let mut back = Vec::new();
+            deflate::Inflater::new(deflate::MAX_BITS)
+                .message(&c, &mut back, m.len(), true)
+                .expect("inflates back");
+            assert_eq!(&back, m, "round trip");
+        }
+    }
 }
 
 /// An HTTP request head: never a panic; a complete head is found only once
@@ -321,7 +390,7 @@ pub fn resp(data: &[u8]) {
 pub type Check = fn(&[u8]);
 
 /// Every check by its fuzz target's name.
-pub const TARGETS: [(&str, Check); 9] = [
+pub const TARGETS: [(&str, Check); 10] = [
     ("rely", rely),
     ("ws_server", ws_server),
     ("ws_client", ws_client),
@@ -331,6 +400,7 @@ pub const TARGETS: [(&str, Check); 9] = [
     ("veltix_v1", veltix_v1),
     ("veltix_v3", veltix_v3),
     ("resp", resp),
+    ("ws_inflate", ws_inflate),
 ];
 
 #[cfg(test)]

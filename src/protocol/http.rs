@@ -26,6 +26,14 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of header `name`, in order.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// True if header `name` holds `token` in its comma-separated list
     /// (case-insensitive), as `Connection: keep-alive, Upgrade` does.
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
@@ -164,9 +172,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
 }
 
 /// The 101 response accepting a WebSocket upgrade.
-pub fn switching_protocols(key: &str) -> Vec<u8> {
+pub fn switching_protocols(key: &str, extensions: Option<&str>) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
+    let ext = extensions.map_or(String::new(), |e| {
+        format!("Sec-WebSocket-Extensions: {e}\r\n")
+    });
+    format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{ext}\r\n")
         .into_bytes()
 }
 
@@ -212,7 +223,8 @@ mod tests {
         let r = parse_request(UPGRADE.as_bytes()).unwrap().unwrap();
         assert_eq!((r.path.as_str(), r.query.as_str()), ("/chat/room1", "x=1"));
         assert_eq!(r.websocket_key().unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
-        let resp = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
+        let resp =
+            String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
         assert!(
             resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
             "RFC 6455 example"

@@ -2,6 +2,7 @@
 //! out; no sockets, no clocks, no routing.
 
 pub mod check;
+pub mod deflate;
 pub mod http;
 pub mod lenprefix;
 pub mod rely;

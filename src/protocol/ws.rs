@@ -46,8 +46,11 @@ pub enum WsError {
     Protocol(&'static str),
     /// Text that is not UTF-8, or a close reason that is not (1007).
     InvalidUtf8,
-    /// A message over the endpoint's limit (1009).
+    /// A message over the endpoint's limit (1009), before or after
+    /// inflating.
     TooBig,
+    /// A compressed message that is not deflate data (1007).
+    BadDeflate,
 }
 
 impl WsError {
@@ -55,7 +58,7 @@ impl WsError {
     pub fn close_code(&self) -> u16 {
         match self {
             WsError::Protocol(_) => CLOSE_PROTOCOL,
-            WsError::InvalidUtf8 => CLOSE_INVALID_DATA,
+            WsError::InvalidUtf8 | WsError::BadDeflate => CLOSE_INVALID_DATA,
             WsError::TooBig => CLOSE_TOO_BIG,
         }
     }
@@ -67,6 +70,7 @@ impl std::fmt::Display for WsError {
             WsError::Protocol(why) => write!(f, "protocol error: {why}"),
             WsError::InvalidUtf8 => write!(f, "invalid UTF-8"),
             WsError::TooBig => write!(f, "message too big"),
+            WsError::BadDeflate => write!(f, "invalid deflate data"),
         }
     }
 }
@@ -82,6 +86,9 @@ pub enum Event<'a> {
         text: bool,
         /// Its payload, unmasked.
         data: &'a [u8],
+        /// Deflated (RSV1, permessage-deflate): `data` is still compressed
+        /// and its UTF-8 is unchecked.
+        compressed: bool,
     },
     /// A ping; answer with a pong carrying the same payload.
     Ping(&'a [u8]),
@@ -263,14 +270,20 @@ pub struct Decoder {
     /// up to `prepared`).
     partial: Vec<u8>,
     /// Payload bytes of `partial` already unmasked (and UTF-8 checked).
-    prepared: usize,
+    /// (u32: a frame never passes the 1 GiB message cap; keeps the
+    /// per-connection stage small.)
+    prepared: u32,
     /// A fragmented message so far (unmasked).
     message: Vec<u8>,
     /// The fragmented message's kind, while one is open.
     open: Option<bool>,
+    /// The open fragmented message is compressed.
+    open_compressed: bool,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    rsv1: bool,
     /// UTF-8 state of the text message being received.
     utf8: Utf8Stream,
-    max_message: usize,
+    max_message: u32,
     /// Decoding a server's frames (as a client): they must be unmasked.
     from_server: bool,
 }
@@ -298,8 +311,10 @@ impl Decoder {
             prepared: 0,
             message: Vec::new(),
             open: None,
+            open_compressed: false,
+            rsv1: false,
             utf8: Utf8Stream::default(),
-            max_message,
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
             from_server: false,
         }
     }
@@ -310,6 +325,16 @@ impl Decoder {
             from_server: true,
             ..Decoder::new(max_message)
         }
+    }
+
+    /// The largest message it accepts.
+    pub fn max_message(&self) -> usize {
+        self.max_message as usize
+    }
+
+    /// Accepts RSV1 on a message's first frame (permessage-deflate).
+    pub fn allow_compressed(&mut self) {
+        self.rsv1 = true;
     }
 
     /// Heap bytes held (for memory accounting).
@@ -329,8 +354,12 @@ impl Decoder {
             }
             Err(_) => return Err(WsError::Protocol("reserved opcode")),
         };
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        if header.rsv2 || header.rsv3 || (header.rsv1 && !self.rsv1) {
             return Err(WsError::Protocol("reserved bits set without an extension"));
+        }
+        if header.rsv1 && !matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary)) {
+            // RFC 7692 6.1: only a message's first frame, never control.
+            return Err(WsError::Protocol("RSV1 on a continuation or control frame"));
         }
         if header.mask.is_some() == self.from_server {
             return Err(WsError::Protocol(if self.from_server {
@@ -392,14 +421,23 @@ impl Decoder {
         }
     }
 
+    /// Is the message this data frame belongs to compressed (its UTF-8 is
+    /// checked after inflating, not here)?
+    fn compressed(&self, h: &FrameHeader) -> bool {
+        match h.opcode {
+            OpCode::Data(Data::Continue) => self.open_compressed,
+            _ => h.rsv1,
+        }
+    }
+
     /// Unmasks the payload bytes of `partial` that arrived since the last
     /// call and checks text as it comes (fail fast on invalid UTF-8).
     fn prepare_partial(&mut self, h: &FrameHeader, header_len: usize) -> Result<(), WsError> {
-        let start = self.prepared;
+        let start = self.prepared as usize;
         if self.partial.len() <= header_len + start {
             return Ok(());
         }
-        let text = self.is_text(h.opcode);
+        let text = self.is_text(h.opcode) && !self.compressed(h);
         if text && start == 0 && h.opcode == OpCode::Data(Data::Text) {
             self.utf8 = Utf8Stream::default();
         }
@@ -410,7 +448,7 @@ impl Decoder {
         if text && !self.utf8.feed(fresh) {
             return Err(WsError::InvalidUtf8);
         }
-        self.prepared += fresh.len();
+        self.prepared += fresh.len() as u32;
         Ok(())
     }
 
@@ -429,7 +467,7 @@ impl Decoder {
                     payload_len,
                 } => {
                     let mut frame = std::mem::take(&mut self.partial);
-                    let prepared = std::mem::take(&mut self.prepared);
+                    let prepared = std::mem::take(&mut self.prepared) as usize;
                     let payload = &mut frame[header_len..header_len + payload_len];
                     let go_on = self.frame(&header, payload, prepared, &mut on_event)?;
                     frame.clear();
@@ -522,8 +560,10 @@ impl Decoder {
             }
             OpCode::Data(kind) => {
                 let text = self.is_text(h.opcode);
+                let compressed = self.compressed(h);
+                let check = text && !compressed;
                 let starts = kind != Data::Continue;
-                if prepared == 0 && text {
+                if prepared == 0 && check {
                     if starts {
                         self.utf8 = Utf8Stream::default();
                     }
@@ -531,7 +571,7 @@ impl Decoder {
                         return Err(WsError::InvalidUtf8);
                     }
                 }
-                if text && h.is_final && !self.utf8.complete() {
+                if check && h.is_final && !self.utf8.complete() {
                     return Err(WsError::InvalidUtf8);
                 }
                 if h.is_final && self.open.is_none() {
@@ -539,10 +579,12 @@ impl Decoder {
                     return Ok(on_event(Event::Message {
                         text,
                         data: payload,
+                        compressed,
                     }));
                 }
                 if starts {
                     self.open = Some(text);
+                    self.open_compressed = compressed;
                 }
                 self.message.extend_from_slice(payload);
                 if !h.is_final {
@@ -553,6 +595,7 @@ impl Decoder {
                 let go_on = on_event(Event::Message {
                     text,
                     data: &message,
+                    compressed,
                 });
                 if message.capacity() <= 64 * 1024 {
                     self.message = message;
@@ -595,7 +638,7 @@ mod tests {
             let mut c = c.to_vec();
             d.feed(&mut c, |e| {
                 out.push(match e {
-                    Event::Message { text, data } => format!(
+                    Event::Message { text, data, .. } => format!(
                         "{}:{}",
                         if text { "T" } else { "B" },
                         String::from_utf8_lossy(data)

@@ -159,6 +159,8 @@ pub struct WsRaw(pub TcpStream);
 #[derive(Debug, PartialEq, Eq)]
 pub struct WsFrame {
     pub fin: bool,
+    /// RSV1: a permessage-deflate compressed message.
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -259,6 +261,7 @@ impl WsRaw {
         self.0.read_exact(&mut payload).unwrap();
         Ok(Some(WsFrame {
             fin: h[0] & 0x80 != 0,
+            rsv1: h[0] & 0x40 != 0,
             opcode: h[0] & 0x0f,
             payload,
         }))

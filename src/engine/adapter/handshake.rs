@@ -10,6 +10,7 @@
 //! WebSocket port goes to the admin stage when the admin API is served there.
 
 use super::admin::AdminStage;
+use super::deflate::ConnDeflate;
 use super::session::SessionOpen;
 use super::ws::{broadcast_selector, WsStage};
 use super::{Outcome, Stage};
@@ -19,7 +20,22 @@ use crate::engine::route::Ctx;
 use crate::engine::tags::Tag;
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
-use crate::protocol::http::{self, HttpError};
+use crate::protocol::deflate::{self, Agreed, Policy};
+use crate::protocol::http::{self, HttpError, Request};
+
+/// permessage-deflate as `policy` allows it for this request's offers.
+pub(crate) fn negotiate(req: &Request, policy: &Policy) -> Option<Agreed> {
+    deflate::negotiate(req.header_values("sec-websocket-extensions"), policy)
+}
+
+/// The 101 for `key`, accepting `agreed` if any (and counting it).
+pub(crate) fn switching(key: &str, agreed: Option<&Agreed>, cx: &Ctx<'_>) -> Vec<u8> {
+    let answer = agreed.map(|a| {
+        cx.metrics().ws_compression_agreed.inc();
+        a.answer()
+    });
+    http::switching_protocols(key, answer.as_deref())
+}
 
 /// An endpoint connection's tags: the endpoint's fixed ones, then its
 /// tagged path parameters (a parameter wins over a fixed tag of its name),
@@ -142,6 +158,11 @@ impl HandshakeStage {
         }
         // Frames the client sent right behind its request head.
         let early = rest(self, req.head_len);
+        let policy = match &routed {
+            Some((endpoint, _)) => ws.endpoints[*endpoint].compression,
+            None => ws.compression,
+        };
+        let agreed = negotiate(&req, &policy);
         let next = match (routed, self.source) {
             (Some((endpoint, params)), _) if ws.endpoints[endpoint].session.is_some() => {
                 let ep = &ws.endpoints[endpoint];
@@ -149,7 +170,8 @@ impl HandshakeStage {
                     return self.refuse(io, HttpError::NotFound, cx);
                 };
                 let tags = endpoint_tags(ep, &params);
-                return SessionOpen::begin(io, me, endpoint, s, &req, tags, key, early, cx);
+                let open = (key, agreed);
+                return SessionOpen::begin(io, me, endpoint, s, &req, tags, open, early, cx);
             }
             (Some((endpoint, params)), _) => {
                 let ep = &ws.endpoints[endpoint];
@@ -194,7 +216,8 @@ impl HandshakeStage {
             }
             (None, None) => return self.refuse(io, HttpError::NotFound, cx),
         };
-        io.out.push_bytes(&[&http::switching_protocols(&key)]);
+        io.out.push_bytes(&[&switching(&key, agreed.as_ref(), cx)]);
+        let next = next.with_deflate(agreed.map(|a| ConnDeflate::new(policy.mode, a)));
         io.last_active = cx.now();
         cx.metrics().ws_upgrades.inc();
         log::debug!(

@@ -17,6 +17,7 @@
 //! in the server's listener table.
 
 pub(crate) mod admin;
+pub(crate) mod deflate;
 pub(crate) mod handshake;
 pub(crate) mod rely;
 pub(crate) mod session;
@@ -214,7 +215,7 @@ impl Stage {
     #[inline]
     pub(crate) fn wire(&self) -> Option<Wire> {
         match self {
-            Stage::Ws(_) => Some(Wire::WsServer),
+            Stage::Ws(s) => Some(s.wire()),
             Stage::Unix(_) => Some(Wire::LenPrefix),
             Stage::Veltix(s) => s.wire(),
             _ => None,

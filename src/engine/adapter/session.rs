@@ -47,6 +47,8 @@ pub(crate) struct SessionOpen {
     endpoint: u16,
     /// Sec-WebSocket-Key, for the 101.
     key: String,
+    /// permessage-deflate, as negotiated from the request.
+    agreed: Option<crate::protocol::deflate::Agreed>,
     token: Vec<u8>,
     phase: Phase,
     /// Tick by which this phase must finish.
@@ -103,7 +105,7 @@ impl SessionOpen {
         s: &SessionConfig,
         req: &Request,
         tags: Vec<Tag>,
-        key: String,
+        (key, agreed): (String, Option<crate::protocol::deflate::Agreed>),
         early: Vec<u8>,
         cx: &mut Ctx<'_>,
     ) -> Outcome {
@@ -114,6 +116,7 @@ impl SessionOpen {
         let mut st = SessionOpen {
             endpoint: endpoint as u16,
             key,
+            agreed,
             token: Vec::new(),
             phase: Phase::Auth,
             deadline: cx.now() + Timing::ticks(s.auth_timeout, crate::engine::timer::TICK),
@@ -209,7 +212,11 @@ impl SessionOpen {
             msgs: usize::MAX,
             policy: ws_cfg.slow_consumer,
         };
-        io.out.push_bytes(&[&http::switching_protocols(&self.key)]);
+        io.out.push_bytes(&[&super::handshake::switching(
+            &self.key,
+            self.agreed.as_ref(),
+            cx,
+        )]);
         io.last_active = cx.now();
         cx.metrics().ws_upgrades.inc();
         let m = cx.metrics();
@@ -219,7 +226,10 @@ impl SessionOpen {
             io.peer,
             session_of(&tags, s).unwrap_or_default()
         );
-        let next = WsStage::session(self.endpoint, ep, id, tags, cx);
+        let deflate = self
+            .agreed
+            .map(|a| super::deflate::ConnDeflate::new(ep.compression.mode, a));
+        let next = WsStage::session(self.endpoint, ep, id, tags, cx).with_deflate(deflate);
         Outcome::Upgrade(Stage::Ws(next), std::mem::take(&mut self.early))
     }
 
@@ -293,6 +303,7 @@ impl SessionOpen {
         SessionOpen {
             endpoint: 0,
             key: String::new(),
+            agreed: None,
             token: Vec::new(),
             phase: Phase::Auth,
             deadline: 0,

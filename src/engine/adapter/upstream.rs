@@ -23,6 +23,7 @@ use crate::engine::route::Ctx;
 use crate::engine::tags::Selector;
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
+use crate::protocol::deflate::{self, Agreed, InflateError, Inflater};
 use crate::protocol::ws;
 
 /// Largest upgrade response head accepted from a source.
@@ -44,6 +45,8 @@ enum Phase {
     Open {
         decoder: ws::Decoder,
         keepalive: Keepalive,
+        /// permessage-deflate, if the source accepted our offer.
+        inflate: Option<Box<(Agreed, Inflater)>>,
     },
 }
 
@@ -97,6 +100,12 @@ pub(crate) fn upgrade_request(cfg: &SourceConfig, key: &str) -> Vec<u8> {
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
         t.path
     );
+    if cfg.compression {
+        r.push_str(&format!(
+            "Sec-WebSocket-Extensions: {}\r\n",
+            deflate::CLIENT_OFFER
+        ));
+    }
     for (k, v) in &cfg.headers {
         // Header names and values come from the config file; strip line
         // breaks so a value cannot smuggle a header.
@@ -183,12 +192,20 @@ impl UpstreamStage {
                     return Outcome::Close(CloseReason::Protocol);
                 }
                 Ok(None) => return Outcome::Continue,
-                Ok(Some(head_len)) => rest = Some(buf[head_len..].to_vec()),
+                Ok(Some((head_len, agreed))) => {
+                    rest = Some(buf[head_len..].to_vec());
+                    let mut decoder = ws::Decoder::client(cfg.max_message_size);
+                    let inflate = agreed.map(|a| {
+                        decoder.allow_compressed();
+                        Box::new((a, Inflater::new(a.server_bits)))
+                    });
+                    self.phase = Phase::Open {
+                        decoder,
+                        keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
+                        inflate,
+                    };
+                }
             }
-            self.phase = Phase::Open {
-                decoder: ws::Decoder::client(cfg.max_message_size),
-                keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
-            };
             log::info!("source {}: connected", cfg.url);
             if let Some(st) = cx.source_status(source) {
                 st.state.set(SourceStatus::UP);
@@ -201,7 +218,12 @@ impl UpstreamStage {
             None => input,
         };
         let Self {
-            phase: Phase::Open { decoder, keepalive },
+            phase:
+                Phase::Open {
+                    decoder,
+                    keepalive,
+                    inflate,
+                },
             mask_seed,
             channel,
             ..
@@ -213,8 +235,35 @@ impl UpstreamStage {
             return Outcome::Continue;
         }
         let mut closed = false;
+        let mut bad: Option<ws::WsError> = None;
+        let mut inflated: Vec<u8> = Vec::new();
         let res = decoder.feed(input, |ev| match ev {
-            ws::Event::Message { text, data } => {
+            ws::Event::Message {
+                text,
+                data,
+                compressed,
+            } => {
+                let data: &[u8] = if compressed {
+                    if inflated.capacity() == 0 {
+                        inflated = cx.codec().take_buf();
+                    }
+                    inflated.clear();
+                    match inflate_message(
+                        inflate.as_deref_mut(),
+                        data,
+                        &mut inflated,
+                        cfg.max_message_size,
+                        text,
+                    ) {
+                        Ok(()) => &inflated,
+                        Err(e) => {
+                            bad = Some(e);
+                            return false;
+                        }
+                    }
+                } else {
+                    data
+                };
                 cx.metrics().source_in.inc();
                 if let Some(st) = cx.source_status(source) {
                     st.messages_in.inc();
@@ -246,7 +295,14 @@ impl UpstreamStage {
                 false
             }
         });
+        if inflated.capacity() > 0 {
+            cx.codec().put_buf(inflated);
+        }
         io.last_active = cx.now();
+        let res = match (res, bad) {
+            (Ok(()), Some(e)) => Err(e),
+            (r, _) => r,
+        };
         match res {
             Err(e) => {
                 log::warn!("source {}: {e}; reconnecting", cfg.url);
@@ -294,9 +350,36 @@ impl UpstreamStage {
     }
 }
 
-/// Checks the upgrade response in `buf`: its head length once complete
-/// and valid, None while incomplete, Err if refused or malformed.
-fn upgraded(cfg: &SourceConfig, key: &str, buf: &[u8]) -> Result<Option<usize>, ()> {
+/// Inflates a compressed message from the source into `out` (at most
+/// `max` bytes) and checks a text message's UTF-8.
+fn inflate_message(
+    inflate: Option<&mut (Agreed, Inflater)>,
+    data: &[u8],
+    out: &mut Vec<u8>,
+    max: usize,
+    text: bool,
+) -> Result<(), ws::WsError> {
+    let (agreed, inflater) = inflate.ok_or(ws::WsError::Protocol("RSV1 without an extension"))?;
+    inflater
+        .message(data, out, max, agreed.server_no_context)
+        .map_err(|e| match e {
+            InflateError::TooBig => ws::WsError::TooBig,
+            InflateError::Corrupt => ws::WsError::BadDeflate,
+        })?;
+    if text && std::str::from_utf8(out).is_err() {
+        return Err(ws::WsError::InvalidUtf8);
+    }
+    Ok(())
+}
+
+/// What the upgrade response agreed: its head length and permessage-deflate
+/// (if accepted).
+type Upgraded = (usize, Option<Agreed>);
+
+/// Checks the upgrade response in `buf`: its head length and extension once
+/// complete and valid, None while incomplete, Err if refused or malformed
+/// (or it accepted an extension we did not offer).
+fn upgraded(cfg: &SourceConfig, key: &str, buf: &[u8]) -> Result<Option<Upgraded>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
@@ -322,7 +405,26 @@ fn upgraded(cfg: &SourceConfig, key: &str, buf: &[u8]) -> Result<Option<usize>, 
         );
         return Err(());
     }
-    Ok(Some(head_len))
+    let extensions = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok());
+    let agreed = match deflate::client_accepts(extensions) {
+        Ok(a) if a.is_none() || cfg.compression => a,
+        Ok(_) => {
+            log::warn!(
+                "source {}: upgrade accepted an extension never offered",
+                cfg.url
+            );
+            return Err(());
+        }
+        Err(why) => {
+            log::warn!("source {}: upgrade response: {why}", cfg.url);
+            return Err(());
+        }
+    };
+    Ok(Some((head_len, agreed)))
 }
 
 #[cfg(test)]
@@ -339,7 +441,7 @@ mod tests {
         let s = &cfg.sources[0];
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
         let good = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nframes";
-        assert_eq!(upgraded(s, key, good), Ok(Some(good.len() - 6)));
+        assert_eq!(upgraded(s, key, good), Ok(Some((good.len() - 6, None))));
         assert_eq!(upgraded(s, key, &good[..20]), Ok(None), "incomplete");
         let wrong = b"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: nope\r\n\r\n";
         assert_eq!(upgraded(s, key, wrong), Err(()));

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use super::deflate::ConnDeflate;
 use super::rely::relay_transfer;
 use super::session::on_session_message;
 use super::Outcome;
@@ -17,7 +18,7 @@ use crate::config::{Endpoint, OnMessage};
 use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Queued};
 use crate::engine::keepalive::{Due, Keepalive};
-use crate::engine::message::Message;
+use crate::engine::message::{Message, Wire};
 use crate::engine::route::Ctx;
 use crate::engine::tags::{apply_changes, Selector, Tag};
 use crate::engine::timer::Timing;
@@ -48,6 +49,8 @@ pub(crate) struct WsStage {
     /// For `on_message: broadcast`: the connections sharing this one's
     /// `broadcast_tag` value (None: it has no such tag).
     broadcast: Option<Arc<Selector>>,
+    /// permessage-deflate, when its upgrade agreed it.
+    deflate: Option<Box<ConnDeflate>>,
 }
 
 /// A close to send, and why.
@@ -92,7 +95,69 @@ impl WsStage {
             tags,
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast,
+            deflate: None,
         }
+    }
+
+    /// Compresses as its upgrade agreed.
+    pub(crate) fn with_deflate(mut self, deflate: Option<Box<ConnDeflate>>) -> WsStage {
+        if deflate.is_some() {
+            self.decoder.allow_compressed();
+        }
+        self.deflate = deflate;
+        self
+    }
+
+    /// Its row of permessage-deflate counters: its endpoint's, or the
+    /// sources' clients' after the endpoints.
+    fn stats_row(&self, cx: &Ctx<'_>) -> usize {
+        self.row(cx.cfg().ws().endpoints.len())
+    }
+
+    /// [`Self::stats_row`] given the number of endpoints.
+    pub(crate) fn row(&self, endpoints: usize) -> usize {
+        match self.role {
+            Role::Endpoint(i) | Role::Session { endpoint: i, .. } => i as usize,
+            Role::Source(_) => endpoints,
+        }
+    }
+
+    /// The wire its fanned-out messages take: plain frames, its core's
+    /// shared compressed frames, or frames it compresses itself.
+    #[inline]
+    pub(crate) fn wire(&self) -> Wire {
+        match &self.deflate {
+            None => Wire::WsServer,
+            Some(d) if d.shares_frames() => Wire::WsDeflate,
+            Some(_) => Wire::WsOwn,
+        }
+    }
+
+    /// A fanned-out message as this connection's own frame (`dedicated`:
+    /// through its own context), for [`Wire::WsOwn`].
+    pub(crate) fn own_frame(
+        &mut self,
+        msg: &Message,
+        force_binary: bool,
+        cx: &mut Ctx<'_>,
+    ) -> Vec<u8> {
+        let op = if force_binary || !msg.is_text() {
+            ws::OP_BINARY
+        } else {
+            ws::OP_TEXT
+        };
+        let mut f = Vec::with_capacity(msg.bytes.len() + 14);
+        let row = self.stats_row(cx);
+        match self.deflate.as_deref_mut() {
+            Some(d) => {
+                let min = cx.cfg().ws().compression_min_size;
+                if let Some(work) = d.frame(op, &msg.bytes, min, cx.codec(), &mut f) {
+                    count_sent(cx, row, work);
+                }
+            }
+            None => ws::encode_frame(&mut f, op, &msg.bytes),
+        }
+        f
     }
 
     /// A client of upstream source `src`.
@@ -103,6 +168,7 @@ impl WsStage {
             tags: Vec::new(),
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
+            deflate: None,
         }
     }
 
@@ -121,6 +187,7 @@ impl WsStage {
             tags,
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
+            deflate: None,
         }
     }
 
@@ -138,21 +205,54 @@ impl WsStage {
                 None => return Outcome::Close(CloseReason::Protocol),
             },
         };
+        let row = self.stats_row(cx);
+        let max = self.decoder.max_message();
         let Self {
             decoder,
             role,
             keepalive,
             broadcast,
             tags,
+            deflate,
         } = self;
         // What to do after the decoder stops: a close to send, if any.
         let mut goodbye: Option<Goodbye> = None;
         let mut slow = false;
+        // Inflated messages land here (the core's buffer, while in use).
+        let mut inflated: Vec<u8> = Vec::new();
         let res = decoder.feed(input, |ev| {
             io.last_active = cx.now();
             match ev {
-                Event::Message { text, data } => {
+                Event::Message {
+                    text,
+                    data,
+                    compressed,
+                } => {
                     cx.metrics().ws_messages_in.inc();
+                    let data: &[u8] = match (compressed, deflate.as_deref_mut()) {
+                        (false, _) => data,
+                        (true, d) => {
+                            if inflated.capacity() == 0 {
+                                inflated = cx.codec().take_buf();
+                            }
+                            inflated.clear();
+                            match inflate(d, data, &mut inflated, max, text, cx) {
+                                Ok(()) => {
+                                    if let Some(s) = cx.deflate_stats(row) {
+                                        s.in_wire.add(data.len() as u64);
+                                        s.in_plain.add(inflated.len() as u64);
+                                    }
+                                    &inflated
+                                }
+                                Err(e) => {
+                                    log::debug!("{}: WebSocket {e}", io.peer);
+                                    cx.metrics().protocol_errors.inc();
+                                    goodbye = Some((e.close_code(), "", CloseReason::Protocol));
+                                    return false;
+                                }
+                            }
+                        }
+                    };
                     // wsgateway's message event, in this connection's order.
                     if let (Some(ep), Some(l)) = (events, io.login.as_ref()) {
                         crate::engine::events::on_message(cx, me, ep, &l.id, tags, text, data);
@@ -171,10 +271,23 @@ impl WsStage {
                     match on_message {
                         OnMessage::Echo => {
                             let op = if text { ws::OP_TEXT } else { ws::OP_BINARY };
-                            let (h, n) = ws::header_array(op, data.len());
                             // Own writes share the connection's queue and limit.
-                            let drops = &cx.metrics().slow_consumer_drop;
-                            slow = io.push_own(&[&h[..n], data], drops) == Queued::Disconnect;
+                            let q = match deflate.as_deref_mut() {
+                                None => {
+                                    let (h, n) = ws::header_array(op, data.len());
+                                    let drops = &cx.metrics().slow_consumer_drop;
+                                    io.push_own(&[&h[..n], data], drops)
+                                }
+                                Some(d) => {
+                                    let min = cx.cfg().ws().compression_min_size;
+                                    let mut f = Vec::with_capacity(data.len() + 14);
+                                    if let Some(work) = d.frame(op, data, min, cx.codec(), &mut f) {
+                                        count_sent(cx, row, work);
+                                    }
+                                    io.push_own(&[&f], &cx.metrics().slow_consumer_drop)
+                                }
+                            };
+                            slow = q == Queued::Disconnect;
                             !slow
                         }
                         OnMessage::Broadcast => {
@@ -222,6 +335,9 @@ impl WsStage {
                 }
             }
         });
+        if inflated.capacity() > 0 {
+            cx.codec().put_buf(inflated);
+        }
         if let Err(e) = res {
             log::debug!("{}: WebSocket {e}", io.peer);
             cx.metrics().protocol_errors.inc();
@@ -370,6 +486,41 @@ impl WsStage {
             out.push(b'\n');
         }
         true
+    }
+}
+
+/// Inflates a compressed message into `out` (at most `max` bytes) and
+/// checks a text message's UTF-8, which the decoder left to this.
+fn inflate(
+    d: Option<&mut ConnDeflate>,
+    data: &[u8],
+    out: &mut Vec<u8>,
+    max: usize,
+    text: bool,
+    cx: &mut Ctx<'_>,
+) -> Result<(), ws::WsError> {
+    // The decoder refuses RSV1 unless the upgrade agreed on deflate.
+    let d = d.ok_or(ws::WsError::Protocol("RSV1 without an extension"))?;
+    d.inflate(data, out, max, cx.codec()).inspect_err(|e| {
+        if *e == ws::WsError::BadDeflate {
+            cx.metrics().ws_inflate_errors.inc();
+        }
+    })?;
+    if text && std::str::from_utf8(out).is_err() {
+        return Err(ws::WsError::InvalidUtf8);
+    }
+    Ok(())
+}
+
+/// Counts one compressed send: the compressor's work on this core and its
+/// endpoint's bytes before and after.
+pub(crate) fn count_sent(cx: &Ctx<'_>, row: usize, (plain, wire): (usize, usize)) {
+    let m = cx.metrics();
+    m.ws_compressor_input_bytes.add(plain as u64);
+    m.ws_compressor_output_bytes.add(wire as u64);
+    if let Some(s) = cx.deflate_stats(row) {
+        s.out_plain.add(plain as u64);
+        s.out_wire.add(wire as u64);
     }
 }
 
