@@ -298,9 +298,10 @@ fn accept(p: &Params, policy: &Policy) -> Option<Agreed> {
     }
 }
 
-/// What a client offers: compression, and that the server may limit the
-/// window we compress with (we send uncompressed, so any limit is kept).
-pub const CLIENT_OFFER: &str = "permessage-deflate; client_max_window_bits";
+/// What a client offers: compression, and (we send uncompressed, so either
+/// is kept) no context on our side and any limit on our window.
+pub const CLIENT_OFFER: &str =
+    "permessage-deflate; client_no_context_takeover; client_max_window_bits";
 
 /// A client's reading of the server's answer to [`CLIENT_OFFER`]: Ok(None)
 /// if it declined, the agreement if it accepted, Err (fail the connection,

@@ -44,8 +44,10 @@ fn case_count(base: &str) -> Result<u32, Box<dyn std::error::Error>> {
 fn run_case(base: &str, case: u32) -> Result<(), Box<dyn std::error::Error>> {
     let sock =
         std::env::temp_dir().join(format!("corerelay-ab-{}-{case}.sock", std::process::id()));
+    // CORERELAY_AUTOBAHN_COMPRESSION=1: the source offers permessage-deflate.
+    let compression = std::env::var_os("CORERELAY_AUTOBAHN_COMPRESSION").is_some();
     let yaml = format!(
-        "workers: 1\npin: false\nrely:\n  listen: []\nsources:\n  - url: \"{base}/runCase?case={case}&agent=relay\"\n    echo_upstream: true\n    unix_socket_path: \"{}\"\n    max_message_size: 16MiB\n    connect_timeout: 10s\nperformance:\n  reconnect_delay: 60s\n",
+        "workers: 1\npin: false\nrely:\n  listen: []\nsources:\n  - url: \"{base}/runCase?case={case}&agent=relay\"\n    echo_upstream: true\n    compression: {compression}\n    unix_socket_path: \"{}\"\n    max_message_size: 16MiB\n    connect_timeout: 10s\nperformance:\n  reconnect_delay: 60s\n",
         sock.display()
     );
     let cfg = Config::from_yaml(&yaml, None)?;

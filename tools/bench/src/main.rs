@@ -126,6 +126,15 @@ struct Args {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// ws-fanout: subscribers offer permessage-deflate, on the in-process
+    /// server's `compression: shared` endpoint (/fan) or its `dedicated`
+    /// one (/dfan: a compressor per subscriber).
+    #[arg(long, value_enum)]
+    deflate: Option<DeflateKind>,
+    /// ws-fanout: the payload after its 16-byte header is JSON market
+    /// ticks (compressible like a real feed) instead of one repeated byte.
+    #[arg(long)]
+    json_payload: bool,
     /// wsproxy: the redis-server to publish through.
     #[arg(long, default_value = "127.0.0.1:6379")]
     redis: SocketAddr,
@@ -170,6 +179,15 @@ enum Mode {
 enum Proto {
     Rely,
     Redis,
+}
+
+/// Which permessage-deflate endpoint ws-fanout subscribers use.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum DeflateKind {
+    /// One compressed frame per core for every subscriber.
+    Shared,
+    /// A compressor per subscriber.
+    Dedicated,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +414,8 @@ websocket:
   listen: ["127.0.0.1:0"]
   ping_interval: 0
   max_output_bytes: 64MiB
+  # Only subscribers that offer it (--deflate) get compressed frames.
+  compression: shared
   endpoints:
     - path: /echo
       on_message: echo
@@ -404,6 +424,12 @@ websocket:
       set_tags: {room: bench}
       on_message: broadcast
       broadcast_tag: room
+    - path: /dfan/{id}
+      id_param: id
+      set_tags: {room: bench}
+      on_message: broadcast
+      broadcast_tag: room
+      compression: dedicated
 admin:
   listen: ["127.0.0.1:0"]
 veltix:
@@ -965,7 +991,10 @@ fn ws_fanout(a: &Args, s: &Setup, veltix: bool) {
     let r = ws::fanout(
         addr,
         veltix,
-        |id| format!("/fan/{id}"),
+        |id| match a.deflate {
+            Some(DeflateKind::Dedicated) => format!("/dfan/{id}"),
+            _ => format!("/fan/{id}"),
+        },
         a.subs,
         a.payload,
         a.window,
@@ -976,6 +1005,10 @@ fn ws_fanout(a: &Args, s: &Setup, veltix: bool) {
             .flatten(),
         warm,
         dur,
+        ws::FanoutShape {
+            deflate: a.deflate.is_some(),
+            json: a.json_payload,
+        },
         || start.set(Some((server_cpu(a.pid, a.inproc.is_some()), self_cpu()))),
         || end.set(Some((server_cpu(a.pid, a.inproc.is_some()), self_cpu()))),
     )
@@ -1011,7 +1044,7 @@ fn ws_fanout(a: &Args, s: &Setup, veltix: bool) {
     }
     if a.json || a.csv {
         emit_json(format!(
-            "{{\"mode\":\"{mode}\",\"subs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"rate\":{},\"publisher\":\"{:?}\",\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"latency_us\":{},\"client_cpu_s\":{client:.3}}}",
+            "{{\"mode\":\"{mode}\",\"subs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"rate\":{},\"publisher\":\"{:?}\",\"published\":{},\"delivered\":{},\"deliveries_per_s\":{rate:.1},\"gaps\":{},\"dups\":{},\"server_ns_per_delivery\":{},\"wire_bytes_per_delivery\":{:.1},\"deflate\":{},\"latency_us\":{},\"client_cpu_s\":{client:.3}}}",
             a.subs,
             a.payload,
             a.window,
@@ -1023,6 +1056,8 @@ fn ws_fanout(a: &Args, s: &Setup, veltix: bool) {
             r.gaps,
             r.dups,
             ns.map_or("null".into(), |v| format!("{v:.1}")),
+            r.wire_bytes as f64 / r.delivered.max(1) as f64,
+            a.deflate.map_or("null".into(), |d| format!("\"{d:?}\"")),
             percentiles_json(&r.latency)
         ));
     } else {
@@ -1038,6 +1073,14 @@ fn ws_fanout(a: &Args, s: &Setup, veltix: bool) {
             "  one-way latency us p50 {:.1} p99 {:.1}",
             us(&r.latency, 0.5),
             us(&r.latency, 0.99)
+        );
+        println!(
+            "  {:.1} bytes on the wire per delivery{}",
+            r.wire_bytes as f64 / r.delivered.max(1) as f64,
+            match a.deflate {
+                Some(d) => format!(" (permessage-deflate, {d:?})"),
+                None => String::new(),
+            }
         );
         match ns {
             Some(ns) => println!("  server cpu {ns:.0} ns per delivery; client cpu {client:.2}s"),

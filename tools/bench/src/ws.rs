@@ -348,6 +348,59 @@ pub struct Fanout {
     pub latency: Histogram<u64>,
     /// Measured seconds.
     pub seconds: f64,
+    /// Bytes the subscribers read in the measured window (frames as sent,
+    /// compressed or not).
+    pub wire_bytes: u64,
+}
+
+/// What fan-out subscribers offer and what the publisher sends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FanoutShape {
+    /// Subscribers offer permessage-deflate (asking the server not to keep
+    /// a context, so each frame inflates on its own here).
+    pub deflate: bool,
+    /// The payload after its 16-byte header is JSON ticks, not filler.
+    pub json: bool,
+}
+
+/// `len` bytes of JSON-like market ticks (varying numbers, so it
+/// compresses as a real feed does, not as a run of one byte).
+pub fn json_filler(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 128);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let syms = [
+        "AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "AVGO",
+    ];
+    out.push(b'[');
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let sym = syms[(x % syms.len() as u64) as usize];
+        let px = 100 + (x >> 8) % 400;
+        let c = (x >> 20) % 100;
+        let q = 1 + (x >> 32) % 5000;
+        let rec = format!(
+            "{{\"sym\":\"{sym}\",\"bid\":{px}.{c:02},\"ask\":{px}.{:02},\"size\":{q},\"venue\":\"XNAS\",\"ts\":{}}},",
+            (c + 1) % 100,
+            1_764_460_800_000 + (x >> 40) % 100_000
+        );
+        out.extend_from_slice(rec.as_bytes());
+    }
+    out.truncate(len.saturating_sub(1));
+    out.push(b']');
+    out
+}
+
+/// The first 16 bytes of a compressed message (its sequence number and
+/// send time): inflated up to there only, since every broadcast frame is
+/// compressed on its own (no context takeover).
+fn inflate_prefix(d: &mut flate2::Decompress, p: &[u8]) -> Option<[u8; 16]> {
+    d.reset(false);
+    let mut out = [0u8; 16];
+    d.decompress(p, &mut out, flate2::FlushDecompress::Sync)
+        .ok()?;
+    (d.total_out() == 16).then_some(out)
 }
 
 /// One publisher on a broadcast room, `subs` subscribers read by one mio
@@ -365,17 +418,23 @@ pub fn fanout(
     admin: Option<SocketAddr>,
     warmup: Duration,
     dur: Duration,
+    shape: FanoutShape,
     on_start: impl FnOnce(),
     on_end: impl FnOnce(),
 ) -> io::Result<Fanout> {
     let epoch = Instant::now();
+    let offer = if shape.deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
+    } else {
+        ""
+    };
     let mut poll = Poll::new()?;
     let mut streams = Vec::with_capacity(subs);
     for i in 0..subs {
         let s = if veltix {
             veltix_connect(addr)?
         } else {
-            WsConn::connect(addr, &room_path(&format!("sub{i}")))?.s
+            upgrade(addr, &room_path(&format!("sub{i}")), offer)?
         };
         s.set_nonblocking(true)?;
         let mut m = mio::net::TcpStream::from_std(s);
@@ -395,6 +454,7 @@ pub fn fanout(
         }
     };
     let delivered = Arc::new(AtomicU64::new(0));
+    let wire = Arc::new(AtomicU64::new(0));
     let dups = Arc::new(AtomicU64::new(0));
     let gaps = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -403,6 +463,7 @@ pub fn fanout(
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds"),
     ));
     let reader = {
+        let wire = wire.clone();
         let (delivered, gaps, dups, measuring, stop, hist) = (
             delivered.clone(),
             gaps.clone(),
@@ -416,6 +477,7 @@ pub fn fanout(
             let mut tmp = vec![0u8; 256 * 1024];
             let mut local =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
+            let mut inflater = flate2::Decompress::new(false);
             while !stop.load(Ordering::Relaxed) {
                 if poll
                     .poll(&mut events, Some(Duration::from_millis(50)))
@@ -428,7 +490,12 @@ pub fn fanout(
                     loop {
                         match s.read(&mut tmp) {
                             Ok(0) => break,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                            Ok(n) => {
+                                buf.extend_from_slice(&tmp[..n]);
+                                if measuring.load(Ordering::Relaxed) {
+                                    wire.fetch_add(n as u64, Ordering::Relaxed);
+                                }
+                            }
                             Err(_) => break,
                         }
                     }
@@ -441,7 +508,13 @@ pub fn fanout(
                         parse_server_frame
                     };
                     while let Some((p, used)) = parse(&buf[at..]) {
-                        if p.len() >= 16 {
+                        let compressed = !veltix && buf[at] & 0x40 != 0;
+                        let head = if compressed {
+                            inflate_prefix(&mut inflater, p)
+                        } else {
+                            p.get(..16).and_then(|h| h.try_into().ok())
+                        };
+                        if let Some(p) = head {
                             let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
                             let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
                             let before = *next;
@@ -469,6 +542,10 @@ pub fn fanout(
         std::thread::spawn(move || {
             let mut seq = 0u64;
             let mut p = vec![0x42u8; payload.max(16)];
+            if shape.json {
+                let body = json_filler(p.len() - 16);
+                p[16..].copy_from_slice(&body);
+            }
             // Open loop (--rate): one batch per tick on a fixed schedule.
             let pace = (rate > 0.0).then(|| Duration::from_secs_f64(batch.max(1) as f64 / rate));
             let mut next = Instant::now();
@@ -513,6 +590,7 @@ pub fn fanout(
         delivered.load(Ordering::Relaxed),
         published.load(Ordering::Relaxed),
     );
+    let wire_bytes = wire.load(Ordering::Relaxed);
     on_end();
     stop.store(true, Ordering::Relaxed);
     let _ = writer.join();
@@ -528,6 +606,7 @@ pub fn fanout(
         dups: dups.load(Ordering::Relaxed),
         latency,
         seconds,
+        wire_bytes,
     })
 }
 
