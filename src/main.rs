@@ -234,6 +234,10 @@ fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
     for a in server.admin_addrs() {
         log::info!("listening: admin on {a}");
     }
+    if let Some(c) = &cfg.cluster {
+        let url = cfg.redis_server(c.server).map_or("-", |r| r.url.as_str());
+        log::info!("cluster: node {} (prefix {}) on {url}", c.node_id, c.prefix);
+    }
     for s in &cfg.sources {
         log::info!(
             "source {} websocket={} unix={}",

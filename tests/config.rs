@@ -297,3 +297,40 @@ fn example_events_block_is_valid() {
         ],
     );
 }
+
+/// The cluster block is valid and documents every key; bad names and a
+/// cluster Redis shared with a core-0-only `redis:` are refused by key.
+#[test]
+fn example_cluster_block_is_valid() {
+    let block = example_block("#cluster:", "# --- end of the cluster section");
+    let cfg = Config::from_yaml(&block, None).expect("uncommented block loads");
+    let c = cfg.cluster.as_ref().expect("a cluster");
+    assert_eq!(
+        (c.node_id.as_str(), c.prefix.as_str()),
+        ("relay-1", "corerelay")
+    );
+    assert_eq!(c.max_message_size, 8 << 20);
+    assert!(cfg.redis_subscribes(c.server));
+    assert_documents(
+        &block,
+        &[
+            "redis_url",
+            "node_id",
+            "prefix",
+            "max_message_size",
+            "owner_ttl",
+        ],
+    );
+    let e = Config::from_yaml("cluster:\n  node_id: \"a b\"\n", None).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("cluster.node_id"), "{e}");
+    let e = Config::from_yaml(
+        "redis:\n  url: redis://127.0.0.1:1\n  per_core: false\ncluster:\n  redis_url: redis://127.0.0.1:1\n",
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("redis.per_core"), "{e}");
+    // No node_id: the host name and a random suffix.
+    let a = Config::from_yaml("cluster: {}\n", None).unwrap();
+    let b = Config::from_yaml("cluster: {}\n", None).unwrap();
+    assert_ne!(a.cluster.unwrap().node_id, b.cluster.unwrap().node_id);
+}

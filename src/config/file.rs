@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub events: Option<super::EventsFile>,
     /// Connection hashes in Redis (wsgateway's connection_redis_sync).
     pub sync: Option<super::SyncFile>,
+    /// Several nodes on one Redis.
+    pub cluster: Option<super::ClusterFile>,
 }
 
 /// One `sources[]` entry as written (Veylor's keys, plus corerelay's).

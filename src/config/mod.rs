@@ -13,6 +13,7 @@
 //! (FileConfig -> Config). This file: the validated [`Config`] and its
 //! sections, loading, and [`ConfigError`].
 
+mod cluster;
 mod defaults;
 mod endpoint;
 mod events;
@@ -25,6 +26,7 @@ mod veltix;
 mod wsgateway;
 mod wsproxy;
 
+pub use cluster::*;
 pub use defaults::*;
 pub use endpoint::*;
 pub use events::*;
@@ -93,6 +95,8 @@ pub struct Config {
     pub events: Option<EventsConfig>,
     /// Connection hashes in Redis (wsgateway's `connection_redis_sync`).
     pub sync: Option<SyncConfig>,
+    /// Several nodes on one Redis (None: this node alone).
+    pub cluster: Option<ClusterConfig>,
     /// Other Redis servers (events, sync) when they are not `redis`:
     /// server `1 + i` (see [`Config::redis_server`]).
     pub redis_extra: Vec<RedisConfig>,
@@ -137,7 +141,8 @@ impl Config {
     /// Does server `server` need a subscription connection? (The
     /// sessions' server does.)
     pub fn redis_subscribes(&self, server: usize) -> bool {
-        server == SESSIONS_SERVER && self.redis.is_some()
+        (server == SESSIONS_SERVER && self.redis.is_some())
+            || self.cluster.as_ref().is_some_and(|c| c.server == server)
     }
 }
 

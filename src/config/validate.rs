@@ -301,6 +301,30 @@ impl FileConfig {
                 })
             }
         };
+        let cluster = match self.cluster {
+            None => None,
+            Some(c) => {
+                let (mut c, r) = c
+                    .validate()
+                    .map_err(|(k, m)| err(&format!("cluster.{k}"), m))?;
+                if r.per_core == Some(false) {
+                    return Err(err(
+                        "cluster.redis.per_core",
+                        "the cluster's Redis connections are per core (a core subscribes the ids it holds)".into(),
+                    ));
+                }
+                c.server = server_of(Some(r), None, "cluster")?;
+                Some(c)
+            }
+        };
+        if let (Some(c), Some(r)) = (&cluster, &redis) {
+            if c.server == SESSIONS_SERVER && !r.per_core {
+                return Err(err(
+                    "redis.per_core",
+                    "the cluster shares this server, and its connections are per core".into(),
+                ));
+            }
+        }
         if let (Some(s), Some(ttl), Some(ws)) =
             (&sync, sync.as_ref().and_then(|s| s.ttl), &websocket)
         {
@@ -338,6 +362,7 @@ impl FileConfig {
             source: path.map(Path::to_owned),
             veltix,
             redis_extra: extra,
+            cluster,
             log_format: self.log_format.unwrap_or_default(),
             events,
             sync,

@@ -190,8 +190,19 @@ impl Core {
             redis: {
                 let held: Vec<Option<Redis>> = (0..cfg.redis_server_count())
                     .map(|s| {
-                        cfg.holds_redis(setup.index, s)
-                            .then(|| Redis::new(setup.index, s, cfg.redis_subscribes(s)))
+                        cfg.holds_redis(setup.index, s).then(|| {
+                            let r = Redis::new(setup.index, s, cfg.redis_subscribes(s));
+                            match &cfg.cluster {
+                                Some(c) if c.server == s => r.with_cluster(
+                                    redis::ClusterNames {
+                                        id_prefix: c.id_channel_prefix().into(),
+                                        node: c.node_channel().into(),
+                                    },
+                                    setup.index == 0,
+                                ),
+                                _ => r,
+                            }
+                        })
                     })
                     .collect();
                 // Empty when this core talks to no Redis: the loop skips
@@ -1105,6 +1116,21 @@ impl Core {
         m.redis_in_flight.set(in_flight);
     }
 
+    /// A transfer from another node for `id`: delivered by the core that
+    /// holds the id (every core holding a login of it subscribed, and an
+    /// older one on another core may still be closing).
+    fn cluster_transfer(&mut self, id: &[u8], frame: Vec<u8>) {
+        let Some(dst) = self.cache.lookup(&self.shared.directory, id) else {
+            self.metrics().dropped_offline.inc();
+            return;
+        };
+        if dst.core as usize != self.index {
+            return;
+        }
+        self.metrics().cluster_in.inc();
+        self.deliver(dst, Chunk::Owned(frame.into_boxed_slice()));
+    }
+
     /// Hands server `server`'s events to the connections they are for.
     fn redis_events(&mut self, server: usize, mut events: Vec<redis::Event>) {
         let mut cores = std::mem::take(&mut self.selected);
@@ -1155,6 +1181,21 @@ impl Core {
                         self.mesh.fanout(core, f.clone());
                     }
                     self.fanout(f);
+                }
+                redis::Event::Transfer(id, frame) => self.cluster_transfer(&id, frame),
+                redis::Event::Kick(id, epoch) => {
+                    // Logins here up to the epoch the other node displaced
+                    // (a newer one was claimed after it, and displaces it).
+                    if let Some(h) = self.shared.directory.holder(&id) {
+                        if h.epoch <= epoch {
+                            self.metrics().cluster_kicks.inc();
+                            if h.conn.core as usize == self.index {
+                                self.kick(h.conn, h.epoch);
+                            } else {
+                                self.mesh.kick(h.conn.core as usize, h.conn, h.epoch);
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -223,6 +223,15 @@ metrics! {
     source_in,
     /// Upstream connection attempts after the first.
     source_reconnects,
+    /// Transfers sent to another node (its PUBLISH reached a subscriber).
+    cluster_out,
+    /// Transfers from another node delivered here.
+    cluster_in,
+    /// Transfers for another node lost: over the cluster's message cap, or
+    /// Redis away or failing (at most once).
+    cluster_dropped,
+    /// Logins here closed because another node took their id.
+    cluster_kicks,
     /// Admin API requests handled.
     admin_requests,
     /// Admin API requests refused (4xx).

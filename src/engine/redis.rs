@@ -103,6 +103,9 @@ enum Want {
     Event,
     /// A connection's stage, with its own tag for the request.
     Conn(ConnId, u8),
+    /// A PUBLISH of a transfer to another node: its receiver count says
+    /// whether anyone held the id.
+    Transfer,
 }
 
 /// What the core hands on after `service`.
@@ -115,6 +118,20 @@ pub(crate) enum Event {
     /// A message on a subscribed channel, for its members: verbatim, text
     /// when it is UTF-8 and binary otherwise (never an empty text frame).
     Message(u32, Arc<Selector>, Message),
+    /// A RELY transfer frame from another node for id `.0` (cluster).
+    Transfer(Box<[u8]>, Vec<u8>),
+    /// Another node took id `.0`: close this node's login of it if it is
+    /// still the one with epoch `.1` (cluster).
+    Kick(Box<[u8]>, u64),
+}
+
+/// The cluster's channel names a core's Redis client reads messages of.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterNames {
+    /// `{prefix}:id:`: transfers for the id that follows.
+    pub id_prefix: Box<[u8]>,
+    /// `{prefix}:node:{me}`: kicks for this node.
+    pub node: Box<[u8]>,
 }
 
 /// What a stage hears about its join later (`Stage::on_joined`).
@@ -219,6 +236,8 @@ pub(crate) struct Redis {
     scratch: Box<[u8]>,
     /// The clock at the last `service`.
     now: Instant,
+    /// The cluster's names, when this is the cluster's server.
+    cluster: Option<ClusterNames>,
 }
 
 impl Link {
@@ -303,7 +322,77 @@ impl Redis {
             events: Vec::new(),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             now: Instant::now(),
+            cluster: None,
         }
+    }
+
+    /// Reads the cluster's channels: transfers for held ids, and (`node`:
+    /// core 0) this node's kicks, whose channel it holds from now on.
+    pub(crate) fn with_cluster(mut self, names: ClusterNames, node: bool) -> Redis {
+        if node {
+            self.hold(&names.node.clone());
+        }
+        self.cluster = Some(names);
+        self
+    }
+
+    /// Keeps channel `name` subscribed (now, or at the next connect) with
+    /// no member waiting for it: the cluster's channels, whose messages
+    /// the core routes itself. Undone by [`Redis::release`].
+    pub(crate) fn hold(&mut self, name: &[u8]) {
+        let up = self.sub.up();
+        if let Some(s) = self.subs.get_mut(name) {
+            s.refs += 1;
+            if !s.subscribed && up {
+                resp::encode(&mut self.sub.out, &[b"SUBSCRIBE", name]);
+                s.subscribed = true;
+                s.outstanding += 1;
+            }
+            return;
+        }
+        // While down, the connect's resubscribe sends it.
+        if up {
+            resp::encode(&mut self.sub.out, &[b"SUBSCRIBE", name]);
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.subs.insert(
+            name.into(),
+            Sub {
+                id,
+                refs: 1,
+                waiting: Vec::new(),
+                subscribed: up,
+                outstanding: u32::from(up),
+                selector: Arc::new(Selector::Channel(Channel::Redis(id))),
+                remote: Vec::new(),
+            },
+        );
+        self.names.insert(id, name.into());
+    }
+
+    /// Undoes one [`Redis::hold`] of `name`.
+    pub(crate) fn release(&mut self, cfg: &RedisConfig, m: &CoreMetrics, name: &[u8]) {
+        if let Some(id) = self.subs.get(name).map(|s| s.id) {
+            let me = ConnId {
+                core: self.core as u16,
+                slot: u32::MAX,
+                gen: 0,
+            };
+            self.leave(cfg, m, id, me);
+        }
+    }
+
+    /// PUBLISHes a transfer for another node; its reply counts it as sent
+    /// or offline. False if it cannot go (no connection, or no room).
+    pub(crate) fn publish_transfer(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        channel: &[u8],
+        frame: &[u8],
+    ) -> bool {
+        self.command(cfg, m, Want::Transfer, &[b"PUBLISH", channel, frame])
     }
 
     /// Readiness from the core's poll.
@@ -903,6 +992,19 @@ impl Redis {
                 m.events_written.inc();
                 Ok(())
             }
+            // Nobody subscribed: no node holds the id.
+            (Want::Transfer, Answer::Int(0)) => {
+                m.dropped_offline.inc();
+                Ok(())
+            }
+            (Want::Transfer, Answer::Int(_)) => {
+                m.cluster_out.inc();
+                Ok(())
+            }
+            (Want::Transfer, _) => {
+                m.cluster_dropped.inc();
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -943,6 +1045,27 @@ impl Redis {
                     return Err("a message without a payload".into());
                 };
                 m.redis_messages.inc();
+                if let Some(c) = &self.cluster {
+                    if let Some(id) = ch.strip_prefix(&c.id_prefix[..]) {
+                        self.events.push(Event::Transfer(id.into(), data.to_vec()));
+                        return Ok(());
+                    }
+                    if *ch == *c.node {
+                        // "kick|{epoch}|{id}" (the owner script's words).
+                        let mut it = data.splitn(3, |&b| b == b'|');
+                        match (it.next(), it.next(), it.next()) {
+                            (Some(b"kick"), Some(e), Some(id)) => {
+                                let epoch =
+                                    std::str::from_utf8(e).ok().and_then(|e| e.parse().ok());
+                                if let Some(epoch) = epoch {
+                                    self.events.push(Event::Kick(id.into(), epoch));
+                                }
+                            }
+                            _ => m.redis_bad_replies.inc(),
+                        }
+                        return Ok(());
+                    }
+                }
                 let text = std::str::from_utf8(data).is_ok();
                 self.events.push(Event::Message(
                     s.id,
@@ -1128,6 +1251,7 @@ impl Redis {
                 Want::Conn(c, tag) => self.events.push(Event::Answer(c, tag, answer.clone())),
                 // Written or not, we cannot know: at most once.
                 Want::Event => m.events_dropped.inc(),
+                Want::Transfer => m.cluster_dropped.inc(),
                 _ => {}
             }
         }

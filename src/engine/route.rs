@@ -25,6 +25,31 @@ use super::timer::Timing;
 use super::ConnId;
 use crate::config::{Config, RedisConfig, SESSIONS_SERVER};
 
+/// Claims id KEYS[1] (a hash) for login ARGV[2] of node ARGV[1], for
+/// ARGV[3] seconds. The hash keeps the owner node and, per node, the newest
+/// login it claimed: a node's logins may reach Redis out of order (each
+/// core has its own connection), and a claim older than that node's newest
+/// is stale (its login is already closed here) and changes nothing. If
+/// another node owned the id, its channel (ARGV[4] + its name) is told to
+/// close its logins of id ARGV[5] up to its newest claim. One atomic step:
+/// Redis alone orders the claims, so exactly one login survives.
+pub(crate) const OWNER_SCRIPT: &[u8] = b"local n, e = ARGV[1], tonumber(ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], 's:' .. n))
+if seq and seq >= e then return 0 end
+local prev = redis.call('HGET', KEYS[1], 'owner')
+redis.call('HSET', KEYS[1], 'owner', n, 's:' .. n, ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if prev and prev ~= n then
+  local ps = redis.call('HGET', KEYS[1], 's:' .. prev)
+  if ps then redis.call('PUBLISH', ARGV[4] .. prev, 'kick|' .. ps .. '|' .. ARGV[5]) end
+end
+return 1";
+
+/// Deletes the claim KEYS[1] only if node ARGV[1]'s login ARGV[2] still
+/// owns it.
+pub(crate) const RELEASE_SCRIPT: &[u8] = b"if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HGET', KEYS[1], 's:' .. ARGV[1]) == ARGV[2] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
 /// Everything a stage may touch besides its own connection.
 pub(crate) struct Ctx<'a> {
     pub(super) cfg: &'a Config,
@@ -128,6 +153,31 @@ impl<'a> Ctx<'a> {
         if let Some(old) = replaced {
             self.mesh.kick(old.conn.core as usize, old.conn, old.epoch);
         }
+        if let Some(c) = &self.cfg.cluster {
+            // Hear the id's transfers from other nodes, and take it from
+            // whichever node held it: Redis orders the logins; the owner
+            // script tells the displaced node (if another) to let go.
+            let (m, server) = (self.metrics, c.server);
+            if let (Some(r), Some(_)) = self.redis_of(server) {
+                r.hold(&c.id_channel(id));
+            }
+            let (ttl, e) = (c.owner_ttl.as_secs().to_string(), epoch.to_string());
+            let np = c.node_channel_prefix();
+            let args: [&[u8]; 9] = [
+                b"EVAL",
+                OWNER_SCRIPT,
+                b"1",
+                &c.owner_key(id),
+                c.node_id.as_bytes(),
+                e.as_bytes(),
+                ttl.as_bytes(),
+                np.as_bytes(),
+                id,
+            ];
+            if let (Some(r), Some(rc)) = self.redis_of(server) {
+                r.send(rc, m, &args);
+            }
+        }
         Login {
             id: id.into(),
             epoch,
@@ -137,18 +187,65 @@ impl<'a> Ctx<'a> {
     /// Releases an id (only if this login still holds it).
     pub(crate) fn logout(&mut self, login: &Login) {
         self.dir.logout(&login.id, login.epoch);
+        if let Some(c) = &self.cfg.cluster {
+            let m = self.metrics;
+            if let (Some(r), Some(rc)) = self.redis_of(c.server) {
+                r.release(rc, m, &c.id_channel(&login.id));
+                // The key goes only if it still names this login.
+                let e = login.epoch.to_string();
+                let args: [&[u8]; 6] = [
+                    b"EVAL",
+                    RELEASE_SCRIPT,
+                    b"1",
+                    &c.owner_key(&login.id),
+                    c.node_id.as_bytes(),
+                    e.as_bytes(),
+                ];
+                r.send(rc, m, &args);
+            }
+        }
     }
 
     /// Sends `parts` (one RELY transfer frame, concatenated) to the
-    /// connection holding `to`, wherever it lives. False if nobody holds it.
+    /// connection holding `to`, wherever it lives: on this node through
+    /// the mesh, on another (`cluster:`) through Redis. False if nobody
+    /// here holds it and there is no other node to ask.
     pub(crate) fn send_to_id(&mut self, to: &[u8], parts: &[&[u8]]) -> bool {
         let Some(dst) = self.cache.lookup(self.dir, to) else {
-            return false;
+            return self.send_to_node(to, parts);
         };
         if dst.core as usize != self.mesh.me() {
             self.metrics.cross_core.inc();
         }
         self.mesh.deliver(dst.core as usize, dst, parts);
+        true
+    }
+
+    /// A transfer for an id no connection here holds: PUBLISHed on the
+    /// id's channel, for the node that holds it (its reply counts it as
+    /// sent or offline). False without a cluster.
+    fn send_to_node(&mut self, to: &[u8], parts: &[&[u8]]) -> bool {
+        let Some(c) = &self.cfg.cluster else {
+            return false;
+        };
+        let m = self.metrics;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > c.max_message_size {
+            m.cluster_dropped.inc();
+            return true;
+        }
+        let frame = match parts {
+            [one] => std::borrow::Cow::Borrowed(*one),
+            _ => std::borrow::Cow::Owned(parts.concat()),
+        };
+        let channel = c.id_channel(to);
+        let sent = match self.redis_of(c.server) {
+            (Some(r), Some(rc)) => r.publish_transfer(rc, m, &channel, &frame),
+            _ => false,
+        };
+        if !sent {
+            m.cluster_dropped.inc();
+        }
         true
     }
 

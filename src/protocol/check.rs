@@ -151,7 +151,12 @@ fn inflate_events(chunks: &[&[u8]], fresh: bool, bits: u8) -> Inflated {
     d.allow_compressed();
     let mut inflater = deflate::Inflater::new(bits);
     let mut out = Vec::new();
+    // A failed inflate closes the connection: nothing after it is read.
+    let mut stopped = false;
     for c in chunks {
+        if stopped {
+            break;
+        }
         let mut buf = c.to_vec();
         let r = d.feed(&mut buf, |e| {
             if let ws::Event::Message {
@@ -163,8 +168,9 @@ fn inflate_events(chunks: &[&[u8]], fresh: bool, bits: u8) -> Inflated {
                 let mut m = Vec::new();
                 let r = inflater.message(data, &mut m, MAX_PAYLOAD as usize, fresh);
                 assert!(m.len() <= MAX_PAYLOAD as usize + 1, "inflated past the cap");
+                stopped = r.is_err();
                 out.push((text, r.map(|()| m)));
-                return r.is_ok();
+                return !stopped;
             }
             true
         });

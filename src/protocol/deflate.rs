@@ -448,23 +448,28 @@ impl Inflater {
             self.d.reset(false);
         }
         let start = out.len();
+        // Output goes into a window of the buffer no larger than what the
+        // cap still allows, so the inflated bytes never pass max + 1 (the
+        // one byte that proves "too big"); the window grows as it fills.
+        let mut step = (input.len() * 4).clamp(4096, STEP);
         for part in [input, &TAIL[..]] {
             let in0 = self.d.total_in();
             loop {
                 let used = (self.d.total_in() - in0) as usize;
                 let produced = out.len() - start;
-                if produced > max {
-                    return Err(InflateError::TooBig);
-                }
-                let room = (max + 1 - produced).min(STEP.max(part.len() * 4)).max(64);
-                if out.capacity() - out.len() < room {
+                let room = (max + 1 - produced).min(step);
+                let len0 = out.len();
+                if out.capacity() < len0 + room {
                     out.reserve_exact(room);
                 }
-                let before = out.len();
-                let status = self
-                    .d
-                    .decompress_vec(&part[used..], out, FlushDecompress::Sync)
-                    .map_err(|_| InflateError::Corrupt)?;
+                out.resize(len0 + room, 0);
+                let out0 = self.d.total_out();
+                let status =
+                    self.d
+                        .decompress(&part[used..], &mut out[len0..], FlushDecompress::Sync);
+                let wrote = (self.d.total_out() - out0) as usize;
+                out.truncate(len0 + wrote);
+                let status = status.map_err(|_| InflateError::Corrupt)?;
                 if out.len() - start > max {
                     return Err(InflateError::TooBig);
                 }
@@ -474,16 +479,15 @@ impl Inflater {
                     self.ended = true;
                     return Ok(());
                 }
-                if now_used == part.len() && out.len() < out.capacity() {
+                if now_used == part.len() && wrote < room {
                     break;
                 }
-                if now_used == used && out.len() == before {
-                    // No progress with room to spare: zlib needs input that
-                    // is not there (a truncated message).
-                    if out.len() < out.capacity() {
-                        break;
-                    }
+                if now_used == used && wrote == 0 {
+                    // No progress with room to spare: zlib needs input
+                    // that is not there (a truncated message).
+                    break;
                 }
+                step = (step * 2).min(STEP);
             }
         }
         Ok(())

@@ -1,0 +1,158 @@
+//! The `cluster:` section: several corerelay nodes on one Redis behave as
+//! one server (DESIGN.md section 6). Its names: the node's id, and the key
+//! and channel prefix every name below is built from.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Dur, RedisFile, Size};
+
+/// Every key and channel starts with this unless set.
+pub const DEFAULT_CLUSTER_PREFIX: &str = "corerelay";
+/// Largest message sent to another node: well under Redis' pub/sub output
+/// buffer limit (32 MiB hard by default), which would otherwise disconnect
+/// every subscriber of the receiving node at once.
+pub const DEFAULT_CLUSTER_MAX_MESSAGE: u64 = 8 << 20;
+/// How long an owner key outlives its login's last word (a login that
+/// ends deletes its key; this bounds what a killed node leaves behind).
+pub const DEFAULT_CLUSTER_OWNER_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The `cluster:` section as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterFile {
+    /// The Redis every node of the cluster shares.
+    pub redis_url: Option<String>,
+    /// Connection settings for it (as in `redis:`; its `url` is
+    /// `redis_url`).
+    pub redis: Option<RedisFile>,
+    /// This node's name (default: the host name and a random suffix).
+    pub node_id: Option<String>,
+    /// Prefix of every key and channel.
+    pub prefix: Option<String>,
+    /// Largest message sent to another node.
+    pub max_message_size: Option<Size>,
+    /// Lifetime of an id's owner key.
+    pub owner_ttl: Option<Dur>,
+}
+
+/// A validated `cluster:` section.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's name.
+    pub node_id: String,
+    /// Prefix of every key and channel.
+    pub prefix: String,
+    /// Its Redis server's index (`Config::redis_server`).
+    pub server: usize,
+    /// Largest message sent to another node.
+    pub max_message_size: usize,
+    /// Lifetime of an owner key.
+    pub owner_ttl: Duration,
+}
+
+impl ClusterConfig {
+    /// The channel node-bound messages for id `id` travel on, subscribed
+    /// by whichever node holds it.
+    pub fn id_channel(&self, id: &[u8]) -> Vec<u8> {
+        let mut c = format!("{}:id:", self.prefix).into_bytes();
+        c.extend_from_slice(id);
+        c
+    }
+
+    /// The prefix of [`Self::id_channel`] names.
+    pub fn id_channel_prefix(&self) -> Vec<u8> {
+        format!("{}:id:", self.prefix).into_bytes()
+    }
+
+    /// The hash that names the node holding `id` and each node's newest
+    /// claim on it (last login wins).
+    pub fn owner_key(&self, id: &[u8]) -> Vec<u8> {
+        let mut c = format!("{}:own:", self.prefix).into_bytes();
+        c.extend_from_slice(id);
+        c
+    }
+
+    /// The prefix of every node's own channel (its id follows).
+    pub fn node_channel_prefix(&self) -> String {
+        format!("{}:node:", self.prefix)
+    }
+
+    /// This node's own channel (kicks for it).
+    pub fn node_channel(&self) -> Vec<u8> {
+        format!("{}{}", self.node_channel_prefix(), self.node_id).into_bytes()
+    }
+}
+
+/// A node name: the host name and 6 random hex digits, so two nodes on one
+/// host (or a restarted node) never share one.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    let r = uuid::Uuid::new_v4().as_u128() as u32 & 0xff_ffff;
+    format!("{host}-{r:06x}")
+}
+
+impl ClusterFile {
+    /// Validates; errors are (key under `cluster.`, message). The Redis
+    /// settings come back apart, for the caller to give an index.
+    pub fn validate(self) -> Result<(ClusterConfig, RedisFile), (String, String)> {
+        let mut redis = self.redis.unwrap_or_default();
+        match (self.redis_url, &redis.url) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "redis.url".into(),
+                    "give the URL once: redis_url or redis.url".into(),
+                ))
+            }
+            (Some(u), None) => redis.url = Some(u),
+            _ => {}
+        }
+        let node_id = self.node_id.unwrap_or_else(default_node_id);
+        let name_ok = |s: &str| {
+            !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'|')
+        };
+        if !name_ok(&node_id) {
+            return Err((
+                "node_id".into(),
+                "1 to 128 printable characters, no spaces and no '|'".into(),
+            ));
+        }
+        let prefix = self
+            .prefix
+            .unwrap_or_else(|| DEFAULT_CLUSTER_PREFIX.to_owned());
+        if !name_ok(&prefix) {
+            return Err((
+                "prefix".into(),
+                "1 to 128 printable characters, no spaces and no '|'".into(),
+            ));
+        }
+        let max = self
+            .max_message_size
+            .map_or(DEFAULT_CLUSTER_MAX_MESSAGE, |s| s.0);
+        if !(1..=512 << 20).contains(&max) {
+            return Err((
+                "max_message_size".into(),
+                format!("{max} is outside 1..=512MiB"),
+            ));
+        }
+        let ttl = self.owner_ttl.map_or(DEFAULT_CLUSTER_OWNER_TTL, |d| d.0);
+        if ttl < Duration::from_secs(1) {
+            return Err(("owner_ttl".into(), "at least 1s".into()));
+        }
+        Ok((
+            ClusterConfig {
+                node_id,
+                prefix,
+                server: usize::MAX,
+                max_message_size: max as usize,
+                owner_ttl: ttl,
+            },
+            redis,
+        ))
+    }
+}
