@@ -191,6 +191,8 @@ impl Server {
             sources: cfg.sources.iter().map(|_| Default::default()).collect(),
             veltix_clients: cfg.veltix.iter().map(|_| Default::default()).collect(),
             deflate: Shared::deflate_stats(&cfg, workers),
+            cluster_nodes: Default::default(),
+            cluster_known: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             quiesced: AtomicUsize::new(0),
             cfg,

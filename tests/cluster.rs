@@ -10,16 +10,22 @@ use corerelay::client::rely::RelyClient;
 use corerelay::{Config, Server, ServerHandle};
 
 use crate::support::redis::{RedisServer, Reply};
-use crate::support::{transfer_frame, wait_until, WsRaw, WAIT};
+use crate::support::{http, transfer_frame, wait_until, HttpResponse, WsRaw, WAIT};
 
-/// A node named `name` on `redis`, with RELY and a WebSocket endpoint in
-/// rely mode, and extra cluster keys.
-fn node(redis: &RedisServer, name: &str, extra: &str) -> ServerHandle {
-    let yaml = format!(
-        "workers: 2\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\nadmin:\n  listen: [\"127.0.0.1:0\"]\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /rely/{{id}}\n      id_param: id\n      on_message: rely\ncluster:\n  redis_url: \"{}\"\n  node_id: {name}\n  prefix: test{}\n{extra}",
+/// The YAML of a node named `name` on `redis`: RELY, a WebSocket endpoint
+/// in rely mode and a tagged one, pings every 100 ms, and extra cluster
+/// keys.
+fn node_yaml(redis: &RedisServer, name: &str, extra: &str) -> String {
+    format!(
+        "workers: 2\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\nadmin:\n  listen: [\"127.0.0.1:0\"]\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /rely/{{id}}\n      id_param: id\n      on_message: rely\n    - path: /room/{{room}}/{{id}}\n      id_param: id\ncluster:\n  redis_url: \"{}\"\n  node_id: {name}\n  prefix: test{}\n  ping_interval: 100ms\n  node_expiry: 1s\n{extra}",
         redis.url(),
         redis.addr().port()
-    );
+    )
+}
+
+/// A node named `name` on `redis` (see [`node_yaml`]).
+fn node(redis: &RedisServer, name: &str, extra: &str) -> ServerHandle {
+    let yaml = node_yaml(redis, name, extra);
     let n = Server::start(Config::from_yaml(&yaml, None).expect("cluster config"))
         .expect("node starts");
     // Until its Redis connections are up a node serves alone (its logins
@@ -209,8 +215,14 @@ fn concurrent_logins_of_one_id_on_two_nodes_leave_exactly_one() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let open = || nodes.iter().map(|n| n.metrics().connections).sum::<u64>();
-    wait_until(|| open() == 1, "exactly one racer left open");
+    // Every login made (80 accepted and logged in), one left open.
+    let sum = |f: fn(&corerelay::engine::metrics::Snapshot) -> u64| {
+        nodes.iter().map(|n| f(&n.metrics())).sum::<u64>()
+    };
+    wait_until(
+        || sum(|m| m.accepted) == 80 && sum(|m| m.connections) == 1,
+        "exactly one racer left open",
+    );
     // The survivor is the login the id resolves to: its node holds it and
     // Redis names that node.
     let mut rc = redis.client();
@@ -227,4 +239,138 @@ fn concurrent_logins_of_one_id_on_two_nodes_leave_exactly_one() {
         }
     }
     assert_eq!(alive, 1);
+}
+
+/// An admin call on `n`, with its `X-Corerelay-Nodes` header.
+fn admin(n: &ServerHandle, method: &str, target: &str, body: &[u8]) -> (HttpResponse, String) {
+    let r = http(n.admin_addrs()[0], method, target, &[], body);
+    let nodes = r
+        .head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Corerelay-Nodes: "))
+        .unwrap_or_default()
+        .to_owned();
+    (r, nodes)
+}
+
+/// Waits until `n` answers admin calls for `want` nodes (`answered/known`).
+fn until_nodes(n: &ServerHandle, want: &str) {
+    wait_until(
+        || admin(n, "POST", "/send?room=nobody", b"x").1 == want,
+        "the node registry",
+    );
+}
+
+#[test]
+fn admin_calls_reach_every_node_and_sum_their_counts() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a", ""), node(&redis, "b", ""));
+    let mut clients: Vec<WsRaw> = Vec::new();
+    for (n, count) in [(&a, 3), (&b, 2)] {
+        for i in 0..count {
+            let id = format!("{}{i}", n.config().cluster.as_ref().unwrap().node_id);
+            clients.push(WsRaw::connect(n.ws_addrs()[0], &format!("/room/r1/{id}")));
+            wait_until(|| n.owner_core(id.as_bytes()).is_some(), "ws login");
+        }
+    }
+    until_nodes(&a, "2/2");
+    until_nodes(&b, "2/2");
+    // A tag selector: every node's matching connections, one total.
+    let (r, nodes) = admin(&a, "POST", "/send?room=r1", b"hello everyone");
+    assert_eq!(
+        (r.status, r.text(), nodes.as_str()),
+        (200, "5".into(), "2/2")
+    );
+    for c in &mut clients {
+        assert_eq!(c.read().unwrap().payload, b"hello everyone");
+    }
+    // Ids wherever they are.
+    let (r, nodes) = admin(&b, "POST", "/send?id=a0,b1,nobody", b"to two");
+    assert_eq!((r.text(), nodes.as_str()), ("2".into(), "2/2"));
+    assert_eq!(clients[0].read().unwrap().payload, b"to two");
+    assert_eq!(clients[4].read().unwrap().payload, b"to two");
+    // settags on every node, then a selector on the new tag.
+    let (r, _) = admin(&a, "POST", "/settags?room=r1", b"team=blue");
+    assert_eq!(r.text(), "5");
+    let (r, _) = admin(&b, "POST", "/close?team=blue", b"");
+    assert_eq!(r.text(), "5");
+    for c in &mut clients {
+        assert_eq!(c.expect_close(), 1000);
+    }
+    // /status of every node on request.
+    let w = WsRaw::connect(b.ws_addrs()[0], "/room/r2/late");
+    wait_until(|| b.owner_core(b"late").is_some(), "ws login");
+    let (r, nodes) = admin(&a, "GET", "/status?nodes=all", b"");
+    assert_eq!(nodes, "2/2");
+    assert!(r.text().contains("id=late"), "{}", r.text());
+    let (r, nodes) = admin(&a, "GET", "/status", b"");
+    assert!(
+        nodes.is_empty() && !r.text().contains("id=late"),
+        "this node only"
+    );
+    drop(w);
+    assert!(a.metrics().cluster_surveys >= 4);
+    assert!(b.metrics().cluster_surveys_in >= 4);
+}
+
+#[test]
+fn a_stopped_node_says_goodbye_and_calls_stop_waiting_for_it() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a", ""), node(&redis, "b", ""));
+    until_nodes(&a, "2/2");
+    b.shutdown();
+    b.wait();
+    until_nodes(&a, "1/1");
+}
+
+#[test]
+fn a_killed_node_loses_only_its_own_and_its_ids_log_in_elsewhere_at_once() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "a", "");
+    let dir = std::env::temp_dir().join(format!("corerelay-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("b.yaml");
+    std::fs::write(&cfg, node_yaml(&redis, "b", "")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_corerelay"))
+        .args(["-c", cfg.to_str().unwrap(), "-v"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let rely: std::net::SocketAddr = loop {
+        let l = lines.next().expect("a log line").unwrap();
+        if let Some(addr) = l.split("listening: rely on ").nth(1) {
+            break addr.trim().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let mut stay = login(&a, "stay");
+    let mut kb = RelyClient::connect(rely, b"kb").unwrap();
+    until_routed(&mut stay, &mut kb);
+    until_nodes(&a, "2/2");
+    child.kill().unwrap(); // SIGKILL: no goodbye
+    child.wait().unwrap();
+    // Its id logs in here at once and is reachable.
+    let mut kb2 = login(&a, "kb");
+    stay.send(b"kb", b"after").unwrap();
+    assert_eq!(kb2.recv(Some(WAIT)).unwrap().unwrap().payload, b"after");
+    // Calls answer without it after the survey timeout, then not wait at
+    // all once its entry expires (node_expiry 1 s).
+    let t = Instant::now();
+    let (r, nodes) = admin(&a, "POST", "/send?room=nobody", b"x");
+    assert!(
+        r.status == 200 && (nodes == "1/2" || nodes == "1/1"),
+        "{nodes}"
+    );
+    assert!(t.elapsed() < WAIT);
+    until_nodes(&a, "1/1");
+    let t = Instant::now();
+    assert_eq!(admin(&a, "POST", "/send?room=nobody", b"x").1, "1/1");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "no wait for a forgotten node"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

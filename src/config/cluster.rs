@@ -14,6 +14,12 @@ pub const DEFAULT_CLUSTER_PREFIX: &str = "corerelay";
 /// buffer limit (32 MiB hard by default), which would otherwise disconnect
 /// every subscriber of the receiving node at once.
 pub const DEFAULT_CLUSTER_MAX_MESSAGE: u64 = 8 << 20;
+/// How often a node says it is alive on the control channel.
+pub const DEFAULT_CLUSTER_PING_INTERVAL: Duration = Duration::from_secs(2);
+/// A node not heard from for this long is forgotten (three pings).
+pub const DEFAULT_CLUSTER_NODE_EXPIRY: Duration = Duration::from_secs(6);
+/// How long an admin call waits for the other nodes' counts.
+pub const DEFAULT_CLUSTER_SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an owner key outlives its login's last word (a login that
 /// ends deletes its key; this bounds what a killed node leaves behind).
 pub const DEFAULT_CLUSTER_OWNER_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -35,6 +41,12 @@ pub struct ClusterFile {
     pub max_message_size: Option<Size>,
     /// Lifetime of an id's owner key.
     pub owner_ttl: Option<Dur>,
+    /// How often this node says it is alive.
+    pub ping_interval: Option<Dur>,
+    /// A node not heard from for this long is forgotten.
+    pub node_expiry: Option<Dur>,
+    /// How long an admin call waits for the other nodes.
+    pub survey_timeout: Option<Dur>,
 }
 
 /// A validated `cluster:` section.
@@ -50,6 +62,12 @@ pub struct ClusterConfig {
     pub max_message_size: usize,
     /// Lifetime of an owner key.
     pub owner_ttl: Duration,
+    /// How often this node says it is alive.
+    pub ping_interval: Duration,
+    /// A node not heard from for this long is forgotten.
+    pub node_expiry: Duration,
+    /// How long an admin call waits for the other nodes.
+    pub survey_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -79,9 +97,14 @@ impl ClusterConfig {
         format!("{}:node:", self.prefix)
     }
 
-    /// This node's own channel (kicks for it).
+    /// This node's own channel (kicks and survey answers for it).
     pub fn node_channel(&self) -> Vec<u8> {
         format!("{}{}", self.node_channel_prefix(), self.node_id).into_bytes()
+    }
+
+    /// The channel every node hears: pings and surveys.
+    pub fn ctl_channel(&self) -> Vec<u8> {
+        format!("{}:ctl", self.prefix).into_bytes()
     }
 }
 
@@ -144,6 +167,25 @@ impl ClusterFile {
         if ttl < Duration::from_secs(1) {
             return Err(("owner_ttl".into(), "at least 1s".into()));
         }
+        let ping = self
+            .ping_interval
+            .map_or(DEFAULT_CLUSTER_PING_INTERVAL, |d| d.0);
+        if ping < Duration::from_millis(100) {
+            return Err(("ping_interval".into(), "at least 100ms".into()));
+        }
+        let expiry = self
+            .node_expiry
+            .map_or(DEFAULT_CLUSTER_NODE_EXPIRY, |d| d.0);
+        if expiry < 2 * ping {
+            return Err((
+                "node_expiry".into(),
+                "at least twice ping_interval (one lost ping must not forget a node)".into(),
+            ));
+        }
+        let survey = self
+            .survey_timeout
+            .map_or(DEFAULT_CLUSTER_SURVEY_TIMEOUT, |d| d.0)
+            .max(Duration::from_millis(10));
         Ok((
             ClusterConfig {
                 node_id,
@@ -151,6 +193,9 @@ impl ClusterFile {
                 server: usize::MAX,
                 max_message_size: max as usize,
                 owner_ttl: ttl,
+                ping_interval: ping,
+                node_expiry: expiry,
+                survey_timeout: survey,
             },
             redis,
         ))

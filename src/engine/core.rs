@@ -23,14 +23,14 @@ use slab::Slab;
 
 use super::adapter::upstream::UpstreamStage;
 use super::adapter::{Outcome, Stage};
-use super::admin_calls::{status_tail, AdminCalls};
+use super::admin_calls::{status_tail, AdminCalls, Done, Origin};
 use super::channels::Channels;
 use super::conn::Conn;
 use super::directory::LookupCache;
 use super::io::{CloseReason, Flushed, Io, Limits, Queued};
 use super::listener::{ListenSock, Listener, ListenerKind};
 use super::mesh::{Batch, Item, Outgoing};
-use super::message::{FanOp, Fanout, Frames, Wire};
+use super::message::{AdminCall, FanOp, Fanout, Frames, Wire};
 use super::metrics::CoreMetrics;
 use super::outbox::{Chunk, Outbox};
 use super::redis::{self, remote, JoinState, Redis};
@@ -91,6 +91,11 @@ fn conn_id(core: usize, slot: usize, gen: u64) -> ConnId {
     }
 }
 
+/// Marks a reply from another node (a survey answer) to an admin request,
+/// in the request number's top bit: requests count up from 1 and never
+/// reach it.
+const REMOTE_REPLY: u64 = 1 << 63;
+
 /// One event loop.
 pub(crate) struct Core {
     index: usize,
@@ -137,6 +142,9 @@ pub(crate) struct Core {
     /// This core's Redis clients, by server (`Config::redis_server`;
     /// None: not configured, or held by core 0 only).
     redis: Vec<Option<Redis>>,
+    /// Core 0 of a cluster node: the other nodes heard from, and when this
+    /// node next says it is alive.
+    registry: Option<(super::cluster::Registry, Instant)>,
     /// Shared permessage-deflate contexts (one compressed frame per
     /// broadcast on this core) and the buffer messages inflate into.
     codec: crate::protocol::deflate::CoreCodec,
@@ -167,6 +175,8 @@ impl Core {
             max_conns,
             scratch: vec![0u8; cfg.read_buffer].into_boxed_slice(),
             codec: crate::protocol::deflate::CoreCodec::new(cfg.ws().compression_level),
+            registry: (setup.index == 0 && cfg.cluster.is_some())
+                .then(|| (super::cluster::Registry::default(), Instant::now())),
             rx: setup.rx,
             mesh: Outgoing::new(shared.inboxes.clone(), setup.index),
             ready: Vec::new(),
@@ -197,6 +207,7 @@ impl Core {
                                     redis::ClusterNames {
                                         id_prefix: c.id_channel_prefix().into(),
                                         node: c.node_channel().into(),
+                                        ctl: c.ctl_channel().into(),
                                     },
                                     setup.index == 0,
                                 ),
@@ -263,6 +274,7 @@ impl Core {
             }
             self.apply_local();
             self.service_redis();
+            self.cluster_tick(instant);
             self.run_timers();
             self.dial_upstreams(instant);
             for r in self.redis.iter_mut().flatten() {
@@ -422,6 +434,13 @@ impl Core {
         }
         self.listeners = admin;
         self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
+        if self.registry.is_some() {
+            // The other nodes stop waiting for this one at once.
+            if let Some(c) = self.shared.cfg.cluster.clone() {
+                let words = format!("bye|{}", c.node_id);
+                self.cluster_publish(&c.ctl_channel(), words.as_bytes());
+            }
+        }
         // The goodbyes (WebSocket 1001, closing unfinished upgrades) wait
         // until no core will send anything more (`drained`): a broadcast
         // read by another core just before the drain must still reach our
@@ -948,13 +967,34 @@ impl Core {
         self.upstreams.dropped(source, &self.shared);
     }
 
-    /// A core's answer to an admin request this core started; the last one
-    /// answers the admin connection, which may then read its next request.
+    /// A core's (or, flagged [`REMOTE_REPLY`], another node's) answer to an
+    /// admin request this core started.
     fn reply(&mut self, req: u64, count: u64, text: &[u8]) {
         let shared = &self.shared;
         let tail = |out: &mut Vec<u8>, json| status_tail(out, json, shared);
-        let Some((conn, answer)) = self.admin.on_reply(req, count, text, tail) else {
-            return;
+        let done = if req & REMOTE_REPLY != 0 {
+            self.admin.on_remote(req & !REMOTE_REPLY, count, text, tail)
+        } else {
+            self.admin.on_reply(req, count, text, tail)
+        };
+        if let Some(d) = done {
+            self.admin_done(d);
+        }
+    }
+
+    /// A finished admin call: the answer goes to the admin connection,
+    /// which may then read its next request, or (another node's survey)
+    /// back to the node that asked.
+    fn admin_done(&mut self, done: Done) {
+        let (conn, answer) = match done {
+            Done::Conn(c, a) => (c, a),
+            Done::Survey(o, count, text) => {
+                self.cluster_publish(
+                    format!("{}{}", self.cluster_node_prefix(), o.node).as_bytes(),
+                    &super::cluster::answer(o.core, o.req, count, &text),
+                );
+                return;
+            }
         };
         if !self.live(conn) {
             return;
@@ -1116,6 +1156,161 @@ impl Core {
         m.redis_in_flight.set(in_flight);
     }
 
+    /// `{p}:node:` of the cluster (empty without one).
+    fn cluster_node_prefix(&self) -> String {
+        self.shared
+            .cfg
+            .cluster
+            .as_ref()
+            .map_or(String::new(), |c| c.node_channel_prefix())
+    }
+
+    /// PUBLISHes `words` on `channel` through this core's cluster Redis
+    /// (dropped and counted while it is away).
+    fn cluster_publish(&mut self, channel: &[u8], words: &[u8]) {
+        let Some(c) = &self.shared.cfg.cluster else {
+            return;
+        };
+        let m = &self.shared.metrics[self.index];
+        if let (Some(Some(r)), Some(rc)) = (
+            self.redis.get_mut(c.server),
+            self.shared.cfg.redis_server(c.server),
+        ) {
+            r.send(rc, m, &[b"PUBLISH", channel, words]);
+        }
+    }
+
+    /// Once per iteration with a cluster: admin calls that waited long
+    /// enough for the other nodes answer with what came; core 0 says this
+    /// node is alive every `ping_interval` and forgets silent nodes.
+    fn cluster_tick(&mut self, now: Instant) {
+        if self.admin.awaits_nodes() {
+            let shared = &self.shared;
+            let tail = |out: &mut Vec<u8>, json| status_tail(out, json, shared);
+            let done = self.admin.expire(now, tail);
+            self.metrics()
+                .cluster_survey_timeouts
+                .add(done.len() as u64);
+            for d in done {
+                self.admin_done(d);
+            }
+        }
+        let Some(c) = self.shared.cfg.cluster.clone() else {
+            return;
+        };
+        let Some((reg, _)) = self.registry.as_mut() else {
+            return;
+        };
+        let changed = reg.expire(now.checked_sub(c.node_expiry).unwrap_or(now));
+        if changed {
+            self.publish_nodes();
+        }
+        let Some((_, next)) = self.registry.as_mut() else {
+            return;
+        };
+        if now >= *next {
+            *next = now + c.ping_interval;
+            let words = format!("ping|{}", c.node_id);
+            self.cluster_publish(&c.ctl_channel(), words.as_bytes());
+        }
+    }
+
+    /// Core 0's registry, for the admin calls of every core.
+    fn publish_nodes(&self) {
+        let Some((reg, _)) = &self.registry else {
+            return;
+        };
+        let names = reg.names();
+        self.shared
+            .cluster_known
+            .store(names.len(), Ordering::Relaxed);
+        if let Ok(mut n) = self.shared.cluster_nodes.lock() {
+            *n = names;
+        }
+    }
+
+    /// Words from another node (its pings and surveys on the control
+    /// channel; kicks and survey answers on this node's channel).
+    fn cluster_said(&mut self, words: &[u8]) {
+        use super::cluster::Said;
+        let Some(c) = self.shared.cfg.cluster.clone() else {
+            return;
+        };
+        let Some(said) = super::cluster::parse(words) else {
+            self.metrics().redis_bad_replies.inc();
+            return;
+        };
+        match said {
+            Said::Ping(node) if node != c.node_id => {
+                if let Some((reg, _)) = self.registry.as_mut() {
+                    let new = !reg.names().contains(&node);
+                    reg.heard(node, Instant::now());
+                    if new {
+                        self.publish_nodes();
+                    }
+                }
+            }
+            Said::Bye(node) => {
+                if let Some((reg, _)) = self.registry.as_mut() {
+                    reg.forget(&node);
+                    self.publish_nodes();
+                }
+            }
+            Said::Ping(_) => {}
+            Said::Kick(id, epoch) => {
+                // Logins here up to the epoch the other node displaced (a
+                // newer one was claimed after it, and displaces it).
+                if let Some(h) = self.shared.directory.holder(&id) {
+                    if h.epoch <= epoch {
+                        self.metrics().cluster_kicks.inc();
+                        if h.conn.core as usize == self.index {
+                            self.kick(h.conn, h.epoch);
+                        } else {
+                            self.mesh.kick(h.conn.core as usize, h.conn, h.epoch);
+                        }
+                    }
+                }
+            }
+            Said::Survey(s) if s.from != c.node_id => {
+                let Some((selector, msg, op)) = s.call() else {
+                    self.metrics().redis_bad_replies.inc();
+                    return;
+                };
+                self.metrics().cluster_surveys_in.inc();
+                let call = AdminCall {
+                    // Nobody's connection: the result goes back to s.from.
+                    conn: conn_id(self.index, u32::MAX as usize, 0),
+                    selector,
+                    msg,
+                    op,
+                    keep_alive: false,
+                    all_nodes: false,
+                };
+                let origin = Origin {
+                    node: s.from,
+                    core: s.core,
+                    req: s.req,
+                };
+                self.admin
+                    .start(call, &mut self.mesh, 0, None, Some(origin));
+            }
+            Said::Survey(_) => {}
+            Said::Answer {
+                core,
+                req,
+                count,
+                text,
+            } => {
+                if core as usize == self.index {
+                    self.reply(req | REMOTE_REPLY, count, &text);
+                } else {
+                    self.mesh
+                        .reply(core as usize, req | REMOTE_REPLY, count, &text);
+                }
+            }
+        }
+    }
+
     /// A transfer from another node for `id`: delivered by the core that
     /// holds the id (every core holding a login of it subscribed, and an
     /// older one on another core may still be closing).
@@ -1183,20 +1378,7 @@ impl Core {
                     self.fanout(f);
                 }
                 redis::Event::Transfer(id, frame) => self.cluster_transfer(&id, frame),
-                redis::Event::Kick(id, epoch) => {
-                    // Logins here up to the epoch the other node displaced
-                    // (a newer one was claimed after it, and displaces it).
-                    if let Some(h) = self.shared.directory.holder(&id) {
-                        if h.epoch <= epoch {
-                            self.metrics().cluster_kicks.inc();
-                            if h.conn.core as usize == self.index {
-                                self.kick(h.conn, h.epoch);
-                            } else {
-                                self.mesh.kick(h.conn.core as usize, h.conn, h.epoch);
-                            }
-                        }
-                    }
-                }
+                redis::Event::Said(words) => self.cluster_said(&words),
             }
         }
         cores.clear();

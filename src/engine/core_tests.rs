@@ -20,6 +20,8 @@ fn core(yaml: &str) -> Core {
         sources: Box::new([]),
         veltix_clients: Box::new([]),
         deflate: Shared::deflate_stats(&cfg, 1),
+        cluster_nodes: Default::default(),
+        cluster_known: AtomicUsize::new(0),
         shutdown: AtomicBool::new(false),
         quiesced: AtomicUsize::new(0),
         cfg,

@@ -342,4 +342,6 @@ pub(crate) struct AdminCall {
     pub op: FanOp,
     /// Keep the HTTP connection open after answering.
     pub keep_alive: bool,
+    /// Ask every node of the cluster too (if there is one).
+    pub all_nodes: bool,
 }

@@ -232,6 +232,12 @@ metrics! {
     cluster_dropped,
     /// Logins here closed because another node took their id.
     cluster_kicks,
+    /// Admin calls sent to the other nodes.
+    cluster_surveys,
+    /// Other nodes' admin calls run here.
+    cluster_surveys_in,
+    /// Admin calls answered without every node (the survey timeout).
+    cluster_survey_timeouts,
     /// Admin API requests handled.
     admin_requests,
     /// Admin API requests refused (4xx).

@@ -64,6 +64,7 @@
 pub(crate) mod adapter;
 pub(crate) mod admin_calls;
 pub mod channels;
+pub(crate) mod cluster;
 pub(crate) mod conn;
 pub(crate) mod core;
 pub mod directory;

@@ -120,9 +120,9 @@ pub(crate) enum Event {
     Message(u32, Arc<Selector>, Message),
     /// A RELY transfer frame from another node for id `.0` (cluster).
     Transfer(Box<[u8]>, Vec<u8>),
-    /// Another node took id `.0`: close this node's login of it if it is
-    /// still the one with epoch `.1` (cluster).
-    Kick(Box<[u8]>, u64),
+    /// Words on this node's channel or the control channel (cluster:
+    /// `engine::cluster::parse`).
+    Said(Vec<u8>),
 }
 
 /// The cluster's channel names a core's Redis client reads messages of.
@@ -130,8 +130,10 @@ pub(crate) enum Event {
 pub(crate) struct ClusterNames {
     /// `{prefix}:id:`: transfers for the id that follows.
     pub id_prefix: Box<[u8]>,
-    /// `{prefix}:node:{me}`: kicks for this node.
+    /// `{prefix}:node:{me}`: kicks and survey answers for this node.
     pub node: Box<[u8]>,
+    /// `{prefix}:ctl`: every node's pings and surveys.
+    pub ctl: Box<[u8]>,
 }
 
 /// What a stage hears about its join later (`Stage::on_joined`).
@@ -327,10 +329,12 @@ impl Redis {
     }
 
     /// Reads the cluster's channels: transfers for held ids, and (`node`:
-    /// core 0) this node's kicks, whose channel it holds from now on.
+    /// core 0) this node's channel and the control channel, which it holds
+    /// from now on.
     pub(crate) fn with_cluster(mut self, names: ClusterNames, node: bool) -> Redis {
         if node {
             self.hold(&names.node.clone());
+            self.hold(&names.ctl.clone());
         }
         self.cluster = Some(names);
         self
@@ -1050,19 +1054,8 @@ impl Redis {
                         self.events.push(Event::Transfer(id.into(), data.to_vec()));
                         return Ok(());
                     }
-                    if *ch == *c.node {
-                        // "kick|{epoch}|{id}" (the owner script's words).
-                        let mut it = data.splitn(3, |&b| b == b'|');
-                        match (it.next(), it.next(), it.next()) {
-                            (Some(b"kick"), Some(e), Some(id)) => {
-                                let epoch =
-                                    std::str::from_utf8(e).ok().and_then(|e| e.parse().ok());
-                                if let Some(epoch) = epoch {
-                                    self.events.push(Event::Kick(id.into(), epoch));
-                                }
-                            }
-                            _ => m.redis_bad_replies.inc(),
-                        }
+                    if *ch == *c.node || *ch == *c.ctl {
+                        self.events.push(Event::Said(data.to_vec()));
                         return Ok(());
                     }
                 }

@@ -73,6 +73,8 @@ pub(crate) struct Ctx<'a> {
     pub(super) deflate: &'a [super::metrics::DeflateStats],
     /// Every core's (for /metrics).
     pub(super) all_deflate: &'a [super::metrics::DeflateStats],
+    /// Other nodes of the cluster known (core 0's registry).
+    pub(super) nodes_known: &'a std::sync::atomic::AtomicUsize,
 }
 
 /// Builds a [`Ctx`] from a core's fields (a macro, so the borrows stay
@@ -98,6 +100,7 @@ macro_rules! ctx {
             codec: &mut $core.codec,
             deflate: $core.shared.deflate_of($core.index),
             all_deflate: &$core.shared.deflate,
+            nodes_known: &$core.shared.cluster_known,
         }
     };
 }
@@ -281,7 +284,41 @@ impl<'a> Ctx<'a> {
     /// Starts an admin request on every core; the answer comes back to the
     /// admin stage (`Stage::on_answer`) once all have replied.
     pub(crate) fn admin(&mut self, call: AdminCall) {
-        self.admin.start(call, self.mesh);
+        let survey = match &self.cfg.cluster {
+            Some(c) if call.all_nodes => super::cluster::Survey::of(
+                &c.node_id,
+                self.mesh.me() as u16,
+                0,
+                &call.selector,
+                call.msg.as_ref(),
+                &call.op,
+            )
+            .map(|s| (s, c.clone())),
+            _ => None,
+        };
+        let Some((mut s, c)) = survey else {
+            self.admin.start(call, self.mesh, 0, None, None);
+            return;
+        };
+        // Every other node this node knows answers with its count, or the
+        // call answers without it after survey_timeout.
+        let known = self.nodes_known.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + c.survey_timeout;
+        let req = self
+            .admin
+            .start(call, self.mesh, known, Some(deadline), None);
+        if known == 0 {
+            return;
+        }
+        s.req = req;
+        let m = self.metrics;
+        let sent = match self.redis_of(c.server) {
+            (Some(r), Some(rc)) => r.send(rc, m, &[b"PUBLISH", &c.ctl_channel(), &s.encode()]),
+            _ => false,
+        };
+        if sent {
+            m.cluster_surveys.inc();
+        }
     }
 
     /// Makes `slot` a member of `ch` on this core.
@@ -528,6 +565,7 @@ pub(crate) mod test {
         pub veltix: Vec<AtomicUsize>,
         pub codec: crate::protocol::deflate::CoreCodec,
         pub deflate: Box<[crate::engine::metrics::DeflateStats]>,
+        pub nodes_known: AtomicUsize,
         pub mesh: Outgoing,
         pub admin: AdminCalls,
         pub timing: Timing,
@@ -565,6 +603,7 @@ pub(crate) mod test {
                 veltix: cfg.veltix.iter().map(|_| AtomicUsize::new(0)).collect(),
                 codec: crate::protocol::deflate::CoreCodec::new(cfg.ws().compression_level),
                 deflate: crate::engine::shared::Shared::deflate_stats(&cfg, cores),
+                nodes_known: AtomicUsize::new(0),
                 mesh: Outgoing::new(inboxes.into(), 0),
                 admin: AdminCalls::default(),
                 timing: Timing {
@@ -601,6 +640,7 @@ pub(crate) mod test {
                 codec: &mut self.codec,
                 deflate: &self.deflate,
                 all_deflate: &self.deflate,
+                nodes_known: &self.nodes_known,
             }
         }
 

@@ -28,6 +28,11 @@ pub struct Shared {
     pub deflate: Box<[DeflateStats]>,
     /// Clients on each Veltix listener (its `max_clients` bound).
     pub veltix_clients: Box<[AtomicUsize]>,
+    /// The other nodes of the cluster core 0 has heard from, sorted
+    /// (written by core 0 when they change; read by admin calls).
+    pub cluster_nodes: std::sync::Mutex<Vec<String>>,
+    /// Their number.
+    pub cluster_known: AtomicUsize,
     /// Set once to begin a graceful shutdown.
     pub shutdown: AtomicBool,
     /// Draining cores that will never send to another core again (they have

@@ -50,8 +50,13 @@ pub(crate) use crate::protocol::http::form_pairs;
 
 /// Queues an HTTP response; without keep-alive the connection then closes.
 fn respond(io: &mut Io, a: &Answer, now: u64) {
+    // With other nodes, how many answered of those known: a partial total
+    // is visible, and the body stays a bare number for wsgateway clients.
+    let nodes = a.nodes.map_or(String::new(), |(answered, known)| {
+        format!("X-Corerelay-Nodes: {answered}/{known}\r\n")
+    });
     let head = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{nodes}Connection: {}\r\n\r\n",
         a.status,
         a.content_type,
         a.body.len(),
@@ -69,6 +74,7 @@ fn ok(body: &[u8], keep_alive: bool) -> Answer {
         content_type: TEXT,
         body: body.to_vec(),
         keep_alive,
+        nodes: None,
     }
 }
 
@@ -78,6 +84,7 @@ fn json(status: &'static str, body: String, keep_alive: bool) -> Answer {
         content_type: "application/json",
         body: body.into_bytes(),
         keep_alive,
+        nodes: None,
     }
 }
 
@@ -89,6 +96,7 @@ fn refuse(io: &mut Io, cx: &Ctx<'_>, status: &'static str, msg: &str) -> Outcome
         content_type: "text/plain",
         body: format!("{msg}\n").into_bytes(),
         keep_alive: false,
+        nodes: None,
     };
     respond(io, &a, cx.now());
     Outcome::Continue
@@ -220,6 +228,8 @@ impl AdminStage {
         }
         let wsproxy =
             cx.cfg().redis.is_some() && cx.cfg().ws().endpoints.iter().any(|e| e.session.is_some());
+        // With a cluster, calls go to every node (/status: on ?nodes=all).
+        let mut all_nodes = true;
         let (op, selector, msg) = match (req.method.as_str(), req.path.as_str()) {
             ("GET" | "HEAD", "/health") if wsproxy => {
                 // wsproxy's answer, with Redis's state across every core.
@@ -285,6 +295,9 @@ impl AdminStage {
                 let json = req
                     .header("accept")
                     .is_some_and(|a| a.contains("application/json"));
+                all_nodes = form_pairs(&req.query)
+                    .iter()
+                    .any(|(k, v)| k == "nodes" && v == "all");
                 (FanOp::Status { json }, Some(Selector::All), None)
             }
             ("POST", "/send") | ("POST", "/close") => {
@@ -345,6 +358,7 @@ impl AdminStage {
             msg,
             op,
             keep_alive,
+            all_nodes,
         });
         None
     }
@@ -435,9 +449,12 @@ mod tests {
             content_type: TEXT,
             body: b"3".to_vec(),
             keep_alive: true,
+            nodes: Some((2, 3)),
         };
         assert!(matches!(st.on_answer(&mut io, a, 1), Outcome::Continue));
         assert!(io.out.contents().ends_with(b"\r\n\r\n3"));
+        let head = String::from_utf8(io.out.contents()).unwrap();
+        assert!(head.contains("X-Corerelay-Nodes: 2/3\r\n"), "{head}");
         assert!(!st.wants_resume());
     }
 

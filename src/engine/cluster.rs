@@ -1,0 +1,295 @@
+//! What nodes say to each other through Redis (`cluster:`), and what core 0
+//! remembers of the other nodes. Channels (prefix `{p}`):
+//! - `{p}:ctl`, every node: `ping|{node}` every `ping_interval`,
+//!   `bye|{node}` at shutdown, and admin surveys (`survey|{json}`);
+//! - `{p}:node:{node}`, one node: `kick|{epoch}|{id}` (from the claim
+//!   script) and survey answers (`answer|{core}|{req}|{count}|{text}`).
+//!
+//! Transfers travel on `{p}:id:{id}` and never come here. Everything is
+//! parsed defensively: a message that does not parse is counted and
+//! dropped, never trusted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::message::{FanOp, Message};
+use super::tags::Selector;
+
+/// A message on a node's channel or the control channel.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Said {
+    /// Node `.0` is alive.
+    Ping(String),
+    /// Node `.0` is leaving.
+    Bye(String),
+    /// Close logins of id `.0` up to epoch `.1` (another node took it).
+    Kick(Box<[u8]>, u64),
+    /// Another node's admin call, for this node's connections.
+    Survey(Box<Survey>),
+    /// This node's count for a survey this node started: for request
+    /// `req` on core `core`.
+    Answer {
+        /// The core waiting.
+        core: u16,
+        /// Its request.
+        req: u64,
+        /// Connections touched there.
+        count: u64,
+        /// /status text.
+        text: Vec<u8>,
+    },
+}
+
+/// An admin call sent to every other node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Survey {
+    /// The asking node (answers go to its channel).
+    pub from: String,
+    /// The asking core and its request number.
+    pub core: u16,
+    /// The request on that core.
+    pub req: u64,
+    /// send, close, settags or status.
+    pub op: String,
+    /// Tag pairs (all must match), or ids, or everything.
+    #[serde(default)]
+    pub tags: Option<Vec<(String, String)>>,
+    /// Ids the call is for.
+    #[serde(default)]
+    pub ids: Option<Vec<String>>,
+    /// The message (base64), if any.
+    #[serde(default)]
+    pub msg: Option<String>,
+    /// The message is text.
+    #[serde(default)]
+    pub text: bool,
+    /// settags: the changes.
+    #[serde(default)]
+    pub changes: Vec<(String, String)>,
+    /// status: as JSON objects.
+    #[serde(default)]
+    pub json: bool,
+}
+
+impl Survey {
+    /// The survey for an admin call, or None for one that stays on this
+    /// node (a channel selector names this node's own channels).
+    pub(crate) fn of(
+        from: &str,
+        core: u16,
+        req: u64,
+        selector: &Selector,
+        msg: Option<&Message>,
+        op: &FanOp,
+    ) -> Option<Survey> {
+        let (tags, ids) = match selector {
+            Selector::Tags(t) => (
+                Some(
+                    t.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                None,
+            ),
+            Selector::Ids(ids) => (None, Some(ids.iter().map(|i| i.to_string()).collect())),
+            Selector::All => (None, None),
+            Selector::Channel(_) => return None,
+        };
+        let (op, changes, json) = match op {
+            FanOp::Send => ("send", Vec::new(), false),
+            FanOp::Close => ("close", Vec::new(), false),
+            FanOp::SetTags(c) => ("settags", c.to_vec(), false),
+            FanOp::Status { json } => ("status", Vec::new(), *json),
+        };
+        Some(Survey {
+            from: from.to_owned(),
+            core,
+            req,
+            op: op.to_owned(),
+            tags,
+            ids,
+            msg: msg.map(|m| base64::engine::general_purpose::STANDARD.encode(&m.bytes)),
+            text: msg.is_some_and(Message::is_text),
+            changes,
+            json,
+        })
+    }
+
+    /// What the call asks of this node's cores; None if it does not parse.
+    pub(crate) fn call(&self) -> Option<(Arc<Selector>, Option<Message>, FanOp)> {
+        let selector = match (&self.tags, &self.ids) {
+            (Some(t), None) => Selector::Tags(
+                t.iter()
+                    .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                    .collect(),
+            ),
+            (None, Some(ids)) => Selector::Ids(ids.iter().map(|i| i.as_str().into()).collect()),
+            (None, None) => Selector::All,
+            _ => return None,
+        };
+        let msg = match &self.msg {
+            None => None,
+            Some(b) => Some(Message::new(
+                self.text,
+                &base64::engine::general_purpose::STANDARD.decode(b).ok()?,
+            )),
+        };
+        let op = match self.op.as_str() {
+            "send" => FanOp::Send,
+            "close" => FanOp::Close,
+            "settags" => FanOp::SetTags(Arc::new(self.changes.clone())),
+            "status" => FanOp::Status { json: self.json },
+            _ => return None,
+        };
+        Some((Arc::new(selector), msg, op))
+    }
+
+    /// Its words on the control channel.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = b"survey|".to_vec();
+        // A derived Serialize of strings and numbers cannot fail.
+        out.extend_from_slice(&serde_json::to_vec(self).unwrap_or_default());
+        out
+    }
+}
+
+/// An answer's words on the asking node's channel.
+pub(crate) fn answer(core: u16, req: u64, count: u64, text: &[u8]) -> Vec<u8> {
+    let mut out = format!("answer|{core}|{req}|{count}|").into_bytes();
+    out.extend_from_slice(text);
+    out
+}
+
+/// Reads a message from the control channel or a node's channel.
+pub(crate) fn parse(data: &[u8]) -> Option<Said> {
+    let (word, rest) = split(data)?;
+    let num = |b: &[u8]| std::str::from_utf8(b).ok()?.parse::<u64>().ok();
+    match word {
+        b"ping" => Some(Said::Ping(String::from_utf8(rest.to_vec()).ok()?)),
+        b"bye" => Some(Said::Bye(String::from_utf8(rest.to_vec()).ok()?)),
+        b"kick" => {
+            let (epoch, id) = split(rest)?;
+            Some(Said::Kick(id.into(), num(epoch)?))
+        }
+        b"survey" => Some(Said::Survey(Box::new(serde_json::from_slice(rest).ok()?))),
+        b"answer" => {
+            let (core, rest) = split(rest)?;
+            let (req, rest) = split(rest)?;
+            let (count, text) = split(rest)?;
+            Some(Said::Answer {
+                core: u16::try_from(num(core)?).ok()?,
+                req: num(req)?,
+                count: num(count)?,
+                text: text.to_vec(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The bytes before the first `|`, and those after it.
+fn split(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let at = b.iter().position(|&c| c == b'|')?;
+    Some((&b[..at], &b[at + 1..]))
+}
+
+/// The other nodes core 0 has heard from, and when.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    nodes: HashMap<String, Instant>,
+}
+
+impl Registry {
+    /// Node `node` spoke.
+    pub(crate) fn heard(&mut self, node: String, now: Instant) {
+        self.nodes.insert(node, now);
+    }
+
+    /// Node `node` said goodbye.
+    pub(crate) fn forget(&mut self, node: &str) {
+        self.nodes.remove(node);
+    }
+
+    /// Forgets nodes silent since before `oldest`; true if any went.
+    pub(crate) fn expire(&mut self, oldest: Instant) -> bool {
+        let n = self.nodes.len();
+        self.nodes.retain(|_, t| *t >= oldest);
+        n != self.nodes.len()
+    }
+
+    /// The nodes, sorted.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.nodes.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_round_trip_and_garbage_is_refused() {
+        assert_eq!(parse(b"ping|a-1"), Some(Said::Ping("a-1".into())));
+        assert_eq!(parse(b"bye|a-1"), Some(Said::Bye("a-1".into())));
+        assert_eq!(
+            parse(b"kick|42|id|with|bars"),
+            Some(Said::Kick(b"id|with|bars"[..].into(), 42))
+        );
+        assert_eq!(
+            parse(&answer(3, 9, 17, b"id=x\n")),
+            Some(Said::Answer {
+                core: 3,
+                req: 9,
+                count: 17,
+                text: b"id=x\n".to_vec()
+            })
+        );
+        for bad in [
+            &b""[..],
+            b"ping",
+            b"kick|x|id",
+            b"answer|1|2",
+            b"answer|70000|1|1|",
+            b"survey|{",
+            b"nonsense|1",
+        ] {
+            assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_survey_carries_the_call() {
+        let sel = Selector::Tags(vec![("room".into(), "r1".into())]);
+        let msg = Message::new(false, &[0, 255, 7]);
+        let s = Survey::of("a", 1, 5, &sel, Some(&msg), &FanOp::Send).unwrap();
+        let Some(Said::Survey(back)) = parse(&s.encode()) else {
+            panic!("a survey");
+        };
+        assert_eq!(*back, s);
+        let (sel2, msg2, op) = back.call().unwrap();
+        assert_eq!(*sel2, sel);
+        assert_eq!(&*msg2.unwrap().bytes, &[0, 255, 7]);
+        assert!(matches!(op, FanOp::Send));
+        let ids = Selector::Ids(vec!["x".into(), "y".into()]);
+        let s = Survey::of("a", 0, 1, &ids, None, &FanOp::Close).unwrap();
+        assert_eq!(*s.call().unwrap().0, ids);
+    }
+
+    #[test]
+    fn silent_nodes_expire() {
+        let mut r = Registry::default();
+        let t0 = Instant::now();
+        r.heard("b".into(), t0);
+        r.heard("c".into(), t0 + std::time::Duration::from_secs(5));
+        assert!(r.expire(t0 + std::time::Duration::from_secs(1)));
+        assert_eq!(r.names(), ["c"]);
+        r.forget("c");
+        assert!(r.names().is_empty());
+    }
+}
