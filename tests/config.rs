@@ -319,6 +319,9 @@ fn example_cluster_block_is_valid() {
             "prefix",
             "max_message_size",
             "owner_ttl",
+            "ping_interval",
+            "node_expiry",
+            "survey_timeout",
         ],
     );
     let e = Config::from_yaml("cluster:\n  node_id: \"a b\"\n", None).unwrap_err();
