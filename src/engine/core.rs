@@ -145,6 +145,10 @@ pub(crate) struct Core {
     /// Core 0 of a cluster node: the other nodes heard from, and when this
     /// node next says it is alive.
     registry: Option<(super::cluster::Registry, Instant)>,
+    /// With a cluster, after its Redis came back: the next slab key whose
+    /// login to claim anew (a batch per iteration, so a million logins
+    /// never flood the connection's buffer).
+    reclaim: Option<usize>,
     /// Shared permessage-deflate contexts (one compressed frame per
     /// broadcast on this core) and the buffer messages inflate into.
     codec: crate::protocol::deflate::CoreCodec,
@@ -177,6 +181,7 @@ impl Core {
             codec: crate::protocol::deflate::CoreCodec::new(cfg.ws().compression_level),
             registry: (setup.index == 0 && cfg.cluster.is_some())
                 .then(|| (super::cluster::Registry::default(), Instant::now())),
+            reclaim: None,
             rx: setup.rx,
             mesh: Outgoing::new(shared.inboxes.clone(), setup.index),
             ready: Vec::new(),
@@ -1195,6 +1200,9 @@ impl Core {
                 self.admin_done(d);
             }
         }
+        if let Some(from) = self.reclaim.take() {
+            self.reclaim_batch(from);
+        }
         let Some(c) = self.shared.cfg.cluster.clone() else {
             return;
         };
@@ -1213,6 +1221,33 @@ impl Core {
             let words = format!("ping|{}", c.node_id);
             self.cluster_publish(&c.ctl_channel(), words.as_bytes());
         }
+    }
+
+    /// Claims anew the ids of up to `RECLAIM_BATCH` logins from slab key
+    /// `from` on; the rest next iteration.
+    fn reclaim_batch(&mut self, from: usize) {
+        const RECLAIM_BATCH: usize = 1024;
+        let mut batch = Vec::new();
+        let mut next = None;
+        // By key, not by the slab's iterator: each batch costs its own
+        // length, not a walk from the start.
+        for k in from..self.conns.capacity() {
+            if batch.len() == RECLAIM_BATCH {
+                next = Some(k);
+                break;
+            }
+            let Some(c) = self.conns.get(k) else {
+                continue;
+            };
+            if let (Some(l), None) = (&c.io.login, c.io.closing) {
+                batch.push((l.id.clone(), l.epoch));
+            }
+        }
+        let mut cx = ctx!(self);
+        for (id, epoch) in &batch {
+            cx.claim(id, *epoch, true);
+        }
+        self.reclaim = next;
     }
 
     /// Core 0's registry, for the admin calls of every core.
@@ -1379,6 +1414,11 @@ impl Core {
                 }
                 redis::Event::Transfer(id, frame) => self.cluster_transfer(&id, frame),
                 redis::Event::Said(words) => self.cluster_said(&words),
+                redis::Event::Up => {
+                    if self.shared.cfg.cluster.is_some() {
+                        self.reclaim = Some(0);
+                    }
+                }
             }
         }
         cores.clear();

@@ -89,6 +89,28 @@ impl Directory {
         }
     }
 
+    /// The next login's epoch: microseconds since the Unix epoch, or one
+    /// more than the last if the clock has not moved on (or went back). So
+    /// epochs order one node's logins exactly, and different nodes' logins
+    /// by their clocks (used only to settle an id held on two nodes after a
+    /// Redis outage).
+    fn next_epoch(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let mut cur = self.epoch.load(Ordering::Relaxed);
+        loop {
+            let next = cur.saturating_add(1).max(now);
+            match self
+                .epoch
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
     #[inline]
     fn shard_index(&self, id: &[u8]) -> usize {
         self.hasher.hash_one(id) as usize & (self.shards.len() - 1)
@@ -105,7 +127,7 @@ impl Directory {
     pub fn login(&self, id: &[u8], conn: ConnId) -> (u64, Option<Holder>) {
         let shard = self.shard(id);
         let mut map = shard.write();
-        let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.next_epoch();
         let new = Holder { conn, epoch };
         let replaced = match map.entry(id.into()) {
             MapEntry::Occupied(mut e) => {

@@ -123,6 +123,9 @@ pub(crate) enum Event {
     /// Words on this node's channel or the control channel (cluster:
     /// `engine::cluster::parse`).
     Said(Vec<u8>),
+    /// The cluster's command connection is up (again): the core claims the
+    /// ids it holds anew, since Redis may have lost or given them away.
+    Up,
 }
 
 /// The cluster's channel names a core's Redis client reads messages of.
@@ -240,6 +243,8 @@ pub(crate) struct Redis {
     now: Instant,
     /// The cluster's names, when this is the cluster's server.
     cluster: Option<ClusterNames>,
+    /// The command connection was ready at the last `service`.
+    cmd_was_ready: bool,
 }
 
 impl Link {
@@ -325,6 +330,7 @@ impl Redis {
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             now: Instant::now(),
             cluster: None,
+            cmd_was_ready: false,
         }
     }
 
@@ -662,6 +668,11 @@ impl Redis {
                 self.drop_link(sub, registry, cfg, m, &why);
             }
         }
+        let ready = self.cmd.ready();
+        if ready && !self.cmd_was_ready && self.cluster.is_some() {
+            self.events.push(Event::Up);
+        }
+        self.cmd_was_ready = ready;
     }
 
     /// Its command and subscription connections are up and logged in.

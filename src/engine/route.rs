@@ -33,10 +33,22 @@ use crate::config::{Config, RedisConfig, SESSIONS_SERVER};
 /// another node owned the id, its channel (ARGV[4] + its name) is told to
 /// close its logins of id ARGV[5] up to its newest claim. One atomic step:
 /// Redis alone orders the claims, so exactly one login survives.
+///
+/// ARGV[6] = "1" re-claims after the connection to Redis came back: then
+/// the newer login by the nodes' clocks (epochs are microseconds) keeps
+/// the id, whichever node re-claims first; an older one closes itself.
 pub(crate) const OWNER_SCRIPT: &[u8] = b"local n, e = ARGV[1], tonumber(ARGV[2])
 local seq = tonumber(redis.call('HGET', KEYS[1], 's:' .. n))
 if seq and seq >= e then return 0 end
 local prev = redis.call('HGET', KEYS[1], 'owner')
+if ARGV[6] == '1' and prev and prev ~= n then
+  local ps = tonumber(redis.call('HGET', KEYS[1], 's:' .. prev))
+  if ps and ps > e then
+    redis.call('HSET', KEYS[1], 's:' .. n, ARGV[2])
+    redis.call('PUBLISH', ARGV[4] .. n, 'kick|' .. ARGV[2] .. '|' .. ARGV[5])
+    return 2
+  end
+end
 redis.call('HSET', KEYS[1], 'owner', n, 's:' .. n, ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if prev and prev ~= n then
@@ -45,9 +57,15 @@ if prev and prev ~= n then
 end
 return 1";
 
-/// Deletes the claim KEYS[1] only if node ARGV[1]'s login ARGV[2] still
-/// owns it.
-pub(crate) const RELEASE_SCRIPT: &[u8] = b"if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HGET', KEYS[1], 's:' .. ARGV[1]) == ARGV[2] then return redis.call('DEL', KEYS[1]) end
+/// Gives up claim KEYS[1] only if node ARGV[1]'s login ARGV[2] still owns
+/// it. The nodes' newest-login marks stay (for a minute): a claim of an
+/// older login still on its way must stay stale, or it would take the id
+/// back and close a live login elsewhere.
+pub(crate) const RELEASE_SCRIPT: &[u8] = b"if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HGET', KEYS[1], 's:' .. ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], 'owner')
+  redis.call('EXPIRE', KEYS[1], 60)
+  return 1
+end
 return 0";
 
 /// Everything a stage may touch besides its own connection.
@@ -156,34 +174,45 @@ impl<'a> Ctx<'a> {
         if let Some(old) = replaced {
             self.mesh.kick(old.conn.core as usize, old.conn, old.epoch);
         }
-        if let Some(c) = &self.cfg.cluster {
+        if self.cfg.cluster.is_some() {
             // Hear the id's transfers from other nodes, and take it from
-            // whichever node held it: Redis orders the logins; the owner
-            // script tells the displaced node (if another) to let go.
-            let (m, server) = (self.metrics, c.server);
-            if let (Some(r), Some(_)) = self.redis_of(server) {
-                r.hold(&c.id_channel(id));
+            // whichever node held it.
+            if let Some(c) = &self.cfg.cluster {
+                if let (Some(r), Some(_)) = self.redis_of(c.server) {
+                    r.hold(&c.id_channel(id));
+                }
             }
-            let (ttl, e) = (c.owner_ttl.as_secs().to_string(), epoch.to_string());
-            let np = c.node_channel_prefix();
-            let args: [&[u8]; 9] = [
-                b"EVAL",
-                OWNER_SCRIPT,
-                b"1",
-                &c.owner_key(id),
-                c.node_id.as_bytes(),
-                e.as_bytes(),
-                ttl.as_bytes(),
-                np.as_bytes(),
-                id,
-            ];
-            if let (Some(r), Some(rc)) = self.redis_of(server) {
-                r.send(rc, m, &args);
-            }
+            self.claim(id, epoch, false);
         }
         Login {
             id: id.into(),
             epoch,
+        }
+    }
+
+    /// Claims `id` for this node's login `epoch` (see [`OWNER_SCRIPT`]);
+    /// `again`: a re-claim after Redis came back.
+    pub(crate) fn claim(&mut self, id: &[u8], epoch: u64, again: bool) {
+        let Some(c) = &self.cfg.cluster else {
+            return;
+        };
+        let (m, server) = (self.metrics, c.server);
+        let (ttl, e) = (c.owner_ttl.as_secs().to_string(), epoch.to_string());
+        let np = c.node_channel_prefix();
+        let args: [&[u8]; 10] = [
+            b"EVAL",
+            OWNER_SCRIPT,
+            b"1",
+            &c.owner_key(id),
+            c.node_id.as_bytes(),
+            e.as_bytes(),
+            ttl.as_bytes(),
+            np.as_bytes(),
+            id,
+            if again { b"1" } else { b"0" },
+        ];
+        if let (Some(r), Some(rc)) = self.redis_of(server) {
+            r.send(rc, m, &args);
         }
     }
 
