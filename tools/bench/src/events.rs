@@ -195,7 +195,15 @@ pub fn run(a: &Args) {
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     let h = hist.lock().map(|h| h.clone()).ok();
-    report(a, "events", a.duration, got, srv, client, h.as_ref());
+    report(
+        a,
+        "events",
+        a.duration,
+        got,
+        (srv, None),
+        client,
+        h.as_ref(),
+    );
     if let Some(rc) = rcpu {
         let line = format!(
             "redis-server cpu {rc:.2}s = {:.0} ns/event",

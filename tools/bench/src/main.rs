@@ -71,6 +71,14 @@ struct Args {
     /// PID of an external server, for its CPU time.
     #[arg(long)]
     pid: Option<u32>,
+    /// pingpong and stream: the B side of every pair connects here, a
+    /// second node of a cluster (the A side to --target), so every message
+    /// crosses nodes through Redis.
+    #[arg(long)]
+    target_b: Option<SocketAddr>,
+    /// PID of the --target-b node, for its CPU time (added to --pid's).
+    #[arg(long)]
+    pid_b: Option<u32>,
     /// Client pairs.
     #[arg(long, default_value_t = 1)]
     pairs: usize,
@@ -138,7 +146,8 @@ struct Args {
     /// wsproxy: the redis-server to publish through.
     #[arg(long, default_value = "127.0.0.1:6379")]
     redis: SocketAddr,
-    /// wsproxy: redis-server's PID, for its CPU time.
+    /// wsproxy, pingpong, stream: redis-server's PID, for its CPU time
+    /// (reported on its own).
     #[arg(long)]
     redis_pid: Option<u32>,
     /// wsproxy: measure client messages up to Redis instead.
@@ -470,9 +479,14 @@ fn setup(a: &Args) -> Setup {
 /// Connects `id`; with an in-process server, retries until it lands on a
 /// core that satisfies `want` (bounded).
 fn connect_placed(a: &Args, s: &Setup, id: &str, want: impl Fn(usize) -> bool) -> Client {
+    // The B side of a pair on the second node, when there is one.
+    let addr = match a.target_b {
+        Some(b) if id.starts_with("bench-b") => b,
+        _ => s.addr,
+    };
     for _ in 0..1000 {
-        let c = Client::connect(a.proto, s.addr, id).unwrap_or_else(|e| {
-            eprintln!("corerelay-bench: connect {id} to {}: {e}", s.addr);
+        let c = Client::connect(a.proto, addr, id).unwrap_or_else(|e| {
+            eprintln!("corerelay-bench: connect {id} to {addr}: {e}");
             std::process::exit(1)
         });
         let Some(server) = &s.server else { return c };
@@ -518,24 +532,43 @@ fn make_pairs(a: &Args, s: &Setup) -> Vec<(Client, Client)> {
 
 struct Measure {
     server_cpu0: Option<f64>,
+    redis_cpu0: Option<f64>,
     self_cpu0: f64,
     t0: Instant,
+}
+
+/// The servers' CPU seconds: --pid's (or the in-process cores'), plus
+/// --pid-b's.
+fn servers_cpu(a: &Args) -> Option<f64> {
+    let one = server_cpu(a.pid, a.inproc.is_some())?;
+    match a.pid_b {
+        Some(p) => Some(one + stat_cpu(&format!("/proc/{p}/stat"))?),
+        None => Some(one),
+    }
+}
+
+/// redis-server's CPU seconds (--redis-pid).
+fn redis_cpu(a: &Args) -> Option<f64> {
+    stat_cpu(&format!("/proc/{}/stat", a.redis_pid?))
 }
 
 impl Measure {
     fn start(a: &Args) -> Measure {
         Measure {
-            server_cpu0: server_cpu(a.pid, a.inproc.is_some()),
+            server_cpu0: servers_cpu(a),
+            redis_cpu0: redis_cpu(a),
             self_cpu0: self_cpu(),
             t0: Instant::now(),
         }
     }
+    /// redis-server's CPU seconds since `start`.
+    fn redis(&self, a: &Args) -> Option<f64> {
+        redis_cpu(a).zip(self.redis_cpu0).map(|(b, a)| b - a)
+    }
     /// (elapsed s, server cpu s, client cpu s)
     fn end(&self, a: &Args) -> (f64, Option<f64>, f64) {
         let el = self.t0.elapsed().as_secs_f64();
-        let srv = server_cpu(a.pid, a.inproc.is_some())
-            .zip(self.server_cpu0)
-            .map(|(b, a)| b - a);
+        let srv = servers_cpu(a).zip(self.server_cpu0).map(|(b, a)| b - a);
         let mut me = self_cpu() - self.self_cpu0;
         if a.inproc.is_some() {
             me -= srv.unwrap_or(0.0);
@@ -582,6 +615,7 @@ fn pingpong(a: &Args, s: &Setup) {
     wait_measuring(Duration::from_secs_f64(a.duration));
     measuring.store(false, Ordering::Relaxed);
     let (el, srv, me) = m.end(a);
+    let redis = m.redis(a);
     stop.store(true, Ordering::Relaxed);
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
     for t in threads {
@@ -599,7 +633,7 @@ fn pingpong(a: &Args, s: &Setup) {
             &[("round trip", &h)],
         );
     }
-    report(a, "pingpong", el, msgs, srv, me, Some(&h));
+    report(a, "pingpong", el, msgs, (srv, redis), me, Some(&h));
 }
 
 fn stream(a: &Args, s: &Setup) {
@@ -669,11 +703,12 @@ fn stream(a: &Args, s: &Setup) {
     wait_measuring(Duration::from_secs_f64(a.duration));
     let n1 = total.load(Ordering::Relaxed);
     let (el, srv, me) = m.end(a);
+    let redis = m.redis(a);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
     }
-    report(a, "stream", el, n1 - n0, srv, me, None);
+    report(a, "stream", el, n1 - n0, (srv, redis), me, None);
 }
 
 /// Resident set size of `pid` in bytes.
@@ -760,17 +795,18 @@ fn report(
     mode: &str,
     elapsed: f64,
     msgs: u64,
-    srv: Option<f64>,
+    (srv, redis): (Option<f64>, Option<f64>),
     client: f64,
     h: Option<&Histogram<u64>>,
 ) {
     let rate = msgs as f64 / elapsed;
     let srv_ns = srv.map(|c| c * 1e9 / msgs.max(1) as f64);
+    let redis_ns = redis.map(|c| c * 1e9 / msgs.max(1) as f64);
     let pct = |q: f64| h.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
     if a.json || a.csv {
         let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
         emit_json(format!(
-            "{{\"mode\":\"{mode}\",\"proto\":\"{:?}\",\"inproc\":{},\"busy_poll\":{},\"placement\":\"{:?}\",\"pairs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"seconds\":{elapsed:.3},\"messages\":{msgs},\"msgs_per_s\":{rate:.1},\"server_cpu_s\":{},\"server_ns_per_msg\":{},\"client_cpu_s\":{client:.3},\"rtt_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"p9999\":{},\"max\":{}}}}}",
+            "{{\"mode\":\"{mode}\",\"proto\":\"{:?}\",\"inproc\":{},\"busy_poll\":{},\"placement\":\"{:?}\",\"pairs\":{},\"payload\":{},\"window\":{},\"batch\":{},\"seconds\":{elapsed:.3},\"messages\":{msgs},\"msgs_per_s\":{rate:.1},\"server_cpu_s\":{},\"server_ns_per_msg\":{},\"redis_ns_per_msg\":{},\"client_cpu_s\":{client:.3},\"rtt_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"p9999\":{},\"max\":{}}}}}",
             a.proto,
             a.inproc.unwrap_or(0),
             a.busy_poll,
@@ -781,6 +817,7 @@ fn report(
             a.batch,
             opt(srv),
             opt(srv_ns),
+            opt(redis_ns),
             opt(pct(0.5)),
             opt(pct(0.9)),
             opt(pct(0.99)),

@@ -180,7 +180,15 @@ pub fn run(a: &Args) {
     r.stop.store(true, Ordering::Relaxed);
     let _ = r.thread.join();
     let h = r.hist.lock().map(|h| h.clone()).ok();
-    report(a, "wsproxy", a.duration, delivered, srv, client, h.as_ref());
+    report(
+        a,
+        "wsproxy",
+        a.duration,
+        delivered,
+        (srv, None),
+        client,
+        h.as_ref(),
+    );
     if let Some(rc) = rcpu {
         let line = format!(
             "redis-server cpu {rc:.2}s = {:.0} ns/delivery",
@@ -245,7 +253,15 @@ fn up(a: &Args, ws: SocketAddr, ids: &[String], inproc: bool, epoch: Instant) {
     let client = self_cpu() - ccpu0;
     r.stop.store(true, Ordering::Relaxed);
     let _ = r.thread.join();
-    report(a, "wsproxy-up", a.duration, delivered, srv, client, None);
+    report(
+        a,
+        "wsproxy-up",
+        a.duration,
+        delivered,
+        (srv, None),
+        client,
+        None,
+    );
 }
 
 /// A JSON text message of the requested size (the up path counts
