@@ -62,6 +62,8 @@ pub struct ClusterConfig {
     pub max_message_size: usize,
     /// Lifetime of an owner key.
     pub owner_ttl: Duration,
+    /// `{prefix}:id:`, made once (it is written per relayed message).
+    pub id_prefix: Vec<u8>,
     /// How often this node says it is alive.
     pub ping_interval: Duration,
     /// A node not heard from for this long is forgotten.
@@ -81,7 +83,7 @@ impl ClusterConfig {
 
     /// The prefix of [`Self::id_channel`] names.
     pub fn id_channel_prefix(&self) -> Vec<u8> {
-        format!("{}:id:", self.prefix).into_bytes()
+        self.id_prefix.clone()
     }
 
     /// The hash that names the node holding `id` and each node's newest
@@ -189,6 +191,7 @@ impl ClusterFile {
         Ok((
             ClusterConfig {
                 node_id,
+                id_prefix: format!("{prefix}:id:").into_bytes(),
                 prefix,
                 server: usize::MAX,
                 max_message_size: max as usize,

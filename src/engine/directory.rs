@@ -186,7 +186,9 @@ pub const CACHE_MAX_ENTRIES: usize = 1 << 16;
 /// One core's cache of directory lookups (see the module doc).
 #[derive(Debug, Default)]
 pub struct LookupCache {
-    map: HashMap<Box<[u8]>, (ConnId, u64), RandomState>,
+    /// Misses too (None): with a cluster, a transfer to an id held on
+    /// another node looks it up here first, once per message.
+    map: HashMap<Box<[u8]>, (Option<ConnId>, u64), RandomState>,
 }
 
 impl LookupCache {
@@ -197,7 +199,7 @@ impl LookupCache {
         let version = shard.version.0.load(Ordering::Acquire);
         if let Some(&(conn, v)) = self.map.get(id) {
             if v == version {
-                return Some(conn);
+                return conn;
             }
         }
         // Slow path: read the map and the version together under the lock,
@@ -209,20 +211,13 @@ impl LookupCache {
                 shard.version.0.load(Ordering::Relaxed),
             )
         };
-        match found {
-            Some(conn) => {
-                if let Some(e) = self.map.get_mut(id) {
-                    *e = (conn, version);
-                } else {
-                    if self.map.len() >= CACHE_MAX_ENTRIES {
-                        self.map.clear();
-                    }
-                    self.map.insert(id.into(), (conn, version));
-                }
+        if let Some(e) = self.map.get_mut(id) {
+            *e = (found, version);
+        } else {
+            if self.map.len() >= CACHE_MAX_ENTRIES {
+                self.map.clear();
             }
-            None => {
-                self.map.remove(id);
-            }
+            self.map.insert(id.into(), (found, version));
         }
         found
     }
@@ -281,6 +276,11 @@ mod tests {
         assert_eq!(cache.lookup(&d, b"a"), Some(c(1, 3)));
         assert!(d.logout(b"a", e3));
         assert_eq!(cache.lookup(&d, b"a"), None, "logout seen");
-        assert!(cache.is_empty());
+        // The miss is cached too (a transfer to an id on another node
+        // looks it up per message), and a later login still shows.
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.lookup(&d, b"a"), None, "cached miss");
+        d.login(b"a", c(0, 4));
+        assert_eq!(cache.lookup(&d, b"a"), Some(c(0, 4)), "login after a miss");
     }
 }

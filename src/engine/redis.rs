@@ -393,16 +393,28 @@ impl Redis {
         }
     }
 
-    /// PUBLISHes a transfer for another node; its reply counts it as sent
-    /// or offline. False if it cannot go (no connection, or no room).
+    /// PUBLISHes a transfer for another node on channel `prefix` + `id`;
+    /// its reply counts it as sent or offline. False if it cannot go (no
+    /// connection, or no room). Per relayed message: no allocation, and
+    /// the iteration's clock for its deadline.
     pub(crate) fn publish_transfer(
         &mut self,
         cfg: &RedisConfig,
         m: &CoreMetrics,
-        channel: &[u8],
+        (prefix, id): (&[u8], &[u8]),
         frame: &[u8],
     ) -> bool {
-        self.command(cfg, m, Want::Transfer, &[b"PUBLISH", channel, frame])
+        let l = &mut self.cmd;
+        let args: [&[&[u8]]; 3] = [&[b"PUBLISH"], &[prefix, id], &[frame]];
+        if !l.accepting() || l.queued() + resp::encoded_len_parts(&args) > cfg.max_pending_bytes {
+            return false;
+        }
+        resp::encode_parts(&mut l.out, &args);
+        let now = self.now;
+        l.pending
+            .push_back((Want::Transfer, now + cfg.request_timeout, now));
+        m.redis_requests.inc();
+        true
     }
 
     /// Readiness from the core's poll.

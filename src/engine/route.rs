@@ -270,9 +270,8 @@ impl<'a> Ctx<'a> {
             [one] => std::borrow::Cow::Borrowed(*one),
             _ => std::borrow::Cow::Owned(parts.concat()),
         };
-        let channel = c.id_channel(to);
         let sent = match self.redis_of(c.server) {
-            (Some(r), Some(rc)) => r.publish_transfer(rc, m, &channel, &frame),
+            (Some(r), Some(rc)) => r.publish_transfer(rc, m, (&c.id_prefix, to), &frame),
             _ => false,
         };
         if !sent {

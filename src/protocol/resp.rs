@@ -219,6 +219,34 @@ pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
     }
 }
 
+/// Appends one command whose arguments are each the concatenation of their
+/// parts (a channel name from its prefix and an id, without building it).
+pub fn encode_parts(out: &mut Vec<u8>, args: &[&[&[u8]]]) {
+    header(out, b'*', args.len());
+    for a in args {
+        header(out, b'$', a.iter().map(|p| p.len()).sum());
+        for p in *a {
+            out.extend_from_slice(p);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The encoded size of an [`encode_parts`] command.
+pub fn encoded_len_parts(args: &[&[&[u8]]]) -> usize {
+    fn digits(n: usize) -> usize {
+        n.checked_ilog10().unwrap_or(0) as usize + 1
+    }
+    3 + digits(args.len())
+        + args
+            .iter()
+            .map(|a| {
+                let len: usize = a.iter().map(|p| p.len()).sum();
+                5 + digits(len) + len
+            })
+            .sum::<usize>()
+}
+
 /// The encoded size of a command, without encoding it.
 pub fn encoded_len(args: &[&[u8]]) -> usize {
     fn digits(n: usize) -> usize {
