@@ -315,7 +315,7 @@ fn admin_calls_reach_every_node_and_sum_their_counts() {
     wait_until(|| b.owner_core(b"late").is_some(), "ws login");
     let (r, nodes) = admin(&a, "GET", "/status?nodes=all", b"");
     assert_eq!(nodes, "2/2");
-    assert!(r.text().contains("id=late"), "{}", r.text());
+    assert!(r.text().contains("node=b id=late"), "{}", r.text());
     let (r, nodes) = admin(&a, "GET", "/status", b"");
     assert!(
         nodes.is_empty() && !r.text().contains("id=late"),
@@ -433,4 +433,27 @@ fn a_redis_outage_degrades_to_single_nodes_and_the_newest_login_keeps_its_id_aft
         || matches!(rc.cmd(&["HGET", &format!("test{port}:own:x"), "owner"]), Reply::Bulk(v) if v == b"a"),
         "x claimed again",
     );
+}
+
+#[test]
+fn a_long_login_keeps_its_claim_alive() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "a", "  owner_ttl: 2s\n");
+    let _l = login(&a, "long");
+    let key = format!("test{}:own:long", redis.addr().port());
+    let mut rc = redis.client();
+    let ttl = |rc: &mut crate::support::redis::RedisClient| match rc.cmd(&["PTTL", &key]) {
+        Reply::Int(ms) => ms,
+        other => panic!("{other:?}"),
+    };
+    wait_until(|| ttl(&mut rc) > 0, "claimed");
+    // Renewed every half owner_ttl (1 s): it runs down past 1.5 s left,
+    // then is back above it, and the key outlives its first 2 s.
+    wait_until(|| ttl(&mut rc) < 1500, "running down");
+    wait_until(|| ttl(&mut rc) > 1500, "renewed");
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < deadline {
+        assert!(ttl(&mut rc) > 0, "the claim of a live login never lapses");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

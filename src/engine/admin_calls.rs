@@ -65,6 +65,8 @@ struct Pending {
     /// Give up on the other nodes then.
     deadline: Option<Instant>,
     origin: Option<Origin>,
+    /// /status of every node: this node's entries carry its name.
+    label: Option<String>,
     count: u64,
     text: Vec<u8>,
     status: bool,
@@ -102,6 +104,7 @@ impl AdminCalls {
                 asked: remote,
                 deadline,
                 origin,
+                label: None,
                 waiting: mesh.cores(),
                 count: 0,
                 text: Vec::new(),
@@ -138,6 +141,13 @@ impl AdminCalls {
         Some(p)
     }
 
+    /// Marks request `req`'s entries from this node's cores with `node`.
+    pub(crate) fn label(&mut self, req: u64, node: &str) {
+        if let Some(p) = self.pending.get_mut(&req) {
+            p.label = Some(node.to_owned());
+        }
+    }
+
     /// One core's answer to request `req`. The last answer finishes it
     /// (`tail` appends what /status lists after the connections: see
     /// [`status_tail`]).
@@ -148,7 +158,11 @@ impl AdminCalls {
         text: &[u8],
         tail: impl FnOnce(&mut Vec<u8>, bool),
     ) -> Option<Done> {
-        let p = self.add(req, count, text)?;
+        let labelled = match self.pending.get(&req).and_then(|p| p.label.as_deref()) {
+            Some(node) if !text.is_empty() => Some(super::cluster::label(text, node)),
+            _ => None,
+        };
+        let p = self.add(req, count, labelled.as_deref().unwrap_or(text))?;
         p.waiting = p.waiting.saturating_sub(1);
         if p.waiting > 0 || p.remote > 0 {
             return None;

@@ -157,6 +157,35 @@ impl Survey {
     }
 }
 
+/// /status entries marked with the node they are on: `node=X ` before
+/// each text line, `"node":"X"` first in each JSON object.
+pub(crate) fn label(text: &[u8], node: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 64);
+    if text.first() == Some(&b'{') {
+        // Entries are serde_json objects, each opening with `{"id":`; a
+        // quote inside a value is escaped, so the pattern is never there.
+        let json = serde_json::to_string(node).unwrap_or_default();
+        let pat = br#"{"id":"#;
+        let mut rest = text;
+        while let Some(at) = rest.windows(pat.len()).position(|w| w == pat) {
+            out.extend_from_slice(&rest[..at]);
+            out.extend_from_slice(b"{\"node\":");
+            out.extend_from_slice(json.as_bytes());
+            out.extend_from_slice(b",\"id\":");
+            rest = &rest[at + pat.len()..];
+        }
+        out.extend_from_slice(rest);
+        return out;
+    }
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b"id=") {
+            out.extend_from_slice(format!("node={node} ").as_bytes());
+        }
+        out.extend_from_slice(line);
+    }
+    out
+}
+
 /// An answer's words on the asking node's channel.
 pub(crate) fn answer(core: u16, req: u64, count: u64, text: &[u8]) -> Vec<u8> {
     let mut out = format!("answer|{core}|{req}|{count}|").into_bytes();
@@ -279,6 +308,22 @@ mod tests {
         let ids = Selector::Ids(vec!["x".into(), "y".into()]);
         let s = Survey::of("a", 0, 1, &ids, None, &FanOp::Close).unwrap();
         assert_eq!(*s.call().unwrap().0, ids);
+    }
+
+    #[test]
+    fn status_entries_name_their_node() {
+        assert_eq!(
+            label(b"id=x k=v\nid=y\n", "a-1"),
+            b"node=a-1 id=x k=v\nnode=a-1 id=y\n".to_vec()
+        );
+        assert_eq!(
+            label(
+                br#"{"id":"x","tags":{"k":"{\"id\":"}},{"id":"y","tags":{}}"#,
+                "a"
+            ),
+            br#"{"node":"a","id":"x","tags":{"k":"{\"id\":"}},{"node":"a","id":"y","tags":{}}"#
+                .to_vec()
+        );
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub(crate) struct Core {
     /// login to claim anew (a batch per iteration, so a million logins
     /// never flood the connection's buffer).
     reclaim: Option<usize>,
+    /// With a cluster: when this core next claims its logins' ids again,
+    /// renewing their keys (every half `owner_ttl`).
+    next_refresh: Option<Instant>,
     /// Shared permessage-deflate contexts (one compressed frame per
     /// broadcast on this core) and the buffer messages inflate into.
     codec: crate::protocol::deflate::CoreCodec,
@@ -182,6 +185,10 @@ impl Core {
             registry: (setup.index == 0 && cfg.cluster.is_some())
                 .then(|| (super::cluster::Registry::default(), Instant::now())),
             reclaim: None,
+            next_refresh: cfg
+                .cluster
+                .as_ref()
+                .map(|c| Instant::now() + c.owner_ttl / 2),
             rx: setup.rx,
             mesh: Outgoing::new(shared.inboxes.clone(), setup.index),
             ready: Vec::new(),
@@ -994,6 +1001,10 @@ impl Core {
         let (conn, answer) = match done {
             Done::Conn(c, a) => (c, a),
             Done::Survey(o, count, text) => {
+                let text = match &self.shared.cfg.cluster {
+                    Some(c) if !text.is_empty() => super::cluster::label(&text, &c.node_id),
+                    _ => text,
+                };
                 self.cluster_publish(
                     format!("{}{}", self.cluster_node_prefix(), o.node).as_bytes(),
                     &super::cluster::answer(o.core, o.req, count, &text),
@@ -1198,6 +1209,12 @@ impl Core {
                 .add(done.len() as u64);
             for d in done {
                 self.admin_done(d);
+            }
+        }
+        if let (Some(t), Some(c)) = (self.next_refresh, &self.shared.cfg.cluster) {
+            if now >= t {
+                self.next_refresh = Some(now + c.owner_ttl / 2);
+                self.reclaim.get_or_insert(0);
             }
         }
         if let Some(from) = self.reclaim.take() {

@@ -37,9 +37,16 @@ use crate::config::{Config, RedisConfig, SESSIONS_SERVER};
 /// ARGV[6] = "1" re-claims after the connection to Redis came back: then
 /// the newer login by the nodes' clocks (epochs are microseconds) keeps
 /// the id, whichever node re-claims first; an older one closes itself.
+/// Claiming again a login that still owns the id renews the key's
+/// lifetime (the periodic refresh).
 pub(crate) const OWNER_SCRIPT: &[u8] = b"local n, e = ARGV[1], tonumber(ARGV[2])
 local seq = tonumber(redis.call('HGET', KEYS[1], 's:' .. n))
-if seq and seq >= e then return 0 end
+if seq and seq >= e then
+  if seq == e and redis.call('HGET', KEYS[1], 'owner') == n then
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+  end
+  return 0
+end
 local prev = redis.call('HGET', KEYS[1], 'owner')
 if ARGV[6] == '1' and prev and prev ~= n then
   local ps = tonumber(redis.call('HGET', KEYS[1], 's:' .. prev))
@@ -332,9 +339,13 @@ impl<'a> Ctx<'a> {
         // call answers without it after survey_timeout.
         let known = self.nodes_known.load(std::sync::atomic::Ordering::Relaxed);
         let deadline = std::time::Instant::now() + c.survey_timeout;
+        let status = matches!(call.op, FanOp::Status { .. });
         let req = self
             .admin
             .start(call, self.mesh, known, Some(deadline), None);
+        if status {
+            self.admin.label(req, &c.node_id);
+        }
         if known == 0 {
             return;
         }
