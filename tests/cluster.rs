@@ -90,6 +90,12 @@ fn rely_transfers_cross_nodes_byte_for_byte_and_in_order() {
     assert_eq!(w.recv(Some(WAIT)).unwrap().unwrap().payload, payload);
     assert_eq!(w.recv(Some(WAIT)).unwrap().unwrap().payload, b"");
     let (ma, mb) = (a.metrics(), b.metrics());
+    // Claims run the loaded script by its SHA, not its text.
+    let Reply::Bulk(stats) = redis.client().cmd(&["INFO", "commandstats"]) else {
+        panic!("commandstats");
+    };
+    let stats = String::from_utf8_lossy(&stats).into_owned();
+    assert!(stats.contains("cmdstat_evalsha:calls="), "{stats}");
     assert!(mb.cluster_out >= u64::from(n), "{}", mb.cluster_out);
     assert!(ma.cluster_in >= u64::from(n), "{}", ma.cluster_in);
     assert_eq!(ma.cluster_dropped + mb.cluster_dropped, 0);

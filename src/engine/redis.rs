@@ -106,6 +106,11 @@ enum Want {
     /// A PUBLISH of a transfer to another node: its receiver count says
     /// whether anyone held the id.
     Transfer,
+    /// SCRIPT LOAD of cluster script `.0`: the reply is its SHA.
+    Load(u8),
+    /// EVALSHA of cluster script `.0`: NOSCRIPT (the cache was flushed)
+    /// makes the next run send its text again.
+    Sha(u8),
 }
 
 /// What the core hands on after `service`.
@@ -245,6 +250,8 @@ pub(crate) struct Redis {
     cluster: Option<ClusterNames>,
     /// The command connection was ready at the last `service`.
     cmd_was_ready: bool,
+    /// The cluster scripts' SHAs on the current command connection.
+    shas: [Option<Box<[u8]>>; 2],
 }
 
 impl Link {
@@ -331,6 +338,7 @@ impl Redis {
             now: Instant::now(),
             cluster: None,
             cmd_was_ready: false,
+            shas: [None, None],
         }
     }
 
@@ -391,6 +399,40 @@ impl Redis {
             };
             self.leave(cfg, m, id, me);
         }
+    }
+
+    /// Runs cluster script `script` (`engine::cluster::SCRIPTS`) with
+    /// `args` (its key count, keys and arguments), nobody waiting: by SHA
+    /// once the connection has loaded it, else by its text. False if it
+    /// was dropped (counted).
+    pub(crate) fn eval(
+        &mut self,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        script: usize,
+        args: &[&[u8]],
+    ) -> bool {
+        let Some(text) = super::cluster::SCRIPTS.get(script) else {
+            return false;
+        };
+        let mut all: Vec<&[u8]> = Vec::with_capacity(args.len() + 2);
+        let sha = self.shas.get(script).cloned().flatten();
+        let want = match &sha {
+            Some(sha) => {
+                all.extend([&b"EVALSHA"[..], &sha[..]]);
+                Want::Sha(script as u8)
+            }
+            None => {
+                all.extend([&b"EVAL"[..], text]);
+                Want::Ignore
+            }
+        };
+        all.extend_from_slice(args);
+        let ok = self.command(cfg, m, want, &all);
+        if !ok {
+            m.redis_dropped.inc();
+        }
+        ok
     }
 
     /// PUBLISHes a transfer for another node on channel `prefix` + `id`;
@@ -786,6 +828,8 @@ impl Redis {
         now: Instant,
     ) {
         let core = self.core;
+        // The cluster's scripts are loaded on each new command connection.
+        let load_scripts = !sub && self.cluster.is_some();
         let l = self.link(sub);
         let State::Connecting { stream, deadline } = &l.state else {
             return;
@@ -846,6 +890,16 @@ impl Redis {
         for p in l.pending.iter_mut() {
             p.1 = deadline;
             p.2 = now;
+        }
+        // The cluster's scripts, loaded once per connection: their replies
+        // come after the setup's, ahead of what was buffered.
+        if load_scripts {
+            for text in super::cluster::SCRIPTS.iter() {
+                resp::encode(&mut setup, &[b"SCRIPT", b"LOAD", text]);
+            }
+            for i in (0..super::cluster::SCRIPTS.len()).rev() {
+                l.pending.push_front((Want::Load(i as u8), deadline, now));
+            }
         }
         for _ in 0..n {
             l.pending.push_front((Want::Setup, deadline, now));
@@ -1017,6 +1071,25 @@ impl Redis {
             }
             (Want::Event, _) => {
                 m.events_written.inc();
+                Ok(())
+            }
+            (Want::Load(i), Answer::Bytes(sha)) => {
+                if let Some(s) = self.shas.get_mut(i as usize) {
+                    *s = Some(sha.into());
+                }
+                Ok(())
+            }
+            (Want::Load(_), a) => {
+                log::warn!("core {}: redis: loading a cluster script: {a:?}", self.core);
+                Ok(())
+            }
+            (Want::Sha(i), Answer::Error(e)) => {
+                if e.starts_with("NOSCRIPT") {
+                    if let Some(s) = self.shas.get_mut(i as usize) {
+                        *s = None;
+                    }
+                }
+                log::debug!("core {}: redis: {e}", self.core);
                 Ok(())
             }
             // Nobody subscribed: no node holds the id.

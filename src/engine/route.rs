@@ -25,56 +25,6 @@ use super::timer::Timing;
 use super::ConnId;
 use crate::config::{Config, RedisConfig, SESSIONS_SERVER};
 
-/// Claims id KEYS[1] (a hash) for login ARGV[2] of node ARGV[1], for
-/// ARGV[3] seconds. The hash keeps the owner node and, per node, the newest
-/// login it claimed: a node's logins may reach Redis out of order (each
-/// core has its own connection), and a claim older than that node's newest
-/// is stale (its login is already closed here) and changes nothing. If
-/// another node owned the id, its channel (ARGV[4] + its name) is told to
-/// close its logins of id ARGV[5] up to its newest claim. One atomic step:
-/// Redis alone orders the claims, so exactly one login survives.
-///
-/// ARGV[6] = "1" re-claims after the connection to Redis came back: then
-/// the newer login by the nodes' clocks (epochs are microseconds) keeps
-/// the id, whichever node re-claims first; an older one closes itself.
-/// Claiming again a login that still owns the id renews the key's
-/// lifetime (the periodic refresh).
-pub(crate) const OWNER_SCRIPT: &[u8] = b"local n, e = ARGV[1], tonumber(ARGV[2])
-local seq = tonumber(redis.call('HGET', KEYS[1], 's:' .. n))
-if seq and seq >= e then
-  if seq == e and redis.call('HGET', KEYS[1], 'owner') == n then
-    redis.call('EXPIRE', KEYS[1], ARGV[3])
-  end
-  return 0
-end
-local prev = redis.call('HGET', KEYS[1], 'owner')
-if ARGV[6] == '1' and prev and prev ~= n then
-  local ps = tonumber(redis.call('HGET', KEYS[1], 's:' .. prev))
-  if ps and ps > e then
-    redis.call('HSET', KEYS[1], 's:' .. n, ARGV[2])
-    redis.call('PUBLISH', ARGV[4] .. n, 'kick|' .. ARGV[2] .. '|' .. ARGV[5])
-    return 2
-  end
-end
-redis.call('HSET', KEYS[1], 'owner', n, 's:' .. n, ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if prev and prev ~= n then
-  local ps = redis.call('HGET', KEYS[1], 's:' .. prev)
-  if ps then redis.call('PUBLISH', ARGV[4] .. prev, 'kick|' .. ps .. '|' .. ARGV[5]) end
-end
-return 1";
-
-/// Gives up claim KEYS[1] only if node ARGV[1]'s login ARGV[2] still owns
-/// it. The nodes' newest-login marks stay (for a minute): a claim of an
-/// older login still on its way must stay stale, or it would take the id
-/// back and close a live login elsewhere.
-pub(crate) const RELEASE_SCRIPT: &[u8] = b"if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HGET', KEYS[1], 's:' .. ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', KEYS[1], 'owner')
-  redis.call('EXPIRE', KEYS[1], 60)
-  return 1
-end
-return 0";
-
 /// Everything a stage may touch besides its own connection.
 pub(crate) struct Ctx<'a> {
     pub(super) cfg: &'a Config,
@@ -197,7 +147,8 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Claims `id` for this node's login `epoch` (see [`OWNER_SCRIPT`]);
+    /// Claims `id` for this node's login `epoch` (see
+    /// [`super::cluster::CLAIM_SCRIPT`]);
     /// `again`: a re-claim after Redis came back.
     pub(crate) fn claim(&mut self, id: &[u8], epoch: u64, again: bool) {
         let Some(c) = &self.cfg.cluster else {
@@ -206,9 +157,7 @@ impl<'a> Ctx<'a> {
         let (m, server) = (self.metrics, c.server);
         let (ttl, e) = (c.owner_ttl.as_secs().to_string(), epoch.to_string());
         let np = c.node_channel_prefix();
-        let args: [&[u8]; 10] = [
-            b"EVAL",
-            OWNER_SCRIPT,
+        let args: [&[u8]; 8] = [
             b"1",
             &c.owner_key(id),
             c.node_id.as_bytes(),
@@ -219,7 +168,7 @@ impl<'a> Ctx<'a> {
             if again { b"1" } else { b"0" },
         ];
         if let (Some(r), Some(rc)) = self.redis_of(server) {
-            r.send(rc, m, &args);
+            r.eval(rc, m, super::cluster::CLAIM, &args);
         }
     }
 
@@ -232,15 +181,13 @@ impl<'a> Ctx<'a> {
                 r.release(rc, m, &c.id_channel(&login.id));
                 // The key goes only if it still names this login.
                 let e = login.epoch.to_string();
-                let args: [&[u8]; 6] = [
-                    b"EVAL",
-                    RELEASE_SCRIPT,
+                let args: [&[u8]; 4] = [
                     b"1",
                     &c.owner_key(&login.id),
                     c.node_id.as_bytes(),
                     e.as_bytes(),
                 ];
-                r.send(rc, m, &args);
+                r.eval(rc, m, super::cluster::RELEASE, &args);
             }
         }
     }
