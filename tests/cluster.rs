@@ -463,3 +463,24 @@ fn a_long_login_keeps_its_claim_alive() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_survey_over_the_message_cap_stays_on_its_node_and_says_so() {
+    let redis = RedisServer::start();
+    let (a, b) = (
+        node(&redis, "a", "  max_message_size: 1KiB\n"),
+        node(&redis, "b", ""),
+    );
+    until_nodes(&a, "2/2");
+    let _w = WsRaw::connect(b.ws_addrs()[0], "/room/r1/far");
+    let t = Instant::now();
+    let (r, nodes) = admin(&a, "POST", "/send?room=r1", &[b'x'; 2048]);
+    // Not sent to b (it would pass the cap): this node's count at once,
+    // with the left-out node visible.
+    assert_eq!((r.text(), nodes.as_str()), ("0".into(), "1/2"));
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "no wait for the survey timeout"
+    );
+    assert!(a.metrics().cluster_dropped >= 1);
+}

@@ -59,9 +59,11 @@ const TEXT: &str = "text/plain; charset=utf-8";
 struct Pending {
     conn: ConnId,
     waiting: usize,
-    /// Other nodes still to answer, and how many were asked.
+    /// Other nodes still to answer, how many were asked, and how many
+    /// answered.
     remote: usize,
     asked: usize,
+    answered: usize,
     /// Give up on the other nodes then.
     deadline: Option<Instant>,
     origin: Option<Origin>,
@@ -102,6 +104,7 @@ impl AdminCalls {
                 conn: call.conn,
                 remote,
                 asked: remote,
+                answered: 0,
                 deadline,
                 origin,
                 label: None,
@@ -139,6 +142,15 @@ impl AdminCalls {
         }
         p.text.extend_from_slice(text);
         Some(p)
+    }
+
+    /// Request `req` will hear from no other node (the survey could not go
+    /// out): it answers with this node's count once its cores have, and
+    /// says how many nodes it left out.
+    pub(crate) fn give_up_nodes(&mut self, req: u64) {
+        if let Some(p) = self.pending.get_mut(&req) {
+            p.remote = 0;
+        }
     }
 
     /// Marks request `req`'s entries from this node's cores with `node`.
@@ -184,6 +196,7 @@ impl AdminCalls {
         }
         let p = self.add(req, count, text)?;
         p.remote -= 1;
+        p.answered += 1;
         if p.waiting > 0 || p.remote > 0 {
             return None;
         }
@@ -218,8 +231,7 @@ impl AdminCalls {
         if let Some(o) = p.origin.take() {
             return Some(Done::Survey(o, p.count, p.text));
         }
-        let nodes =
-            (p.asked > 0 || p.deadline.is_some()).then_some((1 + p.asked - p.remote, 1 + p.asked));
+        let nodes = (p.asked > 0 || p.deadline.is_some()).then_some((1 + p.answered, 1 + p.asked));
         let body = if p.status {
             tail(&mut p.text, p.json);
             if p.json {

@@ -244,6 +244,24 @@ pub(crate) fn label(text: &[u8], node: &str) -> Vec<u8> {
     out
 }
 
+/// /status text cut to at most `max` bytes at an entry's end (a line, or
+/// a JSON object): an answer must stay under Redis' pub/sub output limit,
+/// which would otherwise disconnect the asking node's subscriber.
+pub(crate) fn cap_status(mut text: Vec<u8>, max: usize) -> Vec<u8> {
+    if text.len() <= max {
+        return text;
+    }
+    let head = &text[..max];
+    let end = if text.first() == Some(&b'{') {
+        // Entries are joined by ",{": keep whole objects.
+        head.windows(2).rposition(|w| w == b",{").unwrap_or(0)
+    } else {
+        head.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+    };
+    text.truncate(end);
+    text
+}
+
 /// An answer's words on the asking node's channel.
 pub(crate) fn answer(core: u16, req: u64, count: u64, text: &[u8]) -> Vec<u8> {
     let mut out = format!("answer|{core}|{req}|{count}|").into_bytes();
@@ -381,6 +399,16 @@ mod tests {
             ),
             br#"{"node":"a","id":"x","tags":{"k":"{\"id\":"}},{"node":"a","id":"y","tags":{}}"#
                 .to_vec()
+        );
+    }
+
+    #[test]
+    fn status_answers_are_cut_at_an_entry() {
+        assert_eq!(cap_status(b"id=a\nid=bb\n".to_vec(), 8), b"id=a\n");
+        assert_eq!(cap_status(b"id=a\n".to_vec(), 64), b"id=a\n");
+        assert_eq!(
+            cap_status(br#"{"id":"a"},{"id":"b"}"#.to_vec(), 15),
+            br#"{"id":"a"}"#
         );
     }
 

@@ -1002,7 +1002,10 @@ impl Core {
             Done::Conn(c, a) => (c, a),
             Done::Survey(o, count, text) => {
                 let text = match &self.shared.cfg.cluster {
-                    Some(c) if !text.is_empty() => super::cluster::label(&text, &c.node_id),
+                    Some(c) if !text.is_empty() => super::cluster::cap_status(
+                        super::cluster::label(&text, &c.node_id),
+                        c.max_message_size.saturating_sub(64),
+                    ),
                     _ => text,
                 };
                 self.cluster_publish(

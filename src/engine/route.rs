@@ -298,12 +298,19 @@ impl<'a> Ctx<'a> {
         }
         s.req = req;
         let m = self.metrics;
-        let sent = match self.redis_of(c.server) {
-            (Some(r), Some(rc)) => r.send(rc, m, &[b"PUBLISH", &c.ctl_channel(), &s.encode()]),
-            _ => false,
-        };
+        let words = s.encode();
+        // A survey over the cluster's message cap would risk every node's
+        // subscriber (Redis' pub/sub output limit): this node answers alone.
+        let sent = words.len() <= c.max_message_size
+            && match self.redis_of(c.server) {
+                (Some(r), Some(rc)) => r.send(rc, m, &[b"PUBLISH", &c.ctl_channel(), &words]),
+                _ => false,
+            };
         if sent {
             m.cluster_surveys.inc();
+        } else {
+            m.cluster_dropped.inc();
+            self.admin.give_up_nodes(req);
         }
     }
 
