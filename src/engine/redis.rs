@@ -221,7 +221,9 @@ struct Sub {
     subscribed: bool,
     /// Confirmations still due for commands sent for it.
     outstanding: u32,
-    selector: Arc<Selector>,
+    /// Its members' selector (None: a channel held for the cluster, whose
+    /// messages the core routes itself; it needs none, nor an id entry).
+    selector: Option<Arc<Selector>>,
     /// Joins per core from other cores (`redis.per_core: false`), indexed
     /// by core; empty while only this core's connections joined.
     remote: Vec<u32>,
@@ -382,22 +384,34 @@ impl Redis {
                 waiting: Vec::new(),
                 subscribed: up,
                 outstanding: u32::from(up),
-                selector: Arc::new(Selector::Channel(Channel::Redis(id))),
+                selector: None,
                 remote: Vec::new(),
             },
         );
-        self.names.insert(id, name.into());
     }
 
-    /// Undoes one [`Redis::hold`] of `name`.
+    /// Undoes one [`Redis::hold`] of `name`; the last one unsubscribes.
     pub(crate) fn release(&mut self, cfg: &RedisConfig, m: &CoreMetrics, name: &[u8]) {
-        if let Some(id) = self.subs.get(name).map(|s| s.id) {
-            let me = ConnId {
-                core: self.core as u16,
-                slot: u32::MAX,
-                gen: 0,
-            };
-            self.leave(cfg, m, id, me);
+        let Some(s) = self.subs.get_mut(name) else {
+            return;
+        };
+        s.refs = s.refs.saturating_sub(1);
+        if s.refs > 0 {
+            return;
+        }
+        if s.subscribed
+            && self.sub.up()
+            && self
+                .sub
+                .push(&[b"UNSUBSCRIBE", name], cfg.max_pending_bytes)
+        {
+            s.subscribed = false;
+            s.outstanding += 1;
+            return; // forgotten when the confirmation comes
+        }
+        if s.outstanding == 0 || !self.sub.up() {
+            self.forget(name);
+            m.redis_channels.set(self.subs.len() as u64);
         }
     }
 
@@ -630,7 +644,7 @@ impl Redis {
                 waiting: vec![me],
                 subscribed: up,
                 outstanding: u32::from(up),
-                selector: Arc::new(Selector::Channel(Channel::Redis(id))),
+                selector: Some(Arc::new(Selector::Channel(Channel::Redis(id)))),
                 remote: Vec::new(),
             },
         );
@@ -921,7 +935,13 @@ impl Redis {
     /// in batches, with a PING behind them so a silent Redis is noticed.
     fn resubscribe(&mut self, cfg: &RedisConfig, now: Instant) {
         self.subs.retain(|_, s| s.refs > 0);
-        self.names = self.subs.iter().map(|(k, s)| (s.id, k.clone())).collect();
+        // Held channels (no selector) are found by name only.
+        self.names = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.selector.is_some())
+            .map(|(k, s)| (s.id, k.clone()))
+            .collect();
         let names: Vec<Box<[u8]>> = self.subs.keys().cloned().collect();
         for batch in names.chunks(SUBSCRIBE_BATCH) {
             let mut args: Vec<&[u8]> = Vec::with_capacity(batch.len() + 1);
@@ -1158,7 +1178,9 @@ impl Redis {
                 let text = std::str::from_utf8(data).is_ok();
                 self.events.push(Event::Message(
                     s.id,
-                    s.selector.clone(),
+                    s.selector
+                        .clone()
+                        .unwrap_or_else(|| Arc::new(Selector::Channel(Channel::Redis(s.id)))),
                     Message::new(text, data),
                 ));
                 Ok(())
@@ -1352,7 +1374,13 @@ impl Redis {
                 s.outstanding = 0;
             }
             self.subs.retain(|_, s| s.refs > 0);
-            self.names = self.subs.iter().map(|(k, s)| (s.id, k.clone())).collect();
+            // Held channels (no selector) are found by name only.
+            self.names = self
+                .subs
+                .iter()
+                .filter(|(_, s)| s.selector.is_some())
+                .map(|(k, s)| (s.id, k.clone()))
+                .collect();
             m.redis_channels.set(self.subs.len() as u64);
         }
     }
