@@ -176,10 +176,7 @@ impl AdminCalls {
         };
         let p = self.add(req, count, labelled.as_deref().unwrap_or(text))?;
         p.waiting = p.waiting.saturating_sub(1);
-        if p.waiting > 0 || p.remote > 0 {
-            return None;
-        }
-        self.finish(req, tail)
+        self.finish_if_answered(req, tail)
     }
 
     /// Another node's answer to request `req`.
@@ -197,6 +194,16 @@ impl AdminCalls {
         let p = self.add(req, count, text)?;
         p.remote -= 1;
         p.answered += 1;
+        self.finish_if_answered(req, tail)
+    }
+
+    /// Finishes request `req` once every core and every node answered.
+    fn finish_if_answered(
+        &mut self,
+        req: u64,
+        tail: impl FnOnce(&mut Vec<u8>, bool),
+    ) -> Option<Done> {
+        let p = self.pending.get(&req)?;
         if p.waiting > 0 || p.remote > 0 {
             return None;
         }

@@ -302,6 +302,9 @@ fn split(b: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&b[..at], &b[at + 1..]))
 }
 
+/// Nodes a registry keeps at most (a cluster of 100 nodes is large).
+pub(crate) const MAX_NODES: usize = 4096;
+
 /// The other nodes core 0 has heard from, and when.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
@@ -309,9 +312,19 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    /// Node `node` spoke.
-    pub(crate) fn heard(&mut self, node: String, now: Instant) {
+    /// Node `node` spoke: Some(true) if it is new, None if refused
+    /// (past [`MAX_NODES`]: the registry stays bounded whatever is
+    /// published on the control channel).
+    pub(crate) fn heard(&mut self, node: String, now: Instant) -> Option<bool> {
+        if let Some(t) = self.nodes.get_mut(&node) {
+            *t = now;
+            return Some(false);
+        }
+        if self.nodes.len() >= MAX_NODES {
+            return None;
+        }
         self.nodes.insert(node, now);
+        Some(true)
     }
 
     /// Node `node` said goodbye.
@@ -416,7 +429,8 @@ mod tests {
     fn silent_nodes_expire() {
         let mut r = Registry::default();
         let t0 = Instant::now();
-        r.heard("b".into(), t0);
+        assert_eq!(r.heard("b".into(), t0), Some(true));
+        assert_eq!(r.heard("b".into(), t0), Some(false));
         r.heard("c".into(), t0 + std::time::Duration::from_secs(5));
         assert!(r.expire(t0 + std::time::Duration::from_secs(1)));
         assert_eq!(r.names(), ["c"]);

@@ -912,13 +912,16 @@ impl Core {
                         // Compressed through the connection's own context.
                         let mut frame = Vec::new();
                         self.act(slot, |s, _, _, cx| {
-                            if let Stage::Ws(w) = s {
-                                frame = w.own_frame(m, f.force_binary, cx);
-                            }
+                            frame = s.own_frame(m, f.force_binary, cx);
                             Outcome::Continue
                         });
-                        let queued =
-                            self.queue_on(slot, frame.len(), |out| out.push_bytes(&[&frame]));
+                        // Its own bytes: queued as they are, not copied
+                        // (shrunk in place: a compressed frame is smaller
+                        // than the room made for it, and queues count
+                        // length).
+                        frame.shrink_to_fit();
+                        let len = frame.len();
+                        let queued = self.queue_on(slot, len, |out| out.push(Chunk::Buf(frame)));
                         if matches!(f.op, FanOp::Send) && !queued {
                             continue;
                         }
@@ -1223,24 +1226,22 @@ impl Core {
         if let Some(from) = self.reclaim.take() {
             self.reclaim_batch(from);
         }
-        let Some(c) = self.shared.cfg.cluster.clone() else {
+        // Core 0, once per ping_interval (not per iteration): say this
+        // node is alive and forget the silent ones.
+        let (Some((reg, next)), Some(c)) = (self.registry.as_mut(), &self.shared.cfg.cluster)
+        else {
             return;
         };
-        let Some((reg, _)) = self.registry.as_mut() else {
+        if now < *next {
             return;
-        };
+        }
+        *next = now + c.ping_interval;
         let changed = reg.expire(now.checked_sub(c.node_expiry).unwrap_or(now));
+        let (channel, words) = (c.ctl_channel(), format!("ping|{}", c.node_id));
         if changed {
             self.publish_nodes();
         }
-        let Some((_, next)) = self.registry.as_mut() else {
-            return;
-        };
-        if now >= *next {
-            *next = now + c.ping_interval;
-            let words = format!("ping|{}", c.node_id);
-            self.cluster_publish(&c.ctl_channel(), words.as_bytes());
-        }
+        self.cluster_publish(&channel, words.as_bytes());
     }
 
     /// Claims anew the ids of up to `RECLAIM_BATCH` logins from slab key
@@ -1288,7 +1289,8 @@ impl Core {
     /// channel; kicks and survey answers on this node's channel).
     fn cluster_said(&mut self, words: &[u8]) {
         use super::cluster::Said;
-        let Some(c) = self.shared.cfg.cluster.clone() else {
+        let shared = self.shared.clone();
+        let Some(c) = &shared.cfg.cluster else {
             return;
         };
         let Some(said) = super::cluster::parse(words) else {
@@ -1298,10 +1300,12 @@ impl Core {
         match said {
             Said::Ping(node) if node != c.node_id => {
                 if let Some((reg, _)) = self.registry.as_mut() {
-                    let new = !reg.names().contains(&node);
-                    reg.heard(node, Instant::now());
-                    if new {
-                        self.publish_nodes();
+                    match reg.heard(node, Instant::now()) {
+                        Some(true) => self.publish_nodes(),
+                        Some(false) => {}
+                        // More nodes than a cluster has: a Redis (or a
+                        // client of it) saying garbage on the channel.
+                        None => self.metrics().redis_bad_replies.inc(),
                     }
                 }
             }

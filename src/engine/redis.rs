@@ -374,24 +374,44 @@ impl Redis {
         if up {
             resp::encode(&mut self.sub.out, &[b"SUBSCRIBE", name]);
         }
+        self.insert_sub(name, up, false);
+    }
+
+    /// A new channel with one reference, SUBSCRIBEd already if `sent`;
+    /// its local id. `members`: connections join it (a held channel has no
+    /// selector and no id entry: the core routes its messages itself, and
+    /// it is found by name).
+    fn insert_sub(&mut self, name: &[u8], sent: bool, members: bool) -> u32 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
+        let selector = members.then(|| {
+            self.names.insert(id, name.into());
+            Arc::new(Selector::Channel(Channel::Redis(id)))
+        });
         self.subs.insert(
             name.into(),
             Sub {
                 id,
                 refs: 1,
                 waiting: Vec::new(),
-                subscribed: up,
-                outstanding: u32::from(up),
-                selector: None,
+                subscribed: sent,
+                outstanding: u32::from(sent),
+                selector,
                 remote: Vec::new(),
             },
         );
+        id
     }
 
-    /// Undoes one [`Redis::hold`] of `name`; the last one unsubscribes.
+    /// Undoes one [`Redis::hold`] of `name`.
     pub(crate) fn release(&mut self, cfg: &RedisConfig, m: &CoreMetrics, name: &[u8]) {
+        self.unref(cfg, m, name);
+    }
+
+    /// One reference to channel `name` fewer: the last one unsubscribes
+    /// (the channel is forgotten when Redis confirms, or at once while the
+    /// connection is down).
+    fn unref(&mut self, cfg: &RedisConfig, m: &CoreMetrics, name: &[u8]) {
         let Some(s) = self.subs.get_mut(name) else {
             return;
         };
@@ -407,7 +427,7 @@ impl Redis {
         {
             s.subscribed = false;
             s.outstanding += 1;
-            return; // forgotten when the confirmation comes
+            return;
         }
         if s.outstanding == 0 || !self.sub.up() {
             self.forget(name);
@@ -634,60 +654,30 @@ impl Redis {
         if up && !self.sub.push(&[b"SUBSCRIBE", name], cfg.max_pending_bytes) {
             return Join::Down;
         }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        self.subs.insert(
-            name.into(),
-            Sub {
-                id,
-                refs: 1,
-                waiting: vec![me],
-                subscribed: up,
-                outstanding: u32::from(up),
-                selector: Some(Arc::new(Selector::Channel(Channel::Redis(id)))),
-                remote: Vec::new(),
-            },
-        );
-        if let (Some(c), Some(s)) = (remote, self.subs.get_mut(name)) {
-            s.remote.resize(c + 1, 0);
-            s.remote[c] = 1;
+        let id = self.insert_sub(name, up, true);
+        if let Some(s) = self.subs.get_mut(name) {
+            s.waiting.push(me);
+            if let Some(c) = remote {
+                s.remote.resize(c + 1, 0);
+                s.remote[c] = 1;
+            }
         }
-        self.names.insert(id, name.into());
         m.redis_channels.set(self.subs.len() as u64);
         Join::Pending(id)
     }
 
     /// Undoes one join of channel `id` by `me`; the last one unsubscribes.
     pub(crate) fn leave(&mut self, cfg: &RedisConfig, m: &CoreMetrics, id: u32, me: ConnId) {
-        let Some(name) = self.names.get(&id) else {
+        let Some(name) = self.names.get(&id).cloned() else {
             return;
         };
-        let Some(s) = self.subs.get_mut(name) else {
-            return;
-        };
-        s.waiting.retain(|w| *w != me);
-        s.refs = s.refs.saturating_sub(1);
-        if let Some(n) = s.remote.get_mut(me.core as usize) {
-            *n = n.saturating_sub(1);
+        if let Some(s) = self.subs.get_mut(&name) {
+            s.waiting.retain(|w| *w != me);
+            if let Some(n) = s.remote.get_mut(me.core as usize) {
+                *n = n.saturating_sub(1);
+            }
         }
-        if s.refs > 0 {
-            return;
-        }
-        if s.subscribed
-            && self.sub.up()
-            && self
-                .sub
-                .push(&[b"UNSUBSCRIBE", name], cfg.max_pending_bytes)
-        {
-            s.subscribed = false;
-            s.outstanding += 1;
-            return; // forgotten when the confirmation comes
-        }
-        if s.outstanding == 0 || !self.sub.up() {
-            let name = name.clone();
-            self.forget(&name);
-            m.redis_channels.set(self.subs.len() as u64);
-        }
+        self.unref(cfg, m, &name);
     }
 
     /// The other cores with members of channel `id` (per_core: false).

@@ -222,6 +222,20 @@ impl Stage {
         }
     }
 
+    /// A fanned-out message framed by the stage itself ([`Wire::WsOwn`]:
+    /// through its own compression context); empty for other stages.
+    pub(crate) fn own_frame(
+        &mut self,
+        msg: &crate::engine::message::Message,
+        force_binary: bool,
+        cx: &mut Ctx<'_>,
+    ) -> Vec<u8> {
+        match self {
+            Stage::Ws(s) => s.own_frame(msg, force_binary, cx),
+            _ => Vec::new(),
+        }
+    }
+
     /// The wire a RELY transfer frame is wrapped in for this stage (None:
     /// as it is, byte for byte).
     #[inline]
