@@ -110,7 +110,15 @@ fn an_id_no_node_holds_is_offline_and_ids_here_never_touch_redis() {
     );
     let mut x = login(&a, "x");
     let mut y = login(&a, "y");
-    let _z = login(&b, "z");
+    let mut z = login(&b, "z");
+    // Garbage published on an id's channel (not a node's transfer frame):
+    // counted and dropped; the id keeps working.
+    until_routed(&mut x, &mut z);
+    let bad = b.metrics().redis_bad_replies;
+    let chan = format!("test{}:id:z", redis.addr().port());
+    assert_eq!(redis.client().publish(&chan, b"\x00garbage"), 1);
+    wait_until(|| b.metrics().redis_bad_replies > bad, "garbage counted");
+    until_routed(&mut x, &mut z);
     let before = a.metrics();
     // Both on node a: the mesh, not Redis.
     x.send(b"y", b"local").unwrap();

@@ -1370,11 +1370,23 @@ impl Core {
         }
     }
 
-    /// A transfer from another node for `id`: delivered by the core that
+    /// A transfer from another node: delivered by the core that
     /// holds the id (every core holding a login of it subscribed, and an
     /// older one on another core may still be closing).
-    fn cluster_transfer(&mut self, id: &[u8], frame: Vec<u8>) {
-        let Some(dst) = self.cache.lookup(&self.shared.directory, id) else {
+    fn cluster_transfer(&mut self, frame: Vec<u8>) {
+        use crate::protocol::rely::{self, Frame, Parse};
+        // Only whole transfer frames go on id channels; anything else was
+        // not published by a node (counted, dropped).
+        let dst = match rely::parse(&frame, u32::MAX) {
+            Ok(Parse::Frame(Frame::Transfer { to, .. }, used)) if used == frame.len() => {
+                self.cache.lookup(&self.shared.directory, to)
+            }
+            _ => {
+                self.metrics().redis_bad_replies.inc();
+                return;
+            }
+        };
+        let Some(dst) = dst else {
             self.metrics().dropped_offline.inc();
             return;
         };
@@ -1436,7 +1448,7 @@ impl Core {
                     }
                     self.fanout(f);
                 }
-                redis::Event::Transfer(id, frame) => self.cluster_transfer(&id, frame),
+                redis::Event::Transfer(frame) => self.cluster_transfer(frame),
                 redis::Event::Said(words) => self.cluster_said(&words),
                 redis::Event::Up => {
                     if self.shared.cfg.cluster.is_some() {

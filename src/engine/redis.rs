@@ -123,8 +123,9 @@ pub(crate) enum Event {
     /// A message on a subscribed channel, for its members: verbatim, text
     /// when it is UTF-8 and binary otherwise (never an empty text frame).
     Message(u32, Arc<Selector>, Message),
-    /// A RELY transfer frame from another node for id `.0` (cluster).
-    Transfer(Box<[u8]>, Vec<u8>),
+    /// A RELY transfer frame from another node, for its ToClientID
+    /// (cluster).
+    Transfer(Vec<u8>),
     /// Words on this node's channel or the control channel (cluster:
     /// `engine::cluster::parse`).
     Said(Vec<u8>),
@@ -1156,8 +1157,10 @@ impl Redis {
                 };
                 m.redis_messages.inc();
                 if let Some(c) = &self.cluster {
-                    if let Some(id) = ch.strip_prefix(&c.id_prefix[..]) {
-                        self.events.push(Event::Transfer(id.into(), data.to_vec()));
+                    if ch.starts_with(&c.id_prefix) {
+                        // The id is in the frame itself (ToClientID): one
+                        // allocation per message, not two.
+                        self.events.push(Event::Transfer(data.to_vec()));
                         return Ok(());
                     }
                     if *ch == *c.node || *ch == *c.ctl {
