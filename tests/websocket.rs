@@ -526,6 +526,102 @@ fn slow_member_is_cut_while_the_others_keep_receiving() {
     assert!(s.handle.metrics().queued_bytes < 4 * 128 * 1024);
 }
 
+/// Members that each send a burst at once (read in one iteration, so
+/// queued as runs that skip each sender's own messages): every member gets
+/// every other member's messages once, in each sender's order, and none of
+/// its own; a member that only listens gets them all.
+#[test]
+fn bursts_from_several_members_reach_every_other_member_in_each_senders_order() {
+    let (s, ws) = ws_server(2, ROOMS, |_| {});
+    const SENDERS: usize = 4;
+    const N: usize = 300;
+    let mut members: Vec<WsRaw> = (0..SENDERS)
+        .map(|k| join(&s, ws, "r", &format!("s{k}")).0)
+        .collect();
+    members.push(join(&s, ws, "r", "listener").0);
+    for (k, m) in members.iter_mut().take(SENDERS).enumerate() {
+        let burst: Vec<u8> = (0..N)
+            .flat_map(|i| WsRaw::frame(0x1, true, format!("{k}:{i}").as_bytes()))
+            .collect();
+        m.send_raw(&burst);
+    }
+    for (me, m) in members.iter_mut().enumerate() {
+        let others = if me < SENDERS { SENDERS - 1 } else { SENDERS };
+        let mut next = [0usize; SENDERS];
+        for _ in 0..others * N {
+            let f = m.read().expect("a message");
+            let text = String::from_utf8(f.payload).expect("text");
+            let (k, i) = text.split_once(':').expect("k:i");
+            let (k, i): (usize, usize) = (k.parse().unwrap(), i.parse().unwrap());
+            assert_ne!(k, me, "member {me} got its own message {i}");
+            assert_eq!(i, next[k], "member {me}: sender {k} out of order");
+            next[k] += 1;
+        }
+        assert!(
+            m.read_within(Duration::from_millis(20)).is_err(),
+            "member {me}: nothing extra"
+        );
+    }
+    assert_eq!(
+        s.handle.metrics().fanout_deliveries,
+        (SENDERS * N * SENDERS) as u64
+    );
+}
+
+/// A burst larger than a member's limit under the `drop` policy: the
+/// member keeps what fits, in order, the rest is dropped message by message
+/// and counted, and nothing is both.
+#[test]
+fn a_burst_over_a_members_limit_under_drop_keeps_an_ordered_prefix_and_counts_the_rest() {
+    let (s, ws) = ws_server(1, ROOMS, |c| {
+        let w = c.websocket.as_mut().unwrap();
+        w.max_output_bytes = 64 * 1024;
+        w.slow_consumer = corerelay::config::SlowConsumer::Drop;
+    });
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&ws.into()).unwrap();
+    let mut slow: std::net::TcpStream = sock.into();
+    slow.write_all(WsRaw::request("/room/r/slow").as_bytes())
+        .unwrap();
+    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    wait_until(|| s.handle.owner_core(b"slow").is_some(), "slow in");
+    let (mut sender, _) = join(&s, ws, "r", "sender");
+    const N: usize = 2000;
+    let burst: Vec<u8> = (0..N as u32)
+        .flat_map(|i| {
+            let mut p = i.to_be_bytes().to_vec();
+            p.resize(1024, b'x');
+            WsRaw::frame(0x2, true, &p)
+        })
+        .collect();
+    sender.send_raw(&burst);
+    wait_until(
+        || {
+            let m = s.handle.metrics();
+            m.fanout_deliveries + m.slow_consumer_drop == N as u64
+        },
+        "every message queued or dropped",
+    );
+    let m = s.handle.metrics();
+    assert!(m.slow_consumer_drop > 0, "the limit held");
+    assert_eq!(m.slow_consumer_disconnect, 0);
+    // What was queued arrives in order, starting with the first message.
+    let kept = m.fanout_deliveries as usize;
+    let mut r = WsRaw(slow);
+    let mut last = None;
+    for _ in 0..kept {
+        let f = r.read().expect("a kept message");
+        let i = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+        assert!(last.is_none_or(|l| i > l), "in order");
+        if last.is_none() {
+            assert_eq!(i, 0, "the first message fits an empty queue");
+        }
+        last = Some(i);
+    }
+    assert!(r.read_within(Duration::from_millis(50)).is_err(), "no more");
+}
+
 /// Path parameters that decode to invalid UTF-8 stay distinct: `%ff` and
 /// `%fe` are two ids, so neither connection replaces the other.
 #[test]

@@ -157,6 +157,9 @@ pub(crate) struct Core {
     codec: crate::protocol::deflate::CoreCodec,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
+    /// The fan-outs of one selector gathered while a batch is applied,
+    /// queued as one run per subscriber (empty between batches).
+    run: super::fanrun::Run,
     /// Reused buffer of accepted sockets.
     accepted: Vec<(Stream, std::net::SocketAddr)>,
 }
@@ -237,6 +240,7 @@ impl Core {
                 }
             },
             selected: Vec::new(),
+            run: Default::default(),
             accepted: Vec::new(),
             shared,
         })
@@ -293,6 +297,7 @@ impl Core {
                 r.flush(&self.shared, self.poll.registry());
             }
             self.flush_dirty();
+            self.run.recycle();
             self.cut_if_over_memory();
             if let Some(arc) = self.local_data.take() {
                 // After the flush no queue holds a slice of it.
@@ -729,6 +734,10 @@ impl Core {
         let data = Arc::new(data);
         let mut fanouts = fanouts.into_iter();
         for &item in &items {
+            if !matches!(item, Item::Fanout) {
+                // Whatever else the batch says comes after the run so far.
+                self.end_run();
+            }
             match item {
                 Item::Deliver { to, start, len } => self.deliver(
                     to,
@@ -741,7 +750,7 @@ impl Core {
                 Item::Kick { conn, epoch } => self.kick(conn, epoch),
                 Item::Fanout => {
                     if let Some(f) = fanouts.next() {
-                        self.fanout(f);
+                        self.gather(f);
                     }
                 }
                 Item::ToSource {
@@ -767,8 +776,44 @@ impl Core {
                 }
             }
         }
+        self.end_run();
         items.clear();
         (data, items)
+    }
+
+    /// Adds a fan-out to the run being gathered, or runs it alone (ending
+    /// the run first: order is kept across fan-outs).
+    fn gather(&mut self, f: Fanout) {
+        if !super::fanrun::joinable(&f) {
+            self.end_run();
+            self.fanout(f);
+            return;
+        }
+        if let Err(f) = self.run.add(f) {
+            self.end_run();
+            if let Err(f) = self.run.add(f) {
+                self.fanout(f);
+            }
+        }
+    }
+
+    /// Queues the run gathered so far on its subscribers.
+    fn end_run(&mut self) {
+        match self.run.msgs.len() {
+            0 => {}
+            1 => {
+                if let Some(f) = self.run.msgs.pop() {
+                    self.run.finish();
+                    self.fanout(f);
+                }
+            }
+            _ => {
+                let mut run = std::mem::take(&mut self.run);
+                self.fanout_run(&mut run);
+                run.finish();
+                self.run = run;
+            }
+        }
     }
 
     fn live(&self, id: ConnId) -> bool {
@@ -809,7 +854,7 @@ impl Core {
         };
         // The header goes on the stack: this runs per message.
         let (h, n) = wire.map_or(([0; 10], 0), |w| w.binary_header(data.len()));
-        self.queue_on(key, n + data.len(), |out| {
+        self.queue_on(key, n + data.len(), 1, |out| {
             if n > 0 {
                 out.push_bytes(&[&h[..n]]);
             }
@@ -817,11 +862,18 @@ impl Core {
         });
     }
 
-    /// Queues one message of `len` bytes on a live connection (`push` puts
-    /// it in the queue) under its limits, applying the slow-consumer policy.
-    /// Returns whether it was queued.
+    /// Queues `msgs` messages of `len` bytes in all on a live connection
+    /// (`push` puts them in the queue) under its limits, applying the
+    /// slow-consumer policy to them as one. Returns whether they were
+    /// queued.
     #[inline]
-    fn queue_on(&mut self, key: usize, len: usize, push: impl FnOnce(&mut Outbox)) -> bool {
+    fn queue_on(
+        &mut self,
+        key: usize,
+        len: usize,
+        msgs: u64,
+        push: impl FnOnce(&mut Outbox),
+    ) -> bool {
         let m = &self.shared.metrics[self.index];
         let Some(c) = self.conns.get_mut(key) else {
             return false;
@@ -830,7 +882,7 @@ impl Core {
             Queued::Yes => {
                 push(&mut c.io.out);
                 self.queued += len as u64;
-                m.delivered.inc();
+                m.delivered.add(msgs);
                 if !c.io.in_dirty {
                     c.io.in_dirty = true;
                     self.dirty.push((key, c.gen));
@@ -874,21 +926,7 @@ impl Core {
     /// and reports the count (and status text) to its reply address.
     fn fanout(&mut self, f: Fanout) {
         let mut slots = std::mem::take(&mut self.selected);
-        slots.clear();
-        match &*f.selector {
-            Selector::Tags(want) => self.tags.select(want, &mut slots),
-            Selector::Ids(ids) => {
-                for id in ids {
-                    if let Some(c) = self.cache.lookup(&self.shared.directory, id.as_bytes()) {
-                        if c.core as usize == self.index {
-                            slots.push(c.slot as usize);
-                        }
-                    }
-                }
-            }
-            Selector::All => slots.extend(self.conns.iter().map(|(k, _)| k)),
-            Selector::Channel(ch) => self.channels.select(*ch, &mut slots),
-        }
+        self.select(&f.selector, &mut slots);
         let min_deflate = self.shared.cfg.ws().compression_min_size;
         let mut frames = f
             .msg
@@ -909,26 +947,14 @@ impl Core {
                         continue;
                     };
                     if let (Some(m), Wire::WsOwn) = (&f.msg, wire) {
-                        // Compressed through the connection's own context.
-                        let mut frame = Vec::new();
-                        self.act(slot, |s, _, _, cx| {
-                            frame = s.own_frame(m, f.force_binary, cx);
-                            Outcome::Continue
-                        });
-                        // Its own bytes: queued as they are, not copied
-                        // (shrunk in place: a compressed frame is smaller
-                        // than the room made for it, and queues count
-                        // length).
-                        frame.shrink_to_fit();
-                        let len = frame.len();
-                        let queued = self.queue_on(slot, len, |out| out.push(Chunk::Buf(frame)));
+                        let queued = self.queue_own(slot, m, f.force_binary);
                         if matches!(f.op, FanOp::Send) && !queued {
                             continue;
                         }
                     } else if let Some(fr) = frames.as_mut() {
                         let fr = fr.get(wire, &mut self.codec);
                         let len = fr.len();
-                        let queued = self.queue_on(slot, len, |out| fr.push_to(out));
+                        let queued = self.queue_on(slot, len, 1, |out| fr.push_to(out));
                         if matches!(f.op, FanOp::Send) && !queued {
                             continue;
                         }
@@ -961,6 +987,140 @@ impl Core {
         if let Some(r) = f.reply {
             self.mesh.reply(r.core as usize, r.req, n, &text);
         }
+    }
+
+    /// The slots on this core that `sel` selects, into `slots`.
+    fn select(&mut self, sel: &Selector, slots: &mut Vec<usize>) {
+        slots.clear();
+        match sel {
+            Selector::Tags(want) => self.tags.select(want, slots),
+            Selector::Ids(ids) => {
+                for id in ids {
+                    if let Some(c) = self.cache.lookup(&self.shared.directory, id.as_bytes()) {
+                        if c.core as usize == self.index {
+                            slots.push(c.slot as usize);
+                        }
+                    }
+                }
+            }
+            Selector::All => slots.extend(self.conns.iter().map(|(k, _)| k)),
+            Selector::Channel(ch) => self.channels.select(*ch, slots),
+        }
+    }
+
+    /// Queues `m` on `slot` compressed through the connection's own
+    /// context (permessage-deflate `dedicated`). Returns whether it was
+    /// queued.
+    fn queue_own(&mut self, slot: usize, m: &super::message::Message, force_binary: bool) -> bool {
+        let mut frame = Vec::new();
+        self.act(slot, |s, _, _, cx| {
+            frame = s.own_frame(m, force_binary, cx);
+            Outcome::Continue
+        });
+        // Its own bytes: queued as they are, not copied (shrunk in place: a
+        // compressed frame is smaller than the room made for it, and queues
+        // count length).
+        frame.shrink_to_fit();
+        let len = frame.len();
+        self.queue_on(slot, len, 1, |out| out.push(Chunk::Buf(frame)))
+    }
+
+    /// Queues a run of sends to one selector: each subscriber gets the
+    /// stretches of the run's frames it may see (all but its own messages)
+    /// as one reference each, admitted as one unless the `drop` policy
+    /// must choose message by message. Connections that count messages
+    /// (Veylor's `max_queue_size`) get one reference per message, and
+    /// `dedicated` compressors frame each message themselves.
+    fn fanout_run(&mut self, run: &mut super::fanrun::Run) {
+        let mut slots = std::mem::take(&mut self.selected);
+        self.select(&run.msgs[0].selector, &mut slots);
+        run.prepare(self.index);
+        let k = run.msgs.len();
+        let min_deflate = self.shared.cfg.ws().compression_min_size;
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut n = 0u64;
+        for &slot in &slots {
+            let Some(c) = self.conns.get(slot) else {
+                continue;
+            };
+            if c.io.closing.is_some() {
+                continue;
+            }
+            let Some(wire) = c.stage.wire() else {
+                continue;
+            };
+            let id = conn_id(self.index, slot, c.gen);
+            let counts_msgs = c.io.limits.msgs != usize::MAX;
+            spans.clear();
+            super::fanrun::stretches(k, run.skips_of(id), |a, b| spans.push((a, b)));
+            if wire == Wire::WsOwn {
+                for &(a, b) in &spans {
+                    for f in &run.msgs[a..b] {
+                        let live = self.conns.get(slot).is_some_and(|c| c.io.closing.is_none());
+                        if let (true, Some(m)) = (live, &f.msg) {
+                            n += u64::from(self.queue_own(slot, m, f.force_binary));
+                        }
+                    }
+                }
+                continue;
+            }
+            run.frame(
+                wire,
+                min_deflate,
+                &mut self.codec,
+                &self.shared.metrics[self.index],
+            );
+            let Some(fr) = run.framed(wire) else {
+                continue;
+            };
+            for &(a, b) in &spans {
+                let Some(c) = self.conns.get(slot) else {
+                    break;
+                };
+                let (_, len) = fr.span(a, b);
+                // All of it fits: admitting it as one decides as admitting
+                // each would. Else each is decided on its own, as the
+                // policy says (an empty queue takes any one message).
+                let whole = !counts_msgs && c.io.out.bytes() + len as usize <= c.io.limits.bytes;
+                if whole {
+                    n += self.queue_frames(slot, fr, a, b);
+                } else {
+                    for i in a..b {
+                        n += self.queue_frames(slot, fr, i, i + 1);
+                    }
+                }
+            }
+        }
+        self.metrics().fanout_deliveries.add(n);
+        self.selected = slots;
+    }
+
+    /// Queues frames `a..b` of a run on `slot` by reference, unless it is
+    /// closing. Returns the messages queued.
+    fn queue_frames(
+        &mut self,
+        slot: usize,
+        fr: &super::fanrun::RunFrames,
+        a: usize,
+        b: usize,
+    ) -> u64 {
+        if self.conns.get(slot).is_none_or(|c| c.io.closing.is_some()) {
+            return 0;
+        }
+        let (start, len) = fr.span(a, b);
+        let slice = Chunk::Slice {
+            buf: fr.buf.clone(),
+            start,
+            len,
+        };
+        let msgs = (b - a) as u64;
+        if !self.queue_on(slot, len as usize, msgs, |out| out.push(slice)) {
+            return 0;
+        }
+        if let Some((plain, z)) = fr.compressed(a, b) {
+            self.count_deflated(slot, plain as usize, z as usize);
+        }
+        msgs
     }
 
     /// A client message for a source this core owns: written upstream in

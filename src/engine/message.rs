@@ -185,80 +185,113 @@ impl<'m> Frames<'m> {
         self.work
     }
 
-    /// The compressed frame, if compressing pays.
-    fn deflate(&mut self, codec: &mut CoreCodec) -> Option<Framed> {
-        let msg = self.msg;
-        if msg.bytes.len() < self.min_deflate {
-            return None;
-        }
-        let mut z = codec.take_buf();
-        let ok = codec.deflater().message(&msg.bytes, &mut z, true) && z.len() < msg.bytes.len();
-        let framed = ok.then(|| {
-            let op = if self.force_binary || !msg.is_text() {
-                ws::OP_BINARY
-            } else {
-                ws::OP_TEXT
-            };
-            let mut f = Vec::with_capacity(z.len() + 10);
-            push_compressed_frame(&mut f, op, &z);
-            self.work = Some((msg.bytes.len(), z.len()));
-            Framed::one(f)
-        });
-        codec.put_buf(z);
-        framed
-    }
-
     /// The frame for `wire` (`codec` compresses for [`Wire::WsDeflate`]).
     #[inline]
     pub(crate) fn get(&mut self, wire: Wire, codec: &mut CoreCodec) -> &Framed {
-        let msg = self.msg;
-        match wire {
-            Wire::WsDeflate => {
-                let f = match self.deflated.take() {
-                    Some(f) => f,
-                    None => match self.deflate(codec) {
-                        Some(f) => f,
-                        None => self.get(Wire::WsServer, codec).clone(),
-                    },
-                };
-                self.deflated.insert(f)
+        let (msg, fb, min) = (self.msg, self.force_binary, self.min_deflate);
+        let big = msg.bytes.len() >= SHARE_ACROSS_CORES;
+        let one = |codec: &mut CoreCodec, work: &mut Option<(usize, usize)>| {
+            let mut f = Vec::with_capacity(msg.bytes.len() + 16);
+            *work = append_frame(msg, fb, wire, min, codec, &mut f);
+            Framed::one(f)
+        };
+        let mut work = None;
+        let slot = match wire {
+            Wire::WsDeflate => &mut self.deflated,
+            Wire::WsServer | Wire::WsOwn => &mut self.ws,
+            Wire::LenPrefix => &mut self.lenprefix,
+            Wire::VeltixV3 => &mut self.veltix_v3,
+            Wire::VeltixV1 => &mut self.veltix_v1,
+        };
+        let f = slot.get_or_insert_with(|| match wire {
+            // A large message's bytes are shared, not copied, behind a
+            // header of its own.
+            Wire::WsServer | Wire::WsOwn if big => {
+                let op = ws_opcode(msg, fb);
+                framed_tail(msg, |out| ws::encode_header(out, op, true, msg.bytes.len()))
             }
-            Wire::WsServer | Wire::WsOwn => {
-                let binary = self.force_binary || !msg.is_text();
-                self.ws.get_or_insert_with(|| {
-                    let op = if binary { ws::OP_BINARY } else { ws::OP_TEXT };
-                    framed(msg, |out, len| ws::encode_header(out, op, true, len))
+            Wire::VeltixV3 if big => {
+                let (flags, ty, id) = veltix_fields(msg);
+                framed_tail(msg, |out| {
+                    out.extend_from_slice(&veltix::v3::header(flags, ty, id, &msg.bytes))
                 })
             }
-            Wire::LenPrefix => self.lenprefix.get_or_insert_with(|| {
-                let mut f = Vec::with_capacity(msg.bytes.len() + 4);
-                lenprefix::encode(&mut f, &msg.bytes);
-                Framed::one(f)
-            }),
-            Wire::VeltixV3 => {
-                let (flags, ty, id) = match msg.kind {
-                    Kind::Veltix {
-                        ty,
-                        flags,
-                        request_id,
-                    } => (flags, ty, request_id),
-                    _ => (0, veltix::USER_TYPES, veltix::v3::SERVER_IDS),
-                };
-                self.veltix_v3.get_or_insert_with(|| {
-                    let h = veltix::v3::header(flags, ty, id, &msg.bytes);
-                    framed(msg, |out, _| out.extend_from_slice(&h))
-                })
-            }
-            Wire::VeltixV1 => self.veltix_v1.get_or_insert_with(|| {
-                let mut f = Vec::with_capacity(msg.bytes.len() + veltix::v1::HEADER);
-                match msg.kind {
-                    Kind::VeltixV1Frame => f.extend_from_slice(&msg.bytes),
-                    _ => veltix::v1::encode(&mut f, veltix::USER_TYPES, &msg.bytes, unix_ms()),
-                }
-                Framed::one(f)
-            }),
+            _ => one(codec, &mut work),
+        });
+        if work.is_some() {
+            self.work = work;
         }
+        f
     }
+}
+
+/// The WebSocket opcode `msg` goes out with.
+#[inline]
+fn ws_opcode(msg: &Message, force_binary: bool) -> u8 {
+    if force_binary || !msg.is_text() {
+        ws::OP_BINARY
+    } else {
+        ws::OP_TEXT
+    }
+}
+
+/// A Veltix v3 frame's (flags, type, request id) for `msg`.
+fn veltix_fields(msg: &Message) -> (u8, u16, u16) {
+    match msg.kind {
+        Kind::Veltix {
+            ty,
+            flags,
+            request_id,
+        } => (flags, ty, request_id),
+        _ => (0, veltix::USER_TYPES, veltix::v3::SERVER_IDS),
+    }
+}
+
+/// Appends `msg` framed whole for `wire` to `out`. [`Wire::WsDeflate`]
+/// compresses messages of at least `min_deflate` bytes and keeps the
+/// compressed frame when it is smaller; it then returns the compressor's
+/// (input, output) bytes. [`Wire::WsOwn`] is framed plain here (its
+/// connections compress through their own context).
+pub(crate) fn append_frame(
+    msg: &Message,
+    force_binary: bool,
+    wire: Wire,
+    min_deflate: usize,
+    codec: &mut CoreCodec,
+    out: &mut Vec<u8>,
+) -> Option<(usize, usize)> {
+    let b = &msg.bytes;
+    match wire {
+        Wire::WsDeflate if b.len() >= min_deflate => {
+            let mut z = codec.take_buf();
+            let ok = codec.deflater().message(b, &mut z, true) && z.len() < b.len();
+            let work = ok.then(|| {
+                push_compressed_frame(out, ws_opcode(msg, force_binary), &z);
+                (b.len(), z.len())
+            });
+            codec.put_buf(z);
+            if work.is_some() {
+                return work;
+            }
+            ws::encode_header(out, ws_opcode(msg, force_binary), true, b.len());
+            out.extend_from_slice(b);
+        }
+        Wire::WsServer | Wire::WsOwn | Wire::WsDeflate => {
+            ws::encode_header(out, ws_opcode(msg, force_binary), true, b.len());
+            out.extend_from_slice(b);
+        }
+        Wire::LenPrefix => lenprefix::encode(out, b),
+        Wire::VeltixV3 => {
+            let (flags, ty, id) = veltix_fields(msg);
+            out.extend_from_slice(&veltix::v3::header(flags, ty, id, b));
+            out.extend_from_slice(b);
+        }
+        Wire::VeltixV1 => match msg.kind {
+            Kind::VeltixV1Frame => out.extend_from_slice(b),
+            _ => veltix::v1::encode(out, veltix::USER_TYPES, b, unix_ms()),
+        },
+    }
+    None
 }
 
 /// Unix time in milliseconds (Veltix v1 timestamps).
@@ -268,17 +301,11 @@ pub(crate) fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Header plus payload: one core-local frame for small messages, else a
-/// header and the message's own shared bytes.
-fn framed(msg: &Message, header: impl Fn(&mut Vec<u8>, usize)) -> Framed {
-    let len = msg.bytes.len();
-    let small = len < SHARE_ACROSS_CORES;
-    let mut f = Vec::with_capacity(if small { len + 16 } else { 16 });
-    header(&mut f, len);
-    if small {
-        f.extend_from_slice(&msg.bytes);
-        return Framed::one(f);
-    }
+/// A header of its own, then the message's shared bytes (large messages:
+/// no copy per core).
+fn framed_tail(msg: &Message, header: impl Fn(&mut Vec<u8>)) -> Framed {
+    let mut f = Vec::with_capacity(16);
+    header(&mut f);
     Framed {
         head: Arc::from(f),
         tail: Some(msg.bytes.clone()),

@@ -69,6 +69,7 @@ pub(crate) mod conn;
 pub(crate) mod core;
 pub mod directory;
 pub(crate) mod events;
+pub(crate) mod fanrun;
 pub(crate) mod io;
 pub(crate) mod keepalive;
 pub(crate) mod listener;

@@ -27,8 +27,9 @@ pub enum Chunk {
     Buf(Vec<u8>),
     /// Bytes shared with other connections (encoded once).
     Shared(Arc<[u8]>),
-    /// A region of a batch buffer that carries many deliveries of one loop
-    /// iteration, so relaying costs no allocation per message. A slice must
+    /// A region of a buffer that carries many deliveries of one loop
+    /// iteration (a batch's transfers, a run of fan-out frames), so
+    /// relaying costs no allocation per message. A slice must
     /// not outlive the iteration's flush (see [`Outbox::detach_slices`]), or
     /// one slow receiver could pin whole batches.
     Slice {
