@@ -180,6 +180,7 @@ fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
 
+    sys::tune_allocator();
     let limit = sys::raise_file_limit();
     // Before anything accepts: the handler's self-pipe needs two file
     // descriptors, and a connection flood at start-up could otherwise take

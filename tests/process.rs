@@ -885,3 +885,117 @@ fn sighup_reloads_tls_certificates() {
     signal(&child.0, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child.0).code(), Some(0));
 }
+
+/// The server's resident set, in bytes.
+fn rss_of(child: &Child) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// A slow consumer of small broadcast messages costs what its limit says
+/// (resident memory grows by at most 1.1 times `max_output_bytes` while
+/// its queue fills), and once it is cut the memory goes back to the
+/// system: resident memory returns to where it was, give or take the
+/// server's working buffers (an eighth of the limit; the queue would hold
+/// all of it).
+#[test]
+fn a_slow_consumer_costs_its_limit_and_gives_the_memory_back_when_cut() {
+    const LIMIT: u64 = 16 << 20;
+    let cfg = write_config(
+        "slowmem",
+        "workers: 1\nrely:\n  listen: [\"127.0.0.1:0\"]\nadmin:\n  listen: [\"127.0.0.1:0\"]\n\
+         websocket:\n  listen: [\"127.0.0.1:0\"]\n  max_output_bytes: 16MiB\n  ping_interval: 0\n  \
+         endpoints:\n    - path: /bcast\n      on_message: broadcast\n      set_tags: {g: all}\n      \
+         broadcast_tag: g\n",
+    );
+    let (child, _, logs) =
+        spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap(), "-v"]));
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
+    let (mut ws, mut admin) = (None::<SocketAddr>, None::<SocketAddr>);
+    let deadline = Instant::now() + WAIT;
+    while ws.is_none() || admin.is_none() {
+        let l = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("listeners logged");
+        if let Some(a) = l.split("listening: websocket on ").nth(1) {
+            ws = a.trim().parse().ok();
+        }
+        if let Some(a) = l.split("listening: admin on ").nth(1) {
+            admin = a.trim().parse().ok();
+        }
+    }
+    let (ws, admin) = (ws.unwrap(), admin.unwrap());
+    let cut = || {
+        let m = http(admin, "GET", "/metrics", &[], b"").text();
+        m.lines()
+            .filter(|l| l.starts_with("corerelay_slow_consumer_disconnect_total"))
+            .any(|l| l.rsplit(' ').next() != Some("0"))
+    };
+    // A member that keeps up (read to the end on a thread), and a warm-up,
+    // so that the baseline holds the server's working buffers.
+    let mut fast = WsRaw::connect(ws, "/bcast").0;
+    std::thread::spawn(move || {
+        let mut b = vec![0u8; 1 << 16];
+        while matches!(std::io::Read::read(&mut fast, &mut b), Ok(n) if n > 0) {}
+    });
+    let mut publisher = WsRaw::connect(ws, "/bcast");
+    let burst: Vec<u8> = (0..1000)
+        .flat_map(|_| WsRaw::frame(0x2, true, &[7u8; 64]))
+        .collect();
+    // As many as the run below sends between two looks at the metrics,
+    // several times over.
+    for _ in 0..200 {
+        publisher.send_raw(&burst);
+    }
+    // A member that never reads, with a tiny receive buffer.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&ws.into()).unwrap();
+    let mut slow: std::net::TcpStream = sock.into();
+    std::io::Write::write_all(&mut slow, WsRaw::request("/bcast").as_bytes()).unwrap();
+    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    let base = rss_of(&child.0);
+    // 4 times the limit, well past what kernel buffers absorb.
+    let mut peak = base;
+    let mut bursts = 0;
+    while !cut() {
+        assert!(bursts < 4 * LIMIT as usize / 64_000, "never cut");
+        for _ in 0..20 {
+            publisher.send_raw(&burst);
+            peak = peak.max(rss_of(&child.0));
+        }
+        bursts += 20;
+    }
+    let grew = peak.saturating_sub(base);
+    assert!(
+        grew <= LIMIT + LIMIT / 10,
+        "resident memory grew {grew} bytes for a {LIMIT}-byte limit"
+    );
+    let back = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = rss_of(&child.0);
+        // What may stay is the server's working buffers (sized by the
+        // bursts), never the consumer's queue.
+        if now <= base + (base / 10).max(LIMIT / 8) {
+            break;
+        }
+        assert!(
+            Instant::now() < back,
+            "resident memory stayed at {now} bytes after the cut (baseline {base})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(slow);
+}

@@ -83,6 +83,11 @@ enum Step {
     Closed,
 }
 
+/// Queues shrinking by this much on one core give their memory back.
+const TRIM_AFTER: u64 = 1 << 20;
+/// No more often than this per core.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
 fn conn_id(core: usize, slot: usize, gen: u64) -> ConnId {
     ConnId {
         core: core as u16,
@@ -157,6 +162,10 @@ pub(crate) struct Core {
     codec: crate::protocol::deflate::CoreCodec,
     /// Reused buffer of selected slots.
     selected: Vec<usize>,
+    /// The most bytes queued on this core since the allocator last gave
+    /// freed memory back, and when it did.
+    queued_high: u64,
+    last_trim: Option<Instant>,
     /// The fan-outs of one selector gathered while a batch is applied,
     /// queued as one run per subscriber (empty between batches).
     run: super::fanrun::Run,
@@ -240,6 +249,8 @@ impl Core {
                 }
             },
             selected: Vec::new(),
+            queued_high: 0,
+            last_trim: None,
             run: Default::default(),
             accepted: Vec::new(),
             shared,
@@ -299,6 +310,7 @@ impl Core {
             self.flush_dirty();
             self.run.recycle();
             self.cut_if_over_memory();
+            self.trim_if_drained(instant);
             if let Some(arc) = self.local_data.take() {
                 // After the flush no queue holds a slice of it.
                 if let Ok(v) = Arc::try_unwrap(arc) {
@@ -1760,7 +1772,7 @@ impl Core {
             };
             c.io.in_dirty = false;
             if !c.io.writable {
-                c.io.out.detach_slices();
+                c.io.out.settle(c.io.limits.msgs != usize::MAX);
                 continue; // a writable event re-lists it
             }
             let (n, left) = c.io.flush();
@@ -1801,6 +1813,23 @@ impl Core {
             self.rearm_if_earlier(key);
         }
         self.metrics().queued_bytes.set(self.queued);
+    }
+
+    /// Once queues on this core have shrunk by `TRIM_AFTER` bytes (a slow
+    /// consumer cut, a backlog drained), the allocator returns the freed
+    /// pages now free inside this worker's heap (glibc keeps them
+    /// otherwise: only a heap's top is given back). At most once per
+    /// `TRIM_EVERY` per core.
+    fn trim_if_drained(&mut self, now: Instant) {
+        self.queued_high = self.queued_high.max(self.queued);
+        if self.queued_high - self.queued < TRIM_AFTER
+            || self.last_trim.is_some_and(|t| now - t < TRIM_EVERY)
+        {
+            return;
+        }
+        self.queued_high = self.queued;
+        self.last_trim = Some(now);
+        crate::sys::trim_allocator();
     }
 
     /// Bytes queued on every core, against `max_memory` (each core's gauge

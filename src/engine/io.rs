@@ -247,7 +247,7 @@ impl Io {
         };
         if status == Flush::WouldBlock || held {
             self.writable = false;
-            self.out.detach_slices();
+            self.out.settle(self.limits.msgs != usize::MAX);
             return (n, Flushed::Blocked);
         }
         let Some(closing) = self.closing.as_mut() else {

@@ -16,6 +16,14 @@ const SMALL_IOV: usize = 16;
 const TAIL_MIN: usize = 4096;
 /// Tail buffers stop growing here; a new one starts.
 const TAIL_MAX: usize = 256 * 1024;
+/// Chunks at least this large are left as they are when a queue settles
+/// (shared ones are not copied; their bookkeeping is small beside them).
+const SETTLE_KEEP: usize = 64 * 1024;
+
+thread_local! {
+    /// The chunks a queue is settling (one per core thread, reused).
+    static SETTLING: std::cell::RefCell<Vec<Chunk>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Bytes to send, owned or shared.
 #[derive(Debug, Clone)]
@@ -30,7 +38,7 @@ pub enum Chunk {
     /// A region of a buffer that carries many deliveries of one loop
     /// iteration (a batch's transfers, a run of fan-out frames), so
     /// relaying costs no allocation per message. A slice must
-    /// not outlive the iteration's flush (see [`Outbox::detach_slices`]), or
+    /// not outlive the iteration's flush (see [`Outbox::settle`]), or
     /// one slow receiver could pin whole batches.
     Slice {
         /// The batch buffer.
@@ -78,8 +86,8 @@ pub struct Outbox {
     head: usize,
     /// Unwritten bytes in the queue.
     bytes: usize,
-    /// `Chunk::Slice` entries queued.
-    slices: usize,
+    /// Chunks pushed since the queue last settled.
+    fresh: u32,
 }
 
 impl Outbox {
@@ -107,7 +115,7 @@ impl Outbox {
             return;
         }
         self.bytes += c.len();
-        self.slices += matches!(c, Chunk::Slice { .. }) as usize;
+        self.fresh += 1;
         self.q.push_back(c);
     }
 
@@ -171,9 +179,7 @@ impl Outbox {
             let front = self.q.front().map_or(0, |c| c.len() - self.head);
             if k >= front {
                 k -= front;
-                if let Some(Chunk::Slice { .. }) = self.q.pop_front() {
-                    self.slices -= 1;
-                }
+                self.q.pop_front();
                 self.head = 0;
             } else {
                 self.head += k;
@@ -203,6 +209,7 @@ impl Outbox {
         for p in parts {
             v.extend_from_slice(p);
         }
+        self.fresh += 1;
         self.q.push_back(Chunk::Buf(v));
     }
 
@@ -213,24 +220,82 @@ impl Outbox {
         while self.q.len() > keep {
             if let Some(c) = self.q.pop_back() {
                 self.bytes -= c.len();
-                self.slices -= matches!(c, Chunk::Slice { .. }) as usize;
             }
         }
     }
 
-    /// Copies queued batch slices into owned chunks, releasing the batch
-    /// buffers. Called after each flush that leaves bytes queued, so a
-    /// receiver that cannot keep up pins only its own (bounded) bytes.
-    pub fn detach_slices(&mut self) {
-        if self.slices == 0 {
+    /// Called when a flush leaves bytes queued: what was pushed since the
+    /// last call is copied into tail buffers of up to 256 KiB, so that
+    /// - no slice of an iteration's buffer outlives its flush (a receiver
+    ///   that cannot keep up pins only its own, bounded, bytes), and
+    /// - a queue that grows costs its bytes plus one chunk per 256 KiB, not
+    ///   one chunk and one shared allocation per small message (which
+    ///   cost twice the bytes counted against `max_output_bytes`), and
+    ///   frees in few large pieces when it drains or is cut.
+    ///
+    /// Large chunks are kept as they are (slices copied whole). A front
+    /// chunk already partly written is left in place. A queue whose limit
+    /// counts messages (`counted`: Veylor's `max_queue_size` counts chunks)
+    /// keeps one chunk per message; only its slices are copied.
+    pub fn settle(&mut self, counted: bool) {
+        let fresh = std::mem::take(&mut self.fresh) as usize;
+        if counted {
+            let n = self.q.len();
+            for c in self.q.range_mut(n.saturating_sub(fresh)..) {
+                if let Chunk::Slice { .. } = c {
+                    *c = Chunk::Owned(Box::from(&c[..]));
+                }
+            }
             return;
         }
-        for c in self.q.iter_mut() {
-            if let Chunk::Slice { .. } = c {
-                *c = Chunk::Owned(Box::from(&c[..]));
+        let mut from = self.q.len().saturating_sub(fresh);
+        if from == 0 && self.head > 0 {
+            if let Some(c) = self.q.front_mut() {
+                if let Chunk::Slice { .. } = c {
+                    *c = Chunk::Owned(Box::from(&c[..]));
+                }
             }
+            from = 1;
         }
-        self.slices = 0;
+        if from >= self.q.len() {
+            return;
+        }
+        SETTLING.with(|cell| {
+            let Ok(mut moved) = cell.try_borrow_mut() else {
+                return;
+            };
+            moved.extend(self.q.drain(from..));
+            for c in moved.drain(..) {
+                if c.len() >= SETTLE_KEEP {
+                    let c = match c {
+                        Chunk::Slice { .. } => Chunk::Owned(Box::from(&c[..])),
+                        c => c,
+                    };
+                    self.q.push_back(c);
+                    continue;
+                }
+                let big = self.bytes >= SETTLE_KEEP;
+                match self.q.back_mut() {
+                    // Growing reallocates: only while the buffer is small.
+                    Some(Chunk::Buf(v))
+                        if v.len() + c.len() <= v.capacity()
+                            || v.len() + c.len() <= SETTLE_KEEP =>
+                    {
+                        v.extend_from_slice(&c)
+                    }
+                    _ => {
+                        // A queue that is past small takes whole tail
+                        // buffers at once: each is its own mapping (see
+                        // `sys::tune_allocator`), never a step of growth
+                        // left behind in the worker's heap.
+                        let cap = if big { TAIL_MAX } else { c.len().max(TAIL_MIN) };
+                        let mut v = Vec::with_capacity(cap);
+                        v.extend_from_slice(&c);
+                        self.q.push_back(Chunk::Buf(v));
+                    }
+                }
+            }
+        });
     }
 
     /// Everything queued, as the peer will read it.
@@ -299,14 +364,58 @@ mod tests {
             start: 2,
             len: 9,
         });
-        o.detach_slices();
+        o.settle(false);
         assert_eq!(Arc::strong_count(&batch), 1, "no slice pins the batch");
         w.budget = 100;
         o.push_bytes(&[b"!", b"?"]);
         o.push_bytes(&[b"!"]);
-        assert_eq!(o.len(), 4, "own writes coalesce into one tail buffer");
+        assert_eq!(
+            o.len(),
+            2,
+            "settled and own writes coalesce into one tail buffer"
+        );
         assert_eq!(o.flush_to(&mut w).unwrap(), (23, Flush::Done));
         assert_eq!(w.out, b"hello shared world and more!?!");
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_settled_queue_holds_few_large_chunks_in_order() {
+        let mut o = Outbox::default();
+        let mut want = Vec::new();
+        let batch = Arc::new((0..=255u8).cycle().take(70_000).collect::<Vec<u8>>());
+        for i in 0..20_000u32 {
+            let m: Arc<[u8]> = Arc::from(&i.to_be_bytes()[..]);
+            want.extend_from_slice(&m);
+            o.push(Chunk::Shared(m));
+            if i % 5000 == 0 {
+                // A large slice is copied whole, not coalesced.
+                o.push(Chunk::Slice {
+                    buf: batch.clone(),
+                    start: 1,
+                    len: 69_999,
+                });
+                want.extend_from_slice(&batch[1..]);
+            }
+            if i % 1000 == 999 {
+                o.settle(false);
+            }
+        }
+        // Partly written, then more pushed: the front stays where it is.
+        let mut w = Trickle {
+            out: vec![],
+            cap: 3,
+            budget: 3,
+        };
+        assert_eq!(o.flush_to(&mut w).unwrap(), (3, Flush::WouldBlock));
+        o.push(Chunk::from(&b"end"[..]));
+        want.extend_from_slice(b"end");
+        o.settle(false);
+        assert_eq!(Arc::strong_count(&batch), 1, "no slice pins the batch");
+        assert!(o.len() <= 12, "{} chunks", o.len());
+        w.budget = usize::MAX;
+        w.cap = usize::MAX;
+        assert_eq!(o.flush_to(&mut w).unwrap().1, Flush::Done);
+        assert_eq!(w.out, want);
     }
 }
