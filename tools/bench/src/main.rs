@@ -30,6 +30,7 @@ use corerelay::{Server, ServerHandle};
 use hdrhistogram::Histogram;
 
 mod events;
+mod floor;
 mod ws;
 mod wsproxy;
 
@@ -46,6 +47,9 @@ struct Args {
     /// Print CSV (a header line, then a row) instead of the summary.
     #[arg(long)]
     csv: bool,
+    /// Where `floor` listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
     /// Write the latency percentile curve as SVG to this file.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
@@ -182,6 +186,9 @@ enum Mode {
     /// wsgateway events: `--subs` connections send, a reader XREADs the
     /// stream (`--redis`).
     Events,
+    /// Serves the floor relay on `--listen` (the fan-out and echo
+    /// baseline) until killed.
+    Floor,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -636,67 +643,152 @@ fn pingpong(a: &Args, s: &Setup) {
     report(a, "pingpong", el, msgs, (srv, redis), me, Some(&h));
 }
 
+/// One pair of the stream mode on the single driver thread.
+struct StreamPair {
+    tx: Client,
+    rx: Client,
+    to: String,
+    sent: u64,
+    received: u64,
+    /// Bytes of `tx.buf` already written.
+    off: usize,
+    /// When its next batch is due (--rate).
+    next: Instant,
+}
+
+/// Writes what is buffered without blocking; true once all of it is out.
+fn write_some(c: &mut Client, off: &mut usize) -> io::Result<bool> {
+    while *off < c.buf.len() {
+        match c.tx.write(&c.buf[*off..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => *off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    c.buf.clear();
+    *off = 0;
+    Ok(true)
+}
+
+/// Reads what is there without blocking; returns the messages decoded.
+fn read_some(c: &mut Client) -> io::Result<u64> {
+    let mut count = 0u64;
+    loop {
+        let n = match c.rx.read(&mut c.rbuf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(count),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        match c.proto {
+            Proto::Rely => {
+                c.dec
+                    .feed(&c.rbuf[..n], u32::MAX, |fr| {
+                        count += u64::from(matches!(fr, Frame::Transfer { .. }));
+                        true
+                    })
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            }
+            Proto::Redis => {
+                c.resp.extend_from_slice(&c.rbuf[..n]);
+                let mut at = 0;
+                while let Some((_, used)) = parse_resp_message(&c.resp[at..]) {
+                    count += 1;
+                    at += used;
+                }
+                c.resp.drain(..at);
+            }
+        }
+    }
+}
+
+/// The stream mode's client: one thread and one mio poll for every pair
+/// (as the external pairbench does), so that the tool measures the server
+/// rather than 100 blocking threads contending for the CPUs. Each sender
+/// keeps at most `--window` messages in flight, written `--batch` at a
+/// time; with `--rate`, each pair sends its share on a fixed schedule.
 fn stream(a: &Args, s: &Setup) {
-    let pairs = make_pairs(a, s);
+    use mio::unix::SourceFd;
+    use mio::{Events, Interest, Poll, Token};
+    use std::os::fd::AsRawFd;
+    let (window, batch) = (a.window, a.batch as u64);
+    let pace =
+        (a.rate > 0.0).then(|| Duration::from_secs_f64(batch as f64 * a.pairs as f64 / a.rate));
+    let payload = vec![0x42u8; a.payload];
+    let mut pairs: Vec<StreamPair> = make_pairs(a, s)
+        .into_iter()
+        .map(|(tx, rx)| StreamPair {
+            to: format!("bench-b{}", &tx.id["bench-a".len()..]),
+            tx,
+            rx,
+            sent: 0,
+            received: 0,
+            off: 0,
+            next: Instant::now(),
+        })
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
-    for (mut ca, mut cb) in pairs {
-        let received = Arc::new(AtomicU64::new(0));
-        let (stop_r, total_r, recv_r) = (stop.clone(), total.clone(), received.clone());
-        cb.rx
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
-        let receiver = std::thread::spawn(move || {
-            while !stop_r.load(Ordering::Relaxed) {
-                match cb.recv(|_| {}) {
-                    Ok(n) => {
-                        recv_r.fetch_add(n as u64, Ordering::Release);
-                        total_r.fetch_add(n as u64, Ordering::Relaxed);
+    let (stop_d, total_d) = (stop.clone(), total.clone());
+    let driver = std::thread::spawn(move || -> io::Result<()> {
+        let mut poll = Poll::new()?;
+        for (i, p) in pairs.iter_mut().enumerate() {
+            p.tx.tx.set_nonblocking(true)?;
+            p.rx.rx.set_nonblocking(true)?;
+            let (w, r) = (p.tx.tx.as_raw_fd(), p.rx.rx.as_raw_fd());
+            poll.registry()
+                .register(&mut SourceFd(&w), Token(2 * i), Interest::WRITABLE)?;
+            poll.registry()
+                .register(&mut SourceFd(&r), Token(2 * i + 1), Interest::READABLE)?;
+        }
+        let mut events = Events::with_capacity(1024);
+        let mut due: Vec<usize> = (0..pairs.len()).collect();
+        while !stop_d.load(Ordering::Relaxed) {
+            // Send what each listed pair's window (and schedule) allows.
+            let now = Instant::now();
+            let mut wait = Duration::from_millis(10);
+            for &i in &due {
+                let p = &mut pairs[i];
+                if !p.tx.buf.is_empty() && !write_some(&mut p.tx, &mut p.off)? {
+                    continue; // a writable event lists it again
+                }
+                while p.sent - p.received + batch <= window {
+                    if let Some(d) = pace {
+                        if now < p.next {
+                            wait = wait.min(p.next - now);
+                            break;
+                        }
+                        p.next += d;
                     }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(e) => panic!("receiver: {e}"),
+                    for _ in 0..batch {
+                        p.tx.push(&p.to, &payload);
+                    }
+                    p.sent += batch;
+                    if !write_some(&mut p.tx, &mut p.off)? {
+                        break;
+                    }
                 }
             }
-        });
-        let (stop_s, window, batch) = (stop.clone(), a.window, a.batch as u64);
-        // Open loop: this pair's share of --rate, one batch per tick.
-        let pace =
-            (a.rate > 0.0).then(|| Duration::from_secs_f64(batch as f64 * a.pairs as f64 / a.rate));
-        let payload = vec![0x42u8; a.payload];
-        let to = format!("bench-b{}", &ca.id["bench-a".len()..]);
-        let sender = std::thread::spawn(move || {
-            let mut sent = 0u64;
-            let mut next = Instant::now();
-            while !stop_s.load(Ordering::Relaxed) {
-                if let Some(p) = pace {
-                    // Sends on schedule, whatever the replies do (no
-                    // coordinated omission); the window still bounds memory.
-                    let now = Instant::now();
-                    if now < next {
-                        std::thread::sleep(next - now);
-                    }
-                    next += p;
-                }
-                let inflight = sent - received.load(Ordering::Acquire);
-                if inflight + batch > window {
-                    std::thread::yield_now();
-                    continue;
-                }
-                for _ in 0..batch {
-                    ca.push(&to, &payload);
-                }
-                ca.flush().expect("send");
-                sent += batch;
+            due.clear();
+            if pace.is_some() {
+                due.extend(0..pairs.len());
             }
-        });
-        threads.push(receiver);
-        threads.push(sender);
-    }
+            poll.poll(&mut events, Some(wait))?;
+            for ev in events.iter() {
+                let i = ev.token().0 / 2;
+                if ev.token().0 % 2 == 1 {
+                    let n = read_some(&mut pairs[i].rx)?;
+                    pairs[i].received += n;
+                    total_d.fetch_add(n, Ordering::Relaxed);
+                }
+                due.push(i);
+            }
+        }
+        Ok(())
+    });
     std::thread::sleep(Duration::from_secs_f64(a.warmup));
     let m = Measure::start(a);
     let n0 = total.load(Ordering::Relaxed);
@@ -705,8 +797,10 @@ fn stream(a: &Args, s: &Setup) {
     let (el, srv, me) = m.end(a);
     let redis = m.redis(a);
     stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
+    match driver.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => exit_err("stream", e),
+        Err(_) => exit_err("stream", "the driver thread panicked"),
     }
     report(a, "stream", el, n1 - n0, (srv, redis), me, None);
 }
@@ -907,6 +1001,11 @@ fn main() {
         Mode::SourceFanout => source_fanout(&a),
         Mode::Wsproxy => wsproxy::run(&a),
         Mode::Events => events::run(&a),
+        Mode::Floor => {
+            if let Err(e) = floor::run(a.listen) {
+                exit_err("floor", e);
+            }
+        }
     }
     // Client threads may still hold sockets; exit without a graceful drain.
     std::process::exit(0);

@@ -318,3 +318,117 @@ fn gaps_and_duplicates_counted_exactly_against_a_lossy_server() {
     assert_eq!(v["gaps"].as_u64(), Some(3 * SUBS as u64), "{v}");
     assert_eq!(v["dups"].as_u64(), Some(2 * SUBS as u64), "{v}");
 }
+
+/// The stream mode's single driver thread keeps every pair's window full:
+/// messages flow for each of many pairs, and the server (not the client)
+/// is where the CPU goes per message.
+#[test]
+fn stream_moves_messages_for_every_pair_from_one_thread() {
+    let v = run_json(&[
+        "stream",
+        "--inproc",
+        "1",
+        "--pairs",
+        "20",
+        "--window",
+        "64",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.5",
+        "--json",
+    ]);
+    assert!(v["messages"].as_u64().is_some_and(|n| n > 1000), "{v}");
+    assert!(
+        v["server_ns_per_msg"].as_f64().is_some_and(|x| x > 0.0),
+        "{v}"
+    );
+    // Paced: --rate is kept, not exceeded by the window.
+    let v = run_json(&[
+        "stream",
+        "--inproc",
+        "1",
+        "--pairs",
+        "4",
+        "--rate",
+        "2000",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--json",
+    ]);
+    let rate = v["msgs_per_s"].as_f64().unwrap_or(0.0);
+    assert!((1000.0..3000.0).contains(&rate), "paced at 2000/s: {v}");
+}
+
+/// The floor relay is a correct relay: the fan-out run against it sees
+/// every message at every subscriber, once, and its echo answers.
+#[test]
+fn the_floor_relays_every_message_once() {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(BENCH)
+        .args(["floor", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let floor = Kill(child);
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        assert_eq!(
+            out.read(&mut b).unwrap(),
+            1,
+            "the floor says where it listens"
+        );
+        line.push(b[0]);
+    }
+    let addr = String::from_utf8(line).unwrap();
+    let addr = addr.trim().trim_start_matches("listening on ").to_owned();
+    let pid = floor.0.id().to_string();
+    let v = run_json(&[
+        "ws-fanout",
+        "--ws-target",
+        &addr,
+        "--pid",
+        &pid,
+        "--subs",
+        "20",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.5",
+        "--json",
+    ]);
+    assert!(v["delivered"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert_eq!(
+        (v["gaps"].as_u64(), v["dups"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    let e = run_json(&[
+        "ws-echo",
+        "--ws-target",
+        &addr,
+        "--target",
+        &addr,
+        "--clients",
+        "2",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.3",
+        "--json",
+    ]);
+    assert!(
+        e["round_trips_per_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{e}"
+    );
+}
