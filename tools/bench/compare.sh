@@ -9,6 +9,7 @@ RUNS=${1:-3}
 DUR=${2:-3}
 cargo build --release --bin corerelay --bin corerelay-bench >/dev/null
 B=target/release/corerelay-bench
+ulimit -n 20000 2>/dev/null || true
 OUT=$(mktemp -d)
 trap 'kill $(cat "$OUT"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$OUT"' EXIT
 
@@ -45,6 +46,12 @@ run "rely stream 50 pairs, 1 worker"             stream --inproc 1 --pairs 50
 run "rely stream 50 pairs, 2 workers"            stream --inproc 2 --pairs 50
 run "rely stream 50 pairs, 2 workers, process"   stream --target "127.0.0.1:$CPORT" --pid "$CPID" --pairs 50
 run "redis stream 50 pairs"                      stream --proto redis --target "127.0.0.1:$RPORT" --pid "$RPID" --pairs 50
+# Idle logged-in connections: server RSS per connection (8,000, spread
+# over 127.0.1.x sources), once per run like the rest.
+for i in $(seq "$RUNS"); do
+  "$B" conns --target "127.0.0.1:$CPORT" --pid "$CPID" --conns 8000 --json \
+    | sed 's/^{/{"name":"rely idle connections, 2 workers, process",/' >> "$OUT/results.jsonl"
+done
 
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, statistics, sys
@@ -57,6 +64,7 @@ def med(rs, f):
     return statistics.median(v) if v else None
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
 print(f"{'configuration':46} {'msgs/s':>11} {'ns cpu/msg':>10} {'rtt p50 us':>10} {'rtt p99 us':>10} {'client cpu s':>12}")
+idle = rows.pop("rely idle connections, 2 workers, process", [])
 for name, rs in rows.items():
     print(f"{name:46} {fmt(med(rs, lambda r: r['msgs_per_s']),0):>11} {fmt(med(rs, lambda r: r['server_ns_per_msg']),0):>10} "
           f"{fmt(med(rs, lambda r: r['rtt_us']['p50'])):>10} {fmt(med(rs, lambda r: r['rtt_us']['p99'])):>10} {fmt(med(rs, lambda r: r['client_cpu_s']),2):>12}")
@@ -72,4 +80,6 @@ print("msgs per server CPU-second, 2 workers / 1 worker:  ", fmt(ratio("rely str
 x = med(m["rely pingpong 1 pair cross-core busy-poll"], lambda r: r["rtt_us"]["p50"])
 y = med(m["rely pingpong 1 pair same-core busy-poll"], lambda r: r["rtt_us"]["p50"])
 print("busy-poll one-way cross-core added latency p50 us: ", fmt((x - y) / 2))
+if idle:
+    print("idle logged-in RELY connection, server RSS bytes:", fmt(med(idle, lambda r: r["bytes_per_conn"]), 0))
 PY

@@ -18,8 +18,7 @@ SPID=
 trap '[ -n "$SPID" ] && kill $SPID 2>/dev/null; rm -rf "$OUT"' EXIT
 ulimit -n 20000 2>/dev/null || true
 LAST=$(( $(nproc) - 1 ))
-pin_srv() { taskset -c "$LAST" "$@"; }
-pin_cli() { taskset -c 0 "$@"; }
+# taskset execs the program: $! is the server's own PID (for --pid and kill).
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
@@ -27,7 +26,7 @@ wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/nul
 start() { # floor|corerelay -> SPID, PORT
   PORT=$(free_port)
   if [ "$1" = floor ]; then
-    pin_srv "$B" floor --listen "127.0.0.1:$PORT" >"$OUT/floor.log" 2>&1 & SPID=$!
+    taskset -c "$LAST" "$B" floor --listen "127.0.0.1:$PORT" >"$OUT/floor.log" 2>&1 & SPID=$!
   else
     cat > "$OUT/cr.yaml" <<YAML
 workers: 1
@@ -48,7 +47,7 @@ websocket:
       on_message: broadcast
       broadcast_tag: room
 YAML
-    pin_srv "$CR" -c "$OUT/cr.yaml" >"$OUT/corerelay.log" 2>&1 & SPID=$!
+    taskset -c "$LAST" "$CR" -c "$OUT/cr.yaml" >"$OUT/corerelay.log" 2>&1 & SPID=$!
   fi
   wait_port "$PORT" || { echo "$1 did not open port $PORT" >&2; exit 1; }
 }
@@ -67,7 +66,7 @@ for i in $(seq "$RUNS"); do
     for peer in floor corerelay; do
       start $peer
       # shellcheck disable=SC2086
-      pin_cli "$B" $args --ws-target "127.0.0.1:$PORT" --target "127.0.0.1:$PORT" --pid "$SPID" \
+      taskset -c 0 "$B" $args --ws-target "127.0.0.1:$PORT" --target "127.0.0.1:$PORT" --pid "$SPID" \
         --warmup 1 --duration "$DUR" --json 2>>"$OUT/stderr" \
         | sed "s/^{/{\"name\":\"$name\",\"peer\":\"$peer\",/" >> "$OUT/results.jsonl" || true
       stop
