@@ -18,9 +18,11 @@ const RUN_MSGS: usize = 4096;
 /// A run ends once its messages hold this many bytes, which bounds one
 /// wire's buffer (and keeps offsets far inside u32).
 const RUN_BYTES: usize = 1 << 20;
-/// Run buffers kept for reuse, and the largest one kept.
-const POOL: usize = 8;
-const POOL_MAX_CAPACITY: usize = 4 << 20;
+/// Run buffers kept for reuse, and the largest one kept: a core retains at
+/// most 1 MiB for them whatever its bursts were (a larger run's buffer is
+/// its own mapping, returned when freed; see `sys::tune_allocator`).
+const POOL: usize = 4;
+const POOL_MAX_CAPACITY: usize = 256 << 10;
 
 /// Distinct wires a run may be framed for.
 const WIRES: usize = 6;

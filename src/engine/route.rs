@@ -329,6 +329,19 @@ impl<'a> Ctx<'a> {
         self.tags.insert(slot, tags);
     }
 
+    /// The selector for `on_message: broadcast`: connections whose `tag`
+    /// has the value it has in `tags` (None: no such tag). Shared per core
+    /// by every connection of that value.
+    pub(crate) fn broadcast_selector(
+        &mut self,
+        tag: Option<&str>,
+        tags: &[Tag],
+    ) -> Option<Arc<Selector>> {
+        let tag = tag?;
+        let (k, v) = tags.iter().find(|(k, _)| **k == *tag)?;
+        Some(self.tags.selector_of(k, v))
+    }
+
     /// Removes `slot` from the index under `tags`.
     pub(crate) fn untag(&mut self, slot: usize, tags: &[Tag]) {
         self.tags.remove(slot, tags);

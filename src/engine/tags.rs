@@ -51,7 +51,16 @@ impl Selector {
 /// The index.
 #[derive(Debug, Default)]
 pub struct TagIndex {
-    by_tag: HashMap<Box<str>, HashMap<Box<str>, HashSet<usize>>>,
+    by_tag: HashMap<Box<str>, HashMap<Box<str>, Members>>,
+}
+
+/// The connections carrying one (key, value), and the selector of exactly
+/// that tag, made once and shared by every member that broadcasts to it
+/// (not one allocation per connection; equal fan-outs compare by pointer).
+#[derive(Debug, Default)]
+struct Members {
+    slots: HashSet<usize>,
+    selector: Option<std::sync::Arc<Selector>>,
 }
 
 impl TagIndex {
@@ -63,6 +72,7 @@ impl TagIndex {
                 .or_default()
                 .entry(v.clone())
                 .or_default()
+                .slots
                 .insert(slot);
         }
     }
@@ -71,9 +81,9 @@ impl TagIndex {
     pub fn remove(&mut self, slot: usize, tags: &[Tag]) {
         for (k, v) in tags {
             if let Some(values) = self.by_tag.get_mut(k) {
-                if let Some(set) = values.get_mut(v) {
-                    set.remove(&slot);
-                    if set.is_empty() {
+                if let Some(m) = values.get_mut(v) {
+                    m.slots.remove(&slot);
+                    if m.slots.is_empty() {
                         values.remove(v);
                     }
                 }
@@ -89,7 +99,7 @@ impl TagIndex {
         let mut sets = Vec::with_capacity(want.len());
         for (k, v) in want {
             match self.by_tag.get(k).and_then(|vals| vals.get(v)) {
-                Some(set) => sets.push(set),
+                Some(m) => sets.push(&m.slots),
                 None => return,
             }
         }
@@ -103,6 +113,19 @@ impl TagIndex {
                 .copied()
                 .filter(|slot| rest.iter().all(|s| s.contains(slot))),
         );
+    }
+
+    /// The selector of connections tagged `k` = `v`, shared while any
+    /// connection carries that tag (a new one when none does).
+    pub fn selector_of(&mut self, k: &str, v: &str) -> std::sync::Arc<Selector> {
+        let tag = || (Box::from(k), Box::from(v));
+        match self.by_tag.get_mut(k).and_then(|vals| vals.get_mut(v)) {
+            Some(m) => m
+                .selector
+                .get_or_insert_with(|| std::sync::Arc::new(Selector::Tags(vec![tag()])))
+                .clone(),
+            None => std::sync::Arc::new(Selector::Tags(vec![tag()])),
+        }
     }
 
     /// Distinct (key, value) entries (for memory checks and tests).
@@ -135,6 +158,26 @@ pub fn apply_changes(tags: &mut Vec<Tag>, changes: &[(String, String)]) -> (Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_of_one_value_share_one_selector_while_any_is_there() {
+        let mut ix = TagIndex::default();
+        ix.insert(1, &t(&[("room", "a")]));
+        ix.insert(2, &t(&[("room", "a")]));
+        let (s1, s2) = (ix.selector_of("room", "a"), ix.selector_of("room", "a"));
+        assert!(std::sync::Arc::ptr_eq(&s1, &s2));
+        assert_eq!(*s1, Selector::Tags(t(&[("room", "a")])));
+        assert!(!std::sync::Arc::ptr_eq(&s1, &ix.selector_of("room", "b")));
+        ix.remove(1, &t(&[("room", "a")]));
+        ix.remove(2, &t(&[("room", "a")]));
+        assert_eq!(ix.entries(), 0, "the last member takes the entry along");
+        ix.insert(3, &t(&[("room", "a")]));
+        let s3 = ix.selector_of("room", "a");
+        assert!(!std::sync::Arc::ptr_eq(&s1, &s3) && *s1 == *s3);
+        let mut out = Vec::new();
+        ix.select(&t(&[("room", "a")]), &mut out);
+        assert_eq!(out, [3]);
+    }
 
     fn t(pairs: &[(&str, &str)]) -> Vec<Tag> {
         pairs

@@ -59,6 +59,7 @@ scen=(
   "fanout w32, 100 subs|ws-fanout --subs 100 --window 32"
   "echo, 100 conns|ws-echo --clients 100"
   "idle conns|conns --ws --conns 8000"
+  "idle room members|conns --ws --conns 8000 --ws-path /fan/m{i}"
 )
 for i in $(seq "$RUNS"); do
   for s in "${scen[@]}"; do

@@ -12,7 +12,7 @@
 use super::admin::AdminStage;
 use super::deflate::ConnDeflate;
 use super::session::SessionOpen;
-use super::ws::{broadcast_selector, WsStage};
+use super::ws::WsStage;
 use super::{Outcome, Stage};
 use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits};
@@ -187,7 +187,7 @@ impl HandshakeStage {
                 let id = format!("{}{id}", ep.id_prefix);
                 io.login = Some(cx.login(id.as_bytes(), me));
                 cx.tag(me.slot as usize, &tags);
-                let broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
+                let broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
                 io.limits = Limits {
                     bytes: ws.max_output_bytes,
                     msgs: usize::MAX,

@@ -56,14 +56,6 @@ pub(crate) struct WsStage {
 /// A close to send, and why.
 type Goodbye = (u16, &'static str, CloseReason);
 
-/// The selector for `on_message: broadcast`: connections whose `tag` has
-/// this connection's value.
-pub(crate) fn broadcast_selector(tag: Option<&str>, tags: &[Tag]) -> Option<Arc<Selector>> {
-    let tag = tag?;
-    let (k, v) = tags.iter().find(|(k, _)| **k == *tag)?;
-    Some(Arc::new(Selector::Tags(vec![(k.clone(), v.clone())])))
-}
-
 /// Queues a close frame (bypassing the byte limit: it is tiny and final)
 /// and starts closing. Anything not yet on the wire is dropped first if
 /// `discard_queued` (a slow consumer).
@@ -452,7 +444,7 @@ impl WsStage {
         cx.untag(slot, &removed);
         cx.tag(slot, &added);
         if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize) {
-            self.broadcast = broadcast_selector(ep.broadcast_tag.as_deref(), &self.tags);
+            self.broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &self.tags);
             if let Some(l) = io.login.as_ref() {
                 crate::engine::events::on_tags(cx, me, ep, &l.id, &removed, &added);
             }
@@ -586,9 +578,10 @@ mod tests {
     }
 
     fn client(t: &mut TestCx, endpoint: usize, tags: Vec<Tag>) -> WsStage {
-        let cx = t.cx();
+        let mut cx = t.cx();
+        let tag = cx.cfg().ws().endpoints[endpoint].broadcast_tag.clone();
+        let b = cx.broadcast_selector(tag.as_deref(), &tags);
         let ep = &cx.cfg().ws().endpoints[endpoint];
-        let b = broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
         WsStage::endpoint(endpoint, ep, tags, b, &cx)
     }
 

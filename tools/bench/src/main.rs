@@ -47,6 +47,10 @@ struct Args {
     /// Print CSV (a header line, then a row) instead of the summary.
     #[arg(long)]
     csv: bool,
+    /// The path `conns --ws` upgrades on (`{i}` becomes the connection's
+    /// number, for endpoints that take an id from the path).
+    #[arg(long, default_value = "/echo")]
+    ws_path: String,
     /// Where `floor` listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -844,7 +848,8 @@ fn conns(a: &Args, s: &Setup) {
         if a.ws {
             write!(
                 t,
-                "GET /echo HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                "GET {} HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                a.ws_path.replace("{i}", &i.to_string())
             )
             .expect("upgrade");
         } else {
