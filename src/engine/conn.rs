@@ -62,3 +62,20 @@ impl Conn {
         Some(self.io.stalled_since? + t.send?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every connection's slab entry is a `Conn`: its size is the floor of
+    /// what an idle connection costs. Growing it needs a reason (and the
+    /// README's idle figures measured again).
+    #[test]
+    fn a_connection_entry_stays_small() {
+        use std::mem::size_of;
+        assert!(
+            size_of::<super::Conn>() <= 336,
+            "{}",
+            size_of::<super::Conn>()
+        );
+        assert!(size_of::<crate::engine::adapter::Stage>() <= 96);
+    }
+}

@@ -266,15 +266,15 @@ impl Utf8Stream {
 /// Incremental decoder for one connection (client -> server frames).
 #[derive(Debug)]
 pub struct Decoder {
-    /// Bytes of a frame that spans reads (header masked; payload unmasked
-    /// up to `prepared`).
-    partial: Vec<u8>,
+    /// The buffers of frames that span reads and of fragmented messages,
+    /// made when a connection first needs them: most connections never do
+    /// (every frame whole in one read), and an idle one holds 8 bytes here
+    /// instead of two empty vectors' 48.
+    bufs: Option<Box<Bufs>>,
     /// Payload bytes of `partial` already unmasked (and UTF-8 checked).
     /// (u32: a frame never passes the 1 GiB message cap; keeps the
     /// per-connection stage small.)
     prepared: u32,
-    /// A fragmented message so far (unmasked).
-    message: Vec<u8>,
     /// The fragmented message's kind, while one is open.
     open: Option<bool>,
     /// The open fragmented message is compressed.
@@ -286,6 +286,16 @@ pub struct Decoder {
     max_message: u32,
     /// Decoding a server's frames (as a client): they must be unmasked.
     from_server: bool,
+}
+
+/// See [`Decoder::bufs`].
+#[derive(Debug, Default)]
+struct Bufs {
+    /// Bytes of a frame that spans reads (header masked; payload unmasked
+    /// up to `prepared`).
+    partial: Vec<u8>,
+    /// A fragmented message so far (unmasked).
+    message: Vec<u8>,
 }
 
 enum Step {
@@ -307,9 +317,8 @@ impl Decoder {
     /// `max_message` bytes per message.
     pub fn new(max_message: usize) -> Self {
         Decoder {
-            partial: Vec::new(),
+            bufs: None,
             prepared: 0,
-            message: Vec::new(),
             open: None,
             open_compressed: false,
             rsv1: false,
@@ -339,7 +348,23 @@ impl Decoder {
 
     /// Heap bytes held (for memory accounting).
     pub fn capacity(&self) -> usize {
-        self.partial.capacity() + self.message.capacity()
+        self.bufs
+            .as_ref()
+            .map_or(0, |b| b.partial.capacity() + b.message.capacity())
+    }
+
+    /// Bytes of a frame held across reads.
+    #[inline]
+    fn partial_len(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.partial.len())
+    }
+
+    /// The held frame, leaving an empty buffer.
+    fn take_partial(&mut self) -> Vec<u8> {
+        self.bufs
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.partial))
+            .unwrap_or_default()
     }
 
     fn step(&self, buf: &[u8]) -> Result<Step, WsError> {
@@ -379,7 +404,7 @@ impl Decoder {
         } else {
             // Checked from the header, before any byte is copied.
             let so_far = if self.open.is_some() {
-                self.message.len() as u64
+                self.bufs.as_ref().map_or(0, |b| b.message.len()) as u64
             } else {
                 0
             };
@@ -434,14 +459,15 @@ impl Decoder {
     /// call and checks text as it comes (fail fast on invalid UTF-8).
     fn prepare_partial(&mut self, h: &FrameHeader, header_len: usize) -> Result<(), WsError> {
         let start = self.prepared as usize;
-        if self.partial.len() <= header_len + start {
+        if self.partial_len() <= header_len + start {
             return Ok(());
         }
         let text = self.is_text(h.opcode) && !self.compressed(h);
         if text && start == 0 && h.opcode == OpCode::Data(Data::Text) {
             self.utf8 = Utf8Stream::default();
         }
-        let fresh = &mut self.partial[header_len + start..];
+        let bufs = self.bufs.get_or_insert_default();
+        let fresh = &mut bufs.partial[header_len + start..];
         if let Some(mask) = h.mask {
             apply_mask(fresh, mask, start);
         }
@@ -459,20 +485,25 @@ impl Decoder {
     where
         F: FnMut(Event<'_>) -> bool,
     {
-        while !self.partial.is_empty() {
-            match self.step(&self.partial)? {
+        while self.partial_len() > 0 {
+            let step = match &self.bufs {
+                Some(b) => self.step(&b.partial)?,
+                None => break,
+            };
+            match step {
                 Step::Frame {
                     header,
                     header_len,
                     payload_len,
                 } => {
-                    let mut frame = std::mem::take(&mut self.partial);
+                    let mut frame = self.take_partial();
                     let prepared = std::mem::take(&mut self.prepared) as usize;
                     let payload = &mut frame[header_len..header_len + payload_len];
                     let go_on = self.frame(&header, payload, prepared, &mut on_event)?;
                     frame.clear();
                     if frame.capacity() <= 64 * 1024 {
-                        self.partial = frame; // keep a small buffer for reuse
+                        // Keep a small buffer for reuse.
+                        self.bufs.get_or_insert_default().partial = frame;
                     }
                     if !go_on {
                         return Ok(());
@@ -482,9 +513,12 @@ impl Decoder {
                     if input.is_empty() {
                         return Ok(());
                     }
-                    let take = (total - self.partial.len()).min(input.len());
+                    let take = (total - self.partial_len()).min(input.len());
                     let (head, rest) = std::mem::take(&mut input).split_at_mut(take);
-                    self.partial.extend_from_slice(head);
+                    self.bufs
+                        .get_or_insert_default()
+                        .partial
+                        .extend_from_slice(head);
                     input = rest;
                     if let Some((h, header_len)) = header {
                         self.prepare_partial(&h, header_len)?;
@@ -507,7 +541,10 @@ impl Decoder {
                     input = rest;
                 }
                 Step::Need { header, .. } => {
-                    self.partial.extend_from_slice(input);
+                    self.bufs
+                        .get_or_insert_default()
+                        .partial
+                        .extend_from_slice(input);
                     self.prepared = 0;
                     if let Some((h, header_len)) = header {
                         self.prepare_partial(&h, header_len)?;
@@ -586,11 +623,18 @@ impl Decoder {
                     self.open = Some(text);
                     self.open_compressed = compressed;
                 }
-                self.message.extend_from_slice(payload);
+                self.bufs
+                    .get_or_insert_default()
+                    .message
+                    .extend_from_slice(payload);
                 if !h.is_final {
                     return Ok(true);
                 }
-                let message = std::mem::take(&mut self.message);
+                let mut message = self
+                    .bufs
+                    .as_mut()
+                    .map(|b| std::mem::take(&mut b.message))
+                    .unwrap_or_default();
                 self.open = None;
                 let go_on = on_event(Event::Message {
                     text,
@@ -598,8 +642,8 @@ impl Decoder {
                     compressed,
                 });
                 if message.capacity() <= 64 * 1024 {
-                    self.message = message;
-                    self.message.clear();
+                    message.clear();
+                    self.bufs.get_or_insert_default().message = message;
                 }
                 Ok(go_on)
             }

@@ -59,7 +59,9 @@ pub(crate) enum Stage {
     Ws(ws::WsStage),
     Admin(admin::AdminStage),
     Unix(unix::UnixStage),
-    Upstream(upstream::UpstreamStage),
+    /// Boxed: a handful per server, and the largest stage after the
+    /// WebSocket one (every connection's slab entry is the largest stage's size).
+    Upstream(Box<upstream::UpstreamStage>),
     Veltix(veltix::VeltixStage),
     /// A wsproxy session between its request head and its 101.
     Session(Box<session::SessionOpen>),

@@ -119,13 +119,13 @@ pub(crate) fn upgrade_request(cfg: &SourceConfig, key: &str) -> Vec<u8> {
 impl UpstreamStage {
     /// A connection to source `source` being opened, due open by `deadline`.
     pub(crate) fn connecting(source: u16, deadline: u64) -> Stage {
-        Stage::Upstream(UpstreamStage {
+        Stage::Upstream(Box::new(UpstreamStage {
             source,
             phase: Phase::Connecting,
             deadline,
             mask_seed: uuid::Uuid::new_v4().as_u64_pair().0 | 1,
             channel: Arc::new(Selector::Channel(Channel::Source(source))),
-        })
+        }))
     }
 
     fn is_open(&self) -> bool {
