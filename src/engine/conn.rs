@@ -59,7 +59,7 @@ impl Conn {
     /// When a socket that takes nothing of the queued output is given up
     /// on (nginx's send_timeout).
     pub(crate) fn write_deadline(&self, t: &Timing) -> Option<u64> {
-        Some(self.io.stalled_since? + t.send?)
+        Some(u64::from(self.io.stalled_since?) + t.send?)
     }
 }
 
@@ -72,7 +72,7 @@ mod tests {
     fn a_connection_entry_stays_small() {
         use std::mem::size_of;
         assert!(
-            size_of::<super::Conn>() <= 336,
+            size_of::<super::Conn>() <= 312,
             "{}",
             size_of::<super::Conn>()
         );

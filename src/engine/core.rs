@@ -1062,7 +1062,7 @@ impl Core {
                 continue;
             };
             let id = conn_id(self.index, slot, c.gen);
-            let counts_msgs = c.io.limits.msgs != usize::MAX;
+            let counts_msgs = c.io.limits.msgs != u32::MAX;
             spans.clear();
             super::fanrun::stretches(k, run.skips_of(id), |a, b| spans.push((a, b)));
             if wire == Wire::WsOwn {
@@ -1753,7 +1753,7 @@ impl Core {
             let ws = self.shared.cfg.ws();
             let limits = Limits {
                 bytes: ws.max_output_bytes,
-                msgs: usize::MAX,
+                msgs: u32::MAX,
                 policy: SlowConsumer::Drop,
             };
             match self.insert(d.stream, d.addr, stage, limits, false) {
@@ -1772,7 +1772,7 @@ impl Core {
             };
             c.io.in_dirty = false;
             if !c.io.writable {
-                c.io.out.settle(c.io.limits.msgs != usize::MAX);
+                c.io.out.settle(c.io.limits.msgs != u32::MAX);
                 continue; // a writable event re-lists it
             }
             let (n, left) = c.io.flush();
@@ -1782,7 +1782,8 @@ impl Core {
                 c.io.stalled_since = None;
             }
             if left == Flushed::Blocked && c.io.stalled_since.is_none() {
-                c.io.stalled_since = Some(self.now);
+                // Ticks of 100 ms: a u32 lasts 13 years of uptime.
+                c.io.stalled_since = Some(self.now as u32);
                 stalled.push(key);
             }
             let m = &self.shared.metrics[self.index];

@@ -105,7 +105,7 @@ pub(crate) struct Limits {
     /// Queued bytes.
     pub bytes: usize,
     /// Queued messages (Veylor's max_queue_size; usize::MAX: none).
-    pub msgs: usize,
+    pub msgs: u32,
     /// What happens over the limit.
     pub policy: SlowConsumer,
 }
@@ -114,7 +114,7 @@ impl Limits {
     /// No limit: the server's own connections (admin answers, upstream).
     pub(crate) const NONE: Limits = Limits {
         bytes: usize::MAX,
-        msgs: usize::MAX,
+        msgs: u32::MAX,
         policy: SlowConsumer::Disconnect,
     };
 }
@@ -145,7 +145,7 @@ pub(crate) struct Io {
     /// Set once the connection is on its way out.
     pub closing: Option<Closing>,
     /// Tick since which the socket has taken none of the queued output.
-    pub stalled_since: Option<u64>,
+    pub stalled_since: Option<u32>,
 }
 
 impl Io {
@@ -247,7 +247,7 @@ impl Io {
         };
         if status == Flush::WouldBlock || held {
             self.writable = false;
-            self.out.settle(self.limits.msgs != usize::MAX);
+            self.out.settle(self.limits.msgs != u32::MAX);
             return (n, Flushed::Blocked);
         }
         let Some(closing) = self.closing.as_mut() else {
@@ -292,7 +292,7 @@ impl Io {
 /// connection.
 #[inline]
 pub(crate) fn admit(out: &Outbox, len: usize, limits: &Limits) -> Queued {
-    if !out.is_empty() && (out.bytes() + len > limits.bytes || out.len() >= limits.msgs) {
+    if !out.is_empty() && (out.bytes() + len > limits.bytes || out.len() >= limits.msgs as usize) {
         match limits.policy {
             SlowConsumer::Drop => Queued::Dropped,
             SlowConsumer::Disconnect => Queued::Disconnect,
@@ -317,7 +317,7 @@ pub(crate) fn test_io(peer: &str) -> Io {
 mod tests {
     use super::*;
 
-    fn limits(bytes: usize, msgs: usize, policy: SlowConsumer) -> Limits {
+    fn limits(bytes: usize, msgs: u32, policy: SlowConsumer) -> Limits {
         Limits {
             bytes,
             msgs,
@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn an_empty_queue_takes_any_message_then_the_limit_holds() {
         let mut out = Outbox::default();
-        let l = limits(10, usize::MAX, SlowConsumer::Drop);
+        let l = limits(10, u32::MAX, SlowConsumer::Drop);
         assert_eq!(admit(&out, 100, &l), Queued::Yes);
         out.push_bytes(&[&[0u8; 100]]);
         assert_eq!(admit(&out, 1, &l), Queued::Dropped);

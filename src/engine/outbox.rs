@@ -83,7 +83,7 @@ pub enum Flush {
 pub struct Outbox {
     q: VecDeque<Chunk>,
     /// Bytes of the front chunk already written.
-    head: usize,
+    head: u32,
     /// Unwritten bytes in the queue.
     bytes: usize,
     /// Chunks pushed since the queue last settled.
@@ -153,10 +153,10 @@ impl Outbox {
     fn write_some<W: Write>(&self, w: &mut W) -> io::Result<usize> {
         let n = self.q.len().min(IOV_BATCH);
         // The front chunk may be partly written already.
-        let start = |i: usize| if i == 0 { self.head } else { 0 };
+        let start = |i: usize| if i == 0 { self.head as usize } else { 0 };
         if n == 1 {
             let c = &self.q[0];
-            return w.write(&c[self.head..]);
+            return w.write(&c[self.head as usize..]);
         }
         if n <= SMALL_IOV {
             let mut iov: [IoSlice<'_>; SMALL_IOV] = [IoSlice::new(&[]); SMALL_IOV];
@@ -178,13 +178,15 @@ impl Outbox {
     fn consume(&mut self, mut k: usize) {
         self.bytes -= k;
         while k > 0 {
-            let front = self.q.front().map_or(0, |c| c.len() - self.head);
+            let front = self.q.front().map_or(0, |c| c.len() - self.head as usize);
             if k >= front {
                 k -= front;
                 self.q.pop_front();
                 self.head = 0;
             } else {
-                self.head += k;
+                // Less than the front chunk, which a u32 holds (messages
+                // are capped far below 4 GiB).
+                self.head += k as u32;
                 k = 0;
             }
         }
@@ -305,7 +307,7 @@ impl Outbox {
     pub(crate) fn contents(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.bytes);
         for (i, c) in self.q.iter().enumerate() {
-            v.extend_from_slice(&c[if i == 0 { self.head } else { 0 }..]);
+            v.extend_from_slice(&c[if i == 0 { self.head as usize } else { 0 }..]);
         }
         v
     }

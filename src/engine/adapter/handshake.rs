@@ -190,7 +190,7 @@ impl HandshakeStage {
                 let broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
                 io.limits = Limits {
                     bytes: ws.max_output_bytes,
-                    msgs: usize::MAX,
+                    msgs: u32::MAX,
                     policy: ws.slow_consumer,
                 };
                 // wsgateway's open event, after the endpoint's tags are set.
@@ -209,7 +209,7 @@ impl HandshakeStage {
                 cx.join(Channel::Source(src), me.slot as usize);
                 io.limits = Limits {
                     bytes: ws.max_output_bytes,
-                    msgs: cx.cfg().performance.max_queue_size,
+                    msgs: u32::try_from(cx.cfg().performance.max_queue_size).unwrap_or(u32::MAX),
                     policy: ws.slow_consumer,
                 };
                 WsStage::source_client(src, max, cx)

@@ -51,7 +51,7 @@ impl RelyStage {
     pub(crate) fn accepted(cfg: &Config) -> (super::Stage, Limits) {
         let limits = Limits {
             bytes: cfg.rely.max_output_bytes,
-            msgs: usize::MAX,
+            msgs: u32::MAX,
             policy: cfg.rely.slow_consumer,
         };
         (super::Stage::Rely(RelyStage::default()), limits)

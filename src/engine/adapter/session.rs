@@ -209,7 +209,7 @@ impl SessionOpen {
         let ws_cfg = cx.cfg().ws();
         io.limits = Limits {
             bytes: ws_cfg.max_output_bytes,
-            msgs: usize::MAX,
+            msgs: u32::MAX,
             policy: ws_cfg.slow_consumer,
         };
         io.out.push_bytes(&[&super::handshake::switching(

@@ -25,7 +25,7 @@ impl UnixStage {
         let ws = cfg.ws();
         let limits = Limits {
             bytes: ws.max_output_bytes,
-            msgs: cfg.performance.max_queue_size,
+            msgs: u32::try_from(cfg.performance.max_queue_size).unwrap_or(u32::MAX),
             policy: ws.slow_consumer,
         };
         let st = UnixStage {

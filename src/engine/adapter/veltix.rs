@@ -92,7 +92,7 @@ impl VeltixStage {
         let ws = cfg.ws();
         let limits = Limits {
             bytes: ws.max_output_bytes,
-            msgs: usize::MAX,
+            msgs: u32::MAX,
             policy: ws.slow_consumer,
         };
         let l = cfg.veltix.get(listener as usize);
