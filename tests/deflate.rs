@@ -374,15 +374,8 @@ asyncio.run(main())
         .stderr(Stdio::null())
         .spawn()
         .expect("python runs");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let _guard = Kill(child);
+    let _guard = crate::support::KillOnDrop(child);
     let port = lines
         .next()
         .and_then(|l| l.ok())

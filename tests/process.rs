@@ -687,14 +687,7 @@ fn the_embedded_defaults_serve_the_admin_api_on_loopback() {
         }
     }
     // Killed whatever happens below.
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     match bound {
         Some(true) => {
             let a: SocketAddr = "127.0.0.1:6666".parse().unwrap();
@@ -741,14 +734,7 @@ fn json_log_lines_parse_and_name_connections() {
             let _ = tx.send(l);
         }
     });
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     let deadline = Instant::now() + WAIT;
     let c = loop {
         if let Ok(c) = RelyClient::connect(("127.0.0.1", port), b"jsonlogger") {
@@ -827,14 +813,7 @@ fn sighup_reloads_tls_certificates() {
     let cfg = write_config("hup-tls", &body);
     let (child, addr, logs) =
         spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap(), "-v"]));
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = KillOnDrop(child);
     // A client trusting both, reporting which certificate it was shown.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(a.cert.der().clone()).unwrap();
@@ -915,14 +894,7 @@ fn a_slow_consumer_costs_its_limit_and_gives_the_memory_back_when_cut() {
     );
     let (child, _, logs) =
         spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap(), "-v"]));
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Kill(child);
+    let child = KillOnDrop(child);
     let (mut ws, mut admin) = (None::<SocketAddr>, None::<SocketAddr>);
     let deadline = Instant::now() + WAIT;
     while ws.is_none() || admin.is_none() {
@@ -960,12 +932,7 @@ fn a_slow_consumer_costs_its_limit_and_gives_the_memory_back_when_cut() {
         publisher.send_raw(&burst);
     }
     // A member that never reads, with a tiny receive buffer.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&ws.into()).unwrap();
-    let mut slow: std::net::TcpStream = sock.into();
-    std::io::Write::write_all(&mut slow, WsRaw::request("/bcast").as_bytes()).unwrap();
-    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    let slow = never_reading_ws(ws, "/bcast");
     let base = rss_of(&child.0);
     // 4 times the limit, well past what kernel buffers absorb.
     let mut peak = base;

@@ -542,12 +542,7 @@ fn slow_source_client_is_bounded_by_max_queue_size() {
     );
     let ws = server.source_ws_addrs()[0];
     // A client with a tiny receive buffer that never reads.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&ws.into()).unwrap();
-    let mut slow: std::net::TcpStream = sock.into();
-    slow.write_all(WsRaw::request("/").as_bytes()).unwrap();
-    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    let _slow = never_reading_ws(ws, "/");
     let mut reader = WsRaw::connect(ws, "/");
     wait_until(|| server.metrics().ws_upgrades == 2, "both in");
     let payload = "y".repeat(16 * 1024);

@@ -489,13 +489,7 @@ fn slow_member_is_cut_while_the_others_keep_receiving() {
         c.websocket.as_mut().unwrap().max_output_bytes = 128 * 1024
     });
     // A member that never reads, with a tiny receive buffer.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&ws.into()).unwrap();
-    let mut slow: std::net::TcpStream = sock.into();
-    slow.write_all(WsRaw::request("/room/r/slow").as_bytes())
-        .unwrap();
-    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    let _slow = never_reading_ws(ws, "/room/r/slow");
     wait_until(|| s.handle.owner_core(b"slow").is_some(), "slow in");
     let (mut sender, _) = join(&s, ws, "r", "sender");
     let mut readers: Vec<WsRaw> = (0..3)
@@ -578,13 +572,7 @@ fn a_burst_over_a_members_limit_under_drop_keeps_an_ordered_prefix_and_counts_th
         w.max_output_bytes = 64 * 1024;
         w.slow_consumer = corerelay::config::SlowConsumer::Drop;
     });
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&ws.into()).unwrap();
-    let mut slow: std::net::TcpStream = sock.into();
-    slow.write_all(WsRaw::request("/room/r/slow").as_bytes())
-        .unwrap();
-    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    let slow = never_reading_ws(ws, "/room/r/slow");
     wait_until(|| s.handle.owner_core(b"slow").is_some(), "slow in");
     let (mut sender, _) = join(&s, ws, "r", "sender");
     const N: usize = 2000;

@@ -504,13 +504,6 @@ fn the_wsproxy_command_with_its_environment_and_python_clients() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() || http(addr, "GET", "/health", &[], b"").status != 200
@@ -521,7 +514,7 @@ fn the_wsproxy_command_with_its_environment_and_python_clients() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let child = Kill(child);
+    let child = crate::support::KillOnDrop(child);
     let out = Command::new(&python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

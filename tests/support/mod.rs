@@ -419,3 +419,25 @@ pub fn venv_python(
         Err(format!("{packages:?} did not import after installing"))
     }
 }
+
+/// A child process killed (and reaped) when the test ends, whatever happens.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A WebSocket client upgraded on `path` that never reads, with a tiny
+/// receive buffer: a slow consumer the server sees at once.
+pub fn never_reading_ws(addr: SocketAddr, path: &str) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut slow: TcpStream = sock.into();
+    slow.write_all(WsRaw::request(path).as_bytes()).unwrap();
+    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    slow
+}
