@@ -922,17 +922,23 @@ impl Redis {
         }
     }
 
-    /// After a (re)connect: every channel with members is subscribed again,
-    /// in batches, with a PING behind them so a silent Redis is noticed.
-    fn resubscribe(&mut self, cfg: &RedisConfig, now: Instant) {
+    /// Forgets channels nobody holds any more and rebuilds the id-to-name
+    /// map from what is left (held cluster channels, which have no
+    /// selector, are found by name only).
+    fn prune_subs(&mut self) {
         self.subs.retain(|_, s| s.refs > 0);
-        // Held channels (no selector) are found by name only.
         self.names = self
             .subs
             .iter()
             .filter(|(_, s)| s.selector.is_some())
             .map(|(k, s)| (s.id, k.clone()))
             .collect();
+    }
+
+    /// After a (re)connect: every channel with members is subscribed again,
+    /// in batches, with a PING behind them so a silent Redis is noticed.
+    fn resubscribe(&mut self, cfg: &RedisConfig, now: Instant) {
+        self.prune_subs();
         let names: Vec<Box<[u8]>> = self.subs.keys().cloned().collect();
         for batch in names.chunks(SUBSCRIBE_BATCH) {
             let mut args: Vec<&[u8]> = Vec::with_capacity(batch.len() + 1);
@@ -1366,14 +1372,7 @@ impl Redis {
                 s.subscribed = false;
                 s.outstanding = 0;
             }
-            self.subs.retain(|_, s| s.refs > 0);
-            // Held channels (no selector) are found by name only.
-            self.names = self
-                .subs
-                .iter()
-                .filter(|(_, s)| s.selector.is_some())
-                .map(|(k, s)| (s.id, k.clone()))
-                .collect();
+            self.prune_subs();
             m.redis_channels.set(self.subs.len() as u64);
         }
     }
