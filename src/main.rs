@@ -56,26 +56,6 @@ enum Cmd {
     Man,
 }
 
-/// Starts the logger: RUST_LOG wins over `level`; `json` writes one
-/// object a line with the time, level, target and message (escaped by
-/// serde_json, so any message stays one parseable line).
-fn init_logging(level: &str, format: LogFormat) {
-    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
-    if format == LogFormat::Json {
-        b.format(|buf, record| {
-            use std::io::Write;
-            let line = serde_json::json!({
-                "ts": buf.timestamp_millis().to_string(),
-                "level": record.level().as_str(),
-                "target": record.target(),
-                "message": record.args().to_string(),
-            });
-            writeln!(buf, "{line}")
-        });
-    }
-    b.init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.cmd {
@@ -104,18 +84,19 @@ fn main() -> ExitCode {
         // wsproxy reads ./.env (never overriding the environment) first.
         let _ = dotenvy::dotenv();
     }
+    // The command line's filter, if it chose one (RUST_LOG still wins).
     let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+        0 => None,
+        1 => Some("info".to_owned()),
+        2 => Some("debug".to_owned()),
+        _ => Some("trace".to_owned()),
     };
     // wsproxy's LOG_LEVEL applies when RUST_LOG is unset.
     let level = match std::env::var("LOG_LEVEL") {
-        Ok(l) if cli.wsproxy && cli.verbose == 0 && !l.is_empty() => l,
-        _ => level.to_owned(),
+        Ok(l) if cli.wsproxy && cli.verbose == 0 && !l.is_empty() => Some(l),
+        _ => level,
     };
-    match run(cli, &level) {
+    match run(cli, level.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("corerelay: {e}");
@@ -128,7 +109,7 @@ fn main() -> ExitCode {
 /// Veylor's ./config.yaml, then wsgateway's ./config.yml.
 const LOCAL_CONFIGS: [&str; 2] = ["config.yaml", "config.yml"];
 
-fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn run(cli: Cli, level: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
     // As Veylor and wsgateway do: with no -c, their file when there is one.
     let mut cli = cli;
     let local = LOCAL_CONFIGS
@@ -151,7 +132,11 @@ fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
         Some(p) => Config::load(p)?,
         None => Config::defaults(),
     };
-    init_logging(level, cli.log_format.unwrap_or(cfg.log_format));
+    corerelay::logging::init(
+        level,
+        cfg.log_level.as_deref(),
+        cli.log_format.unwrap_or(cfg.log_format),
+    );
     if let Some(f) = used_local {
         log::warn!("no -c given: using ./{f}");
     }
@@ -258,14 +243,14 @@ fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let stopper = server.stopper();
-    let (path, port, running) = (cli.config.clone(), cli.port, server.config().clone());
+    let (path, port, mut reloader) = (cli.config.clone(), cli.port, server.reloader());
     std::thread::Builder::new()
         .name("corerelay-signals".into())
         .spawn(move || {
             let mut seen = 0;
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
-                    reload(path.as_deref(), port, &running);
+                    reload(path.as_deref(), port, &mut reloader);
                     continue;
                 }
                 seen += 1;
@@ -286,107 +271,60 @@ fn run(cli: Cli, level: &str) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// SIGHUP: re-reads the config file. An invalid file is logged and
-/// ignored; the server keeps running and no connection drops. Applying a
-/// valid file live is not built yet: the settings that differ are logged
-/// as needing a restart.
-fn reload(path: Option<&std::path::Path>, port: Option<u16>, running: &Config) {
+/// ignored; a valid one is applied live where it can be (see
+/// `config::merge`), and what needs a restart is named. The server keeps
+/// running and no connection drops either way.
+fn reload(path: Option<&std::path::Path>, port: Option<u16>, reloader: &mut corerelay::Reloader) {
     let Some(path) = path else {
         log::warn!("SIGHUP: running on the embedded defaults, there is no file to re-read");
         return;
     };
-    match Config::load(path) {
-        Err(e) => log::error!("SIGHUP: {e}; the running configuration is kept"),
-        Ok(mut new) => {
-            if let Some(port) = port {
-                new.rely.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], port))];
-            }
-            // TLS certificates change live: the next handshakes present
-            // what the files hold now.
-            let sections = [
-                ("rely", running.rely.tls.as_ref(), new.rely.tls.as_ref()),
-                (
-                    "websocket",
-                    running.websocket.as_ref().and_then(|w| w.tls.as_ref()),
-                    new.websocket.as_ref().and_then(|w| w.tls.as_ref()),
-                ),
-                (
-                    "admin",
-                    running.admin.as_ref().and_then(|a| a.tls.as_ref()),
-                    new.admin.as_ref().and_then(|a| a.tls.as_ref()),
-                ),
-            ];
-            for (name, old, now) in sections {
-                if let (Some(old), Some(now)) = (old, now) {
-                    match old.reload(&now.cert, &now.key) {
-                        Ok(()) => log::info!(
-                            "SIGHUP: {name} TLS certificate reloaded from {}",
-                            now.cert.display()
-                        ),
-                        Err(e) => log::error!("SIGHUP: {name} TLS: {e}; the old certificate stays"),
-                    }
-                }
-            }
-            let changed = config_changes(running, &new);
-            if changed.is_empty() {
-                log::info!("SIGHUP: {} re-read, nothing changed", path.display());
-            } else {
-                log::warn!(
-                    "SIGHUP: {} re-read; changed, and applied only after a restart: {}",
-                    path.display(),
-                    changed.join(", ")
-                );
-            }
-        }
-    }
-}
-
-/// The top-level sections that differ between two configurations.
-fn config_changes(a: &Config, b: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut check = |name, same: bool| {
-        if !same {
-            out.push(name);
+    let mut new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("SIGHUP: {e}; the running configuration is kept");
+            return;
         }
     };
-    check(
-        "workers",
-        a.workers == b.workers && a.cpus == b.cpus && a.pin == b.pin,
-    );
-    check("rely", format!("{:?}", a.rely) == format!("{:?}", b.rely));
-    check(
-        "websocket",
-        format!("{:?}", a.websocket) == format!("{:?}", b.websocket),
-    );
-    check(
-        "admin",
-        format!("{:?}", a.admin) == format!("{:?}", b.admin),
-    );
-    check(
-        "sources",
-        format!(
-            "{:?}",
-            a.sources
-                .iter()
-                .map(|s| (&s.url, &s.headers, s.websocket))
-                .collect::<Vec<_>>()
-        ) == format!(
-            "{:?}",
-            b.sources
-                .iter()
-                .map(|s| (&s.url, &s.headers, s.websocket))
-                .collect::<Vec<_>>()
-        ),
-    );
-    check(
-        "veltix",
-        format!("{:?}", a.veltix) == format!("{:?}", b.veltix),
-    );
-    check(
-        "limits",
-        a.max_connections == b.max_connections
-            && a.max_memory == b.max_memory
-            && a.send_timeout == b.send_timeout
-            && a.shutdown_grace == b.shutdown_grace,
-    );
-    out
+    if let Some(port) = port {
+        new.rely.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], port))];
+    }
+    // The level first, so the cores' lines about taking the new
+    // configuration are written at it.
+    if new.log_level != reloader.running().log_level {
+        use corerelay::logging::{set_config_level, LevelChange};
+        if set_config_level(new.log_level.as_deref()) == LevelChange::Pinned {
+            log::warn!("SIGHUP: log_level changed, but RUST_LOG or -v chose the level; it stays");
+        }
+    }
+    let report = reloader.apply(new);
+    for (name, cert, err) in &report.tls {
+        match err {
+            None => log::info!(
+                "SIGHUP: {name} TLS certificate reloaded from {}",
+                cert.display()
+            ),
+            Some(e) => log::error!("SIGHUP: {name} TLS: {e}; the old certificate stays"),
+        }
+    }
+    for (core, why) in &report.failed {
+        log::error!("SIGHUP: core {core} did not take the new configuration: {why}");
+    }
+    if report.applied.is_empty() && report.restart.is_empty() {
+        log::info!("SIGHUP: {} re-read, nothing changed", path.display());
+    }
+    if !report.applied.is_empty() {
+        log::info!(
+            "SIGHUP: {} re-read; applied: {}",
+            path.display(),
+            report.applied.join(", ")
+        );
+    }
+    if !report.restart.is_empty() {
+        log::warn!(
+            "SIGHUP: {} re-read; changed, and needs a restart (kept as running): {}",
+            path.display(),
+            report.restart.join(", ")
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! `Server::start`: binds every listener (so bind errors surface before any
 //! thread runs), builds the mesh, and spawns one pinned core thread per
-//! worker. [`ServerHandle`] stops the server (gracefully) and reports on it.
+//! worker. [`ServerHandle`] stops the server (gracefully) and reports on it;
+//! [`Reloader`] hands the cores a re-read configuration.
 
 use std::fmt;
 use std::io;
@@ -165,6 +166,7 @@ impl Server {
             }
         }
 
+        let as_read_veltix = cfg.veltix.iter().map(|v| v.listen).collect();
         for (i, addr) in bound_veltix {
             cfg.veltix[i].listen = addr;
         }
@@ -231,6 +233,7 @@ impl Server {
             bound,
             unix_paths,
             cpus,
+            as_read_veltix,
         })
     }
 }
@@ -255,6 +258,9 @@ pub struct ServerHandle {
     bound: Vec<(ListenerKind, SocketAddr)>,
     unix_paths: Vec<std::path::PathBuf>,
     cpus: Vec<usize>,
+    /// The Veltix addresses as the file gave them (port 0 before binding
+    /// resolved it), so that a re-read file is compared like for like.
+    as_read_veltix: Vec<SocketAddr>,
 }
 
 /// A cheap, cloneable way to begin shutdown from another thread (signals).
@@ -324,6 +330,15 @@ impl ServerHandle {
         Stopper(self.shared.clone())
     }
 
+    /// A handle that applies re-read configurations (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+            running: self.shared.cfg.clone(),
+            as_read_veltix: self.as_read_veltix.clone(),
+        }
+    }
+
     /// Waits for every core to stop (after `shutdown`), then removes the
     /// Unix socket files.
     pub fn wait(mut self) {
@@ -370,5 +385,99 @@ impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.shared.begin_shutdown();
         self.join();
+    }
+}
+
+/// Applies re-read configurations to a running server: what can change
+/// live goes to every core (each takes it between two loop iterations, so
+/// no connection drops), the rest is named as needing a restart
+/// (`config::merge`). Used from one thread (the signal thread); it may
+/// block briefly, never a core.
+pub struct Reloader {
+    shared: Arc<Shared>,
+    /// What the cores run now.
+    running: Config,
+    as_read_veltix: Vec<SocketAddr>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    /// Settings that changed and now apply.
+    pub applied: Vec<&'static str>,
+    /// Settings that changed and wait for a restart.
+    pub restart: Vec<&'static str>,
+    /// TLS certificates re-read: (section, certificate file, error if the
+    /// old one stays).
+    pub tls: Vec<(&'static str, std::path::PathBuf, Option<String>)>,
+    /// Cores that did not take the new configuration, and why.
+    pub failed: Vec<(usize, &'static str)>,
+}
+
+/// How long a reload waits for room in a core's channel.
+const RELOAD_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Reloader {
+    /// The configuration the cores run.
+    pub fn running(&self) -> &Config {
+        &self.running
+    }
+
+    /// Applies `new` (validated, as read from the file).
+    pub fn apply(&mut self, mut new: Config) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        // Listeners bound to port 0 compare as the file says them.
+        for (v, (read, bound)) in new.veltix.iter_mut().zip(
+            self.as_read_veltix
+                .iter()
+                .zip(self.running.veltix.iter().map(|v| v.listen)),
+        ) {
+            if v.listen == *read {
+                v.listen = bound;
+            }
+        }
+        // Certificates change in place: the next handshakes present what
+        // the files hold now; sessions already open keep theirs.
+        let sections = [
+            (
+                "rely",
+                self.running.rely.tls.as_ref(),
+                new.rely.tls.as_ref(),
+            ),
+            (
+                "websocket",
+                self.running.websocket.as_ref().and_then(|w| w.tls.as_ref()),
+                new.websocket.as_ref().and_then(|w| w.tls.as_ref()),
+            ),
+            (
+                "admin",
+                self.running.admin.as_ref().and_then(|a| a.tls.as_ref()),
+                new.admin.as_ref().and_then(|a| a.tls.as_ref()),
+            ),
+        ];
+        for (name, old, now) in sections {
+            if let (Some(old), Some(now)) = (old, now) {
+                let err = old.reload(&now.cert, &now.key).err();
+                report.tls.push((name, now.cert.clone(), err));
+            }
+        }
+        let merged = crate::config::merge(&self.running, new);
+        report.applied = merged.applied;
+        report.restart = merged.restart;
+        if report.applied.is_empty() {
+            return report;
+        }
+        let live = Arc::new(merged.live);
+        for (i, inbox) in self.shared.inboxes.iter().enumerate() {
+            let batch = crate::engine::mesh::Batch {
+                reload: Some(Box::new(crate::engine::mesh::Reload { cfg: live.clone() })),
+                ..Default::default()
+            };
+            if let Err(why) = inbox.send_from_outside(batch, RELOAD_SEND_WAIT) {
+                report.failed.push((i, why));
+            }
+        }
+        self.running = Config::clone(&live);
+        report
     }
 }

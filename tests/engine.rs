@@ -483,3 +483,31 @@ fn a_busy_port_is_refused_with_how_to_find_the_holder() {
     assert!(e.contains(&format!("ss -ltnp 'sport = :{port}'")), "{e}");
     assert!(e.contains("ip_local_reserved_ports"), "{e}");
 }
+
+/// A reload that lowers the output limit applies to connections already
+/// open: a receiver that stopped reading, under a limit it would never
+/// reach, is cut at the new one.
+#[test]
+fn reload_lowers_the_output_limit_of_open_connections() {
+    let s = TestServer::with(2, |c| {
+        c.rely.max_output_bytes = 1 << 30;
+        c.rely.slow_consumer = SlowConsumer::Disconnect;
+    });
+    let _slow = small_rcvbuf_client(&s, "slow");
+    let mut sender = s.login("sender");
+    let mut reloader = s.handle.reloader();
+    let mut new = reloader.running().clone();
+    new.rely.max_output_bytes = 256 * 1024;
+    let report = reloader.apply(new);
+    assert_eq!(report.applied, vec!["rely"]);
+    assert!(report.restart.is_empty() && report.failed.is_empty());
+    let payload = vec![0x5a; 16 * 1024];
+    let mut sent = 0;
+    // 64 MiB at most: far under the old limit, far over the new one.
+    while s.handle.metrics().slow_consumer_disconnect == 0 {
+        assert!(sent < 4096, "the lowered limit never applied");
+        sender.send(b"slow", &payload).unwrap();
+        sent += 1;
+    }
+    assert!(s.handle.metrics().queued_bytes <= 2 * (256 + 17) * 1024);
+}

@@ -555,49 +555,95 @@ fn source_url_secrets_never_appear() {
     assert!(wait_exit(&mut child).success());
 }
 
-/// SIGHUP never kills the server: it re-reads the file; an invalid file is
-/// logged and ignored, a changed one is reported as needing a restart, and
-/// the connections stay up throughout.
-#[test]
-fn sighup_rereads_the_config_and_keeps_running() {
-    let body = "workers: 1\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\n";
-    let cfg = write_config("hup", body);
-    let (mut child, addr, logs) =
-        spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap(), "-v"]));
-    let mut alice = RelyClient::connect(addr, b"alice").unwrap();
-    let mut bob = RelyClient::connect(addr, b"bob").unwrap();
-    let expect_log = |what: &str| {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let line = logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no log line with {what:?}"));
-            if line.contains(what) {
-                return line;
-            }
-        }
-    };
-    std::fs::write(&cfg, "workers: lots\n").unwrap();
-    signal(&child, libc::SIGHUP);
-    let line = expect_log("SIGHUP:");
-    assert!(line.contains("running configuration is kept"), "{line}");
-    std::fs::write(&cfg, format!("{body}max_connections: 7\n")).unwrap();
-    signal(&child, libc::SIGHUP);
-    let line = expect_log("SIGHUP:");
-    assert!(line.contains("after a restart: limits"), "{line}");
-    assert!(child.try_wait().unwrap().is_none(), "still running");
-    // The connections made before the signals still relay.
+/// Waits (bounded) for a log line containing `what`; returns it.
+fn expect_log(logs: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
-        alice.send(b"bob", b"still here").unwrap();
-        if let Some(m) = bob.recv(Some(Duration::from_millis(50))).unwrap() {
-            assert_eq!(m.payload, b"still here");
-            break;
+        let line = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no log line with {what:?}"));
+        if line.contains(what) {
+            return line;
         }
-        assert!(Instant::now() < deadline, "relay after SIGHUP");
     }
-    signal(&child, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}
+
+/// The address after `listening: <what> on ` in the start-up log.
+fn listening(logs: &std::sync::mpsc::Receiver<String>, what: &str) -> SocketAddr {
+    let line = expect_log(logs, &format!("listening: {what} on "));
+    let Some(a) = line.split(" on ").nth(1) else {
+        panic!("{line}")
+    };
+    a.trim().parse().unwrap()
+}
+
+/// SIGHUP never kills the server. An invalid file is logged and ignored.
+/// A valid one applies live where it can: an endpoint's tags (for the
+/// connections that open after it), a lowered limit (for the connections
+/// already open too), the log level; what needs a restart (the worker
+/// count) is named and kept. The connections stay up throughout.
+#[test]
+fn sighup_applies_live_changes_and_keeps_connections() {
+    let body = |tag: &str, max_payload: &str, workers: u32, level: &str| {
+        format!(
+            "workers: {workers}\npin: false\nlog_level: {level}\nrely:\n  listen: [\"127.0.0.1:0\"]\n  max_payload: {max_payload}\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /room/{{room}}\n      set_tags: {{kind: {tag}}}\nadmin:\n  listen: [\"127.0.0.1:0\"]\n"
+        )
+    };
+    let cfg = write_config("hup", &body("old", "1MiB", 2, "info"));
+    // No -v: the file's log_level decides, and may change.
+    let (child, addr, logs) = spawn_logged(Command::new(BIN).args(["-c", cfg.to_str().unwrap()]));
+    let mut child = KillOnDrop(child);
+    let ws = listening(&logs, "websocket");
+    let admin = listening(&logs, "admin");
+    let mut alice = RelyClient::connect(addr, b"alice").unwrap();
+    let mut bob = RelyClient::connect(addr, b"bob").unwrap();
+    let mut member = WsRaw::connect(ws, "/room/a");
+    let count = |sel: &str| http(admin, "POST", &format!("/send?{sel}"), &[], b"hi").text();
+    assert_eq!(count("kind=old"), "1");
+
+    std::fs::write(&cfg, "workers: lots\n").unwrap();
+    signal(&child.0, libc::SIGHUP);
+    let line = expect_log(&logs, "SIGHUP:");
+    assert!(line.contains("running configuration is kept"), "{line}");
+
+    std::fs::write(&cfg, body("new", "64", 1, "debug")).unwrap();
+    signal(&child.0, libc::SIGHUP);
+    // The restart line, and the debug line each core writes when it takes
+    // the configuration (so the new level is in force), in any order.
+    let (mut restart, mut cores) = (None, 0);
+    while restart.is_none() || cores < 2 {
+        let line = expect_log(&logs, "");
+        if line.contains("needs a restart") {
+            restart = Some(line);
+        } else if line.contains("configuration reloaded") {
+            cores += 1;
+        }
+    }
+    let line = restart.unwrap_or_default();
+    assert!(line.contains("workers"), "{line}");
+    assert!(child.0.try_wait().unwrap().is_none(), "still running");
+
+    // The open member keeps the tags it joined with; a new one gets the
+    // endpoint's new tags.
+    let _late = WsRaw::connect(ws, "/room/b");
+    assert_eq!(count("kind=new"), "1");
+    assert_eq!(count("kind=old"), "1");
+    assert_eq!(member.read().unwrap().payload, b"hi");
+
+    // The lowered max_payload applies to the connections already open:
+    // a 100-byte payload now closes its sender, and only it.
+    alice.send(b"bob", &[b'x'; 100]).unwrap();
+    assert!(alice.recv(Some(WAIT)).is_err(), "alice is closed");
+    let mut carol = RelyClient::connect(addr, b"carol").unwrap();
+    carol.send(b"bob", b"still here").unwrap();
+    let m = bob.recv(Some(WAIT)).unwrap().expect("bob hears carol");
+    assert_eq!(m.payload, b"still here");
+    // The workers stayed as they were: two cores serve.
+    let metrics = http(admin, "GET", "/metrics", &[], b"").text();
+    assert!(metrics.contains("core=\"1\""), "{metrics}");
+
+    signal(&child.0, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child.0).code(), Some(0));
 }
 
 /// As Veylor: run with no -c in a folder holding config.yaml, and that file

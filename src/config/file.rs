@@ -50,6 +50,8 @@ pub struct FileConfig {
     pub performance: Option<PerformanceFile>,
     /// Log lines as `text` or `json`.
     pub log_format: Option<super::LogFormat>,
+    /// Log filter (`info`, `warn,corerelay::engine=debug`); changes on SIGHUP.
+    pub log_level: Option<String>,
     /// The Redis server (wsproxy sessions).
     pub redis: Option<super::RedisFile>,
     /// Client events to a Redis stream (wsgateway's stream_redis).

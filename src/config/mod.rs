@@ -19,6 +19,7 @@ mod endpoint;
 mod events;
 mod file;
 mod redis;
+mod reload;
 mod tls;
 mod validate;
 mod values;
@@ -32,6 +33,7 @@ pub use endpoint::*;
 pub use events::*;
 pub use file::*;
 pub use redis::*;
+pub use reload::*;
 pub use tls::*;
 pub use values::*;
 pub use veltix::*;
@@ -89,6 +91,9 @@ pub struct Config {
     pub performance: PerformanceConfig,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// The log filter when neither RUST_LOG nor `-v` is given (env_logger
+    /// directives; None: warnings). Changes on SIGHUP.
+    pub log_level: Option<String>,
     /// The `redis:` section: the server of wsproxy sessions (None: none).
     pub redis: Option<RedisConfig>,
     /// Client events to a Redis stream (wsgateway's `stream_redis`).

@@ -1,5 +1,6 @@
 //! Unit tests of parsing and validation.
 
+use super::validate::check_log_level;
 use super::*;
 
 #[test]
@@ -201,4 +202,51 @@ fn a_veylor_shaped_file_serves_what_veylor_serves() {
         33333,
         "relayd's default kept"
     );
+}
+
+#[test]
+fn reload_merge_applies_live_settings_and_keeps_restart_ones() {
+    let yaml = |workers: u32, path: &str, out: &str, allow: &str| {
+        format!("workers: {workers}\npin: false\nrely:\n  listen: [\"127.0.0.1:0\"]\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  max_output_bytes: {out}\n  endpoints:\n    - path: {path}\nadmin:\n  listen: [\"127.0.0.1:0\"]\n  allow: [\"{allow}\"]\n")
+    };
+    let run = Config::from_yaml(&yaml(2, "/a", "1MiB", "127.0.0.0/8"), None).unwrap();
+    // Nothing changed.
+    let same = merge(
+        &run,
+        Config::from_yaml(&yaml(2, "/a", "1MiB", "127.0.0.0/8"), None).unwrap(),
+    );
+    assert!(
+        same.applied.is_empty() && same.restart.is_empty(),
+        "{same:?}"
+    );
+    // A limit and the allow-list apply; the workers and the endpoint
+    // paths stay as running.
+    let m = merge(
+        &run,
+        Config::from_yaml(&yaml(4, "/b", "64KiB", "10.0.0.0/8"), None).unwrap(),
+    );
+    assert_eq!(m.restart, vec!["workers", "websocket.endpoints (paths)"]);
+    assert_eq!(m.applied, vec!["websocket", "admin"]);
+    assert_eq!(m.live.workers, 2);
+    let ws = m.live.ws();
+    assert_eq!(ws.max_output_bytes, 64 << 10);
+    assert_eq!(ws.endpoints[0].path, "/a");
+    assert!(!m
+        .live
+        .admin
+        .as_ref()
+        .unwrap()
+        .allows("127.0.0.1".parse().unwrap()));
+}
+
+#[test]
+fn log_level_is_checked() {
+    for good in ["info", "warn,corerelay::engine=debug", "OFF"] {
+        assert!(check_log_level(good).is_ok(), "{good}");
+    }
+    for bad in ["", "loud", "corerelay", "corerelay=verbose", "=info"] {
+        assert!(check_log_level(bad).is_err(), "{bad}");
+    }
+    let e = Config::from_yaml("log_level: chatty\n", None).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("log_level"));
 }

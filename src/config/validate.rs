@@ -358,7 +358,11 @@ impl FileConfig {
             listeners.push((format!("veltix[{i}].listen"), v.listen));
         }
         check_listeners(&listeners, &err)?;
+        if let Some(l) = &self.log_level {
+            check_log_level(l).map_err(|m| err("log_level", m))?;
+        }
         Ok(Config {
+            log_level: self.log_level,
             source: path.map(Path::to_owned),
             veltix,
             redis_extra: extra,
@@ -624,4 +628,31 @@ fn check_listeners(
         }
     }
     Ok(())
+}
+
+/// A log filter as env_logger reads it: comma-separated `level` or
+/// `target=level` directives, each level one of off, error, warn, info,
+/// debug, trace. (A bare target, which env_logger also takes, is refused.)
+pub fn check_log_level(text: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let mut any = false;
+    for d in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        any = true;
+        let level = d
+            .rsplit_once('=')
+            .map_or(d, |(target, l)| if target.is_empty() { "" } else { l });
+        let is_level = LEVELS.iter().any(|x| x.eq_ignore_ascii_case(level));
+        // env_logger would take a bare word that is no level as a target
+        // at trace, silencing the rest: a typo (`verbose`) must not do that.
+        if !is_level {
+            return Err(format!(
+                "`{d}` is not a level (off, error, warn, info, debug, trace) or target=level"
+            ));
+        }
+    }
+    if any {
+        Ok(())
+    } else {
+        Err("is empty (a level such as `info`, or leave it out)".into())
+    }
 }

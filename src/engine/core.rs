@@ -41,7 +41,7 @@ use super::tags::{Selector, TagIndex};
 use super::timer::{Timer, Timing, Wheel, TICK};
 use super::upstreams::Upstreams;
 use super::ConnId;
-use crate::config::SlowConsumer;
+use crate::config::{Config, SlowConsumer};
 
 /// Timer wheel buckets (409.6 s per turn at 100 ms ticks): enough that a
 /// slot stays short (cancel scans one) even with a million connections.
@@ -171,6 +171,10 @@ pub(crate) struct Core {
     run: super::fanrun::Run,
     /// Reused buffer of accepted sockets.
     accepted: Vec<(Stream, std::net::SocketAddr)>,
+    /// The configuration this core runs: the one it started with until a
+    /// reload hands it another (`Core::reload`). `Shared::cfg` stays the
+    /// start-up one, which fixed the listeners, threads and tables.
+    cfg: Arc<Config>,
 }
 
 impl Core {
@@ -253,6 +257,7 @@ impl Core {
             last_trim: None,
             run: Default::default(),
             accepted: Vec::new(),
+            cfg: Arc::new(shared.cfg.clone()),
             shared,
         })
     }
@@ -264,7 +269,7 @@ impl Core {
     /// Runs until shutdown completes.
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(1024);
-        let busy_poll = self.shared.cfg.busy_poll;
+        let busy_poll = self.cfg.busy_poll;
         loop {
             let timeout = self.poll_timeout(busy_poll);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -396,7 +401,7 @@ impl Core {
             self.quiesced = true;
             self.shared.quiesced.fetch_add(1, Ordering::SeqCst);
         }
-        let all_quiet = self.shared.quiesced.load(Ordering::SeqCst) == self.shared.cfg.workers;
+        let all_quiet = self.shared.quiesced.load(Ordering::SeqCst) == self.cfg.workers;
         if all_quiet && self.rx.is_empty() && !self.goodbyes_sent {
             // Flushed from the next iteration on.
             self.say_goodbyes();
@@ -462,10 +467,10 @@ impl Core {
             let _ = self.poll.registry().deregister(&mut l.sock);
         }
         self.listeners = admin;
-        self.drain_deadline = Some(now + self.shared.cfg.shutdown_grace);
+        self.drain_deadline = Some(now + self.cfg.shutdown_grace);
         if self.registry.is_some() {
             // The other nodes stop waiting for this one at once.
-            if let Some(c) = self.shared.cfg.cluster.clone() {
+            if let Some(c) = self.cfg.cluster.clone() {
                 let words = format!("bye|{}", c.node_id);
                 self.cluster_publish(&c.ctl_channel(), words.as_bytes());
             }
@@ -491,12 +496,7 @@ impl Core {
         for li in 0..self.listeners.len() {
             let l = &mut self.listeners[li];
             let kind = l.kind;
-            let failed = l.accept_batch(
-                self.shared.cfg.accept_batch,
-                now,
-                ACCEPT_PAUSE,
-                &mut accepted,
-            );
+            let failed = l.accept_batch(self.cfg.accept_batch, now, ACCEPT_PAUSE, &mut accepted);
             if let Some(e) = failed {
                 self.metrics().accept_errors.inc();
                 // At the file limit this repeats every pause: warn at most
@@ -543,7 +543,7 @@ impl Core {
         }
         // A listener with `tls:` serves TLS: the handshake runs inside the
         // stream as bytes arrive; the stage sees plaintext only.
-        let cfg = &self.shared.cfg;
+        let cfg = &self.cfg;
         let tls = match kind {
             ListenerKind::Rely => cfg.rely.tls.as_ref(),
             ListenerKind::WebSocket => cfg.websocket.as_ref().and_then(|w| w.tls.as_ref()),
@@ -564,7 +564,7 @@ impl Core {
             },
             (s, _) => s,
         };
-        let (stage, limits) = Stage::accepted(kind, &self.shared.cfg, &self.timing, self.now);
+        let (stage, limits) = Stage::accepted(kind, &self.cfg, &self.timing, self.now);
         let proto = stage.name();
         if let Some(id) = self.insert(stream, peer, stage, limits, true) {
             let m = self.metrics();
@@ -709,9 +709,31 @@ impl Core {
     /// the channel when we started).
     fn drain_inbox(&mut self) {
         for _ in 0..self.rx.len() {
-            let Ok(batch) = self.rx.try_recv() else { break };
+            let Ok(mut batch) = self.rx.try_recv() else {
+                break;
+            };
+            if let Some(r) = batch.reload.take() {
+                self.reload(*r);
+            }
             self.apply(batch);
         }
+    }
+
+    /// Takes a reloaded configuration: new connections follow it at once,
+    /// and the connections already open take its output limits (a lowered
+    /// limit applies at their next queued message; the slow-consumer
+    /// policy decides as it always does). One pass over this core's slab,
+    /// once per reload.
+    fn reload(&mut self, r: super::mesh::Reload) {
+        self.cfg = r.cfg;
+        self.timing = Timing::new(&self.cfg, TICK);
+        self.max_conns = self.cfg.max_connections.div_ceil(self.cfg.workers).max(1);
+        for (_, c) in self.conns.iter_mut() {
+            if let Some(l) = c.stage.limits(&self.cfg, c.io.limits) {
+                c.io.limits = l;
+            }
+        }
+        log::debug!("core {}: configuration reloaded", self.index);
     }
 
     /// Applies this iteration's own batch: what this core's reads left for
@@ -742,6 +764,7 @@ impl Core {
             data,
             mut items,
             fanouts,
+            ..
         } = batch;
         let data = Arc::new(data);
         let mut fanouts = fanouts.into_iter();
@@ -926,7 +949,7 @@ impl Core {
         let Some(Stage::Ws(w)) = self.conns.get(slot).map(|c| &c.stage) else {
             return;
         };
-        let row = w.row(self.shared.cfg.ws().endpoints.len());
+        let row = w.row(self.cfg.ws().endpoints.len());
         if let Some(s) = self.shared.deflate_of(self.index).get(row) {
             s.out_plain.add(plain as u64);
             s.out_wire.add(wire as u64);
@@ -939,7 +962,7 @@ impl Core {
     fn fanout(&mut self, f: Fanout) {
         let mut slots = std::mem::take(&mut self.selected);
         self.select(&f.selector, &mut slots);
-        let min_deflate = self.shared.cfg.ws().compression_min_size;
+        let min_deflate = self.cfg.ws().compression_min_size;
         let mut frames = f
             .msg
             .as_ref()
@@ -1048,7 +1071,7 @@ impl Core {
         self.select(&run.msgs[0].selector, &mut slots);
         run.prepare(self.index);
         let k = run.msgs.len();
-        let min_deflate = self.shared.cfg.ws().compression_min_size;
+        let min_deflate = self.cfg.ws().compression_min_size;
         let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut n = 0u64;
         for &slot in &slots {
@@ -1176,7 +1199,7 @@ impl Core {
         let (conn, answer) = match done {
             Done::Conn(c, a) => (c, a),
             Done::Survey(o, count, text) => {
-                let text = match &self.shared.cfg.cluster {
+                let text = match &self.cfg.cluster {
                     Some(c) if !text.is_empty() => super::cluster::cap_status(
                         super::cluster::label(&text, &c.node_id),
                         c.max_message_size.saturating_sub(64),
@@ -1362,13 +1385,13 @@ impl Core {
     /// PUBLISHes `words` on `channel` through this core's cluster Redis
     /// (dropped and counted while it is away).
     fn cluster_publish(&mut self, channel: &[u8], words: &[u8]) {
-        let Some(c) = &self.shared.cfg.cluster else {
+        let Some(c) = &self.cfg.cluster else {
             return;
         };
         let m = &self.shared.metrics[self.index];
         if let (Some(Some(r)), Some(rc)) = (
             self.redis.get_mut(c.server),
-            self.shared.cfg.redis_server(c.server),
+            self.cfg.redis_server(c.server),
         ) {
             r.send(rc, m, &[b"PUBLISH", channel, words]);
         }
@@ -1389,7 +1412,7 @@ impl Core {
                 self.admin_done(d);
             }
         }
-        if let (Some(t), Some(c)) = (self.next_refresh, &self.shared.cfg.cluster) {
+        if let (Some(t), Some(c)) = (self.next_refresh, &self.cfg.cluster) {
             if now >= t {
                 self.next_refresh = Some(now + c.owner_ttl / 2);
                 self.reclaim.get_or_insert(0);
@@ -1400,8 +1423,7 @@ impl Core {
         }
         // Core 0, once per ping_interval (not per iteration): say this
         // node is alive and forget the silent ones.
-        let (Some((reg, next)), Some(c)) = (self.registry.as_mut(), &self.shared.cfg.cluster)
-        else {
+        let (Some((reg, next)), Some(c)) = (self.registry.as_mut(), &self.cfg.cluster) else {
             return;
         };
         if now < *next {
@@ -1623,7 +1645,7 @@ impl Core {
                 redis::Event::Transfer(frame) => self.cluster_transfer(frame),
                 redis::Event::Said(words) => self.cluster_said(&words),
                 redis::Event::Up => {
-                    if self.shared.cfg.cluster.is_some() {
+                    if self.cfg.cluster.is_some() {
                         self.reclaim = Some(0);
                     }
                 }
@@ -1654,10 +1676,9 @@ impl Core {
         let s = server as u8;
         match op {
             remote::CALL | remote::SEND | remote::EVENT | remote::JOIN | remote::LEAVE => {
-                let (Some(Some(r)), Some(cfg)) = (
-                    self.redis.get_mut(server),
-                    self.shared.cfg.redis_server(server),
-                ) else {
+                let (Some(Some(r)), Some(cfg)) =
+                    (self.redis.get_mut(server), self.cfg.redis_server(server))
+                else {
                     return;
                 };
                 let m = &self.shared.metrics[self.index];
@@ -1742,7 +1763,7 @@ impl Core {
             return;
         }
         for d in self.upstreams.due(now, &self.shared) {
-            let cfg = &self.shared.cfg.sources[d.source as usize];
+            let cfg = &self.cfg.sources[d.source as usize];
             let _ = d.stream.set_nodelay(true);
             let deadline = self.now + Timing::ticks(cfg.connect_timeout, TICK);
             let stage = UpstreamStage::connecting(d.source, deadline);
@@ -1750,7 +1771,7 @@ impl Core {
             // Client messages wait here while the source does not read: up
             // to the WebSocket output limit, then they are dropped and
             // counted (source_dropped), never queued without bound.
-            let ws = self.shared.cfg.ws();
+            let ws = self.cfg.ws();
             let limits = Limits {
                 bytes: ws.max_output_bytes,
                 msgs: u32::MAX,
@@ -1836,7 +1857,7 @@ impl Core {
     /// Bytes queued on every core, against `max_memory` (each core's gauge
     /// is current as of its last flush).
     fn over_memory(&self) -> bool {
-        self.shared.cfg.max_memory.is_some_and(|cap| {
+        self.cfg.max_memory.is_some_and(|cap| {
             self.shared
                 .metrics
                 .iter()

@@ -107,6 +107,16 @@ pub struct Batch {
     pub items: Vec<Item>,
     /// Fan-outs referred to by `Item::Fanout`.
     pub fanouts: Vec<Fanout>,
+    /// A new configuration for the receiving core (sent alone, by the
+    /// reloading thread, never by a core).
+    pub reload: Option<Box<Reload>>,
+}
+
+/// What a core takes on a reload (`ServerHandle::reload`).
+#[derive(Debug)]
+pub struct Reload {
+    /// The merged configuration (restart-only settings as running).
+    pub cfg: Arc<crate::config::Config>,
 }
 
 impl Batch {
@@ -153,6 +163,22 @@ impl Inbox {
                 log::warn!("waking a core failed: {e}");
             }
         }
+    }
+
+    /// Sends a batch from a thread that is not a core (a reload), waiting
+    /// up to `timeout` for room, then wakes the owner. Errors: the channel
+    /// stayed full, or the core has exited.
+    pub fn send_from_outside(
+        &self,
+        batch: Batch,
+        timeout: std::time::Duration,
+    ) -> Result<(), &'static str> {
+        self.tx.send_timeout(batch, timeout).map_err(|e| match e {
+            crossbeam_channel::SendTimeoutError::Timeout(_) => "its channel stayed full",
+            crossbeam_channel::SendTimeoutError::Disconnected(_) => "it has exited",
+        })?;
+        self.wake();
+        Ok(())
     }
 
     /// Unconditional wake (shutdown).

@@ -57,7 +57,7 @@ pub(crate) struct Ctx<'a> {
 macro_rules! ctx {
     ($core:expr) => {
         $crate::engine::route::Ctx {
-            cfg: &$core.shared.cfg,
+            cfg: &$core.cfg,
             dir: &$core.shared.directory,
             cache: &mut $core.cache,
             tags: &mut $core.tags,

@@ -102,6 +102,41 @@ impl Stage {
         }
     }
 
+    /// The output limits this stage's connection takes under `cfg` after a
+    /// reload (None: keep `now`, e.g. the server's own connections and
+    /// those still in a handshake, which take theirs when they open).
+    pub(crate) fn limits(&self, cfg: &Config, now: Limits) -> Option<Limits> {
+        if now.bytes == usize::MAX {
+            return None;
+        }
+        let ws = cfg.ws();
+        let queue = u32::try_from(cfg.performance.max_queue_size).unwrap_or(u32::MAX);
+        match self {
+            Stage::Rely(_) => Some(Limits {
+                bytes: cfg.rely.max_output_bytes,
+                msgs: u32::MAX,
+                policy: cfg.rely.slow_consumer,
+            }),
+            // Veylor's message count applies to sources' clients only.
+            Stage::Ws(_) | Stage::Unix(_) | Stage::Veltix(_) => Some(Limits {
+                bytes: ws.max_output_bytes,
+                msgs: if now.msgs == u32::MAX {
+                    u32::MAX
+                } else {
+                    queue
+                },
+                policy: ws.slow_consumer,
+            }),
+            // Client messages waiting for the source: dropped over the
+            // limit, whatever the policy for clients.
+            Stage::Upstream(_) => Some(Limits {
+                bytes: ws.max_output_bytes,
+                ..now
+            }),
+            Stage::Handshake(_) | Stage::Admin(_) | Stage::Session(_) => None,
+        }
+    }
+
     /// The protocol, for log lines.
     pub(crate) fn name(&self) -> &'static str {
         match self {

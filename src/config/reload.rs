@@ -1,0 +1,145 @@
+//! Live reload's rules: which settings of a re-read config the running
+//! server takes at once, and which wait for a restart (they are kept as
+//! running, and named).
+//!
+//! Live: limits (`max_connections`, `max_memory`, `send_timeout`,
+//! `shutdown_grace`, each section's output limit, slow-consumer policy,
+//! payload and message sizes, timeouts), the admin allow-list and request
+//! settings, each endpoint's tags and options, `performance` and
+//! `log_level`. TLS certificates are re-read in place (`ServerTls::reload`).
+//!
+//! Restart: what a listener, a thread or a connection already made was
+//! built from: workers and CPUs, listen addresses, TLS on or off, the set
+//! of endpoint paths, the compression level, the sources, the Veltix listeners, Redis, events, sync and cluster, and the
+//! log format.
+
+use super::Config;
+
+/// A re-read config merged into the running one.
+#[derive(Debug)]
+pub struct Merged {
+    /// What the server runs from now on.
+    pub live: Config,
+    /// Settings that changed and apply now.
+    pub applied: Vec<&'static str>,
+    /// Settings that changed but stay as running until a restart.
+    pub restart: Vec<&'static str>,
+}
+
+/// Debug text, the one comparison every config type has (ServerTls and
+/// rustls settings print their file names, not key material).
+fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// Merges `new` into `running`: restart-only settings keep their running
+/// values.
+pub fn merge(running: &Config, new: Config) -> Merged {
+    let mut live = new;
+    let mut restart = Vec::new();
+    // Keeps the running value of a restart-only setting, naming it if the
+    // file changed it.
+    macro_rules! keep {
+        ($name:expr, $($field:tt)+) => {
+            if !same(&live.$($field)+, &running.$($field)+) {
+                restart.push($name);
+                live.$($field)+ = running.$($field)+.clone();
+            }
+        };
+    }
+    keep!("workers", workers);
+    keep!("pin", pin);
+    keep!("cpus", cpus);
+    keep!("busy_poll", busy_poll);
+    keep!("read_buffer", read_buffer);
+    keep!("mesh_capacity", mesh_capacity);
+    keep!("backlog", backlog);
+    keep!("accept_batch", accept_batch);
+    keep!("log_format", log_format);
+    keep!("rely.listen", rely.listen);
+    keep!("rely.tls", rely.tls);
+    keep!("veltix", veltix);
+    keep!("redis", redis);
+    keep!("redis_extra", redis_extra);
+    keep!("events", events);
+    keep!("sync", sync);
+    keep!("cluster", cluster);
+    match (&mut live.websocket, &running.websocket) {
+        (Some(l), Some(r)) => {
+            let mut k = |name, same: bool| {
+                if !same {
+                    restart.push(name);
+                }
+                same
+            };
+            if !k("websocket.listen", l.listen == r.listen) {
+                l.listen = r.listen.clone();
+            }
+            if !k("websocket.tls", same(&l.tls, &r.tls)) {
+                l.tls = r.tls.clone();
+            }
+            if !k(
+                "websocket.compression_level",
+                l.compression_level == r.compression_level,
+            ) {
+                l.compression_level = r.compression_level;
+            }
+            // Endpoints are rows of per-core tables (counters, selectors):
+            // their options change live, their set and order do not.
+            let paths = |w: &super::WsConfig| {
+                w.endpoints
+                    .iter()
+                    .map(|e| e.path.clone())
+                    .collect::<Vec<_>>()
+            };
+            if !k("websocket.endpoints (paths)", paths(l) == paths(r)) {
+                l.endpoints = r.endpoints.clone();
+            }
+        }
+        (None, None) => {}
+        _ => keep!("websocket", websocket),
+    }
+    match (&mut live.admin, &running.admin) {
+        (Some(l), Some(r)) => {
+            if l.listen != r.listen {
+                restart.push("admin.listen");
+                l.listen = r.listen.clone();
+                l.listen_defaulted = r.listen_defaulted;
+            }
+            if !same(&l.tls, &r.tls) {
+                restart.push("admin.tls");
+                l.tls = r.tls.clone();
+            }
+        }
+        (None, None) => {}
+        _ => keep!("admin", admin),
+    }
+    keep!("sources", sources);
+    let mut applied = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            applied.push(name);
+        }
+    };
+    check(
+        "max_connections",
+        live.max_connections == running.max_connections,
+    );
+    check("max_memory", live.max_memory == running.max_memory);
+    check("send_timeout", live.send_timeout == running.send_timeout);
+    check(
+        "shutdown_grace",
+        live.shutdown_grace == running.shutdown_grace,
+    );
+    check("rely", same(&live.rely, &running.rely));
+    check("websocket", same(&live.websocket, &running.websocket));
+    check("admin", same(&live.admin, &running.admin));
+    check("performance", same(&live.performance, &running.performance));
+    check("log_level", live.log_level == running.log_level);
+    live.source = running.source.clone();
+    Merged {
+        live,
+        applied,
+        restart,
+    }
+}
