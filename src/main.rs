@@ -307,6 +307,21 @@ fn reload(path: Option<&std::path::Path>, port: Option<u16>, reloader: &mut core
             Some(e) => log::error!("SIGHUP: {name} TLS: {e}; the old certificate stays"),
         }
     }
+    for (n, url) in &report.added {
+        log::info!("SIGHUP: source {n} added: {url}");
+    }
+    for (n, addr) in &report.bound {
+        log::info!("listening: source {n} websocket on {addr}");
+    }
+    for (n, url) in &report.removed {
+        log::info!("SIGHUP: source {n} removed: {url} (its clients are closed)");
+    }
+    for (n, url) in &report.redialled {
+        log::info!("SIGHUP: source {n} changed: dialling {url} again (its clients stay)");
+    }
+    for e in &report.errors {
+        log::error!("SIGHUP: {e}");
+    }
     for (core, why) in &report.failed {
         log::error!("SIGHUP: core {core} did not take the new configuration: {why}");
     }

@@ -190,7 +190,12 @@ impl Server {
             directory: Directory::new(workers),
             inboxes: inboxes.into(),
             metrics: (0..workers).map(|_| CoreMetrics::default()).collect(),
-            sources: cfg.sources.iter().map(|_| Default::default()).collect(),
+            sources: cfg
+                .sources
+                .iter()
+                .map(|_| Arc::default())
+                .collect::<Vec<_>>()
+                .into(),
             veltix_clients: cfg.veltix.iter().map(|_| Default::default()).collect(),
             deflate: Shared::deflate_stats(&cfg, workers),
             cluster_nodes: Default::default(),
@@ -231,7 +236,7 @@ impl Server {
             shared,
             threads,
             bound,
-            unix_paths,
+            unix_paths: Arc::new(std::sync::Mutex::new(unix_paths)),
             cpus,
             as_read_veltix,
         })
@@ -256,7 +261,8 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
     /// Every bound TCP address with what it accepts, in table order.
     bound: Vec<(ListenerKind, SocketAddr)>,
-    unix_paths: Vec<std::path::PathBuf>,
+    /// Unix socket files to remove at exit (a reload adds and removes).
+    unix_paths: Arc<std::sync::Mutex<Vec<std::path::PathBuf>>>,
     cpus: Vec<usize>,
     /// The Veltix addresses as the file gave them (port 0 before binding
     /// resolved it), so that a re-read file is compared like for like.
@@ -336,6 +342,8 @@ impl ServerHandle {
             shared: self.shared.clone(),
             running: self.shared.cfg.clone(),
             as_read_veltix: self.as_read_veltix.clone(),
+            table: self.shared.sources.clone(),
+            unix_paths: self.unix_paths.clone(),
         }
     }
 
@@ -349,7 +357,8 @@ impl ServerHandle {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        for p in self.unix_paths.drain(..) {
+        let paths = std::mem::take(&mut *self.unix_paths.lock().unwrap_or_else(|e| e.into_inner()));
+        for p in paths {
             if let Err(e) = std::fs::remove_file(&p) {
                 log::warn!("cannot remove {}: {e}", p.display());
             }
@@ -398,6 +407,9 @@ pub struct Reloader {
     /// What the cores run now.
     running: Config,
     as_read_veltix: Vec<SocketAddr>,
+    /// The cores' source table.
+    table: crate::engine::metrics::SourceTable,
+    unix_paths: Arc<std::sync::Mutex<Vec<std::path::PathBuf>>>,
 }
 
 /// What a reload did.
@@ -412,6 +424,16 @@ pub struct ReloadReport {
     pub tls: Vec<(&'static str, std::path::PathBuf, Option<String>)>,
     /// Cores that did not take the new configuration, and why.
     pub failed: Vec<(usize, &'static str)>,
+    /// Sources added: slot and (masked) URL.
+    pub added: Vec<(u16, String)>,
+    /// Sources removed: slot and URL.
+    pub removed: Vec<(u16, String)>,
+    /// Sources whose feed is dialled again.
+    pub redialled: Vec<(u16, String)>,
+    /// The added sources' WebSocket addresses, by slot (port 0 resolved).
+    pub bound: Vec<(u16, SocketAddr)>,
+    /// Sources that could not be added, and why.
+    pub errors: Vec<String>,
 }
 
 /// How long a reload waits for room in a core's channel.
@@ -467,17 +489,126 @@ impl Reloader {
         if report.applied.is_empty() {
             return report;
         }
-        let live = Arc::new(merged.live);
-        for (i, inbox) in self.shared.inboxes.iter().enumerate() {
+        let mut live = merged.live;
+        let workers = self.shared.inboxes.len();
+        let mut per_core: Vec<Vec<(ListenerKind, ListenSock)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut new_paths = Vec::new();
+        for i in self.running.sources.len()..live.sources.len() {
+            let s = &mut live.sources[i];
+            let bound = match u16::try_from(i) {
+                Ok(n) => bind_source(n, s, workers, live.backlog),
+                Err(_) => Err("no more source slots (65536 were used since start)".into()),
+            };
+            match bound {
+                Ok(b) => {
+                    for (core, row) in b.rows {
+                        per_core[core].push(row);
+                    }
+                    report.bound.extend(b.addr);
+                    new_paths.extend(b.path);
+                    report.added.push((i as u16, s.url.clone()));
+                }
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("source {}: {e}; not added", s.url));
+                    s.retired = true;
+                }
+            }
+        }
+        for (i, (was, now)) in self.running.sources.iter().zip(&live.sources).enumerate() {
+            if !was.retired && now.retired {
+                report.removed.push((i as u16, was.url.clone()));
+            }
+        }
+        for &i in &merged.redial {
+            if let Some(s) = live.sources.get(i as usize) {
+                report.redialled.push((i, s.url.clone()));
+            }
+        }
+        let table: crate::engine::metrics::SourceTable = self
+            .table
+            .iter()
+            .cloned()
+            .chain((self.table.len()..live.sources.len()).map(|_| Arc::default()))
+            .collect::<Vec<_>>()
+            .into();
+        let live = Arc::new(live);
+        for ((i, inbox), listeners) in self.shared.inboxes.iter().enumerate().zip(per_core) {
             let batch = crate::engine::mesh::Batch {
-                reload: Some(Box::new(crate::engine::mesh::Reload { cfg: live.clone() })),
+                reload: Some(Box::new(crate::engine::mesh::Reload {
+                    cfg: live.clone(),
+                    sources: table.clone(),
+                    listeners,
+                    redial: merged.redial.clone(),
+                })),
                 ..Default::default()
             };
             if let Err(why) = inbox.send_from_outside(batch, RELOAD_SEND_WAIT) {
                 report.failed.push((i, why));
             }
         }
+        // Socket files: the removed sources' go now (the owner core closes
+        // the socket), the added ones' at exit.
+        let mut paths = self.unix_paths.lock().unwrap_or_else(|e| e.into_inner());
+        for &(i, _) in &report.removed {
+            if let Some(p) = live
+                .sources
+                .get(i as usize)
+                .and_then(|s| s.unix_socket.as_ref())
+            {
+                if let Err(e) = std::fs::remove_file(p) {
+                    report
+                        .errors
+                        .push(format!("cannot remove {}: {e}", p.display()));
+                }
+                paths.retain(|q| q != p);
+            }
+        }
+        paths.extend(new_paths);
+        drop(paths);
+        self.table = table;
         self.running = Config::clone(&live);
         report
     }
+}
+
+/// An added source's sockets: one per core for its WebSocket address
+/// (SO_REUSEPORT), one on its owner core for its Unix socket.
+struct SourceSockets {
+    rows: Vec<(usize, (ListenerKind, ListenSock))>,
+    addr: Option<(u16, SocketAddr)>,
+    path: Option<std::path::PathBuf>,
+}
+
+fn bind_source(
+    n: u16,
+    s: &crate::config::SourceConfig,
+    workers: usize,
+    backlog: i32,
+) -> Result<SourceSockets, String> {
+    let mut out = SourceSockets {
+        rows: Vec::new(),
+        addr: None,
+        path: None,
+    };
+    if let Some(a) = s.websocket {
+        let (addr, group) =
+            bind_group(a, workers, backlog).map_err(|e| format!("cannot listen on {a}: {e}"))?;
+        for (core, l) in group.into_iter().enumerate() {
+            let l = ListenSock::Tcp(mio::net::TcpListener::from_std(l));
+            out.rows.push((core, (ListenerKind::SourceWs(n), l)));
+        }
+        out.addr = Some((n, addr));
+    }
+    if let Some(p) = &s.unix_socket {
+        let l = bind_unix(p, s.unix_mode)
+            .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
+        let owner = n as usize % workers;
+        let l = ListenSock::Unix(mio::net::UnixListener::from_std(l));
+        out.rows.push((owner, (ListenerKind::SourceUnix(n), l)));
+        out.path = Some(p.clone());
+    }
+    Ok(out)
 }

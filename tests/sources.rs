@@ -624,3 +624,115 @@ fn messages_for_a_source_that_never_reads_are_bounded() {
     );
     let _ = done_tx.send(());
 }
+
+/// A reload adds, changes and removes sources while the server runs. An
+/// added source is dialled and its listeners open; a source whose feed
+/// settings changed is dialled again while its clients stay; a removed
+/// source's clients are closed (WebSocket 1001), its listeners and socket
+/// file go, and it leaves /status and /metrics. The others never notice.
+#[test]
+fn reload_adds_changes_and_removes_sources() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tungstenite::Message;
+    let feed_a = upstream::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let feed_b = upstream::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let (path_a, path_b) = (tmp_sock("reload-a"), tmp_sock("reload-b"));
+    let source = |feed: std::net::SocketAddr, path: &std::path::Path, token: &str| {
+        format!("  - url: \"ws://{feed}/feed\"\n    headers:\n      Authorization: \"Bearer {token}\"\n    websocket_port: 0\n    websocket_host: \"127.0.0.1\"\n    unix_socket_path: \"{}\"\n", path.display())
+    };
+    let yaml = |sources: String| {
+        format!("workers: 2\npin: false\nrely:\n  listen: []\nadmin:\n  listen: [\"127.0.0.1:0\"]\nsources:\n{sources}performance:\n  reconnect_delay: 100ms\n")
+    };
+    let server =
+        Server::start(Config::from_yaml(&yaml(source(feed_a.addr, &path_a, "one")), None).unwrap())
+            .expect("start");
+    let admin = server.admin_addrs()[0];
+    let ws_a = server.source_ws_addrs()[0];
+    let source_up = |n: usize| {
+        http(admin, "GET", "/metrics", &[], b"")
+            .text()
+            .contains(&format!(
+                "corerelay_source_up_by_source{{source=\"{n}\"}} 1"
+            ))
+    };
+    wait_until(|| source_up(0), "source A up");
+    let mut client_a = WsRaw::connect(ws_a, "/");
+    let mut unix_a = UnixStream::connect(&path_a).unwrap();
+    wait_until(|| server.metrics().accepted >= 2, "A's clients in");
+    feed_a.tx.send(Message::Text("a1".into())).unwrap();
+    assert_eq!(client_a.read().unwrap().payload, b"a1");
+    assert_eq!(read_unix_msg(&mut unix_a), b"a1");
+
+    // A's header changes (dial again, keep its clients); B is added.
+    let mut reloader = server.reloader();
+    let two = yaml(source(feed_a.addr, &path_a, "two") + &source(feed_b.addr, &path_b, "b"));
+    let report = reloader.apply(Config::from_yaml(&two, None).unwrap());
+    assert_eq!(report.applied, vec!["sources"], "{report:?}");
+    assert_eq!(report.redialled.len(), 1, "{report:?}");
+    assert_eq!(report.added.len(), 1, "{report:?}");
+    assert!(
+        report.errors.is_empty() && report.failed.is_empty(),
+        "{report:?}"
+    );
+    let ws_b = report.bound[0].1;
+    wait_until(|| feed_a.accepted.load(SeqCst) == 2, "A dialled again");
+    let auth = |f: &upstream::Feed| {
+        let h = f.headers.lock().unwrap();
+        h.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(auth(&feed_a).as_deref(), Some("Bearer two"));
+    wait_until(|| feed_b.accepted.load(SeqCst) == 1, "B dialled");
+    wait_until(|| source_up(0) && source_up(1), "both up");
+    feed_a.tx.send(Message::Text("a2".into())).unwrap();
+    assert_eq!(client_a.read().unwrap().payload, b"a2", "A's client stayed");
+    assert_eq!(read_unix_msg(&mut unix_a), b"a2");
+    let before = server.metrics().accepted;
+    let mut client_b = WsRaw::connect(ws_b, "/");
+    let mut unix_b = UnixStream::connect(&path_b).unwrap();
+    wait_until(|| server.metrics().accepted >= before + 2, "B's clients in");
+    client_b.send(0x1, true, b"from b");
+    assert_eq!(
+        feed_b.rx.recv_timeout(WAIT).unwrap(),
+        Message::Text("from b".into())
+    );
+    feed_b.tx.send(Message::Text("b1".into())).unwrap();
+    assert_eq!(client_b.read().unwrap().payload, b"b1");
+    assert_eq!(read_unix_msg(&mut unix_b), b"b1");
+
+    // A is removed.
+    let report =
+        reloader.apply(Config::from_yaml(&yaml(source(feed_b.addr, &path_b, "b")), None).unwrap());
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert!(
+        report.added.is_empty() && report.redialled.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(client_a.expect_close(), 1001);
+    unix_a.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(
+        std::io::Read::read(&mut unix_a, &mut [0u8; 16]).unwrap_or(0),
+        0
+    );
+    assert!(!path_a.exists(), "A's socket file removed");
+    wait_until(
+        || std::net::TcpStream::connect(ws_a).is_err(),
+        "A's port closed",
+    );
+    let status = http(admin, "GET", "/status", &[], b"").text();
+    assert!(!status.contains(&feed_a.addr.to_string()), "{status}");
+    assert!(status.contains(&feed_b.addr.to_string()), "{status}");
+    let metrics = http(admin, "GET", "/metrics", &[], b"").text();
+    assert!(!metrics.contains("source=\"0\""), "{metrics}");
+    // B carries on.
+    feed_b.tx.send(Message::Text("b2".into())).unwrap();
+    assert_eq!(client_b.read().unwrap().payload, b"b2");
+    assert_eq!(read_unix_msg(&mut unix_b), b"b2");
+    assert_eq!(feed_b.accepted.load(SeqCst), 1, "B was never dialled again");
+    drop(server);
+    assert!(
+        !path_b.exists(),
+        "the added source's socket file removed at exit"
+    );
+}

@@ -179,6 +179,10 @@ pub struct SourceConfig {
     pub connect_timeout: Duration,
     /// TLS client settings for wss:// (None for ws://).
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Removed by a reload: nothing connects or listens for it any more.
+    /// Its slot stays, so that the other sources keep their numbers (in
+    /// /metrics, and in messages between cores).
+    pub retired: bool,
 }
 
 /// Validated `performance:` settings.

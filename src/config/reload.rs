@@ -5,15 +5,16 @@
 //! Live: limits (`max_connections`, `max_memory`, `send_timeout`,
 //! `shutdown_grace`, each section's output limit, slow-consumer policy,
 //! payload and message sizes, timeouts), the admin allow-list and request
-//! settings, each endpoint's tags and options, `performance` and
-//! `log_level`. TLS certificates are re-read in place (`ServerTls::reload`).
+//! settings, each endpoint's tags and options, `performance`, `log_level`,
+//! and sources added, removed or changed (see [`merge_sources`]). TLS
+//! certificates are re-read in place (`ServerTls::reload`).
 //!
 //! Restart: what a listener, a thread or a connection already made was
 //! built from: workers and CPUs, listen addresses, TLS on or off, the set
-//! of endpoint paths, the compression level, the sources, the Veltix listeners, Redis, events, sync and cluster, and the
+//! of endpoint paths, the compression level, the Veltix listeners, Redis, events, sync and cluster, and the
 //! log format.
 
-use super::Config;
+use super::{Config, SourceConfig};
 
 /// A re-read config merged into the running one.
 #[derive(Debug)]
@@ -24,6 +25,8 @@ pub struct Merged {
     pub applied: Vec<&'static str>,
     /// Settings that changed but stay as running until a restart.
     pub restart: Vec<&'static str>,
+    /// Sources whose feed is to be dialled again (`SourceSlots::redial`).
+    pub redial: Vec<u16>,
 }
 
 /// Debug text, the one comparison every config type has (ServerTls and
@@ -114,7 +117,8 @@ pub fn merge(running: &Config, new: Config) -> Merged {
         (None, None) => {}
         _ => keep!("admin", admin),
     }
-    keep!("sources", sources);
+    let sources = merge_sources(&running.sources, std::mem::take(&mut live.sources));
+    live.sources = sources.slots;
     let mut applied = Vec::new();
     let mut check = |name, same: bool| {
         if !same {
@@ -136,10 +140,84 @@ pub fn merge(running: &Config, new: Config) -> Merged {
     check("admin", same(&live.admin, &running.admin));
     check("performance", same(&live.performance, &running.performance));
     check("log_level", live.log_level == running.log_level);
+    check("sources", same(&live.sources, &running.sources));
     live.source = running.source.clone();
     Merged {
         live,
         applied,
         restart,
+        redial: sources.redial,
     }
+}
+
+/// Where a source's clients connect. With a fixed address or a socket
+/// path that is enough; a source on port 0 (tests) or with neither is also
+/// known by its URL.
+fn client_side(s: &SourceConfig) -> impl PartialEq + '_ {
+    let by_url = s
+        .websocket
+        .map_or(s.unix_socket.is_none(), |a| a.port() == 0);
+    (
+        s.websocket,
+        s.unix_socket.as_deref(),
+        by_url.then_some(s.url.as_str()),
+    )
+}
+
+/// What the server sends and offers the feed: when it changes, the feed
+/// is dialled again.
+fn feed_side(s: &SourceConfig) -> String {
+    format!(
+        "{:?} {:?} {} {:?} {}",
+        s.target,
+        s.headers,
+        s.compression,
+        s.connect_timeout,
+        s.tls.is_some()
+    )
+}
+
+/// The running sources' slots, re-matched against a re-read file.
+#[derive(Debug)]
+pub struct SourceSlots {
+    /// One per slot: a running slot keeps its number; sources new in the
+    /// file take new slots at the end; a running source the file no longer
+    /// has stays as a retired slot.
+    pub slots: Vec<SourceConfig>,
+    /// Kept slots whose feed settings changed: dial the feed again (their
+    /// clients stay connected).
+    pub redial: Vec<u16>,
+}
+
+/// Sources across a reload. A source of the file is the running one with
+/// the same client side (WebSocket address, Unix socket path): its clients
+/// stay connected, its other settings apply, and its feed is dialled again
+/// if the URL, headers, compression or timeout changed. A running source
+/// the file lacks is retired (its clients are closed, its listeners
+/// closed); a file source with no running match is added.
+pub fn merge_sources(running: &[SourceConfig], new: Vec<SourceConfig>) -> SourceSlots {
+    let mut slots: Vec<SourceConfig> = running
+        .iter()
+        .map(|r| SourceConfig {
+            retired: true,
+            ..r.clone()
+        })
+        .collect();
+    let mut redial = Vec::new();
+    for n in new {
+        let found = running
+            .iter()
+            .enumerate()
+            .position(|(i, r)| !r.retired && slots[i].retired && client_side(r) == client_side(&n));
+        match found {
+            Some(i) => {
+                if feed_side(&running[i]) != feed_side(&n) {
+                    redial.push(i as u16);
+                }
+                slots[i] = n;
+            }
+            None => slots.push(n),
+        }
+    }
+    SourceSlots { slots, redial }
 }

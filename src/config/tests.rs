@@ -250,3 +250,50 @@ fn log_level_is_checked() {
     let e = Config::from_yaml("log_level: chatty\n", None).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("log_level"));
 }
+
+#[test]
+fn reload_matches_sources_by_where_their_clients_connect() {
+    let src = |url: &str, port: u16, extra: &str| {
+        format!("  - url: \"{url}\"\n    websocket_port: {port}\n    websocket_host: \"127.0.0.1\"\n{extra}")
+    };
+    let cfg = |s: String| {
+        Config::from_yaml(&format!("workers: 1\npin: false\nsources:\n{s}"), None).unwrap()
+    };
+    let run = cfg(src("ws://127.0.0.1:9/a", 9001, "") + &src("ws://127.0.0.1:9/b", 9002, ""));
+    // b's URL changes (same port: same source, dialled again); a goes; c
+    // is new; b keeps slot 1 and c takes slot 2.
+    let new = cfg(src("ws://127.0.0.1:9/b2", 9002, "    force_binary: true\n")
+        + &src("ws://127.0.0.1:9/c", 9003, ""));
+    let m = merge_sources(&run.sources, new.sources);
+    let urls: Vec<(&str, bool)> = m
+        .slots
+        .iter()
+        .map(|s| (s.url.as_str(), s.retired))
+        .collect();
+    assert_eq!(
+        urls,
+        vec![
+            ("ws://127.0.0.1:9/a", true),
+            ("ws://127.0.0.1:9/b2", false),
+            ("ws://127.0.0.1:9/c", false)
+        ]
+    );
+    assert_eq!(m.redial, vec![1]);
+    assert!(m.slots[1].force_binary);
+    // A retired slot stays retired; the same source added again takes a
+    // new slot.
+    let again = merge_sources(&m.slots, cfg(src("ws://127.0.0.1:9/a", 9001, "")).sources);
+    assert_eq!(again.slots.len(), 4);
+    assert!(again.slots[..3].iter().all(|s| s.retired));
+    assert!(!again.slots[3].retired);
+    // Only options: nothing dialled again.
+    let opts = merge_sources(
+        &run.sources,
+        cfg(
+            src("ws://127.0.0.1:9/a", 9001, "    max_message_size: 1KiB\n")
+                + &src("ws://127.0.0.1:9/b", 9002, ""),
+        )
+        .sources,
+    );
+    assert!(opts.redial.is_empty() && opts.slots.len() == 2);
+}

@@ -229,6 +229,7 @@ impl FileConfig {
                     .connect_timeout
                     .map_or(DEFAULT_SOURCE_CONNECT_TIMEOUT, |d| d.0),
                 tls,
+                retired: false,
             });
         }
         let redis = match self.redis {

@@ -12,6 +12,7 @@
 //! result goes back to that node instead of to a connection.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::mesh::Outgoing;
@@ -19,6 +20,7 @@ use super::message::{AdminCall, FanOp, Fanout, ReplyTo};
 use super::metrics::SourceStatus;
 use super::shared::Shared;
 use super::ConnId;
+use crate::config::Config;
 use crate::protocol::veltix::Version;
 
 /// An HTTP answer for an admin connection.
@@ -273,9 +275,17 @@ impl AdminCalls {
 
 /// What /status lists after the connections: each upstream source and
 /// each Veltix listener, with their counters.
-pub(crate) fn status_tail(out: &mut Vec<u8>, json: bool, shared: &Shared) {
-    for (cfg, st) in shared.cfg.sources.iter().zip(shared.sources.iter()) {
-        source_line(out, &cfg.url, st, json);
+pub(crate) fn status_tail(
+    out: &mut Vec<u8>,
+    json: bool,
+    shared: &Shared,
+    cfg: &Config,
+    sources: &[Arc<SourceStatus>],
+) {
+    for (c, st) in cfg.sources.iter().zip(sources.iter()) {
+        if !c.retired {
+            source_line(out, &c.url, st, json);
+        }
     }
     for (l, n) in shared.cfg.veltix.iter().zip(shared.veltix_clients.iter()) {
         let version = match l.version {

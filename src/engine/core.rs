@@ -175,6 +175,10 @@ pub(crate) struct Core {
     /// reload hands it another (`Core::reload`). `Shared::cfg` stays the
     /// start-up one, which fixed the listeners, threads and tables.
     cfg: Arc<Config>,
+    /// Every source slot's status (`Shared::sources` until a reload).
+    sources: super::metrics::SourceTable,
+    /// The next listener's token, less `LISTENER_BASE`.
+    next_listener: usize,
 }
 
 impl Core {
@@ -189,6 +193,8 @@ impl Core {
             .collect::<io::Result<Vec<_>>>()?;
         let max_conns = cfg.max_connections.div_ceil(cfg.workers).max(1);
         let timing = Timing::new(cfg, TICK);
+        let live = Arc::new(cfg.clone());
+        let next_listener = listeners.len();
         Ok(Core {
             index: setup.index,
             poll: setup.poll,
@@ -223,7 +229,7 @@ impl Core {
             cache: LookupCache::default(),
             tags: TagIndex::default(),
             channels: Channels::default(),
-            upstreams: Upstreams::new(cfg.sources.len(), cfg.workers, setup.index),
+            upstreams: Upstreams::new(live.clone(), shared.sources.clone(), setup.index),
             admin: AdminCalls::default(),
             redis: {
                 let held: Vec<Option<Redis>> = (0..cfg.redis_server_count())
@@ -257,7 +263,9 @@ impl Core {
             last_trim: None,
             run: Default::default(),
             accepted: Vec::new(),
-            cfg: Arc::new(shared.cfg.clone()),
+            cfg: live,
+            sources: shared.sources.clone(),
+            next_listener,
             shared,
         })
     }
@@ -724,13 +732,62 @@ impl Core {
     /// limit applies at their next queued message; the slow-consumer
     /// policy decides as it always does). One pass over this core's slab,
     /// once per reload.
+    ///
+    /// Sources: a retired source's listeners close here and its
+    /// connections (feed, clients, upgrades on its listener) say goodbye
+    /// (WebSocket clients get 1001); an added source's listeners register,
+    /// and its owner core dials it; a source in `redial` has its feed
+    /// closed and dialled again at once, its clients staying.
     fn reload(&mut self, r: super::mesh::Reload) {
         self.cfg = r.cfg;
+        self.sources = r.sources;
         self.timing = Timing::new(&self.cfg, TICK);
         self.max_conns = self.cfg.max_connections.div_ceil(self.cfg.workers).max(1);
         for (_, c) in self.conns.iter_mut() {
             if let Some(l) = c.stage.limits(&self.cfg, c.io.limits) {
                 c.io.limits = l;
+            }
+        }
+        let cfg = self.cfg.clone();
+        let retired = |s: u16| cfg.sources.get(s as usize).is_none_or(|s| s.retired);
+        let poll = &self.poll;
+        self.listeners.retain_mut(|l| match l.kind {
+            ListenerKind::SourceWs(s) | ListenerKind::SourceUnix(s) if retired(s) => {
+                let _ = poll.registry().deregister(&mut l.sock);
+                false
+            }
+            _ => true,
+        });
+        // A draining core accepts nothing more: the new sockets just close.
+        if self.drain_deadline.is_none() {
+            for (kind, sock) in r.listeners {
+                let token = LISTENER_BASE + self.next_listener;
+                self.next_listener += 1;
+                match Listener::register(&self.poll, token, kind, sock) {
+                    Ok(l) => self.listeners.push(l),
+                    Err(e) => log::error!("core {}: cannot listen for a source: {e}", self.index),
+                }
+            }
+        }
+        let doomed: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.stage.source().is_some_and(retired))
+            .map(|(k, _)| k)
+            .collect();
+        for key in doomed {
+            self.act(key, |s, io, _, cx| {
+                s.goodbye(io, CloseReason::SourceRemoved, cx.now())
+            });
+        }
+        let redial = self
+            .upstreams
+            .reload(cfg.clone(), self.sources.clone(), &r.redial);
+        for id in redial {
+            if self.live(id) {
+                self.act(id.slot as usize, |_, _, _, _| {
+                    Outcome::Close(CloseReason::Reconfigured)
+                });
             }
         }
         log::debug!("core {}: configuration reloaded", self.index);
@@ -1170,7 +1227,9 @@ impl Core {
             });
             if sent {
                 self.metrics().source_out.inc();
-                self.shared.sources[source as usize].messages_out.inc();
+                if let Some(st) = self.sources.get(source as usize) {
+                    st.messages_out.inc();
+                }
                 return;
             }
         }
@@ -1180,8 +1239,8 @@ impl Core {
     /// A core's (or, flagged [`REMOTE_REPLY`], another node's) answer to an
     /// admin request this core started.
     fn reply(&mut self, req: u64, count: u64, text: &[u8]) {
-        let shared = &self.shared;
-        let tail = |out: &mut Vec<u8>, json| status_tail(out, json, shared);
+        let (shared, cfg, sources) = (&self.shared, &self.cfg, &self.sources);
+        let tail = |out: &mut Vec<u8>, json| status_tail(out, json, shared, cfg, sources);
         let done = if req & REMOTE_REPLY != 0 {
             self.admin.on_remote(req & !REMOTE_REPLY, count, text, tail)
         } else {
@@ -1402,8 +1461,8 @@ impl Core {
     /// node is alive every `ping_interval` and forgets silent nodes.
     fn cluster_tick(&mut self, now: Instant) {
         if self.admin.awaits_nodes() {
-            let shared = &self.shared;
-            let tail = |out: &mut Vec<u8>, json| status_tail(out, json, shared);
+            let (shared, cfg, sources) = (&self.shared, &self.cfg, &self.sources);
+            let tail = |out: &mut Vec<u8>, json| status_tail(out, json, shared, cfg, sources);
             let done = self.admin.expire(now, tail);
             self.metrics()
                 .cluster_survey_timeouts
@@ -1778,7 +1837,7 @@ impl Core {
                 policy: SlowConsumer::Drop,
             };
             match self.insert(d.stream, d.addr, stage, limits, false) {
-                Some(id) => self.upstreams.dialled(d.source, id, &self.shared),
+                Some(id) => self.upstreams.dialled(d.source, id),
                 None => self.upstreams.dial_failed(d.source, &self.shared),
             }
         }

@@ -17,7 +17,7 @@ fn core(yaml: &str) -> Core {
         directory: Directory::new(1),
         inboxes: vec![inbox].into(),
         metrics: vec![CoreMetrics::default()].into(),
-        sources: Box::new([]),
+        sources: Vec::new().into(),
         veltix_clients: Box::new([]),
         deflate: Shared::deflate_stats(&cfg, 1),
         cluster_nodes: Default::default(),

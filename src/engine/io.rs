@@ -49,6 +49,10 @@ pub enum CloseReason {
     WriteTimeout,
     /// Server shutdown.
     Shutdown,
+    /// Its upstream source was removed by a reload.
+    SourceRemoved,
+    /// A reload changed its source's feed settings: dialled again.
+    Reconfigured,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -67,6 +71,8 @@ impl std::fmt::Display for CloseReason {
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::WriteTimeout => "write timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::SourceRemoved => "source removed",
+            CloseReason::Reconfigured => "reconfigured",
         })
     }
 }

@@ -117,6 +117,12 @@ pub struct Batch {
 pub struct Reload {
     /// The merged configuration (restart-only settings as running).
     pub cfg: Arc<crate::config::Config>,
+    /// Every source slot's status, the added ones last.
+    pub sources: super::metrics::SourceTable,
+    /// This core's sockets for the added sources.
+    pub listeners: Vec<(super::listener::ListenerKind, super::listener::ListenSock)>,
+    /// Sources whose feed is dialled again (`config::SourceSlots::redial`).
+    pub redial: Vec<u16>,
 }
 
 impl Batch {

@@ -244,6 +244,11 @@ metrics! {
     admin_errors,
 }
 
+/// Every source slot's status, by slot (`SourceConfig::retired` slots
+/// included). Each core holds one; a reload hands out a longer one that
+/// shares the kept sources' counters.
+pub type SourceTable = std::sync::Arc<[std::sync::Arc<SourceStatus>]>;
+
 /// One upstream source's state and counters, written by its owner core.
 #[derive(Debug, Default)]
 pub struct SourceStatus {
@@ -359,7 +364,10 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// Prometheus lines for sources, labelled by index in the config, not by
 /// URL: a URL can carry a token (`/status` lists each index with its
 /// masked URL).
-pub fn prometheus_sources(out: &mut String, urls: &[String], sources: &[SourceStatus]) {
+pub fn prometheus_sources<'s>(
+    out: &mut String,
+    sources: impl Iterator<Item = (usize, &'s SourceStatus)> + Clone,
+) {
     use std::fmt::Write;
     let series: [Series; 5] = [
         (
@@ -400,7 +408,7 @@ pub fn prometheus_sources(out: &mut String, urls: &[String], sources: &[SourceSt
             format!("corerelay_{name}_by_source")
         };
         family(out, &full, kind, help);
-        for (i, s) in sources.iter().enumerate().take(urls.len()) {
+        for (i, s) in sources.clone() {
             let _ = writeln!(out, "{full}{{source=\"{i}\"}} {}", f(s));
         }
     }

@@ -34,7 +34,7 @@ pub(crate) struct Ctx<'a> {
     pub(super) channels: &'a mut Channels,
     pub(super) metrics: &'a CoreMetrics,
     pub(super) all_metrics: &'a [CoreMetrics],
-    pub(super) sources: &'a [SourceStatus],
+    pub(super) sources: &'a [Arc<SourceStatus>],
     pub(super) veltix: &'a [AtomicUsize],
     pub(super) mesh: &'a mut Outgoing,
     pub(super) admin: &'a mut AdminCalls,
@@ -64,7 +64,7 @@ macro_rules! ctx {
             channels: &mut $core.channels,
             metrics: &$core.shared.metrics[$core.index],
             all_metrics: &$core.shared.metrics,
-            sources: &$core.shared.sources,
+            sources: &$core.sources,
             veltix: &$core.shared.veltix_clients,
             mesh: &mut $core.mesh,
             admin: &mut $core.admin,
@@ -349,7 +349,7 @@ impl<'a> Ctx<'a> {
 
     /// Upstream source `n`'s shared status and counters.
     pub(crate) fn source_status(&self, n: u16) -> Option<&'a SourceStatus> {
-        self.sources.get(n as usize)
+        self.sources.get(n as usize).map(|s| &**s)
     }
 
     /// Takes one of Veltix listener `n`'s `max` places; false if full.
@@ -510,8 +510,12 @@ impl<'a> Ctx<'a> {
     /// The Prometheus text of every core's and every source's counters.
     pub(crate) fn metrics_text(&self) -> String {
         let mut body = super::metrics::prometheus(self.all_metrics);
-        let urls: Vec<String> = self.cfg.sources.iter().map(|s| s.url.clone()).collect();
-        super::metrics::prometheus_sources(&mut body, &urls, self.sources);
+        let live = self.cfg.sources.iter().zip(self.sources.iter()).enumerate();
+        super::metrics::prometheus_sources(
+            &mut body,
+            live.filter(|(_, (c, _))| !c.retired)
+                .map(|(i, (_, s))| (i, &**s)),
+        );
         if self
             .all_deflate
             .iter()
@@ -567,7 +571,7 @@ pub(crate) mod test {
         pub tags: TagIndex,
         pub channels: Channels,
         pub metrics: Vec<CoreMetrics>,
-        pub sources: Vec<SourceStatus>,
+        pub sources: Vec<Arc<SourceStatus>>,
         pub veltix: Vec<AtomicUsize>,
         pub codec: crate::protocol::deflate::CoreCodec,
         pub deflate: Box<[crate::engine::metrics::DeflateStats]>,
@@ -601,11 +605,7 @@ pub(crate) mod test {
                 tags: TagIndex::default(),
                 channels: Channels::default(),
                 metrics: (0..cores).map(|_| CoreMetrics::default()).collect(),
-                sources: cfg
-                    .sources
-                    .iter()
-                    .map(|_| SourceStatus::default())
-                    .collect(),
+                sources: cfg.sources.iter().map(|_| Arc::default()).collect(),
                 veltix: cfg.veltix.iter().map(|_| AtomicUsize::new(0)).collect(),
                 codec: crate::protocol::deflate::CoreCodec::new(cfg.ws().compression_level),
                 deflate: crate::engine::shared::Shared::deflate_stats(&cfg, cores),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::directory::Directory;
 use super::mesh::Inbox;
-use super::metrics::{CoreMetrics, DeflateStats, SourceStatus};
+use super::metrics::{CoreMetrics, DeflateStats, SourceTable};
 use crate::config::Config;
 
 /// What all cores share.
@@ -21,8 +21,9 @@ pub struct Shared {
     pub inboxes: Arc<[Inbox]>,
     /// One counter set per core.
     pub metrics: Box<[CoreMetrics]>,
-    /// One status per upstream source (written by its owner core).
-    pub sources: Box<[SourceStatus]>,
+    /// One status per upstream source at start-up (written by its owner
+    /// core; a reload gives each core a longer table, `Core::sources`).
+    pub sources: SourceTable,
     /// permessage-deflate bytes per core per endpoint (rows of
     /// [`Shared::deflate_rows`]; each core writes only its own).
     pub deflate: Box<[DeflateStats]>,

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use super::metrics::SourceStatus;
+use super::metrics::{SourceStatus, SourceTable};
 use super::shared::Shared;
 use super::stream::{Stream, TlsStream};
 use super::ConnId;
-use crate::config::SourceConfig;
+use crate::config::{Config, SourceConfig};
 
 /// An upstream connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -61,25 +61,79 @@ pub(crate) struct Dial {
 pub(crate) struct Upstreams {
     core: usize,
     owned: Vec<Owned>,
+    /// The core's configuration and source table (replaced on reload).
+    cfg: Arc<Config>,
+    table: SourceTable,
 }
 
 impl Upstreams {
-    /// The sources of `sources` that core `core` of `workers` owns.
-    pub(crate) fn new(sources: usize, workers: usize, core: usize) -> Self {
-        let now = Instant::now();
-        Upstreams {
+    /// The sources of `cfg` that core `core` owns.
+    pub(crate) fn new(cfg: Arc<Config>, table: SourceTable, core: usize) -> Self {
+        let mut u = Upstreams {
             core,
-            owned: (0..sources)
-                .filter(|i| i % workers == core)
-                .map(|i| Owned {
-                    source: i as u16,
+            owned: Vec::new(),
+            cfg,
+            table,
+        };
+        u.adopt();
+        u
+    }
+
+    /// Takes sources this core owns and does not run yet (all at start,
+    /// the added ones after a reload): each is dialled at once.
+    fn adopt(&mut self) {
+        let now = Instant::now();
+        let workers = self.cfg.workers;
+        for (i, s) in self.cfg.sources.iter().enumerate() {
+            let source = i as u16;
+            if i % workers == self.core
+                && !s.retired
+                && !self.owned.iter().any(|o| o.source == source)
+            {
+                self.owned.push(Owned {
+                    source,
                     state: State::Idle { retry_at: now },
                     attempts: 0,
                     opened_at: None,
                     warned: None,
-                })
-                .collect(),
+                });
+            }
         }
+    }
+
+    /// A reload: drops the retired sources, adopts the added ones, and
+    /// makes the ones in `redial` dial again at once. Returns the
+    /// connections to close (those of `redial`; the retired sources' are
+    /// closed with their clients).
+    pub(crate) fn reload(
+        &mut self,
+        cfg: Arc<Config>,
+        table: SourceTable,
+        redial: &[u16],
+    ) -> Vec<ConnId> {
+        self.cfg = cfg;
+        self.table = table;
+        let cfg = &self.cfg;
+        self.owned.retain(|o| {
+            cfg.sources
+                .get(o.source as usize)
+                .is_some_and(|s| !s.retired)
+        });
+        let mut close = Vec::new();
+        let now = Instant::now();
+        for o in self.owned.iter_mut().filter(|o| redial.contains(&o.source)) {
+            if let State::Connected(id) = o.state {
+                close.push(id);
+            }
+            o.state = State::Idle { retry_at: now };
+            o.attempts = 0;
+        }
+        self.adopt();
+        close
+    }
+
+    fn status(&self, source: u16) -> Option<&SourceStatus> {
+        self.table.get(source as usize).map(|s| &**s)
     }
 
     /// The connections to open now: retry times that came, resolutions
@@ -88,7 +142,9 @@ impl Upstreams {
         let mut dials = Vec::new();
         for i in 0..self.owned.len() {
             let source = self.owned[i].source;
-            let cfg = &shared.cfg.sources[source as usize];
+            let Some(cfg) = self.cfg.sources.get(source as usize).cloned() else {
+                continue;
+            };
             let addr = match &self.owned[i].state {
                 State::Idle { retry_at } if *retry_at <= now => {
                     let t = &cfg.target;
@@ -112,7 +168,7 @@ impl Upstreams {
                 _ => None,
             };
             let Some(addr) = addr else { continue };
-            match open_stream(cfg, addr) {
+            match open_stream(&cfg, addr) {
                 Ok(stream) => dials.push(Dial {
                     source,
                     addr,
@@ -129,7 +185,9 @@ impl Upstreams {
 
     fn resolve(&mut self, i: usize, shared: &Arc<Shared>) {
         let source = self.owned[i].source as usize;
-        let t = &shared.cfg.sources[source].target;
+        let Some(t) = self.cfg.sources.get(source).map(|s| &s.target) else {
+            return;
+        };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (host, port, sh, core) = (t.host.clone(), t.port, shared.clone(), self.core);
         let spawned = std::thread::Builder::new()
@@ -142,23 +200,25 @@ impl Upstreams {
                 let _ = tx.send(r);
                 sh.inboxes[core].wake();
             });
-        shared.sources[source].state.set(SourceStatus::RESOLVING);
+        if let Some(st) = self.status(source as u16) {
+            st.state.set(SourceStatus::RESOLVING);
+        }
         self.owned[i].state = match spawned {
             Ok(_) => State::Resolving(rx),
             Err(_) => State::Idle {
-                retry_at: Instant::now() + shared.cfg.performance.reconnect_delay,
+                retry_at: Instant::now() + self.cfg.performance.reconnect_delay,
             },
         };
     }
 
     /// The core registered the dialled connection as `id`.
-    pub(crate) fn dialled(&mut self, source: u16, id: ConnId, shared: &Shared) {
+    pub(crate) fn dialled(&mut self, source: u16, id: ConnId) {
         if let Some(o) = self.owned.iter_mut().find(|o| o.source == source) {
             o.state = State::Connected(id);
             o.opened_at = Some(Instant::now());
-            shared.sources[source as usize]
-                .state
-                .set(SourceStatus::CONNECTING);
+            if let Some(st) = self.table.get(source as usize) {
+                st.state.set(SourceStatus::CONNECTING);
+            }
         }
     }
 
@@ -190,8 +250,9 @@ impl Upstreams {
         else {
             return;
         };
-        let was_open =
-            shared.sources[self.owned[i].source as usize].state.get() == SourceStatus::UP;
+        let was_open = self
+            .status(self.owned[i].source)
+            .is_some_and(|s| s.state.get() == SourceStatus::UP);
         self.down(i, was_open, shared);
     }
 
@@ -199,15 +260,16 @@ impl Upstreams {
     /// and warned about at most once a minute.
     pub(crate) fn dropped(&mut self, source: u16, shared: &Shared) {
         shared.metrics[self.core].source_dropped.inc();
-        if let Some(st) = shared.sources.get(source as usize) {
+        if let Some(st) = self.table.get(source as usize) {
             st.dropped.inc();
         }
         let now = Instant::now();
         if let Some(o) = self.owned.iter_mut().find(|o| o.source == source) {
             if o.warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
                 o.warned = Some(now);
-                let url = &shared.cfg.sources[source as usize].url;
-                log::warn!("source {url} is down: dropping client messages for it");
+                if let Some(s) = self.cfg.sources.get(source as usize) {
+                    log::warn!("source {} is down: dropping client messages for it", s.url);
+                }
             }
         }
     }
@@ -217,7 +279,7 @@ impl Upstreams {
     /// count resets only after a connection stayed up a while, so a source
     /// that accepts and closes at once backs off instead of spinning.
     fn down(&mut self, i: usize, was_open: bool, shared: &Shared) {
-        let perf = &shared.cfg.performance;
+        let perf = &self.cfg.performance;
         let s = &mut self.owned[i];
         let stable = was_open
             && s.opened_at
@@ -227,9 +289,11 @@ impl Upstreams {
         }
         s.attempts = s.attempts.saturating_add(1);
         shared.metrics[self.core].source_reconnects.inc();
-        let status = &shared.sources[s.source as usize];
-        status.reconnects.inc();
-        status.state.set(SourceStatus::DOWN);
+        let status = self.table.get(s.source as usize);
+        if let Some(st) = status {
+            st.reconnects.inc();
+            st.state.set(SourceStatus::DOWN);
+        }
         if perf.reconnect_max_attempts > 0 && s.attempts > perf.reconnect_max_attempts {
             log::error!(
                 "source {}: giving up after {} attempts",
@@ -237,7 +301,9 @@ impl Upstreams {
                 perf.reconnect_max_attempts
             );
             s.state = State::Failed;
-            status.state.set(SourceStatus::FAILED);
+            if let Some(st) = status {
+                st.state.set(SourceStatus::FAILED);
+            }
             return;
         }
         let delay = backoff(

@@ -68,6 +68,11 @@ pub(crate) struct HandshakeStage {
 }
 
 impl HandshakeStage {
+    /// The source whose listener accepted it, if any.
+    pub(crate) fn source(&self) -> Option<u16> {
+        self.source
+    }
+
     pub(crate) fn accepted(t: &Timing, now: u64, source: Option<u16>) -> (Stage, Limits) {
         let st = HandshakeStage {
             buf: Vec::new(),

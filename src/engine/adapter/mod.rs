@@ -137,6 +137,18 @@ impl Stage {
         }
     }
 
+    /// The upstream source this connection belongs to: its feed, its
+    /// clients, and upgrades on its listener.
+    pub(crate) fn source(&self) -> Option<u16> {
+        match self {
+            Stage::Ws(s) => s.source(),
+            Stage::Handshake(s) => s.source(),
+            Stage::Unix(s) => Some(s.source()),
+            Stage::Upstream(s) => Some(s.source()),
+            _ => None,
+        }
+    }
+
     /// The protocol, for log lines.
     pub(crate) fn name(&self) -> &'static str {
         match self {

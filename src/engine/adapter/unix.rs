@@ -21,6 +21,11 @@ pub(crate) struct UnixStage {
 }
 
 impl UnixStage {
+    /// Its source.
+    pub(crate) fn source(&self) -> u16 {
+        self.source
+    }
+
     pub(crate) fn accepted(cfg: &Config, source: u16) -> (Stage, Limits) {
         let ws = cfg.ws();
         let limits = Limits {

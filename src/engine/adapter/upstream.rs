@@ -117,6 +117,11 @@ pub(crate) fn upgrade_request(cfg: &SourceConfig, key: &str) -> Vec<u8> {
 }
 
 impl UpstreamStage {
+    /// Its source.
+    pub(crate) fn source(&self) -> u16 {
+        self.source
+    }
+
     /// A connection to source `source` being opened, due open by `deadline`.
     pub(crate) fn connecting(source: u16, deadline: u64) -> Stage {
         Stage::Upstream(Box::new(UpstreamStage {

@@ -73,6 +73,14 @@ fn close_with(io: &mut Io, (code, reason, why): Goodbye, now: u64, discard_queue
 }
 
 impl WsStage {
+    /// The source whose client this is, if it is one.
+    pub(crate) fn source(&self) -> Option<u16> {
+        match self.role {
+            Role::Source(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// A client of endpoint `index` with these tags.
     pub(crate) fn endpoint(
         index: usize,
@@ -398,6 +406,7 @@ impl WsStage {
             ),
             CloseReason::SlowConsumer => ((ws::CLOSE_POLICY, "slow consumer", why), true),
             CloseReason::Shutdown => ((ws::CLOSE_GOING_AWAY, "server shutting down", why), false),
+            CloseReason::SourceRemoved => ((ws::CLOSE_GOING_AWAY, "source removed", why), false),
             _ => ((ws::CLOSE_NORMAL, "Closed by server", why), false),
         };
         close_with(io, g, now, discard);
