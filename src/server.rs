@@ -477,7 +477,13 @@ impl Reloader {
                 new.admin.as_ref().and_then(|a| a.tls.as_ref()),
             ),
         ];
-        for (name, old, now) in sections {
+        let veltix = self
+            .running
+            .veltix
+            .iter()
+            .zip(&new.veltix)
+            .map(|(old, now)| ("veltix", old.tls.as_ref(), now.tls.as_ref()));
+        for (name, old, now) in sections.into_iter().chain(veltix) {
             if let (Some(old), Some(now)) = (old, now) {
                 let err = old.reload(&now.cert, &now.key).err();
                 report.tls.push((name, now.cert.clone(), err));

@@ -165,3 +165,56 @@ fn tls_files_that_cannot_serve_are_refused_naming_the_key() {
     .unwrap_err();
     assert_eq!(e.key.as_deref(), Some("rely.tls.key"), "{e}");
 }
+
+/// A Veltix listener with `tls:`: the v3 handshake and an echo through
+/// TLS, framed exactly as on a plain listener; a plain client is closed.
+#[test]
+fn veltix_over_tls() {
+    use corerelay::protocol::veltix::v3;
+    let (c, k) = cert("veltix");
+    let yaml = format!(
+        "workers: 2\npin: false\nrely: {{listen: []}}\nveltix:\n  - listen: \"127.0.0.1:0\"\n    on_message: echo\n    tls: {{cert: \"{}\", key: \"{}\"}}\n",
+        c.display(),
+        k.display()
+    );
+    let server = Server::start(Config::from_yaml(&yaml, None).expect("config")).expect("starts");
+    let addr = server.veltix_addrs()[0];
+    let mut t = tls_client(addr, &c);
+    // The server's hello, ours, its acceptance: length-prefixed JSON.
+    let read_msg = |t: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>| {
+        let mut len = [0u8; 2];
+        t.read_exact(&mut len).unwrap();
+        let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+        t.read_exact(&mut m).unwrap();
+        m
+    };
+    assert!(v3::compatible(&read_msg(&mut t)), "the server's hello");
+    let mut out = Vec::new();
+    v3::encode_handshake(&mut out, &v3::hello());
+    t.write_all(&out).unwrap();
+    assert_eq!(read_msg(&mut t), v3::ACCEPTED);
+    let mut frame = Vec::new();
+    v3::encode(&mut frame, 0, 200, 7, b"over tls");
+    t.write_all(&frame).unwrap();
+    let mut back = vec![0u8; frame.len()];
+    t.read_exact(&mut back).unwrap();
+    match v3::parse(&back, 1 << 20) {
+        v3::Parse::Frame(f, _) => {
+            assert_eq!((f.ty, f.request_id, f.content), (200, 7, &b"over tls"[..]))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A client speaking plain Veltix gets closed and counted.
+    let mut plain = TcpStream::connect(addr).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain.write_all(&out).unwrap();
+    let mut buf = [0u8; 256];
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match plain.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(std::time::Instant::now() < deadline, "closed"),
+        }
+    }
+    wait_until(|| server.metrics().tls_errors >= 1, "counted");
+}

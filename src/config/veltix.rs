@@ -53,6 +53,8 @@ pub struct VeltixFile {
     pub ping_interval: Option<Dur>,
     /// v3: close a client whose ping is unanswered this long.
     pub pong_timeout: Option<Dur>,
+    /// Serve this listener over TLS.
+    pub tls: Option<super::TlsFile>,
 }
 
 /// A validated Veltix listener.
@@ -74,6 +76,8 @@ pub struct VeltixConfig {
     pub ping_interval: Option<Duration>,
     /// v3 pong deadline.
     pub pong_timeout: Duration,
+    /// TLS for this listener (None: plain TCP).
+    pub tls: Option<super::ServerTls>,
 }
 
 /// Validates the `veltix:` list.
@@ -99,6 +103,13 @@ pub(super) fn validate_veltix(
                 format!("{max} is not within 64 bytes and 1 GiB"),
             ));
         }
+        let tls = match f.tls {
+            None => None,
+            Some(t) => Some(
+                t.validate()
+                    .map_err(|(k, m)| err(&key(&format!("tls.{k}")), m))?,
+            ),
+        };
         let max_clients = f.max_clients.unwrap_or(max_connections);
         if max_clients == 0 {
             return Err(err(&key("max_clients"), "must be at least 1".into()));
@@ -114,6 +125,7 @@ pub(super) fn validate_veltix(
                 .map_or(DEFAULT_VELTIX_HANDSHAKE_TIMEOUT, |d| d.0),
             ping_interval: f.ping_interval.map(|d| d.0).filter(|d| !d.is_zero()),
             pong_timeout: f.pong_timeout.map_or(DEFAULT_VELTIX_PONG_TIMEOUT, |d| d.0),
+            tls,
         });
     }
     Ok(out)

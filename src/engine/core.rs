@@ -556,6 +556,7 @@ impl Core {
             ListenerKind::Rely => cfg.rely.tls.as_ref(),
             ListenerKind::WebSocket => cfg.websocket.as_ref().and_then(|w| w.tls.as_ref()),
             ListenerKind::Admin => cfg.admin.as_ref().and_then(|a| a.tls.as_ref()),
+            ListenerKind::Veltix(i) => cfg.veltix.get(i as usize).and_then(|v| v.tls.as_ref()),
             _ => None,
         };
         let stream = match (stream, tls) {
