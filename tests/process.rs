@@ -118,6 +118,48 @@ fn version_and_check_config() {
         err.contains("/nonexistent-corerelay does not exist"),
         "{err}"
     );
+    // A directory this user may not write to: mode 0555 for a user; for
+    // root (whom modes do not stop), a root-owned 0755 directory checked
+    // as nobody.
+    let dir = std::env::temp_dir().join(format!("corerelay-proc-{}-rodir", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = format!(
+        "workers: 1\nsources:\n  - url: \"ws://127.0.0.1:9/x\"\n    unix_socket_path: {}/feed.sock\n",
+        dir.display()
+    );
+    let ro = write_config("rosockdir", &yaml);
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid(2) has no preconditions.
+    let out = if unsafe { libc::geteuid() } == 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(ro.parent().unwrap(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // A copy nobody may run, wherever the checkout lives.
+        let bin = ro.parent().unwrap().join("corerelay");
+        std::fs::copy(BIN, &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args(["--check-config", "-c", ro.to_str().unwrap()])
+            .output()
+            .expect("setpriv (util-linux) runs the check as nobody")
+    } else {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        Command::new(BIN)
+            .args(["--check-config", "-c", ro.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.yaml:4")
+            && err.contains("sources[0].unix_socket_path")
+            && err.contains("is not writable by this user"),
+        "{err}"
+    );
 }
 
 #[test]
