@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod browser;
 mod cluster;
 mod config;
 mod corpus;

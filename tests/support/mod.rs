@@ -229,25 +229,34 @@ impl WsRaw {
         self.read_within(WAIT).expect("frame within the wait")
     }
 
-    /// Reads one frame; Err(()) if nothing arrives within `d`.
+    /// Reads one frame; Err(()) if nothing arrives within `d`. Only the
+    /// first byte waits at most `d`: once a frame has begun, the rest gets
+    /// `WAIT`, so a timeout never leaves the stream mid-frame.
     pub fn read_within(&mut self, d: Duration) -> Result<Option<WsFrame>, ()> {
         self.0.set_read_timeout(Some(d)).unwrap();
         let mut h = [0u8; 2];
-        match self.0.read_exact(&mut h) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(())
+        loop {
+            match self.0.read(&mut h[..1]) {
+                Ok(0) => return Ok(None),
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(())
+                }
+                Err(_) => return Ok(None),
             }
-            Err(_) => return Ok(None),
+        }
+        self.0.set_read_timeout(Some(WAIT)).unwrap();
+        if self.0.read_exact(&mut h[1..]).is_err() {
+            return Ok(None);
         }
         assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
         let mut len = (h[1] & 0x7f) as usize;
-        self.0.set_read_timeout(Some(WAIT)).unwrap();
         if len == 126 {
             let mut b = [0u8; 2];
             self.0.read_exact(&mut b).unwrap();
