@@ -142,7 +142,17 @@ impl Upstreams {
         let mut dials = Vec::new();
         for i in 0..self.owned.len() {
             let source = self.owned[i].source;
-            let Some(cfg) = self.cfg.sources.get(source as usize).cloned() else {
+            // Most iterations every source is connected: nothing to read.
+            let waiting = match &self.owned[i].state {
+                State::Idle { retry_at } => *retry_at <= now,
+                State::Resolving(_) => true,
+                _ => false,
+            };
+            if !waiting {
+                continue;
+            }
+            let all = self.cfg.clone();
+            let Some(cfg) = all.sources.get(source as usize) else {
                 continue;
             };
             let addr = match &self.owned[i].state {
@@ -168,7 +178,7 @@ impl Upstreams {
                 _ => None,
             };
             let Some(addr) = addr else { continue };
-            match open_stream(&cfg, addr) {
+            match open_stream(cfg, addr) {
                 Ok(stream) => dials.push(Dial {
                     source,
                     addr,
