@@ -66,6 +66,22 @@ fn tls_client(
     rustls::StreamOwned::new(conn, tcp)
 }
 
+/// A client that sends `first` in the clear to a TLS port is closed
+/// within the wait (rustls may send an alert first).
+fn plain_client_is_closed(addr: SocketAddr, first: &[u8]) {
+    let mut t = TcpStream::connect(addr).unwrap();
+    t.set_read_timeout(Some(WAIT)).unwrap();
+    t.write_all(first).unwrap();
+    let mut buf = [0u8; 256];
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match t.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(std::time::Instant::now() < deadline, "closed"),
+        }
+    }
+}
+
 #[test]
 fn rely_and_the_admin_api_over_tls() {
     let (s, ca) = server("rely");
@@ -94,19 +110,10 @@ fn rely_and_the_admin_api_over_tls() {
 #[test]
 fn plain_clients_on_a_tls_port_are_closed_and_counted() {
     let (s, _) = server("plain");
-    let mut t = TcpStream::connect(s.handle.ws_addrs()[0]).unwrap();
-    t.set_read_timeout(Some(WAIT)).unwrap();
-    t.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut buf = [0u8; 256];
-    // rustls may answer with an alert before closing; then EOF.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        match t.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => assert!(std::time::Instant::now() < deadline, "closed"),
-        }
-    }
+    plain_client_is_closed(
+        s.handle.ws_addrs()[0],
+        b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
     wait_until(|| s.handle.metrics().tls_errors >= 1, "counted");
     // The server goes on serving TLS clients.
     assert_eq!(s.handle.metrics().connections, 0);
@@ -205,16 +212,6 @@ fn veltix_over_tls() {
         other => panic!("{other:?}"),
     }
     // A client speaking plain Veltix gets closed and counted.
-    let mut plain = TcpStream::connect(addr).unwrap();
-    plain.set_read_timeout(Some(WAIT)).unwrap();
-    plain.write_all(&out).unwrap();
-    let mut buf = [0u8; 256];
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        match plain.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => assert!(std::time::Instant::now() < deadline, "closed"),
-        }
-    }
+    plain_client_is_closed(addr, &out);
     wait_until(|| server.metrics().tls_errors >= 1, "counted");
 }
