@@ -283,7 +283,7 @@ fn example_events_block_is_valid() {
     assert_eq!(ep.json_vars.len(), 2);
     let ev = cfg.events.expect("events");
     assert_eq!(ev.stream.fixed(), Some("connectionevents"));
-    assert_eq!(cfg.sync.expect("sync").server, ev.server);
+    assert_eq!(Some(cfg.sync.expect("sync").server), ev.redis_server());
     assert_documents(
         &block,
         &[

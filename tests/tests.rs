@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod amqp;
 mod browser;
 mod cluster;
 mod config;

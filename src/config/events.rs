@@ -1,5 +1,6 @@
 //! The `events:` section (wsgateway's `stream_redis`: client events XADDed
-//! to a Redis stream) and the `sync:` section (its
+//! to a Redis stream; or its `stream_amqp`: published to an AMQP exchange,
+//! `events.amqp`) and the `sync:` section (its
 //! `connection_redis_sync`: a hash per connection), and the stream-name
 //! template they share with wsgateway.
 
@@ -18,6 +19,8 @@ pub const DEFAULT_STREAM_NAME: &str = "connectionevents";
 pub struct EventsFile {
     /// The Redis server of the stream (default: the `redis:` section).
     pub redis: Option<RedisFile>,
+    /// Publish to an AMQP exchange instead (wsgateway's `stream_amqp`).
+    pub amqp: Option<super::AmqpFile>,
     /// The stream name, with `{tag.X[:default]}` and `{json.V[:default]}`.
     pub stream_name: Option<String>,
     /// `XADD ... MAXLEN ~ n` (0 or absent: no trimming, as wsgateway).
@@ -111,15 +114,34 @@ impl Template {
     }
 }
 
+/// Where events go.
+#[derive(Debug, Clone)]
+pub enum EventSink {
+    /// XADD on this Redis server (`Config::redis_server`).
+    Redis(usize),
+    /// Published to this AMQP broker's exchange.
+    Amqp(Box<super::AmqpConfig>),
+}
+
 /// Validated `events:` settings.
 #[derive(Debug, Clone)]
 pub struct EventsConfig {
-    /// Its Redis server (`Config::redis_server`).
-    pub server: usize,
-    /// The stream name template.
+    /// Where they go.
+    pub sink: EventSink,
+    /// The stream name template (Redis) or routing key template (AMQP).
     pub stream: Template,
     /// `MAXLEN ~` (None: no trimming).
     pub maxlen: Option<u64>,
+}
+
+impl EventsConfig {
+    /// The Redis server events go to (None: they go to AMQP).
+    pub fn redis_server(&self) -> Option<usize> {
+        match self.sink {
+            EventSink::Redis(s) => Some(s),
+            EventSink::Amqp(_) => None,
+        }
+    }
 }
 
 /// Validated `sync:` settings.

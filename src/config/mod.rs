@@ -13,6 +13,7 @@
 //! (FileConfig -> Config). This file: the validated [`Config`] and its
 //! sections, loading, and [`ConfigError`].
 
+mod amqp;
 mod cluster;
 mod defaults;
 mod endpoint;
@@ -27,6 +28,7 @@ mod veltix;
 mod wsgateway;
 mod wsproxy;
 
+pub use amqp::*;
 pub use cluster::*;
 pub use defaults::*;
 pub use endpoint::*;

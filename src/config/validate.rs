@@ -281,11 +281,29 @@ impl FileConfig {
         let main = redis.as_ref().map(|_| SESSIONS_SERVER);
         let events = match self.events {
             None => None,
+            Some(e) if e.amqp.is_some() => {
+                if e.redis.is_some() || e.stream_name.is_some() || e.stream_maxlen.is_some() {
+                    return Err(err(
+                        "events.amqp",
+                        "events go to Redis (redis, stream_name, stream_maxlen) or to AMQP (amqp), not both".into(),
+                    ));
+                }
+                let a = e
+                    .amqp
+                    .unwrap_or_default()
+                    .validate()
+                    .map_err(|(k, m)| err(&format!("events.amqp.{k}"), m))?;
+                Some(EventsConfig {
+                    stream: a.routing_key.clone(),
+                    sink: EventSink::Amqp(Box::new(a)),
+                    maxlen: None,
+                })
+            }
             Some(e) => {
                 let server = server_of(e.redis, main, "events")?;
                 let name = e.stream_name.filter(|s| !s.is_empty());
                 Some(EventsConfig {
-                    server,
+                    sink: EventSink::Redis(server),
                     stream: Template::parse(name.as_deref().unwrap_or(DEFAULT_STREAM_NAME)),
                     maxlen: e.stream_maxlen.filter(|&n| n > 0),
                 })
@@ -294,8 +312,14 @@ impl FileConfig {
         let sync = match self.sync {
             None => None,
             Some(s) => {
-                let server =
-                    server_of(s.redis, events.as_ref().map(|e| e.server).or(main), "sync")?;
+                let server = server_of(
+                    s.redis,
+                    events
+                        .as_ref()
+                        .and_then(EventsConfig::redis_server)
+                        .or(main),
+                    "sync",
+                )?;
                 Some(SyncConfig {
                     server,
                     ttl: s.ttl.map(|d| d.0).filter(|d| !d.is_zero()),

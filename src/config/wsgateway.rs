@@ -4,8 +4,8 @@
 //! `listen_addr` (WebSocket endpoints and the admin API on one listener),
 //! `internal_endpoint_access_whitelist` (who may call the admin API),
 //! `stream_redis` (events), `connection_redis_sync` (sync),
-//! `max_message_size_kb`, `endpoints[]` and `prometheus`. `stream_amqp`
-//! is refused: AMQP is not built yet.
+//! `stream_amqp` (events to an AMQP exchange), `max_message_size_kb`,
+//! `endpoints[]` and `prometheus`.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -135,28 +135,57 @@ pub fn translate(
         c.line = line;
         c
     })?;
-    if let Some(a) = w
-        .stream_amqp
-        .as_ref()
-        .and_then(|a| a.addr.as_deref())
-        .filter(|a| !a.is_empty())
-    {
-        let _ = a;
-        return Err(err(
-            "stream_amqp",
-            "AMQP streams are not supported yet (see the README, 'Replacing wsgateway'); use stream_redis".into(),
-        ));
-    }
     let stream = w.stream_redis.unwrap_or_default();
-    let Some(stream_addr) = stream.addr.filter(|a| !a.is_empty()) else {
-        return Err(err(
-            "stream_redis.addr",
-            "wsgateway needs a stream: set stream_redis.addr (redis://host:port/db)".into(),
-        ));
+    let stream_addr = stream.addr.filter(|a| !a.is_empty());
+    let amqp = w
+        .stream_amqp
+        .filter(|a| a.addr.as_deref().is_some_and(|a| !a.is_empty()));
+    // As wsgateway: exactly one of the two.
+    let events = match (&stream_addr, amqp) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "stream_amqp.addr",
+                "set stream_redis.addr or stream_amqp.addr, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(err(
+                "stream_redis.addr",
+                "wsgateway needs a stream: set stream_redis.addr (redis://host:port/db) or stream_amqp.addr (amqp://user:pass@host:port/)".into(),
+            ))
+        }
+        (Some(a), None) => EventsFile {
+            redis: Some(redis_file(a)),
+            stream_name: stream.stream_name,
+            ..EventsFile::default()
+        },
+        (None, Some(a)) => {
+            let file = super::AmqpFile {
+                url: a.addr,
+                exchange: a.exchange,
+                queue: a.queue,
+                routing_key: a.routing_key,
+                headers: a.headers,
+                ..super::AmqpFile::default()
+            };
+            EventsFile {
+                amqp: Some(file),
+                ..EventsFile::default()
+            }
+        }
     };
     // Checked here, so an error names wsgateway's key.
+    if let Some(a) = events.amqp.as_ref().and_then(|a| a.url.clone()) {
+        let check = super::AmqpFile {
+            url: Some(a),
+            ..super::AmqpFile::default()
+        };
+        check
+            .validate()
+            .map_err(|(_, m)| err("stream_amqp.addr", m))?;
+    }
     for (key, url) in [
-        ("stream_redis.addr", Some(stream_addr.as_str())),
+        ("stream_redis.addr", stream_addr.as_deref()),
         (
             "connection_redis_sync.addr",
             w.connection_redis_sync
@@ -269,11 +298,7 @@ pub fn translate(
             on_websocket_listener: Some(true),
             ..AdminFile::default()
         }),
-        events: Some(EventsFile {
-            redis: Some(redis_file(&stream_addr)),
-            stream_name: stream.stream_name,
-            stream_maxlen: None,
-        }),
+        events: Some(events),
         sync: w
             .connection_redis_sync
             .and_then(|s| s.addr)

@@ -179,6 +179,8 @@ pub(crate) struct Core {
     sources: super::metrics::SourceTable,
     /// The next listener's token, less `LISTENER_BASE`.
     next_listener: usize,
+    /// The events' AMQP publisher (`events.amqp`).
+    amqp: Option<super::amqp::Amqp>,
 }
 
 impl Core {
@@ -266,6 +268,12 @@ impl Core {
             cfg: live,
             sources: shared.sources.clone(),
             next_listener,
+            amqp: match cfg.events.as_ref().map(|e| &e.sink) {
+                Some(crate::config::EventSink::Amqp(a)) => {
+                    Some(super::amqp::Amqp::new(setup.index, a))
+                }
+                _ => None,
+            },
             shared,
         })
     }
@@ -320,6 +328,7 @@ impl Core {
             for r in self.redis.iter_mut().flatten() {
                 r.flush(&self.shared, self.poll.registry());
             }
+            self.service_amqp(instant);
             self.flush_dirty();
             self.run.recycle();
             self.cut_if_over_memory();
@@ -361,6 +370,13 @@ impl Core {
                 if let Some(Some(r)) = self.redis.get_mut(server) {
                     let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                     r.on_event(sub, readable, ev.is_writable());
+                }
+                continue;
+            }
+            if t == super::amqp::TOKEN {
+                if let Some(a) = self.amqp.as_mut() {
+                    let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                    a.on_event(readable, ev.is_writable());
                 }
                 continue;
             }
@@ -436,7 +452,8 @@ impl Core {
         // Reads wait while a cross-core channel is full; spinning on them
         // would only burn the CPU the destination core needs.
         let read_ready = !self.ready.is_empty() && !self.mesh.backpressured() && !draining;
-        let redis_ready = self.redis.iter().flatten().any(Redis::busy);
+        let redis_ready = self.redis.iter().flatten().any(Redis::busy)
+            || self.amqp.as_ref().is_some_and(super::amqp::Amqp::busy);
         if busy_poll || read_ready || accept_ready || redis_ready {
             return Some(Duration::ZERO);
         }
@@ -1410,6 +1427,22 @@ impl Core {
     /// others); a channel message reaches the channel's members as a
     /// fan-out on this core and on each other core with members (framed
     /// once per core, under each member's limits).
+    /// The AMQP publisher: after the reads (this iteration's events are
+    /// queued), its socket driven and written once.
+    fn service_amqp(&mut self, now: Instant) {
+        let (Some(a), Some(crate::config::EventSink::Amqp(cfg))) = (
+            self.amqp.as_mut(),
+            self.cfg.events.as_ref().map(|e| &e.sink),
+        ) else {
+            return;
+        };
+        a.service(cfg, self.poll.registry(), &self.shared, now);
+        a.flush(cfg, &self.shared, self.poll.registry());
+        self.shared.metrics[self.index]
+            .amqp_up
+            .set(u64::from(a.up()));
+    }
+
     fn service_redis(&mut self) {
         if self.redis.is_empty() {
             return;

@@ -156,6 +156,14 @@ fn xadd(
         None => std::borrow::Cow::Owned(render(&ev.stream, tags, &ep.json_vars, json.as_ref())),
     };
     let tag_field = tags_field(tags, &ep.stream_include_tags);
+    let server = match &ev.sink {
+        crate::config::EventSink::Redis(s) => *s,
+        crate::config::EventSink::Amqp(_) => {
+            let body = amqp_body(id, action, &tag_field, msg);
+            cx.amqp_event(&stream, body);
+            return;
+        }
+    };
     let maxlen = ev.maxlen.map(|n| n.to_string());
     // On the stack: this runs per client message.
     let mut args: [&[u8]; 16] = [b""; 16];
@@ -192,8 +200,36 @@ fn xadd(
     } else {
         put(&mut args, &mut n, &[b"tags", tag_field.as_bytes()]);
     }
-    let server = ev.server;
     cx.redis_event(server, me, &args[..n]);
+}
+
+/// An event as wsgateway publishes it to AMQP: a JSON object with
+/// `connection`, `action` and `tags`, and for a message `type` and
+/// `message` (binary as lossy UTF-8, as Go's string conversion of it).
+pub(crate) fn amqp_body(
+    id: &[u8],
+    action: &[u8],
+    tags: &str,
+    msg: Option<(bool, &[u8])>,
+) -> Vec<u8> {
+    let s = |b: &[u8]| serde_json::Value::String(String::from_utf8_lossy(b).into_owned());
+    let mut out = Vec::with_capacity(96 + msg.map_or(0, |(_, d)| d.len()));
+    out.extend_from_slice(b"{\"connection\":");
+    out.extend_from_slice(s(id).to_string().as_bytes());
+    out.extend_from_slice(b",\"action\":");
+    out.extend_from_slice(s(action).to_string().as_bytes());
+    out.extend_from_slice(b",\"tags\":");
+    out.extend_from_slice(s(tags.as_bytes()).to_string().as_bytes());
+    if let Some((text, data)) = msg {
+        out.extend_from_slice(if text {
+            b",\"type\":\"text\",\"message\":"
+        } else {
+            b",\"type\":\"binary\",\"message\":"
+        });
+        out.extend_from_slice(s(data).to_string().as_bytes());
+    }
+    out.push(b'}');
+    out
 }
 
 /// A connection opened (after its 101): its `open` event, and its hashes.

@@ -190,6 +190,22 @@ metrics! {
     /// Client events dropped: the buffer was full while Redis was away,
     /// or they were in flight on a connection that was lost.
     events_dropped,
+    /// Events published to the AMQP broker (events.amqp).
+    amqp_published,
+    /// Events the AMQP broker confirmed.
+    amqp_confirmed,
+    /// Events the AMQP broker returned as unroutable (no queue took them).
+    amqp_returned,
+    /// Events the AMQP broker refused (basic.nack).
+    amqp_nacked,
+    /// Events dropped because the AMQP buffer was full.
+    amqp_dropped,
+    /// Events waiting for the AMQP broker (unsent and unconfirmed).
+    amqp_buffered,
+    /// 1 while this core's AMQP connection is up.
+    amqp_up,
+    /// AMQP connections lost after they were up.
+    amqp_reconnects,
     /// Session upgrades refused (401, 403, 500, 503, 504).
     session_refused,
     /// Client messages published to a session's `:up` channel.
@@ -415,7 +431,9 @@ pub fn prometheus_sources<'s>(
 }
 
 /// Counters that are levels, not totals.
-const GAUGES: [&str; 8] = [
+const GAUGES: [&str; 10] = [
+    "amqp_buffered",
+    "amqp_up",
     "connections",
     "queued_bytes",
     "mesh_queue_depth",

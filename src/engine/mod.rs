@@ -63,6 +63,7 @@
 
 pub(crate) mod adapter;
 pub(crate) mod admin_calls;
+pub(crate) mod amqp;
 pub mod channels;
 pub(crate) mod cluster;
 pub(crate) mod conn;

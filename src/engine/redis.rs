@@ -1466,20 +1466,9 @@ pub(crate) mod remote {
 
 /// Resolves on a helper thread that wakes the core (never on a core).
 fn resolve(host: String, port: u16, shared: Arc<Shared>, core: usize) -> State {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let spawned = std::thread::Builder::new()
-        .name("corerelay-resolve".into())
-        .spawn(move || {
-            use std::net::ToSocketAddrs;
-            let r = (host.as_str(), port)
-                .to_socket_addrs()
-                .map(|a| a.collect::<Vec<_>>());
-            let _ = tx.send(r);
-            shared.inboxes[core].wake();
-        });
-    match spawned {
-        Ok(_) => State::Resolving(rx),
-        Err(_) => State::Idle {
+    match super::upstreams::resolve_in_background(host, port, shared, core) {
+        Some(rx) => State::Resolving(rx),
+        None => State::Idle {
             retry_at: Instant::now() + Duration::from_secs(1),
         },
     }

@@ -50,6 +50,8 @@ pub(crate) struct Ctx<'a> {
     pub(super) all_deflate: &'a [super::metrics::DeflateStats],
     /// Other nodes of the cluster known (core 0's registry).
     pub(super) nodes_known: &'a std::sync::atomic::AtomicUsize,
+    /// The events' AMQP publisher, if `events.amqp`.
+    pub(super) amqp: Option<&'a mut super::amqp::Amqp>,
 }
 
 /// Builds a [`Ctx`] from a core's fields (a macro, so the borrows stay
@@ -76,6 +78,7 @@ macro_rules! ctx {
             deflate: $core.shared.deflate_of($core.index),
             all_deflate: &$core.shared.deflate,
             nodes_known: &$core.shared.cluster_known,
+            amqp: $core.amqp.as_mut(),
         }
     };
 }
@@ -427,6 +430,20 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// Queues an event for the AMQP broker (false: dropped and counted).
+    pub(crate) fn amqp_event(&mut self, key: &str, body: Vec<u8>) -> bool {
+        let sink = self.cfg.events.as_ref().map(|e| &e.sink);
+        match (self.amqp.as_deref_mut(), sink) {
+            (Some(a), Some(crate::config::EventSink::Amqp(cfg))) => {
+                a.publish(cfg, self.metrics, key, body)
+            }
+            _ => {
+                self.metrics.events_dropped.inc();
+                false
+            }
+        }
+    }
+
     /// Sends an event (an XADD, a sync write) to server `server`: kept
     /// while Redis is away, in the capped buffer, and sent in order after
     /// the reconnect. False if dropped here (counted).
@@ -647,6 +664,7 @@ pub(crate) mod test {
                 deflate: &self.deflate,
                 all_deflate: &self.deflate,
                 nodes_known: &self.nodes_known,
+                amqp: None,
             }
         }
 

@@ -198,24 +198,13 @@ impl Upstreams {
         let Some(t) = self.cfg.sources.get(source).map(|s| &s.target) else {
             return;
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let (host, port, sh, core) = (t.host.clone(), t.port, shared.clone(), self.core);
-        let spawned = std::thread::Builder::new()
-            .name("corerelay-resolve".into())
-            .spawn(move || {
-                use std::net::ToSocketAddrs;
-                let r = (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map(|a| a.collect::<Vec<_>>());
-                let _ = tx.send(r);
-                sh.inboxes[core].wake();
-            });
+        let spawned = resolve_in_background(t.host.clone(), t.port, shared.clone(), self.core);
         if let Some(st) = self.status(source as u16) {
             st.state.set(SourceStatus::RESOLVING);
         }
         self.owned[i].state = match spawned {
-            Ok(_) => State::Resolving(rx),
-            Err(_) => State::Idle {
+            Some(rx) => State::Resolving(rx),
+            None => State::Idle {
                 retry_at: Instant::now() + self.cfg.performance.reconnect_delay,
             },
         };
@@ -331,6 +320,29 @@ impl Upstreams {
             s.attempts
         );
     }
+}
+
+/// Resolves `host` on a helper thread that wakes core `core` when done
+/// (a core never blocks on DNS). None if the thread cannot start.
+pub(crate) fn resolve_in_background(
+    host: String,
+    port: u16,
+    shared: Arc<Shared>,
+    core: usize,
+) -> Option<Receiver<io::Result<Vec<SocketAddr>>>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("corerelay-resolve".into())
+        .spawn(move || {
+            use std::net::ToSocketAddrs;
+            let r = (host.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>());
+            let _ = tx.send(r);
+            shared.inboxes[core].wake();
+        })
+        .ok()
+        .map(|_| rx)
 }
 
 /// The delay before attempt `attempts` (1-based): `base * 2^(attempts-1)`

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod rabbitmq;
 pub mod redis;
 
 use std::io::{self, Read, Write};
