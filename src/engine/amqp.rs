@@ -38,7 +38,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amq_protocol::frame::{gen_frame, parse_frame, AMQPContentHeader, AMQPFrame, ProtocolVersion};
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion};
 use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use crossbeam_channel::Receiver;
@@ -49,6 +49,7 @@ use super::metrics::CoreMetrics;
 use super::shared::Shared;
 use super::upstreams::backoff;
 use crate::config::AmqpConfig;
+use crate::protocol::amqp::{next_frame, put, put_body, Next};
 
 /// The AMQP connection's token on its core's poll (below the Redis ones).
 pub(crate) const TOKEN: Token = Token(super::redis::TOKEN_FLOOR - 1);
@@ -143,20 +144,6 @@ pub(crate) struct Amqp {
     warned: bool,
     /// `max_in_flight`.
     max_in_flight: usize,
-}
-
-/// Appends one frame, written by the codec.
-fn put(out: &mut Vec<u8>, scratch: &mut Vec<u8>, frame: &AMQPFrame) -> Result<(), String> {
-    let mut buf = std::mem::take(scratch);
-    buf.clear();
-    match cookie_factory::gen_simple(gen_frame(frame), buf) {
-        Ok(b) => {
-            out.extend_from_slice(&b);
-            *scratch = b;
-            Ok(())
-        }
-        Err(e) => Err(format!("cannot encode a frame: {e:?}")),
-    }
 }
 
 fn method(class: AMQPClass, channel: u16) -> AMQPFrame {
@@ -354,18 +341,11 @@ impl Amqp {
             if l.rbuf.is_empty() {
                 return Ok(());
             }
-            let (used, frame) = match parse_frame(l.rbuf.as_slice()) {
-                Ok((rest, f)) => (l.rbuf.len() - rest.len(), f),
-                Err(e) if e.is_incomplete() => {
-                    // A frame is at most frame_max plus its 8 bytes of
-                    // framing: more than that and still incomplete is a
-                    // broker we do not understand.
-                    if l.rbuf.len() > l.frame_max as usize + 8 {
-                        return Err("a frame over frame_max".into());
-                    }
-                    return Ok(());
-                }
-                Err(e) => return Err(format!("bad frame: {e}")),
+            let (used, frame) = match next_frame(&l.rbuf, l.frame_max) {
+                Next::Frame(f, used) => (used, f),
+                Next::Need => return Ok(()),
+                Next::TooLarge => return Err("a frame over frame_max".into()),
+                Next::Bad(e) => return Err(format!("bad frame: {e}")),
             };
             l.rbuf.drain(..used);
             self.frame(cfg, m, frame)?;
@@ -651,7 +631,6 @@ impl Amqp {
         if l.step != Step::Ready || l.blocked {
             return Ok(());
         }
-        let chunk = l.frame_max as usize - 8;
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -688,13 +667,7 @@ impl Amqp {
                 &mut self.scratch,
                 &AMQPFrame::Header(CHANNEL, BASIC_CLASS, Box::new(header)),
             )?;
-            for part in e.body.chunks(chunk) {
-                l.wbuf.push(3);
-                l.wbuf.extend_from_slice(&CHANNEL.to_be_bytes());
-                l.wbuf.extend_from_slice(&(part.len() as u32).to_be_bytes());
-                l.wbuf.extend_from_slice(part);
-                l.wbuf.push(0xCE);
-            }
+            put_body(&mut l.wbuf, CHANNEL, &e.body, l.frame_max);
             let tag = l.next_tag;
             l.next_tag += 1;
             m.amqp_published.inc();

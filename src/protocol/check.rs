@@ -8,7 +8,7 @@
 //! Inputs past [`MAX_SPLIT_INPUT`] bytes are split-checked on their prefix
 //! only, so one input costs O(n^2) at worst on a small n.
 
-use super::{deflate, http, lenprefix, rely, resp, veltix, ws};
+use super::{amqp, deflate, http, lenprefix, rely, resp, veltix, ws};
 
 /// Longest prefix whose every split is checked.
 pub const MAX_SPLIT_INPUT: usize = 2048;
@@ -392,11 +392,76 @@ pub fn resp(data: &[u8]) {
     }
 }
 
+/// The bound the AMQP check decodes with.
+const AMQP_FRAME_MAX: u32 = 4096;
+
+fn amqp_events(chunks: &[&[u8]]) -> (Vec<String>, Option<&'static str>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    let mut scratch = Vec::new();
+    for c in chunks {
+        buf.extend_from_slice(c);
+        loop {
+            match amqp::next_frame(&buf, AMQP_FRAME_MAX) {
+                amqp::Next::Frame(f, used) => {
+                    assert!(used <= buf.len() && used > 0);
+                    assert!(
+                        used <= AMQP_FRAME_MAX as usize + 8,
+                        "a frame over the bound"
+                    );
+                    // Written back by the codec, it reads the same.
+                    let mut again = Vec::new();
+                    if amqp::put(&mut again, &mut scratch, &f).is_ok() {
+                        match amqp::next_frame(&again, u32::MAX) {
+                            amqp::Next::Frame(g, n) => {
+                                assert_eq!(format!("{g:?}"), format!("{f:?}"), "round trip");
+                                assert_eq!(n, again.len());
+                            }
+                            other => panic!("re-encoded frame reads as {other:?}"),
+                        }
+                    }
+                    out.push(format!("{f:?}"));
+                    buf.drain(..used);
+                }
+                amqp::Next::Need => break,
+                amqp::Next::TooLarge => return (out, Some("too large")),
+                amqp::Next::Bad(_) => return (out, Some("bad")),
+            }
+        }
+    }
+    (out, None)
+}
+
+/// AMQP 0-9-1 frames (the events publisher's reads) and body frames.
+pub fn amqp(data: &[u8]) {
+    let whole = amqp_events(&[prefix(data)]);
+    for (a, b) in splits(data) {
+        assert_eq!(amqp_events(&[a, b]), whole, "split at {}", a.len());
+    }
+    // A body written by hand reads back as body frames holding it.
+    let body = prefix(data);
+    let mut out = Vec::new();
+    amqp::put_body(&mut out, 1, body, 64);
+    let mut back = Vec::new();
+    let mut rest = out.as_slice();
+    while !rest.is_empty() {
+        match amqp::next_frame(rest, 64) {
+            amqp::Next::Frame(amq_protocol::frame::AMQPFrame::Body(1, b), n) => {
+                back.extend_from_slice(&b);
+                rest = &rest[n..];
+            }
+            other => panic!("a body frame reads as {other:?}"),
+        }
+    }
+    assert_eq!(back, body);
+}
+
 /// One check: panics if `data` breaks an invariant.
 pub type Check = fn(&[u8]);
 
 /// Every check by its fuzz target's name.
-pub const TARGETS: [(&str, Check); 10] = [
+pub const TARGETS: [(&str, Check); 11] = [
+    ("amqp", amqp),
     ("rely", rely),
     ("ws_server", ws_server),
     ("ws_client", ws_client),
@@ -408,6 +473,38 @@ pub const TARGETS: [(&str, Check); 10] = [
     ("resp", resp),
     ("ws_inflate", ws_inflate),
 ];
+
+/// A broker's side of a handshake and a confirm, as bytes (a seed for
+/// the AMQP check and its corpus).
+pub fn amqp_seed() -> Vec<u8> {
+    use amq_protocol::frame::AMQPFrame;
+    use amq_protocol::protocol::{basic, connection, AMQPClass};
+    let mut out = Vec::new();
+    let mut s = Vec::new();
+    let frames = [
+        AMQPFrame::Method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                channel_max: 2047,
+                frame_max: 131072,
+                heartbeat: 60,
+            })),
+        ),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: 7,
+                multiple: true,
+            })),
+        ),
+        AMQPFrame::Heartbeat(0),
+    ];
+    for f in &frames {
+        let _ = amqp::put(&mut out, &mut s, f);
+    }
+    amqp::put_body(&mut out, 1, b"{\"action\":\"open\"}", 4096);
+    out
+}
 
 #[cfg(test)]
 mod tests {
@@ -442,6 +539,7 @@ mod tests {
         seeds.push(v);
         seeds.push(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n".to_vec());
         seeds.push(b"workers: 2\nrely:\n  listen: [\"127.0.0.1:0\"]\n".to_vec());
+        seeds.push(amqp_seed());
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut rnd = move || {
             x ^= x << 13;

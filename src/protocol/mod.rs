@@ -1,6 +1,7 @@
 //! Wire codecs. Sans-io: bytes in, frames or "need more" or a typed error
 //! out; no sockets, no clocks, no routing.
 
+pub mod amqp;
 pub mod check;
 pub mod deflate;
 pub mod http;

@@ -3,6 +3,11 @@
 //! a reader XREADs the stream they become (`--redis`, its CPU by
 //! `--redis-pid`): events/s, server CPU per event next to redis-server's,
 //! and the latency from a client's send to the entry being readable.
+//! With `--amqp URL` the in-process server publishes them to that broker
+//! (a durable exchange and queue of the bench's own, persistent messages,
+//! as wsgateway's sample config has it), and an event counts once the
+//! broker confirms it (`amqp_confirmed`); the broker's CPU comes from
+//! `--broker-pid`. No latency is measured then.
 //!
 //! Payloads carry a sequence number and the send time in their first 16
 //! bytes (binary messages).
@@ -72,10 +77,24 @@ fn entries(v: &Value<'_>, out: &mut Vec<Vec<u8>>, last: &mut Vec<u8>) {
 pub fn run(a: &Args) {
     let epoch = Instant::now();
     let stream = format!("bench-events-{}", std::process::id());
+    if a.amqp.is_some() && a.inproc.is_none() {
+        exit_err(
+            "events",
+            "--amqp needs --inproc (the rate is the server's confirmed count)",
+        );
+    }
+    let sink = match &a.amqp {
+        Some(url) => format!(
+            "events:\n  amqp:\n    url: \"{url}\"\n    exchange: \"{stream}\"\n    queue: \"{stream}\"\n    max_pending_bytes: 256MiB\n"
+        ),
+        None => format!(
+            "events:\n  redis:\n    url: \"redis://{}\"\n    max_pending_bytes: 256MiB\n  stream_name: \"{stream}\"\n",
+            a.redis
+        ),
+    };
     let server = a.inproc.map(|w| {
         let yaml = format!(
-            "rely:\n  listen: []\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  ping_interval: 0\n  endpoints:\n    - path: /connect\n      set_tags: {{app: bench}}\n      stream_include_tags: [app]\nadmin:\n  listen: []\nevents:\n  redis:\n    url: \"redis://{}\"\n    max_pending_bytes: 256MiB\n  stream_name: \"{stream}\"\n",
-            a.redis
+            "rely:\n  listen: []\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  ping_interval: 0\n  endpoints:\n    - path: /connect\n      set_tags: {{app: bench}}\n      stream_include_tags: [app]\nadmin:\n  listen: []\n{sink}"
         );
         let mut cfg = Config::from_yaml(&yaml, None).unwrap_or_else(|e| exit_err("config", e));
         cfg.workers = w;
@@ -83,6 +102,17 @@ pub fn run(a: &Args) {
         Server::start(cfg).unwrap_or_else(|e| exit_err("start", e))
     });
     let ws = server.as_ref().map_or(a.ws_target, |s| s.ws_addrs()[0]);
+    if let (Some(s), Some(_)) = (&server, &a.amqp) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.metrics().amqp_up < w_of(a) {
+            if Instant::now() > deadline {
+                exit_err("amqp", "the server did not connect to the broker");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let confirmed =
+        |s: &Option<corerelay::ServerHandle>| s.as_ref().map_or(0, |s| s.metrics().amqp_confirmed);
     let mut socks: Vec<TcpStream> = (0..a.subs.max(1)).map(|_| connect(ws)).collect();
     // The reader: XREAD from the stream's end, blocking 100 ms at a time.
     let received = Arc::new(AtomicU64::new(0));
@@ -91,7 +121,7 @@ pub fn run(a: &Args) {
     let hist = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds"),
     ));
-    let reader = {
+    let reader = (a.amqp.is_none()).then(|| {
         let (received, measuring, stop, hist) = (
             received.clone(),
             measuring.clone(),
@@ -154,7 +184,29 @@ pub fn run(a: &Args) {
                 let _ = h.add(&local);
             }
         })
+    });
+    // With AMQP the broker's confirms are the count (the open events
+    // confirmed before measuring are left out by `r0`).
+    let got_now = |received: &AtomicU64| {
+        if a.amqp.is_some() {
+            confirmed(&server)
+        } else {
+            received.load(Ordering::Relaxed)
+        }
     };
+    let backend_pid = a.broker_pid.or(a.redis_pid);
+    // The open events are confirmed before sending starts.
+    let opens = if a.amqp.is_some() {
+        socks.len() as u64
+    } else {
+        0
+    };
+    if a.amqp.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while confirmed(&server) < opens && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let measure_from = Instant::now() + Duration::from_secs_f64(a.warmup);
     let end = measure_from + Duration::from_secs_f64(a.duration);
     let window = a.window.max(1);
@@ -164,17 +216,15 @@ pub fn run(a: &Args) {
         let now = Instant::now();
         if cpu0.is_none() && now >= measure_from {
             cpu0 = Some(server_cpu(a.pid, server.is_some()).unwrap_or(0.0));
-            rcpu0 = a
-                .redis_pid
-                .and_then(|p| stat_cpu(&format!("/proc/{p}/stat")));
+            rcpu0 = backend_pid.and_then(|p| stat_cpu(&format!("/proc/{p}/stat")));
             ccpu0 = self_cpu();
-            r0 = received.load(Ordering::Relaxed);
+            r0 = got_now(&received);
             measuring.store(true, Ordering::Relaxed);
         }
         if now >= end {
             break;
         }
-        while seq - received.load(Ordering::Relaxed) >= window && Instant::now() < end {
+        while (seq + opens).saturating_sub(got_now(&received)) >= window && Instant::now() < end {
             std::hint::spin_loop();
         }
         let f = frame(seq, epoch, a.payload);
@@ -184,16 +234,18 @@ pub fn run(a: &Args) {
         seq += 1;
     }
     measuring.store(false, Ordering::Relaxed);
-    let got = received.load(Ordering::Relaxed) - r0;
+    let got = got_now(&received) - r0;
     let srv = cpu0.and_then(|c0| server_cpu(a.pid, server.is_some()).map(|c| c - c0));
     let rcpu = rcpu0.and_then(|c0| {
-        a.redis_pid
+        backend_pid
             .and_then(|p| stat_cpu(&format!("/proc/{p}/stat")))
             .map(|c| c - c0)
     });
     let client = self_cpu() - ccpu0;
     stop.store(true, Ordering::Relaxed);
-    let _ = reader.join();
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
     let h = hist.lock().map(|h| h.clone()).ok();
     report(
         a,
@@ -205,8 +257,13 @@ pub fn run(a: &Args) {
         h.as_ref(),
     );
     if let Some(rc) = rcpu {
+        let who = if a.amqp.is_some() {
+            "broker"
+        } else {
+            "redis-server"
+        };
         let line = format!(
-            "redis-server cpu {rc:.2}s = {:.0} ns/event",
+            "{who} cpu {rc:.2}s = {:.0} ns/event",
             rc * 1e9 / got.max(1) as f64
         );
         if a.json || a.csv {
@@ -216,6 +273,10 @@ pub fn run(a: &Args) {
         }
     }
     // The stream is the bench's own: leave Redis as it was.
+    if a.amqp.is_some() {
+        drop(socks.drain(..));
+        return;
+    }
     if let Ok(mut s) = TcpStream::connect(a.redis) {
         let mut out = Vec::new();
         resp::encode(&mut out, &[b"DEL", stream.as_bytes()]);
@@ -223,4 +284,9 @@ pub fn run(a: &Args) {
         let _ = s.read(&mut [0u8; 64]);
     }
     drop(socks.drain(..));
+}
+
+/// The in-process worker count (every core connects to the broker).
+fn w_of(a: &Args) -> u64 {
+    a.inproc.unwrap_or(1) as u64
 }

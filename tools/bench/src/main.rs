@@ -161,6 +161,14 @@ struct Args {
     /// wsproxy: measure client messages up to Redis instead.
     #[arg(long)]
     up: bool,
+    /// events: publish to this AMQP broker (`amqp://...`, events.amqp)
+    /// instead of a Redis stream; the rate is what the broker confirms
+    /// (always --inproc). The broker's CPU comes from --broker-pid.
+    #[arg(long)]
+    amqp: Option<String>,
+    /// events with --amqp: the broker's PID (beam.smp), for its CPU time.
+    #[arg(long)]
+    broker_pid: Option<u32>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,7 +196,7 @@ enum Mode {
     /// `--up`: the sessions publish to `:up`.
     Wsproxy,
     /// wsgateway events: `--subs` connections send, a reader XREADs the
-    /// stream (`--redis`).
+    /// stream (`--redis`), or the AMQP broker confirms them (`--amqp`).
     Events,
     /// Serves the floor relay on `--listen` (the fan-out and echo
     /// baseline) until killed.
