@@ -34,6 +34,18 @@ for method, props, body in ch.consume(queue, inactivity_timeout=idle, auto_ack=T
 conn.close()
 "#;
 
+/// Declares a queue bound to the `wsgateway` exchange with one routing
+/// key, as a backend with its own queue does.
+const DECLARE: &str = r#"
+import sys, pika
+url, queue, key = sys.argv[1], sys.argv[2], sys.argv[3]
+conn = pika.BlockingConnection(pika.URLParameters(url))
+ch = conn.channel()
+ch.queue_declare(queue, durable=True)
+ch.queue_bind(queue, "wsgateway", routing_key=key)
+conn.close()
+"#;
+
 fn python() -> std::path::PathBuf {
     venv_python(
         "amqp-venv",
@@ -99,6 +111,12 @@ fn events_reach_rabbitmq_as_wsgateway_publishes_them() {
         return;
     };
     let s = start(&wsgateway_yaml(&broker.url(), ""), |_| {});
+    // A backend's own queue, for one routing key only.
+    let declared = Command::new(python())
+        .args(["-c", DECLARE, &broker.url(), "hello-only", "command-hello"])
+        .status()
+        .expect("the declaring client runs");
+    assert!(declared.success());
     let ws = s.ws_addrs()[0];
     let mut c = WsRaw::connect(ws, "/connect");
     c.send(0x1, true, br#"{"command":"hello","n":1}"#);
@@ -139,6 +157,11 @@ fn events_reach_rabbitmq_as_wsgateway_publishes_them() {
         (m.amqp_published, m.amqp_returned, m.amqp_dropped),
         (4, 0, 0)
     );
+    // The routed copy: only the message whose key the queue is bound to.
+    let hello = consume(&broker, "hello-only", 4);
+    assert_eq!(hello.len(), 1, "{hello:?}");
+    assert_eq!(hello[0]["rk"], "command-hello");
+    assert_eq!(hello[0]["body"]["action"], "message");
 }
 
 #[test]

@@ -831,6 +831,29 @@ impl Amqp {
         self.writable = false;
     }
 
+    /// Nothing more to wait for at shutdown: every event confirmed, or no
+    /// broker to confirm them.
+    pub(crate) fn settled(&self) -> bool {
+        (self.pending.is_empty() && self.unconfirmed.is_empty()) || !self.up()
+    }
+
+    /// The core exits: what was never confirmed is counted as dropped.
+    pub(crate) fn abandon(&mut self, m: &CoreMetrics) {
+        let n = (self.pending.len() + self.unconfirmed.len()) as u64;
+        if n > 0 {
+            log::warn!(
+                "core {}: amqp: {n} events not confirmed at shutdown",
+                self.core
+            );
+        }
+        m.amqp_dropped.add(n);
+        m.events_dropped.add(n);
+        self.pending.clear();
+        self.unconfirmed.clear();
+        self.bytes = 0;
+        m.amqp_buffered.set(0);
+    }
+
     /// Is the connection up and publishing?
     pub(crate) fn up(&self) -> bool {
         matches!(&self.state, State::Linked(l) if l.step == Step::Ready)

@@ -354,6 +354,9 @@ impl Core {
         for r in self.redis.iter_mut().flatten() {
             r.close(self.poll.registry());
         }
+        if let Some(a) = self.amqp.as_mut() {
+            a.abandon(&self.shared.metrics[self.index]);
+        }
         log::debug!("core {} stopped", self.index);
     }
 
@@ -431,7 +434,10 @@ impl Core {
             self.say_goodbyes();
             return false;
         }
-        let flushed = self.goodbyes_sent && all_quiet && self.rx.is_empty() && self.queued == 0;
+        // Events wait for their broker's confirms too (within the grace).
+        let events = self.amqp.as_ref().is_none_or(super::amqp::Amqp::settled);
+        let flushed =
+            self.goodbyes_sent && all_quiet && self.rx.is_empty() && self.queued == 0 && events;
         if !flushed && instant >= deadline {
             log::warn!(
                 "core {}: shutdown grace expired with {} bytes still queued",
