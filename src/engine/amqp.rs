@@ -47,7 +47,7 @@ use mio::{Interest, Registry, Token};
 
 use super::metrics::CoreMetrics;
 use super::shared::Shared;
-use super::upstreams::backoff;
+use super::upstreams::retry_delay;
 use crate::config::AmqpConfig;
 use crate::protocol::amqp::{next_frame, put, put_body, Next};
 
@@ -800,15 +800,11 @@ impl Amqp {
         while let Some((_, e)) = self.unconfirmed.pop_back() {
             self.pending.push_front(e);
         }
-        if stable {
-            self.attempts = 0;
-        }
-        self.attempts = self.attempts.saturating_add(1);
-        let delay = backoff(
+        let delay = retry_delay(
+            &mut self.attempts,
+            stable,
             cfg.reconnect_delay,
             cfg.reconnect_max_delay,
-            self.attempts,
-            uuid::Uuid::new_v4().as_u64_pair().1,
         );
         if self.warned {
             log::debug!(

@@ -39,7 +39,7 @@ use super::message::Message;
 use super::metrics::CoreMetrics;
 use super::shared::Shared;
 use super::tags::Selector;
-use super::upstreams::backoff;
+use super::upstreams::retry_delay;
 use super::ConnId;
 use crate::config::RedisConfig;
 use crate::protocol::resp::{self, Value};
@@ -1322,15 +1322,12 @@ impl Redis {
             }
             _ => {}
         }
-        if l.up_since.take().is_some_and(|t| t.elapsed() >= STABLE) {
-            l.attempts = 0;
-        }
-        l.attempts = l.attempts.saturating_add(1);
-        let delay = backoff(
+        let stable = l.up_since.take().is_some_and(|t| t.elapsed() >= STABLE);
+        let delay = retry_delay(
+            &mut l.attempts,
+            stable,
             cfg.reconnect_delay,
             cfg.reconnect_max_delay,
-            l.attempts,
-            uuid::Uuid::new_v4().as_u64_pair().1,
         );
         l.state = State::Idle {
             retry_at: Instant::now() + delay,

@@ -355,6 +355,22 @@ pub(crate) fn backoff(base: Duration, max: Duration, attempts: u32, random: u64)
     Duration::from_secs_f64(capped * (0.5 + 0.5 * r))
 }
 
+/// The next attempt's delay for a connection that was lost (or never
+/// made): the attempt count restarts after a `stable` connection, then
+/// grows, and the delay is `backoff` with fresh jitter.
+pub(crate) fn retry_delay(
+    attempts: &mut u32,
+    stable: bool,
+    base: Duration,
+    max: Duration,
+) -> Duration {
+    if stable {
+        *attempts = 0;
+    }
+    *attempts = attempts.saturating_add(1);
+    backoff(base, max, *attempts, uuid::Uuid::new_v4().as_u64_pair().1)
+}
+
 /// Opens a non-blocking connection to a source (TLS for wss://, with the
 /// URL's host as SNI and certificate name).
 fn open_stream(cfg: &SourceConfig, addr: SocketAddr) -> io::Result<Stream> {
