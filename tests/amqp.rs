@@ -252,3 +252,30 @@ fn one_connections_events_stay_in_order_across_a_broker_restart() {
     assert!(m.amqp_reconnects >= 2, "{m:?}");
     assert_eq!(m.events_dropped, m.amqp_dropped);
 }
+
+/// amqps://: corerelay's own config (`events.amqp`) to the broker's TLS
+/// listener, trusting its certificate through `ca_file`.
+#[test]
+fn amqps_with_a_ca_file() {
+    let Some(broker) = RabbitMq::start_tls("tls") else {
+        return;
+    };
+    let Some((port, ca)) = broker.tls.clone() else {
+        panic!("a TLS listener")
+    };
+    let yaml = format!(
+        "rely:\n  listen: []\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /connect\nevents:\n  amqp:\n    url: \"amqps://guest:guest@127.0.0.1:{port}/\"\n    ca_file: \"{}\"\n    exchange: wsgateway\n    queue: wsgateway.wsevents\n",
+        ca.display()
+    );
+    let s = start(&yaml, |_| {});
+    let mut c = WsRaw::connect(s.ws_addrs()[0], "/connect");
+    c.send(0x1, true, b"over tls");
+    wait_until(
+        || s.metrics().amqp_confirmed == 2,
+        "open and message confirmed",
+    );
+    let got = consume(&broker, "wsgateway.wsevents", 2);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1]["body"]["message"], "over tls");
+    assert_eq!(got[1]["rk"], "", "no routing_key: the empty key");
+}

@@ -402,7 +402,7 @@ fn wsgateway_configs_that_cannot_run_are_refused_naming_the_key() {
     let both = "listen_addr: 127.0.0.1:0\nstream_redis:\n  addr: redis://h\nstream_amqp:\n  addr: amqp://h/\nendpoints:\n  - path: /connect\n";
     let e = Config::from_yaml(both, None).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("stream_amqp.addr"), "{e}");
-    let tls = "listen_addr: 127.0.0.1:0\nstream_amqp:\n  addr: amqps://u:hunter2@h/\nendpoints:\n  - path: /connect\n";
+    let tls = "listen_addr: 127.0.0.1:0\nstream_amqp:\n  addr: amqpx://u:hunter2@h/\nendpoints:\n  - path: /connect\n";
     let e = Config::from_yaml(tls, None).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("stream_amqp.addr"), "{e}");
     assert_eq!(e.line, Some(3), "{e}");

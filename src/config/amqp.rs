@@ -28,7 +28,7 @@ pub const DEFAULT_AMQP_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpFile {
-    /// `amqp://user:pass@host:port/vhost`.
+    /// `amqp://user:pass@host:port/vhost` (amqps:// for TLS).
     pub url: Option<String>,
     /// Exchange to publish to ("" is the default exchange).
     pub exchange: Option<String>,
@@ -50,6 +50,8 @@ pub struct AmqpFile {
     pub reconnect_delay: Option<Dur>,
     /// Reconnect backoff ceiling.
     pub reconnect_max_delay: Option<Dur>,
+    /// amqps://: PEM file of the CAs to trust (default: the public roots).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Validated `events.amqp`.
@@ -85,6 +87,8 @@ pub struct AmqpConfig {
     pub reconnect_delay: Duration,
     /// Reconnect backoff ceiling.
     pub reconnect_max_delay: Duration,
+    /// TLS client settings for amqps:// (None for amqp://).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl AmqpFile {
@@ -93,16 +97,18 @@ impl AmqpFile {
         let raw = self.url.unwrap_or_default();
         let shown = redact_url(&raw);
         let u = url::Url::parse(raw.trim()).map_err(|e| ("url", format!("{shown:?}: {e}")))?;
-        match u.scheme() {
-            "amqp" => {}
-            "amqps" => {
+        let tls = match u.scheme() {
+            "amqp" => None,
+            "amqps" => Some(
+                super::tls_client_config(self.ca_file.as_deref()).map_err(|e| ("ca_file", e))?,
+            ),
+            _ => {
                 return Err((
                     "url",
-                    format!("{shown:?}: amqps:// (TLS) is not supported yet; use amqp://"),
+                    format!("{shown:?}: the URL must start with amqp:// or amqps://"),
                 ))
             }
-            _ => return Err(("url", format!("{shown:?}: the URL must start with amqp://"))),
-        }
+        };
         let host =
             super::values::host_of(&u).ok_or_else(|| ("url", format!("{shown:?}: no host")))?;
         let dec = super::values::userinfo_part;
@@ -126,7 +132,7 @@ impl AmqpFile {
         Ok(AmqpConfig {
             url: shown,
             host,
-            port: u.port().unwrap_or(5672),
+            port: u.port().unwrap_or(if tls.is_some() { 5671 } else { 5672 }),
             user,
             password,
             vhost,
@@ -147,6 +153,7 @@ impl AmqpFile {
             reconnect_max_delay: self
                 .reconnect_max_delay
                 .map_or(DEFAULT_AMQP_RECONNECT_MAX_DELAY, |d| d.0),
+            tls,
         })
     }
 }

@@ -33,7 +33,7 @@
 //! capped backoff and jitter.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +47,7 @@ use mio::{Interest, Registry, Token};
 
 use super::metrics::CoreMetrics;
 use super::shared::Shared;
+use super::stream::{Drain, Stream, TlsStream};
 use super::upstreams::retry_delay;
 use crate::config::AmqpConfig;
 use crate::protocol::amqp::{next_frame, put, put_body, Next};
@@ -97,7 +98,7 @@ enum Step {
 
 #[derive(Debug)]
 struct Link {
-    stream: TcpStream,
+    stream: Stream,
     /// The TCP connect completed.
     connected: bool,
     step: Step,
@@ -268,7 +269,7 @@ impl Amqp {
                 };
             }
             match l.stream.take_error() {
-                Ok(None) if l.stream.peer_addr().is_ok() => {}
+                Ok(None) if l.stream.connected() => {}
                 Ok(Some(e)) | Err(e) => return Err(format!("connect: {e}")),
                 Ok(None) => {
                     self.writable = false;
@@ -292,29 +293,29 @@ impl Amqp {
         if self.readable {
             self.readable = false;
             let mut chunk = [0u8; READ_CHUNK];
-            for _ in 0..READS_PER_ITERATION {
+            // Edge-triggered: read until drained, within the budget (a TLS
+            // read yields one record at a time, so a short read is not
+            // "drained": `read_some` says which).
+            for i in 0..READS_PER_ITERATION {
                 let State::Linked(l) = &mut self.state else {
                     return Ok(());
                 };
-                match l.stream.read(&mut chunk) {
-                    Ok(0) => return Err("closed by the broker".into()),
-                    Ok(n) => {
-                        l.rbuf.extend_from_slice(&chunk[..n]);
-                        l.heard = now;
-                        self.frames(cfg, m)?;
-                        if n < chunk.len() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                let (n, drain) = match l.stream.read_some(&mut chunk) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Drain::More),
                     Err(e) => return Err(format!("read: {e}")),
+                };
+                if n > 0 {
+                    l.rbuf.extend_from_slice(&chunk[..n]);
+                    l.heard = now;
+                    self.frames(cfg, m)?;
                 }
-                if self.readable {
-                    break;
+                match drain {
+                    Drain::Closed => return Err("closed by the broker".into()),
+                    Drain::Drained => break,
+                    Drain::More if i + 1 == READS_PER_ITERATION => self.readable = true,
+                    Drain::More => {}
                 }
-                // Edge-triggered: read until WouldBlock, within the budget.
-                self.readable = true;
             }
         }
         let State::Linked(l) = &mut self.state else {
@@ -684,6 +685,18 @@ impl Amqp {
         if !l.connected || l.written >= l.wbuf.len() {
             return;
         }
+        // TLS records still held go first.
+        match l.stream.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.writable = false;
+                return;
+            }
+            Err(e) => {
+                let m = &shared.metrics[self.core];
+                return self.drop_link(cfg, m, registry, Instant::now(), &format!("write: {e}"));
+            }
+        }
         let r = loop {
             match l.stream.write(&l.wbuf[l.written..]) {
                 Ok(0) => break Err("write returned 0".to_owned()),
@@ -743,7 +756,7 @@ impl Amqp {
             },
             _ => return,
         };
-        let opened = TcpStream::connect(addr).and_then(|mut s| {
+        let opened = open_stream(cfg, addr).and_then(|mut s| {
             registry.register(&mut s, TOKEN, Interest::READABLE | Interest::WRITABLE)?;
             Ok(s)
         });
@@ -854,6 +867,22 @@ impl Amqp {
     pub(crate) fn up(&self) -> bool {
         matches!(&self.state, State::Linked(l) if l.step == Step::Ready)
     }
+}
+
+/// A non-blocking connection to the broker: TLS for amqps://, with the
+/// URL's host as SNI and certificate name.
+fn open_stream(cfg: &AmqpConfig, addr: SocketAddr) -> io::Result<Stream> {
+    let tcp = TcpStream::connect(addr)?;
+    let Some(tls) = &cfg.tls else {
+        return Ok(Stream::Tcp(tcp));
+    };
+    let name = rustls::pki_types::ServerName::try_from(cfg.host.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let conn = rustls::ClientConnection::new(tls.clone(), name).map_err(io::Error::other)?;
+    Ok(Stream::Tls(Box::new(TlsStream {
+        tcp,
+        tls: rustls::Connection::Client(conn),
+    })))
 }
 
 fn resolve(host: String, port: u16, shared: Arc<Shared>, core: usize) -> State {

@@ -39,6 +39,16 @@ impl Stream {
         }
     }
 
+    /// Is a non-blocking connect complete? (A peer address appears then;
+    /// a Unix stream is always connected.)
+    pub fn connected(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().is_ok(),
+            Stream::Unix(_) => true,
+            Stream::Tls(s) => s.tcp.peer_addr().is_ok(),
+        }
+    }
+
     /// A pending socket error (after a non-blocking connect).
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
         match self {

@@ -31,6 +31,8 @@ fn binary() -> Option<PathBuf> {
 pub struct RabbitMq {
     /// Its AMQP port on 127.0.0.1.
     pub port: u16,
+    /// Its AMQPS port (`start_tls`), and the CA file that trusts it.
+    pub tls: Option<(u16, PathBuf)>,
     dist: u16,
     epmd: u16,
     dir: PathBuf,
@@ -41,6 +43,16 @@ impl RabbitMq {
     /// Starts one and waits until it accepts AMQP connections; None (with
     /// a note) when the broker is not installed and CI did not ask for it.
     pub fn start(name: &str) -> Option<RabbitMq> {
+        Self::start_with(name, false)
+    }
+
+    /// As `start`, with a TLS listener too: a self-signed certificate for
+    /// 127.0.0.1 (its own CA), written next to the data.
+    pub fn start_tls(name: &str) -> Option<RabbitMq> {
+        Self::start_with(name, true)
+    }
+
+    fn start_with(name: &str, tls: bool) -> Option<RabbitMq> {
         if binary().is_none() {
             assert!(
                 std::env::var_os("CORERELAY_REQUIRE_RABBITMQ").is_none(),
@@ -55,7 +67,29 @@ impl RabbitMq {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let tls = tls.then(|| {
+            let ck = rcgen::generate_simple_self_signed(vec![
+                "127.0.0.1".to_string(),
+                "localhost".to_string(),
+            ])
+            .expect("certificate");
+            let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&c, ck.cert.pem()).unwrap();
+            std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+            let port = free_port();
+            std::fs::write(
+                dir.join("rabbitmq.conf"),
+                format!(
+                    "listeners.ssl.default = 127.0.0.1:{port}\nssl_options.cacertfile = {c}\nssl_options.certfile = {c}\nssl_options.keyfile = {k}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+                    c = c.display(),
+                    k = k.display()
+                ),
+            )
+            .unwrap();
+            (port, c)
+        });
         let mut b = RabbitMq {
+            tls,
             port: free_port(),
             dist: free_port(),
             epmd: free_port(),
@@ -88,9 +122,12 @@ impl RabbitMq {
             .expect("rabbitmq-server starts");
         self.child = Some(child);
         let deadline = Instant::now() + START_WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "rabbitmq-server did not listen");
-            std::thread::sleep(Duration::from_millis(100));
+        let ports = [Some(self.port), self.tls.as_ref().map(|t| t.0)];
+        for p in ports.into_iter().flatten() {
+            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+                assert!(Instant::now() < deadline, "rabbitmq-server did not listen");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 
