@@ -80,7 +80,7 @@ stream_amqp:
   addr: {url}
   exchange: wsgateway
   queue: wsgateway.wsevents
-  routing_key: command-{{json.command:unknown_command}}
+  routing_key: \"{{tag.group:nogroup}}.{{json.command:unknown_command}}\"
   headers: {{}}
 endpoints:
   - path: /connect
@@ -113,7 +113,7 @@ fn events_reach_rabbitmq_as_wsgateway_publishes_them() {
     let s = start(&wsgateway_yaml(&broker.url(), ""), |_| {});
     // A backend's own queue, for one routing key only.
     let declared = Command::new(python())
-        .args(["-c", DECLARE, &broker.url(), "hello-only", "command-hello"])
+        .args(["-c", DECLARE, &broker.url(), "hello-only", "g1.hello"])
         .status()
         .expect("the declaring client runs");
     assert!(declared.success());
@@ -146,10 +146,10 @@ fn events_reach_rabbitmq_as_wsgateway_publishes_them() {
     assert_eq!(
         keys,
         [
-            "command-unknown_command",
-            "command-hello",
-            "command-unknown_command",
-            "command-unknown_command"
+            "g1.unknown_command",
+            "g1.hello",
+            "g1.unknown_command",
+            "g1.unknown_command"
         ]
     );
     let m = s.metrics();
@@ -160,7 +160,7 @@ fn events_reach_rabbitmq_as_wsgateway_publishes_them() {
     // The routed copy: only the message whose key the queue is bound to.
     let hello = consume(&broker, "hello-only", 4);
     assert_eq!(hello.len(), 1, "{hello:?}");
-    assert_eq!(hello[0]["rk"], "command-hello");
+    assert_eq!(hello[0]["rk"], "g1.hello");
     assert_eq!(hello[0]["body"]["action"], "message");
 }
 
