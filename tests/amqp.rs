@@ -254,7 +254,8 @@ fn one_connections_events_stay_in_order_across_a_broker_restart() {
 }
 
 /// amqps://: corerelay's own config (`events.amqp`) to the broker's TLS
-/// listener, trusting its certificate through `ca_file`.
+/// listener, trusting its certificate through `ca_file`; and an event no
+/// queue takes, returned and counted.
 #[test]
 fn amqps_with_a_ca_file() {
     let Some(broker) = RabbitMq::start_tls("tls") else {
@@ -278,4 +279,17 @@ fn amqps_with_a_ca_file() {
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got[1]["body"]["message"], "over tls");
     assert_eq!(got[1]["rk"], "", "no routing_key: the empty key");
+    // An exchange no queue is bound to: the broker returns each event
+    // (mandatory) and still confirms it; both are counted.
+    let lonely = format!(
+        "rely:\n  listen: []\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /connect\nevents:\n  amqp:\n    url: \"{}\"\n    exchange: nobody-home\n",
+        broker.url()
+    );
+    let s2 = start(&lonely, |_| {});
+    let _c2 = WsRaw::connect(s2.ws_addrs()[0], "/connect");
+    wait_until(
+        || s2.metrics().amqp_confirmed == 1,
+        "the open event confirmed",
+    );
+    wait_until(|| s2.metrics().amqp_returned == 1, "and returned");
 }
