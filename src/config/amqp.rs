@@ -122,6 +122,13 @@ impl AmqpFile {
             "" | "/" => "/".to_owned(),
             p => crate::protocol::http::url_decode(&p[1..]),
         };
+        let exchange = self.exchange.unwrap_or_default();
+        let queue = self.queue.unwrap_or_default();
+        for (key, name) in [("exchange", &exchange), ("queue", &queue)] {
+            if name.len() > 255 {
+                return Err((key, "is longer than AMQP's 255 bytes".into()));
+            }
+        }
         let max = self
             .max_pending_bytes
             .map_or(DEFAULT_AMQP_MAX_PENDING, |s| s.0);
@@ -136,8 +143,8 @@ impl AmqpFile {
             user,
             password,
             vhost,
-            exchange: self.exchange.unwrap_or_default(),
-            queue: self.queue.unwrap_or_default(),
+            exchange,
+            queue,
             routing_key: Template::parse(self.routing_key.as_deref().unwrap_or("")),
             heartbeat: self.heartbeat.map_or(Some(DEFAULT_AMQP_HEARTBEAT), |d| {
                 Some(d.0).filter(|d| !d.is_zero())

@@ -192,6 +192,11 @@ impl Amqp {
     }
 
     /// Queues an event (false: the buffer is full; dropped and counted).
+    ///
+    /// A routing key is an AMQP short string: at most 255 bytes. A longer
+    /// one (rendered from tags or JSON) could never be sent, and would be
+    /// retried forever ahead of every later event: it is dropped and
+    /// counted instead.
     pub(crate) fn publish(
         &mut self,
         cfg: &AmqpConfig,
@@ -199,6 +204,16 @@ impl Amqp {
         key: &str,
         body: Vec<u8>,
     ) -> bool {
+        if key.len() > 255 {
+            log::debug!(
+                "core {}: amqp: a routing key of {} bytes (over 255): event dropped",
+                self.core,
+                key.len()
+            );
+            m.events_dropped.inc();
+            m.amqp_dropped.inc();
+            return false;
+        }
         let e = Event {
             key: key.to_owned(),
             body,
@@ -891,5 +906,52 @@ fn resolve(host: String, port: u16, shared: Arc<Shared>, core: usize) -> State {
         None => State::Idle {
             retry_at: Instant::now() + Duration::from_secs(1),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AmqpFile;
+
+    fn cfg(max: u64) -> AmqpConfig {
+        AmqpFile {
+            url: Some("amqp://127.0.0.1:9/".into()),
+            max_pending_bytes: Some(crate::config::Size(max)),
+            ..AmqpFile::default()
+        }
+        .validate()
+        .expect("config")
+    }
+
+    #[test]
+    fn events_that_cannot_go_are_dropped_and_counted_not_retried() {
+        let (c, m) = (cfg(1024), CoreMetrics::default());
+        let mut a = Amqp::new(0, &c);
+        // A key AMQP cannot carry (over 255 bytes).
+        assert!(!a.publish(&c, &m, &"k".repeat(256), b"{}".to_vec()));
+        assert!(a.publish(&c, &m, &"k".repeat(255), b"{}".to_vec()));
+        // Past the buffer's bytes.
+        let mut kept = 1;
+        while a.publish(&c, &m, "k", vec![b'x'; 100]) {
+            kept += 1;
+            assert!(kept < 100, "the cap never applied");
+        }
+        assert_eq!(m.amqp_dropped.get(), 2);
+        assert_eq!(m.events_dropped.get(), 2);
+        assert_eq!(m.amqp_buffered.get(), kept);
+        assert!(a.bytes <= 1024);
+    }
+
+    #[test]
+    fn names_over_255_bytes_are_refused() {
+        let e = AmqpFile {
+            url: Some("amqp://h/".into()),
+            exchange: Some("x".repeat(256)),
+            ..AmqpFile::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.0, "exchange");
     }
 }
