@@ -37,7 +37,9 @@ pub struct Holder {
 }
 
 // Ids come from the network: the hasher is seeded per process (foldhash).
-type Map = HashMap<Box<[u8]>, Holder, RandomState>;
+// The key is the same allocation as the holding connection's `Login::id`
+// (one copy of each id per login, not two).
+type Map = HashMap<std::sync::Arc<[u8]>, Holder, RandomState>;
 
 /// One shard: the map and its change counter, each on its own cache line so
 /// readers of `version` are not disturbed by lock traffic.
@@ -125,11 +127,17 @@ impl Directory {
     /// login it replaced, if any (never `conn`'s own): the kick names that
     /// login's epoch, so it reaches only a connection still holding it.
     pub fn login(&self, id: &[u8], conn: ConnId) -> (u64, Option<Holder>) {
+        self.login_shared(&id.into(), conn)
+    }
+
+    /// As [`Directory::login`], keeping `id` itself as the key (the
+    /// connection's `Login::id` shares it).
+    pub fn login_shared(&self, id: &std::sync::Arc<[u8]>, conn: ConnId) -> (u64, Option<Holder>) {
         let shard = self.shard(id);
         let mut map = shard.write();
         let epoch = self.next_epoch();
         let new = Holder { conn, epoch };
-        let replaced = match map.entry(id.into()) {
+        let replaced = match map.entry(id.clone()) {
             MapEntry::Occupied(mut e) => {
                 let old = e.insert(new);
                 (old.conn != conn).then_some(old)

@@ -15,7 +15,7 @@ use crate::config::SlowConsumer;
 /// A client id held by a connection.
 #[derive(Debug)]
 pub(crate) struct Login {
-    pub id: Box<[u8]>,
+    pub id: std::sync::Arc<[u8]>,
     /// The directory epoch of this login (cleanup is epoch-checked).
     pub epoch: u64,
 }

@@ -130,7 +130,8 @@ impl<'a> Ctx<'a> {
     /// Registers `id` for `me` (last login wins) and arranges the kick of
     /// the connection it replaces, wherever it lives.
     pub(crate) fn login(&mut self, id: &[u8], me: ConnId) -> Login {
-        let (epoch, replaced) = self.dir.login(id, me);
+        let key: std::sync::Arc<[u8]> = id.into();
+        let (epoch, replaced) = self.dir.login_shared(&key, me);
         if let Some(old) = replaced {
             self.mesh.kick(old.conn.core as usize, old.conn, old.epoch);
         }
@@ -144,10 +145,7 @@ impl<'a> Ctx<'a> {
             }
             self.claim(id, epoch, false);
         }
-        Login {
-            id: id.into(),
-            epoch,
-        }
+        Login { id: key, epoch }
     }
 
     /// Claims `id` for this node's login `epoch` (see

@@ -100,8 +100,30 @@ impl RabbitMq {
         Some(b)
     }
 
+    /// Starts the broker and waits until it listens. Ports are picked free
+    /// but not held (Erlang binds them itself), so a broker that exits at
+    /// once (a port taken meanwhile) is started again on new ports; its
+    /// output is kept in `out.log` for the failure message.
     fn spawn(&mut self) {
+        for attempt in 0..3 {
+            if attempt > 0 {
+                self.port = free_port();
+                self.dist = free_port();
+                self.epmd = free_port();
+            }
+            if self.try_spawn() {
+                return;
+            }
+        }
+        let log = std::fs::read_to_string(self.dir.join("out.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+        panic!("rabbitmq-server did not listen; its last lines, newest first:\n{tail}");
+    }
+
+    fn try_spawn(&mut self) -> bool {
         let d = |p: &str| self.dir.join(p).display().to_string();
+        let out = std::fs::File::create(self.dir.join("out.log")).expect("a log file");
+        let err = out.try_clone().expect("a log file");
         let node = format!("corerelay{}@localhost", self.port);
         let child = Command::new(binary().expect("rabbitmq-server"))
             .env("HOME", &self.dir)
@@ -116,8 +138,8 @@ impl RabbitMq {
             .env("RABBITMQ_CONFIG_FILE", d("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config"))
             .env("RABBITMQ_PID_FILE", d("pid"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("rabbitmq-server starts");
         self.child = Some(child);
@@ -125,10 +147,18 @@ impl RabbitMq {
         let ports = [Some(self.port), self.tls.as_ref().map(|t| t.0)];
         for p in ports.into_iter().flatten() {
             while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
-                assert!(Instant::now() < deadline, "rabbitmq-server did not listen");
+                let exited = self
+                    .child
+                    .as_mut()
+                    .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+                if exited || Instant::now() >= deadline {
+                    self.kill();
+                    return false;
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        true
     }
 
     /// The URL clients use.
