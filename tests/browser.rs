@@ -93,13 +93,8 @@ fn chromium_on_an_https_page_echoes_over_wss() {
         eprintln!("chromium is not installed: the browser test did not run (CI installs it)");
         return;
     };
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
     let dir = std::env::temp_dir().join(format!("corerelay-browser-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (ck, cert, key) = crate::support::test_cert(&dir);
     let spki = {
         use base64::Engine;
         use sha2::Digest;

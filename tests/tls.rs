@@ -15,14 +15,8 @@ use crate::support::{wait_until, TestServer, WAIT};
 /// A self-signed certificate for 127.0.0.1 (also its own CA), as PEM
 /// files: (cert, key).
 fn cert(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .expect("certificate");
     let dir = std::env::temp_dir().join(format!("corerelay-srvtls-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&c, ck.cert.pem()).unwrap();
-    std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+    let (_, c, k) = crate::support::test_cert(&dir);
     (c, k)
 }
 

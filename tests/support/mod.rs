@@ -451,3 +451,23 @@ pub fn never_reading_ws(addr: SocketAddr, path: &str) -> TcpStream {
     assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
     slow
 }
+
+/// A self-signed certificate for 127.0.0.1 and localhost (its own CA),
+/// written into `dir` as cert.pem and key.pem: the key pair and the two
+/// paths.
+pub fn test_cert(
+    dir: &std::path::Path,
+) -> (
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("certificate");
+    std::fs::create_dir_all(dir).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, ck.cert.pem()).unwrap();
+    std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+    (ck, c, k)
+}

@@ -68,14 +68,7 @@ impl RabbitMq {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
         let tls = tls.then(|| {
-            let ck = rcgen::generate_simple_self_signed(vec![
-                "127.0.0.1".to_string(),
-                "localhost".to_string(),
-            ])
-            .expect("certificate");
-            let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
-            std::fs::write(&c, ck.cert.pem()).unwrap();
-            std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+            let (_, c, k) = super::test_cert(&dir);
             let port = free_port();
             std::fs::write(
                 dir.join("rabbitmq.conf"),
@@ -117,7 +110,12 @@ impl RabbitMq {
         }
         let log = std::fs::read_to_string(self.dir.join("out.log")).unwrap_or_default();
         let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
-        panic!("rabbitmq-server did not listen; its last lines, newest first:\n{tail}");
+        let dump = std::fs::read_to_string(self.dir.join("erl_crash.dump")).unwrap_or_default();
+        let slogan = dump
+            .lines()
+            .find(|l| l.starts_with("Slogan:"))
+            .unwrap_or("");
+        panic!("rabbitmq-server did not listen; {slogan}\nits last lines, newest first:\n{tail}");
     }
 
     fn try_spawn(&mut self) -> bool {
@@ -138,6 +136,9 @@ impl RabbitMq {
             .env("RABBITMQ_CONFIG_FILE", d("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config"))
             .env("RABBITMQ_PID_FILE", d("pid"))
+            // A VM that fails to start writes its dump here, not into the
+            // working directory (the checkout).
+            .env("ERL_CRASH_DUMP", d("erl_crash.dump"))
             .stdout(out)
             .stderr(err)
             .spawn()
