@@ -212,21 +212,24 @@ pub(crate) fn amqp_body(
     tags: &str,
     msg: Option<(bool, &[u8])>,
 ) -> Vec<u8> {
-    let s = |b: &[u8]| serde_json::Value::String(String::from_utf8_lossy(b).into_owned());
-    let mut out = Vec::with_capacity(96 + msg.map_or(0, |(_, d)| d.len()));
-    out.extend_from_slice(b"{\"connection\":");
-    out.extend_from_slice(s(id).to_string().as_bytes());
-    out.extend_from_slice(b",\"action\":");
-    out.extend_from_slice(s(action).to_string().as_bytes());
-    out.extend_from_slice(b",\"tags\":");
-    out.extend_from_slice(s(tags.as_bytes()).to_string().as_bytes());
+    // Each value is written escaped straight into the body: no value or
+    // string is built per field (this runs per client message).
+    fn field(out: &mut Vec<u8>, name: &[u8], v: &[u8]) {
+        out.extend_from_slice(name);
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &*String::from_utf8_lossy(v));
+    }
+    let mut out = Vec::with_capacity(96 + msg.map_or(0, |(_, d)| d.len() + d.len() / 8));
+    field(&mut out, b"{\"connection\":", id);
+    field(&mut out, b",\"action\":", action);
+    field(&mut out, b",\"tags\":", tags.as_bytes());
     if let Some((text, data)) = msg {
         out.extend_from_slice(if text {
-            b",\"type\":\"text\",\"message\":"
+            b",\"type\":\"text\""
         } else {
-            b",\"type\":\"binary\",\"message\":"
+            b",\"type\":\"binary\""
         });
-        out.extend_from_slice(s(data).to_string().as_bytes());
+        field(&mut out, b",\"message\":", data);
     }
     out.push(b'}');
     out
@@ -359,6 +362,28 @@ fn keys(id: &[u8]) -> (Vec<u8>, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amqp_bodies_are_wsgateways_json_escaped_in_place() {
+        let b = amqp_body(
+            b"id-1",
+            b"message",
+            "g=1&x=%22",
+            Some((true, b"say \"hi\"\n")),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&b).expect("JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({"connection": "id-1", "action": "message", "tags": "g=1&x=%22",
+                               "type": "text", "message": "say \"hi\"\n"})
+        );
+        let b = amqp_body(b"id-1", b"message", "", Some((false, &[0xff, b'A'])));
+        let v: serde_json::Value = serde_json::from_slice(&b).expect("JSON");
+        assert_eq!(v["type"], "binary");
+        assert_eq!(v["message"], "\u{fffd}A", "binary as lossy UTF-8");
+        let b = amqp_body(b"id-1", b"open", "", None);
+        assert_eq!(b, br#"{"connection":"id-1","action":"open","tags":""}"#);
+    }
 
     fn tags(v: &[(&str, &str)]) -> Vec<Tag> {
         v.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
