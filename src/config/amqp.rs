@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{redact_url, Dur, Size, Template};
+use super::{redact_url, Dur, Size};
 
 /// The heartbeat asked of the broker (it may ask for less).
 pub const DEFAULT_AMQP_HEARTBEAT: Duration = Duration::from_secs(30);
@@ -34,7 +34,8 @@ pub struct AmqpFile {
     pub exchange: Option<String>,
     /// Queue to declare and bind with `#` (optional).
     pub queue: Option<String>,
-    /// Routing key, with `{tag.X}` and `{json.V}` as the stream name.
+    /// Routing key, with `{tag.X}` and `{json.V}` as the stream name
+    /// (parsed into `EventsConfig::stream`).
     pub routing_key: Option<String>,
     /// Accepted and unused, as in wsgateway.
     pub headers: Option<serde_yaml::Value>,
@@ -73,8 +74,6 @@ pub struct AmqpConfig {
     pub exchange: String,
     /// Queue to declare and bind ("" none).
     pub queue: String,
-    /// Routing key template.
-    pub routing_key: Template,
     /// Heartbeat asked (None: off).
     pub heartbeat: Option<Duration>,
     /// TCP connect and handshake deadline.
@@ -145,7 +144,6 @@ impl AmqpFile {
             vhost,
             exchange,
             queue,
-            routing_key: Template::parse(self.routing_key.as_deref().unwrap_or("")),
             heartbeat: self.heartbeat.map_or(Some(DEFAULT_AMQP_HEARTBEAT), |d| {
                 Some(d.0).filter(|d| !d.is_zero())
             }),

@@ -288,13 +288,13 @@ impl FileConfig {
                         "events go to Redis (redis, stream_name, stream_maxlen) or to AMQP (amqp), not both".into(),
                     ));
                 }
-                let a = e
-                    .amqp
-                    .unwrap_or_default()
+                let file = e.amqp.unwrap_or_default();
+                let stream = Template::parse(file.routing_key.as_deref().unwrap_or(""));
+                let a = file
                     .validate()
                     .map_err(|(k, m)| err(&format!("events.amqp.{k}"), m))?;
                 Some(EventsConfig {
-                    stream: a.routing_key.clone(),
+                    stream,
                     sink: EventSink::Amqp(Box::new(a)),
                     maxlen: None,
                 })
