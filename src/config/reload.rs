@@ -11,8 +11,8 @@
 //!
 //! Restart: what a listener, a thread or a connection already made was
 //! built from: workers and CPUs, listen addresses, TLS on or off, the set
-//! of endpoint paths, the compression level, the Veltix listeners, Redis, events, sync and cluster, and the
-//! log format.
+//! of endpoint paths, the compression level, the Veltix listeners, Redis,
+//! events, sync and cluster, and the log format.
 
 use super::{Config, SourceConfig};
 
@@ -35,58 +35,74 @@ fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
     format!("{a:?}") == format!("{b:?}")
 }
 
+/// Keeps the running value of a restart-only setting, naming it in
+/// `restart` if the file changed it.
+fn keep<T: std::fmt::Debug + Clone>(
+    name: &'static str,
+    live: &mut T,
+    running: &T,
+    restart: &mut Vec<&'static str>,
+) {
+    if !same(live, running) {
+        restart.push(name);
+        *live = running.clone();
+    }
+}
+
 /// Merges `new` into `running`: restart-only settings keep their running
 /// values.
 pub fn merge(running: &Config, new: Config) -> Merged {
     let mut live = new;
     let mut restart = Vec::new();
-    // Keeps the running value of a restart-only setting, naming it if the
-    // file changed it.
-    macro_rules! keep {
-        ($name:expr, $($field:tt)+) => {
-            if !same(&live.$($field)+, &running.$($field)+) {
-                restart.push($name);
-                live.$($field)+ = running.$($field)+.clone();
-            }
-        };
-    }
-    keep!("workers", workers);
-    keep!("pin", pin);
-    keep!("cpus", cpus);
-    keep!("busy_poll", busy_poll);
-    keep!("read_buffer", read_buffer);
-    keep!("mesh_capacity", mesh_capacity);
-    keep!("backlog", backlog);
-    keep!("accept_batch", accept_batch);
-    keep!("log_format", log_format);
-    keep!("rely.listen", rely.listen);
-    keep!("rely.tls", rely.tls);
-    keep!("veltix", veltix);
-    keep!("redis", redis);
-    keep!("redis_extra", redis_extra);
-    keep!("events", events);
-    keep!("sync", sync);
-    keep!("cluster", cluster);
+    let r = &mut restart;
+    keep("workers", &mut live.workers, &running.workers, r);
+    keep("pin", &mut live.pin, &running.pin, r);
+    keep("cpus", &mut live.cpus, &running.cpus, r);
+    keep("busy_poll", &mut live.busy_poll, &running.busy_poll, r);
+    keep(
+        "read_buffer",
+        &mut live.read_buffer,
+        &running.read_buffer,
+        r,
+    );
+    keep(
+        "mesh_capacity",
+        &mut live.mesh_capacity,
+        &running.mesh_capacity,
+        r,
+    );
+    keep("backlog", &mut live.backlog, &running.backlog, r);
+    keep(
+        "accept_batch",
+        &mut live.accept_batch,
+        &running.accept_batch,
+        r,
+    );
+    keep("log_format", &mut live.log_format, &running.log_format, r);
+    keep(
+        "rely.listen",
+        &mut live.rely.listen,
+        &running.rely.listen,
+        r,
+    );
+    keep("rely.tls", &mut live.rely.tls, &running.rely.tls, r);
+    keep("veltix", &mut live.veltix, &running.veltix, r);
+    keep("redis", &mut live.redis, &running.redis, r);
+    keep(
+        "redis_extra",
+        &mut live.redis_extra,
+        &running.redis_extra,
+        r,
+    );
+    keep("events", &mut live.events, &running.events, r);
+    keep("sync", &mut live.sync, &running.sync, r);
+    keep("cluster", &mut live.cluster, &running.cluster, r);
     match (&mut live.websocket, &running.websocket) {
-        (Some(l), Some(r)) => {
-            let mut k = |name, same: bool| {
-                if !same {
-                    restart.push(name);
-                }
-                same
-            };
-            if !k("websocket.listen", l.listen == r.listen) {
-                l.listen = r.listen.clone();
-            }
-            if !k("websocket.tls", same(&l.tls, &r.tls)) {
-                l.tls = r.tls.clone();
-            }
-            if !k(
-                "websocket.compression_level",
-                l.compression_level == r.compression_level,
-            ) {
-                l.compression_level = r.compression_level;
-            }
+        (Some(l), Some(w)) => {
+            keep("websocket.listen", &mut l.listen, &w.listen, r);
+            keep("websocket.tls", &mut l.tls, &w.tls, r);
+            let level = "websocket.compression_level";
+            keep(level, &mut l.compression_level, &w.compression_level, r);
             // Endpoints are rows of per-core tables (counters, selectors):
             // their options change live, their set and order do not.
             let paths = |w: &super::WsConfig| {
@@ -95,27 +111,23 @@ pub fn merge(running: &Config, new: Config) -> Merged {
                     .map(|e| e.path.clone())
                     .collect::<Vec<_>>()
             };
-            if !k("websocket.endpoints (paths)", paths(l) == paths(r)) {
-                l.endpoints = r.endpoints.clone();
+            if paths(l) != paths(w) {
+                r.push("websocket.endpoints (paths)");
+                l.endpoints = w.endpoints.clone();
             }
         }
         (None, None) => {}
-        _ => keep!("websocket", websocket),
+        _ => keep("websocket", &mut live.websocket, &running.websocket, r),
     }
     match (&mut live.admin, &running.admin) {
-        (Some(l), Some(r)) => {
-            if l.listen != r.listen {
-                restart.push("admin.listen");
-                l.listen = r.listen.clone();
-                l.listen_defaulted = r.listen_defaulted;
-            }
-            if !same(&l.tls, &r.tls) {
-                restart.push("admin.tls");
-                l.tls = r.tls.clone();
-            }
+        (Some(l), Some(a)) => {
+            keep("admin.listen", &mut l.listen, &a.listen, r);
+            // Whether the listener was defaulted belongs to the one bound.
+            l.listen_defaulted = a.listen_defaulted;
+            keep("admin.tls", &mut l.tls, &a.tls, r);
         }
         (None, None) => {}
-        _ => keep!("admin", admin),
+        _ => keep("admin", &mut live.admin, &running.admin, r),
     }
     let sources = merge_sources(&running.sources, std::mem::take(&mut live.sources));
     live.sources = sources.slots;
@@ -166,14 +178,13 @@ fn client_side(s: &SourceConfig) -> impl PartialEq + '_ {
 
 /// What the server sends and offers the feed: when it changes, the feed
 /// is dialled again.
-fn feed_side(s: &SourceConfig) -> String {
-    format!(
-        "{:?} {:?} {} {:?} {}",
-        s.target,
-        s.headers,
+fn feed_side(s: &SourceConfig) -> impl PartialEq + '_ {
+    (
+        &s.target,
+        &s.headers,
         s.compression,
         s.connect_timeout,
-        s.tls.is_some()
+        s.tls.is_some(),
     )
 }
 
