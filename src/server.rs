@@ -100,18 +100,70 @@ fn listener_table(cfg: &Config) -> Vec<(ListenerKind, Bind)> {
         rows.push((ListenerKind::Veltix(i as u16), Bind::Tcp(v.listen)));
     }
     for (i, src) in cfg.sources.iter().enumerate() {
-        if let Some(a) = src.websocket {
-            rows.push((ListenerKind::SourceWs(i as u16), Bind::Tcp(a)));
-        }
-        if let Some(path) = &src.unix_socket {
-            let (path, mode, owner) = (path.clone(), src.unix_mode, i % cfg.workers);
-            rows.push((
-                ListenerKind::SourceUnix(i as u16),
-                Bind::Unix { path, mode, owner },
-            ));
-        }
+        rows.extend(source_rows(i as u16, src, cfg.workers));
     }
     rows
+}
+
+/// A source's rows: its WebSocket address, and its Unix socket on its
+/// owner core (`index % workers`). Used at start and for a source a reload
+/// adds.
+fn source_rows(
+    i: u16,
+    src: &crate::config::SourceConfig,
+    workers: usize,
+) -> Vec<(ListenerKind, Bind)> {
+    let mut rows = Vec::new();
+    if let Some(a) = src.websocket {
+        rows.push((ListenerKind::SourceWs(i), Bind::Tcp(a)));
+    }
+    if let Some(path) = &src.unix_socket {
+        let (path, mode, owner) = (path.clone(), src.unix_mode, i as usize % workers);
+        rows.push((
+            ListenerKind::SourceUnix(i),
+            Bind::Unix { path, mode, owner },
+        ));
+    }
+    rows
+}
+
+/// One row's sockets as (core, socket) pairs, and the address a TCP row
+/// bound (port 0 resolved).
+type RowSockets = (Vec<(usize, ListenSock)>, Option<SocketAddr>);
+
+impl Bind {
+    /// Binds the row: a TCP address once per core (SO_REUSEPORT), a Unix
+    /// path on its owner core. Returns (core, socket) pairs and the address
+    /// a TCP row bound (port 0 resolved).
+    fn bind(
+        &self,
+        workers: usize,
+        backlog: i32,
+    ) -> Result<RowSockets, StartError> {
+        match self {
+            Bind::Tcp(addr) => {
+                let (bound, group) =
+                    bind_group(*addr, workers, backlog).map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
+                let socks = group
+                    .into_iter()
+                    .enumerate()
+                    .map(|(core, l)| (core, ListenSock::Tcp(mio::net::TcpListener::from_std(l))))
+                    .collect();
+                Ok((socks, Some(bound)))
+            }
+            Bind::Unix { path, mode, owner } => {
+                let l = bind_unix(path, *mode).map_err(|source| StartError::Unix {
+                    path: path.clone(),
+                    source,
+                })?;
+                let sock = ListenSock::Unix(mio::net::UnixListener::from_std(l));
+                Ok((vec![(*owner, sock)], None))
+            }
+        }
+    }
 }
 
 /// The server.
@@ -127,42 +179,33 @@ impl Server {
         let mut bound_veltix = Vec::new();
         let mut unix_paths = Vec::new();
         for (kind, bind) in listener_table(&cfg) {
-            match bind {
-                Bind::Tcp(addr) => {
-                    let (addr, group) = match bind_group(addr, workers, cfg.backlog) {
-                        Ok(g) => g,
-                        // The admin API nobody asked for is best effort: a
-                        // second server on this host runs without it.
-                        Err(e)
-                            if kind == ListenerKind::Admin
-                                && cfg.admin.as_ref().is_some_and(|a| a.listen_defaulted) =>
-                        {
-                            log::warn!(
-                                "the default admin API on {addr} is not available ({e}); running without it (set admin.listen to choose another address)"
-                            );
-                            continue;
-                        }
-                        Err(source) => return Err(StartError::Bind { addr, source }),
-                    };
-                    bound.push((kind, addr));
-                    if let ListenerKind::Veltix(i) = kind {
-                        // Port 0 resolved: /status and /metrics name the real one.
-                        bound_veltix.push((i as usize, addr));
-                    }
-                    for (core, l) in group.into_iter().enumerate() {
-                        let l = ListenSock::Tcp(mio::net::TcpListener::from_std(l));
-                        per_core[core].push((kind, l));
-                    }
+            let (socks, addr) = match bind.bind(workers, cfg.backlog) {
+                Ok(b) => b,
+                // The admin API nobody asked for is best effort: a second
+                // server on this host runs without it.
+                Err(e)
+                    if kind == ListenerKind::Admin
+                        && cfg.admin.as_ref().is_some_and(|a| a.listen_defaulted) =>
+                {
+                    log::warn!(
+                        "the default admin API is not available ({e}); running without it (set admin.listen to choose another address)"
+                    );
+                    continue;
                 }
-                Bind::Unix { path, mode, owner } => {
-                    let l = bind_unix(&path, mode).map_err(|source| StartError::Unix {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    per_core[owner]
-                        .push((kind, ListenSock::Unix(mio::net::UnixListener::from_std(l))));
-                    unix_paths.push(path);
+                Err(e) => return Err(e),
+            };
+            if let Some(addr) = addr {
+                bound.push((kind, addr));
+                if let ListenerKind::Veltix(i) = kind {
+                    // Port 0 resolved: /status and /metrics name the real one.
+                    bound_veltix.push((i as usize, addr));
                 }
+            }
+            if let Bind::Unix { path, .. } = bind {
+                unix_paths.push(path);
+            }
+            for (core, l) in socks {
+                per_core[core].push((kind, l));
             }
         }
 
@@ -580,8 +623,8 @@ impl Reloader {
     }
 }
 
-/// An added source's sockets: one per core for its WebSocket address
-/// (SO_REUSEPORT), one on its owner core for its Unix socket.
+/// An added source's sockets, by core (its `source_rows`, all bound or
+/// none).
 struct SourceSockets {
     rows: Vec<(usize, (ListenerKind, ListenSock))>,
     addr: Option<(u16, SocketAddr)>,
@@ -599,22 +642,14 @@ fn bind_source(
         addr: None,
         path: None,
     };
-    if let Some(a) = s.websocket {
-        let (addr, group) =
-            bind_group(a, workers, backlog).map_err(|e| format!("cannot listen on {a}: {e}"))?;
-        for (core, l) in group.into_iter().enumerate() {
-            let l = ListenSock::Tcp(mio::net::TcpListener::from_std(l));
-            out.rows.push((core, (ListenerKind::SourceWs(n), l)));
+    for (kind, bind) in source_rows(n, s, workers) {
+        let (socks, addr) = bind.bind(workers, backlog).map_err(|e| e.to_string())?;
+        out.addr = out.addr.or(addr.map(|a| (n, a)));
+        if let Bind::Unix { path, .. } = bind {
+            out.path = Some(path);
         }
-        out.addr = Some((n, addr));
-    }
-    if let Some(p) = &s.unix_socket {
-        let l = bind_unix(p, s.unix_mode)
-            .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
-        let owner = n as usize % workers;
-        let l = ListenSock::Unix(mio::net::UnixListener::from_std(l));
-        out.rows.push((owner, (ListenerKind::SourceUnix(n), l)));
-        out.path = Some(p.clone());
+        out.rows
+            .extend(socks.into_iter().map(|(core, l)| (core, (kind, l))));
     }
     Ok(out)
 }
