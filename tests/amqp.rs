@@ -294,52 +294,68 @@ fn amqps_with_a_ca_file() {
     wait_until(|| s2.metrics().amqp_returned == 1, "and returned");
 }
 
-/// A "broker" that answers garbage, then one that answers nothing: each
-/// connection is dropped (a bad frame; the handshake deadline) and dialled
-/// again with backoff, events wait in the buffer, and the server serves
-/// its clients throughout. No RabbitMQ needed.
-#[test]
-fn a_broker_that_answers_garbage_or_nothing_is_dropped_and_retried() {
+/// A fake broker on loopback: it takes the protocol header, then answers
+/// garbage (`garbage`) or nothing. Returns its address and how many
+/// connections it accepted.
+fn fake_broker(
+    garbage: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = fake.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
     let seen = accepted.clone();
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for mut s in fake.incoming().flatten() {
-            let n = seen.fetch_add(1, Ordering::SeqCst);
+            seen.fetch_add(1, Ordering::SeqCst);
             let mut header = [0u8; 8];
             let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
             let _ = s.read_exact(&mut header);
-            if n % 2 == 0 {
+            if garbage {
                 // Not AMQP: an HTTP error, then a frame type that does not exist.
                 let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n\x07\x00\x00");
             }
-            // Odd ones: silent until the client gives up.
+            // Held open: only the client ends it.
             held.push(s);
             if held.len() > 16 {
                 break;
             }
         }
     });
-    let yaml = format!(
-        "rely:\n  listen: []\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /connect\n      on_message: echo\nevents:\n  amqp:\n    url: \"amqp://{addr}/\"\n    exchange: x\n    connect_timeout: 300ms\n    reconnect_delay: 20ms\n    reconnect_max_delay: 100ms\n"
-    );
-    let mut cfg = Config::from_yaml(&yaml, None).expect("config");
-    cfg.workers = 1;
-    cfg.pin = false;
-    let s = Server::start(cfg).expect("starts");
-    wait_until(
-        || accepted.load(Ordering::SeqCst) >= 4,
-        "garbage and silence both dropped and dialled again",
-    );
-    let mut c = WsRaw::connect(s.ws_addrs()[0], "/connect");
-    c.send(0x1, true, b"still served");
-    assert_eq!(c.read().expect("echo").payload, b"still served");
-    wait_until(|| s.metrics().amqp_buffered == 2, "open and message wait");
-    let m = s.metrics();
-    assert_eq!((m.amqp_up, m.amqp_published, m.amqp_dropped), (0, 0, 0));
+    (addr, accepted)
+}
+
+/// A broker that answers garbage is dropped on the bad frame (its
+/// handshake deadline is a minute away, so only the frame check can end
+/// it), one that answers nothing at the handshake deadline; each is
+/// dialled again with backoff, events wait in the buffer, and the server
+/// serves its clients throughout. No RabbitMQ needed.
+#[test]
+fn a_broker_that_answers_garbage_or_nothing_is_dropped_and_retried() {
+    use std::sync::atomic::Ordering;
+    for (garbage, timeout) in [(true, "60s"), (false, "300ms")] {
+        let (addr, accepted) = fake_broker(garbage);
+        let yaml = format!(
+            "rely:\n  listen: []\nwebsocket:\n  listen: [\"127.0.0.1:0\"]\n  endpoints:\n    - path: /connect\n      on_message: echo\nevents:\n  amqp:\n    url: \"amqp://{addr}/\"\n    exchange: x\n    connect_timeout: {timeout}\n    reconnect_delay: 20ms\n    reconnect_max_delay: 100ms\n"
+        );
+        let mut cfg = Config::from_yaml(&yaml, None).expect("config");
+        cfg.workers = 1;
+        cfg.pin = false;
+        let s = Server::start(cfg).expect("starts");
+        wait_until(
+            || accepted.load(Ordering::SeqCst) >= 3,
+            "dropped and dialled again, more than once",
+        );
+        let mut c = WsRaw::connect(s.ws_addrs()[0], "/connect");
+        c.send(0x1, true, b"still served");
+        assert_eq!(c.read().expect("echo").payload, b"still served");
+        wait_until(|| s.metrics().amqp_buffered == 2, "open and message wait");
+        let m = s.metrics();
+        assert_eq!((m.amqp_up, m.amqp_published, m.amqp_dropped), (0, 0, 0));
+    }
 }
