@@ -135,11 +135,7 @@ impl Bind {
     /// Binds the row: a TCP address once per core (SO_REUSEPORT), a Unix
     /// path on its owner core. Returns (core, socket) pairs and the address
     /// a TCP row bound (port 0 resolved).
-    fn bind(
-        &self,
-        workers: usize,
-        backlog: i32,
-    ) -> Result<RowSockets, StartError> {
+    fn bind(&self, workers: usize, backlog: i32) -> Result<RowSockets, StartError> {
         match self {
             Bind::Tcp(addr) => {
                 let (bound, group) =
