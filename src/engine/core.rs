@@ -636,14 +636,9 @@ impl Core {
         let mut io = Io::new(stream, peer, self.now);
         io.limits = limits;
         io.writable = writable;
-        let mut conn = Conn {
-            gen,
-            timer: None,
-            io,
-            stage,
-        };
+        let mut conn = Conn::new(gen, io, stage);
         if let Some(due) = conn.due(&self.timing) {
-            conn.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
+            conn.set_timer(Some((self.wheel.arm(Timer { due, key, gen }), due)));
         }
         entry.insert(conn);
         // It may be refused at once (a full Veltix listener): still counted
@@ -727,14 +722,14 @@ impl Core {
         let Some(due) = c.due(&self.timing) else {
             return;
         };
-        if let Some((slot, armed)) = c.timer {
+        if let Some((slot, armed)) = c.timer() {
             if armed <= due {
                 return;
             }
             self.wheel.cancel(slot, key, c.gen);
         }
         let gen = c.gen;
-        c.timer = Some((self.wheel.arm(Timer { due, key, gen }), due));
+        c.set_timer(Some((self.wheel.arm(Timer { due, key, gen }), due)));
     }
 
     /// Applies the batches other cores sent (bounded: at most what was in
@@ -1013,7 +1008,7 @@ impl Core {
                 m.slow_consumer_disconnect.inc();
                 log::debug!(
                     "{}: slow consumer ({} bytes queued), disconnecting",
-                    c.io.peer,
+                    c.io.peer(),
                     c.io.out.bytes()
                 );
                 self.act(key, |s, io, _, cx| {
@@ -1385,7 +1380,7 @@ impl Core {
                             // port, an unknown CA at the client, ...).
                             self.shared.metrics[self.index].tls_errors.inc();
                         }
-                        log::debug!("{}: read error: {e}", conn.io.peer);
+                        log::debug!("{}: read error: {e}", conn.io.peer());
                         self.close(key, CloseReason::IoError);
                         break;
                     }
@@ -1403,7 +1398,7 @@ impl Core {
                 continue;
             };
             // The fired entry has left the wheel.
-            c.timer = None;
+            c.set_timer(None);
             if c.due(&self.timing).is_some_and(|due| due <= self.now) {
                 if let Some(closing) = c.io.closing {
                     self.close(t.key, closing.reason);
@@ -1412,7 +1407,7 @@ impl Core {
                 if c.write_deadline(&self.timing)
                     .is_some_and(|w| w <= self.now)
                 {
-                    log::debug!("{}: took none of its output in send_timeout", c.io.peer);
+                    log::debug!("{}: took none of its output in send_timeout", c.io.peer());
                     self.metrics().write_timeouts.inc();
                     self.close(t.key, CloseReason::WriteTimeout);
                     continue;
@@ -1899,11 +1894,10 @@ impl Core {
             // Progress restarts the write deadline; a socket that takes
             // nothing starts it.
             if n > 0 {
-                c.io.stalled_since = None;
+                c.io.set_stalled(false, self.now);
             }
-            if left == Flushed::Blocked && c.io.stalled_since.is_none() {
-                // Ticks of 100 ms: a u32 lasts 13 years of uptime.
-                c.io.stalled_since = Some(self.now as u32);
+            if left == Flushed::Blocked && c.io.stalled_since().is_none() {
+                c.io.set_stalled(true, self.now);
                 stalled.push(key);
             }
             let m = &self.shared.metrics[self.index];
@@ -2003,7 +1997,7 @@ impl Core {
             return;
         };
         self.queued -= c.io.out.bytes() as u64;
-        if let Some((slot, _)) = c.timer {
+        if let Some((slot, _)) = c.timer() {
             self.wheel.cancel(slot, key, c.gen);
         }
         let me = conn_id(self.index, key, c.gen);
@@ -2025,7 +2019,7 @@ impl Core {
             me.core,
             me.slot,
             me.gen,
-            c.io.peer,
+            c.io.peer(),
             c.stage.name()
         );
     }

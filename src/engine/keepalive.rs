@@ -3,14 +3,19 @@
 //! out every `ping` ticks while none is unanswered; an unanswered ping
 //! older than `pong` ticks means the peer is gone.
 
-/// One connection's keepalive state, in ticks.
+use super::timer::tick32;
+
+/// One connection's keepalive state, in ticks kept as u32 (see `tick32`;
+/// 8 bytes of every WebSocket connection's slab entry, not 24).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Keepalive {
-    /// Tick of the next ping (u64::MAX: never).
-    next_ping: u64,
-    /// Tick of the unanswered ping, if any.
-    ping_sent: Option<u64>,
+    /// Tick of the next ping (NEVER: never).
+    next_ping: u32,
+    /// Tick of the unanswered ping (NEVER: none).
+    ping_sent: u32,
 }
+
+const NEVER: u32 = u32::MAX;
 
 /// What a deadline asks of the stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,27 +32,31 @@ impl Keepalive {
     /// Starts at `now`: the first ping after `every` ticks (None: never).
     pub(crate) fn new(now: u64, every: Option<u64>) -> Self {
         Keepalive {
-            next_ping: every.map_or(u64::MAX, |p| now + p),
-            ping_sent: None,
+            next_ping: every.map_or(NEVER, |p| tick32(now + p)),
+            ping_sent: NEVER,
         }
     }
 
     /// A pong (any pong: RFC 6455 allows unsolicited ones) clears the wait.
     pub(crate) fn on_pong(&mut self) {
-        self.ping_sent = None;
+        self.ping_sent = NEVER;
+    }
+
+    fn sent(&self) -> Option<u64> {
+        (self.ping_sent != NEVER).then_some(u64::from(self.ping_sent))
     }
 
     /// The tick at which [`Keepalive::on_deadline`] has something to do.
     pub(crate) fn due(&self, pong: u64) -> Option<u64> {
-        match self.ping_sent {
+        match self.sent() {
             Some(sent) => Some(sent + pong),
-            None => (self.next_ping != u64::MAX).then_some(self.next_ping),
+            None => (self.next_ping != NEVER).then_some(u64::from(self.next_ping)),
         }
     }
 
     /// The last ping went unanswered for `pong` ticks.
     pub(crate) fn dead(&self, now: u64, pong: u64) -> bool {
-        self.ping_sent.is_some_and(|s| s + pong <= now)
+        self.sent().is_some_and(|s| s + pong <= now)
     }
 
     /// Called when a deadline passes.
@@ -56,10 +65,10 @@ impl Keepalive {
             return Due::Dead;
         }
         if let Some(every) = every {
-            if self.next_ping <= now {
-                self.next_ping = now + every;
-                if self.ping_sent.is_none() {
-                    self.ping_sent = Some(now);
+            if u64::from(self.next_ping) <= now {
+                self.next_ping = tick32(now + every);
+                if self.ping_sent == NEVER {
+                    self.ping_sent = tick32(now);
                     return Due::Ping;
                 }
             }

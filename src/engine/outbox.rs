@@ -78,9 +78,16 @@ pub enum Flush {
     WouldBlock,
 }
 
-/// The queue.
+/// The queue: empty (no allocation) or a [`Queue`]. An idle connection
+/// holds 8 bytes here, not the 48 of the queue's state; the state of a
+/// queue that drains goes back to its core's pool (`POOL`), so a busy
+/// connection takes it again without allocating.
 #[derive(Debug, Default)]
-pub struct Outbox {
+pub struct Outbox(Option<Box<Queue>>);
+
+/// A non-empty queue's state.
+#[derive(Debug, Default)]
+struct Queue {
     q: VecDeque<Chunk>,
     /// Bytes of the front chunk already written.
     head: u32,
@@ -90,22 +97,76 @@ pub struct Outbox {
     fresh: u32,
 }
 
+/// Drained queues kept per core thread, with their index's capacity.
+const POOL_MAX: usize = 1024;
+/// A pooled index keeps at most this many slots (a deep queue's is freed).
+const POOL_KEEP_SLOTS: usize = 64;
+
+thread_local! {
+    // Boxes, not queues: a queue taken from the pool is the allocation an
+    // `Outbox` points to, so taking and giving back never allocate.
+    #[allow(clippy::vec_box)]
+    static POOL: std::cell::RefCell<Vec<Box<Queue>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Queue {
+    /// A queue from this thread's pool, or a new one.
+    fn take() -> Box<Queue> {
+        POOL.try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Back to the pool, emptied (kept only while the pool is small).
+    fn give_back(mut q: Box<Queue>) {
+        q.q.clear();
+        if q.q.capacity() > POOL_KEEP_SLOTS {
+            q.q = VecDeque::new();
+        }
+        q.head = 0;
+        q.bytes = 0;
+        q.fresh = 0;
+        let _ = POOL.try_with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                if p.len() < POOL_MAX {
+                    p.push(q);
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if let Some(q) = self.0.take() {
+            Queue::give_back(q);
+        }
+    }
+}
+
 impl Outbox {
     /// Unwritten bytes.
     #[inline]
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.0.as_ref().map_or(0, |q| q.bytes)
     }
 
     /// True when nothing is waiting.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.bytes == 0
+        self.bytes() == 0
     }
 
     /// Queued chunks.
     pub fn len(&self) -> usize {
-        self.q.len()
+        self.0.as_ref().map_or(0, |q| q.q.len())
+    }
+
+    /// The queue's state, taken from the pool if there is none.
+    #[inline]
+    fn queue(&mut self) -> &mut Queue {
+        self.0.get_or_insert_with(Queue::take)
     }
 
     /// Appends a chunk (empty chunks are ignored).
@@ -114,14 +175,66 @@ impl Outbox {
         if c.is_empty() {
             return;
         }
-        self.bytes += c.len();
-        self.fresh += 1;
-        self.q.push_back(c);
+        self.queue().push(c);
     }
 
     /// Writes as much as the socket takes, `IOV_BATCH` chunks per `writev`,
     /// until empty or `WouldBlock`. Returns the bytes written and the outcome.
     pub fn flush_to<W: Write>(&mut self, w: &mut W) -> io::Result<(usize, Flush)> {
+        let Some(q) = self.0.as_mut() else {
+            return Ok((0, Flush::Done));
+        };
+        let r = q.flush_to(w)?;
+        if r.1 == Flush::Done {
+            // Drained: an idle connection holds no queue; its state goes
+            // back to the pool for the next busy one.
+            if let Some(q) = self.0.take() {
+                Queue::give_back(q);
+            }
+        }
+        Ok(r)
+    }
+
+    /// Appends `parts` as one contiguous write, coalesced into the tail
+    /// buffer when the last chunk is one.
+    pub fn push_bytes(&mut self, parts: &[&[u8]]) {
+        if parts.iter().all(|p| p.is_empty()) {
+            return;
+        }
+        self.queue().push_bytes(parts);
+    }
+
+    /// Drops everything not yet started on the wire, keeping a partly
+    /// written front chunk whole, so a close frame can follow cleanly.
+    pub fn truncate_unstarted(&mut self) {
+        if let Some(q) = self.0.as_mut() {
+            q.truncate_unstarted();
+        }
+    }
+
+    /// See [`Queue::settle`].
+    pub fn settle(&mut self, counted: bool) {
+        if let Some(q) = self.0.as_mut() {
+            q.settle(counted);
+        }
+    }
+
+    /// Everything queued, as the peer will read it.
+    #[cfg(test)]
+    pub(crate) fn contents(&self) -> Vec<u8> {
+        self.0.as_ref().map_or_else(Vec::new, |q| q.contents())
+    }
+}
+
+impl Queue {
+    #[inline]
+    fn push(&mut self, c: Chunk) {
+        self.bytes += c.len();
+        self.fresh += 1;
+        self.q.push_back(c);
+    }
+
+    fn flush_to<W: Write>(&mut self, w: &mut W) -> io::Result<(usize, Flush)> {
         let mut written = 0;
         while !self.q.is_empty() {
             match self.write_some(w) {
@@ -137,12 +250,6 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        // Drained: the index goes too. An idle connection then holds no
-        // allocation for its queue (it kept 144 bytes for the rest of its
-        // life after its first write); a busy one allocates it again at
-        // its next push, one small allocation per flush, beside a syscall
-        // that carries a whole iteration's messages.
-        self.q = VecDeque::new();
         Ok((written, Flush::Done))
     }
 
@@ -195,7 +302,7 @@ impl Outbox {
     /// Appends `parts` as one contiguous write, coalesced into the tail
     /// buffer when the last chunk is one (one allocation for many small
     /// frames, not one each).
-    pub fn push_bytes(&mut self, parts: &[&[u8]]) {
+    fn push_bytes(&mut self, parts: &[&[u8]]) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len == 0 {
             return;
@@ -217,9 +324,7 @@ impl Outbox {
         self.q.push_back(Chunk::Buf(v));
     }
 
-    /// Drops everything not yet started on the wire, keeping a partly
-    /// written front chunk whole, so a close frame can follow cleanly.
-    pub fn truncate_unstarted(&mut self) {
+    fn truncate_unstarted(&mut self) {
         let keep = usize::from(self.head > 0);
         while self.q.len() > keep {
             if let Some(c) = self.q.pop_back() {
@@ -241,7 +346,7 @@ impl Outbox {
     /// chunk already partly written is left in place. A queue whose limit
     /// counts messages (`counted`: Veylor's `max_queue_size` counts chunks)
     /// keeps one chunk per message; only its slices are copied.
-    pub fn settle(&mut self, counted: bool) {
+    fn settle(&mut self, counted: bool) {
         let fresh = std::mem::take(&mut self.fresh) as usize;
         if counted {
             let n = self.q.len();
@@ -302,9 +407,8 @@ impl Outbox {
         });
     }
 
-    /// Everything queued, as the peer will read it.
     #[cfg(test)]
-    pub(crate) fn contents(&self) -> Vec<u8> {
+    fn contents(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.bytes);
         for (i, c) in self.q.iter().enumerate() {
             v.extend_from_slice(&c[if i == 0 { self.head as usize } else { 0 }..]);

@@ -12,6 +12,33 @@ use std::collections::{HashMap, HashSet};
 /// One tag: (key, value).
 pub type Tag = (Box<str>, Box<str>);
 
+/// A connection's tags, sorted by key: none (no allocation, and 8 bytes
+/// of the connection's slab entry, not a vector's 24) or a boxed list.
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)] // a thin pointer is the point
+pub struct TagList(Option<Box<Vec<Tag>>>);
+
+impl TagList {
+    /// The list, for changes (made on the first).
+    pub fn vec_mut(&mut self) -> &mut Vec<Tag> {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl From<Vec<Tag>> for TagList {
+    fn from(v: Vec<Tag>) -> Self {
+        TagList((!v.is_empty()).then(|| Box::new(v)))
+    }
+}
+
+impl std::ops::Deref for TagList {
+    type Target = [Tag];
+    #[inline]
+    fn deref(&self) -> &[Tag] {
+        self.0.as_deref().map_or(&[], |v| v.as_slice())
+    }
+}
+
 /// Which connections a fan-out, tag change or close targets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {

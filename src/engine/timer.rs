@@ -12,6 +12,14 @@
 /// Timer resolution.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// A tick as a connection keeps it: u32 ticks of 100 ms cover 13.6 years
+/// of uptime (later ticks saturate), in half the bytes of a u64 in every
+/// connection's slab entry.
+#[inline]
+pub(crate) fn tick32(t: u64) -> u32 {
+    u32::try_from(t).unwrap_or(u32::MAX)
+}
+
 /// Deadlines in ticks, from the config.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timing {

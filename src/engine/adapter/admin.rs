@@ -126,7 +126,7 @@ impl AdminStage {
         let Some(admin) = cx.cfg().admin.as_ref() else {
             return Outcome::Close(CloseReason::Protocol);
         };
-        io.last_active = cx.now();
+        io.touch(cx.now());
         // Kept whole: pipelined requests are never dropped. The buffer stays
         // bounded because the core reads nothing while a request is in
         // flight or the answers wait (Outcome::Await), and a request that
@@ -135,7 +135,7 @@ impl AdminStage {
             self.started = Some(cx.now());
         }
         self.buf.extend_from_slice(input);
-        self.outsider = !admin.allows(io.peer.ip());
+        self.outsider = !admin.allows(io.peer().ip());
         self.resume(io, me, cx)
     }
 
@@ -222,7 +222,7 @@ impl AdminStage {
         if self.outsider && !public {
             log::debug!(
                 "{}: admin request from outside the allowed networks",
-                io.peer
+                io.peer()
             );
             return Some(refuse(io, cx, "403 Forbidden", "forbidden"));
         }
@@ -371,7 +371,7 @@ impl AdminStage {
     }
 
     pub(crate) fn due(&self, io: &Io, t: &Timing) -> Option<u64> {
-        let idle = io.last_active + t.admin_idle;
+        let idle = io.last_active() + t.admin_idle;
         // A request waiting for the cores is not late; one still arriving is.
         match self.started.filter(|_| !self.pending) {
             Some(s) => Some(idle.min(s + t.admin_request)),
@@ -385,7 +385,7 @@ impl AdminStage {
             .filter(|_| !self.pending)
             .is_some_and(|s| s + cx.timing().admin_request <= cx.now());
         if late {
-            log::debug!("{}: admin request not complete in time", io.peer);
+            log::debug!("{}: admin request not complete in time", io.peer());
             return refuse(
                 io,
                 cx,

@@ -85,7 +85,7 @@ impl HandshakeStage {
     fn refuse(&self, io: &mut Io, e: HttpError, cx: &mut Ctx<'_>) -> Outcome {
         log::debug!(
             "{}: handshake refused: {}",
-            io.peer,
+            io.peer(),
             String::from_utf8_lossy(&e.response())
                 .lines()
                 .next()
@@ -148,7 +148,7 @@ impl HandshakeStage {
             if !ws.endpoints[*endpoint].origin_allowed(req.header("origin")) {
                 log::debug!(
                     "{}: origin {} not allowed",
-                    io.peer,
+                    io.peer(),
                     req.header("origin").unwrap_or_default()
                 );
                 cx.metrics().ws_origin_refused.inc();
@@ -200,7 +200,7 @@ impl HandshakeStage {
                 };
                 // wsgateway's open event, after the endpoint's tags are set.
                 if ep.events {
-                    crate::engine::events::on_open(cx, me, ep, id.as_bytes(), &tags, io.peer);
+                    crate::engine::events::on_open(cx, me, ep, id.as_bytes(), &tags, io.peer());
                 }
                 WsStage::endpoint(endpoint, ep, tags, broadcast, cx)
             }
@@ -223,11 +223,11 @@ impl HandshakeStage {
         };
         io.out.push_bytes(&[&switching(&key, agreed.as_ref(), cx)]);
         let next = next.with_deflate(agreed.map(|a| ConnDeflate::new(policy.mode, a)));
-        io.last_active = cx.now();
+        io.touch(cx.now());
         cx.metrics().ws_upgrades.inc();
         log::debug!(
             "{}: WebSocket {} source={:?}",
-            io.peer,
+            io.peer(),
             req.path,
             self.source
         );
@@ -239,7 +239,7 @@ impl HandshakeStage {
     }
 
     pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
-        log::debug!("{}: WebSocket handshake timeout", io.peer);
+        log::debug!("{}: WebSocket handshake timeout", io.peer());
         cx.metrics().ws_handshake_timeouts.inc();
         Outcome::Close(CloseReason::HandshakeTimeout)
     }

@@ -68,7 +68,7 @@ impl RelyStage {
         let mut close = None;
         let res = self.decoder.feed(input, max_payload, |frame| {
             cx.metrics().frames_in.inc();
-            io.last_active = cx.now();
+            io.touch(cx.now());
             match frame {
                 Frame::Login { id } => {
                     if let Some(old) = io.login.take() {
@@ -76,7 +76,7 @@ impl RelyStage {
                             cx.logout(&old);
                         }
                     }
-                    log::debug!("{}: login {}", io.peer, String::from_utf8_lossy(id));
+                    log::debug!("{}: login {}", io.peer(), String::from_utf8_lossy(id));
                     io.login = Some(cx.login(id, me));
                     true
                 }
@@ -93,7 +93,7 @@ impl RelyStage {
         });
         match (res, close) {
             (Err(e), _) => {
-                log::debug!("{}: RELY protocol error: {e}", io.peer);
+                log::debug!("{}: RELY protocol error: {e}", io.peer());
                 cx.metrics().protocol_errors.inc();
                 Outcome::Close(CloseReason::Protocol)
             }
@@ -103,11 +103,11 @@ impl RelyStage {
     }
 
     pub(crate) fn due(&self, io: &Io, t: &Timing) -> Option<u64> {
-        t.rely_idle.map(|i| io.last_active + i)
+        t.rely_idle.map(|i| io.last_active() + i)
     }
 
     pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
-        log::debug!("{}: idle timeout", io.peer);
+        log::debug!("{}: idle timeout", io.peer());
         cx.metrics().idle_timeouts.inc();
         Outcome::Close(CloseReason::Idle)
     }

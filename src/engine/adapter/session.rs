@@ -78,7 +78,7 @@ fn name(cfg: &SessionConfig, id: &str, suffix: &str) -> Vec<u8> {
 /// Refuses the upgrade with wsproxy's status and body; the answer lingers
 /// and the connection closes.
 fn refuse(io: &mut Io, status: &str, body: &str, cx: &Ctx<'_>) -> Outcome {
-    log::debug!("{}: session refused: {status}", io.peer);
+    log::debug!("{}: session refused: {status}", io.peer());
     cx.metrics().session_refused.inc();
     cx.metrics().ws_handshake_errors.inc();
     io.out.push_bytes(&[&http::plain_response(status, body)]);
@@ -217,13 +217,13 @@ impl SessionOpen {
             self.agreed.as_ref(),
             cx,
         )]);
-        io.last_active = cx.now();
+        io.touch(cx.now());
         cx.metrics().ws_upgrades.inc();
         let m = cx.metrics();
         m.session_sockets.set(m.session_sockets.get() + 1);
         log::debug!(
             "{}: session {} open",
-            io.peer,
+            io.peer(),
             session_of(&tags, s).unwrap_or_default()
         );
         let deflate = self

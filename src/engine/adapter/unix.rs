@@ -71,7 +71,7 @@ impl UnixStage {
         match res {
             Ok(()) => Outcome::Continue,
             Err(e) => {
-                log::debug!("{}: unix client of source {source}: {e}", io.peer);
+                log::debug!("{}: unix client of source {source}: {e}", io.peer());
                 cx.metrics().protocol_errors.inc();
                 Outcome::Close(CloseReason::Protocol)
             }

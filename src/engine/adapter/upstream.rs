@@ -303,7 +303,7 @@ impl UpstreamStage {
         if inflated.capacity() > 0 {
             cx.codec().put_buf(inflated);
         }
-        io.last_active = cx.now();
+        io.touch(cx.now());
         let res = match (res, bad) {
             (Ok(()), Some(e)) => Err(e),
             (r, _) => r,

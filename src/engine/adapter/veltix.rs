@@ -28,7 +28,7 @@ use crate::engine::keepalive::{Due, Keepalive};
 use crate::engine::message::{unix_ms, Kind, Message, Wire};
 use crate::engine::route::Ctx;
 use crate::engine::tags::Selector;
-use crate::engine::timer::{Timing, TICK};
+use crate::engine::timer::{tick32, Timing, TICK};
 use crate::engine::ConnId;
 use crate::protocol::veltix::{v1, v3, Version, USER_TYPES};
 
@@ -37,7 +37,7 @@ enum Phase {
     /// v3: the server's hello is out; waiting for the client's.
     Hello {
         dec: v3::HandshakeDecoder,
-        deadline: u64,
+        deadline: u32,
     },
     /// v3 frames flow.
     V3(v3::Decoder),
@@ -54,11 +54,11 @@ pub(crate) struct VeltixStage {
     listener: u16,
     phase: Phase,
     /// v3 with `ping_interval`: the server pings.
-    keepalive: Option<Keepalive>,
+    keepalive: Keepalive,
     /// The next server-range request id (pings, forwarded frames).
     next_id: u16,
     /// The listener's pong deadline in ticks.
-    pong_ticks: u64,
+    pong_ticks: u32,
     /// Holds one of the listener's `max_clients` places.
     counted: bool,
     /// The hub's selector while a hub member (made once, not per frame).
@@ -100,15 +100,15 @@ impl VeltixStage {
             Some(Version::V1) => Phase::V1(v1::Decoder::default()),
             _ => Phase::Hello {
                 dec: v3::HandshakeDecoder::default(),
-                deadline: now + l.map_or(1, |l| Timing::ticks(l.handshake_timeout, TICK)),
+                deadline: tick32(now + l.map_or(1, |l| Timing::ticks(l.handshake_timeout, TICK))),
             },
         };
         let st = VeltixStage {
             listener,
             phase,
-            keepalive: None,
+            keepalive: Keepalive::new(now, None),
             next_id: v3::SERVER_IDS,
-            pong_ticks: l.map_or(1, |l| Timing::ticks(l.pong_timeout, TICK)),
+            pong_ticks: tick32(l.map_or(1, |l| Timing::ticks(l.pong_timeout, TICK))),
             counted: false,
             hub: None,
         };
@@ -135,7 +135,7 @@ impl VeltixStage {
         };
         if !cx.veltix_take(self.listener, l.max_clients) {
             cx.metrics().veltix_refused_full.inc();
-            log::debug!("{}: Veltix listener full", io.peer);
+            log::debug!("{}: Veltix listener full", io.peer());
             if let Phase::Hello { .. } = self.phase {
                 let mut m = Vec::new();
                 v3::encode_handshake(&mut m, v3::SERVER_FULL);
@@ -198,7 +198,7 @@ impl VeltixStage {
         let Some(l) = self.cfg(cx) else {
             return Outcome::Close(CloseReason::Protocol);
         };
-        io.last_active = cx.now();
+        io.touch(cx.now());
         let mut start = 0;
         if let Phase::Hello { dec, .. } = &mut self.phase {
             let (hello, used) = match dec.feed(input) {
@@ -211,7 +211,7 @@ impl VeltixStage {
             };
             if !v3::compatible(&hello) {
                 // Veltix closes without a word.
-                log::debug!("{}: Veltix handshake refused (protocol version)", io.peer);
+                log::debug!("{}: Veltix handshake refused (protocol version)", io.peer());
                 cx.metrics().protocol_errors.inc();
                 return Outcome::Close(CloseReason::Protocol);
             }
@@ -219,9 +219,8 @@ impl VeltixStage {
             v3::encode_handshake(&mut ack, v3::ACCEPTED);
             io.out.push_bytes(&[&ack]);
             self.phase = Phase::V3(v3::Decoder::default());
-            self.keepalive = l
-                .ping_interval
-                .map(|p| Keepalive::new(cx.now(), Some(Timing::ticks(p, TICK))));
+            self.keepalive =
+                Keepalive::new(cx.now(), l.ping_interval.map(|p| Timing::ticks(p, TICK)));
             self.joined(me, cx);
             start = used;
         }
@@ -249,7 +248,7 @@ impl VeltixStage {
         dec.feed(input, l.max_message_size, |ev| {
             let f = match ev {
                 v3::Event::Corrupt(why) => {
-                    log::debug!("{}: Veltix frame dropped: {why:?}", io.peer);
+                    log::debug!("{}: Veltix frame dropped: {why:?}", io.peer());
                     cx.metrics().veltix_corrupt.inc();
                     return true;
                 }
@@ -265,9 +264,7 @@ impl VeltixStage {
                     return true;
                 }
                 v3::PONG => {
-                    if let Some(k) = keepalive.as_mut() {
-                        k.on_pong();
-                    }
+                    keepalive.on_pong();
                     return true;
                 }
                 ty if ty < USER_TYPES => {
@@ -325,7 +322,7 @@ impl VeltixStage {
         let res = dec.feed(input, l.max_message_size, |ev| {
             let f = match ev {
                 v1::Event::BadHash => {
-                    log::debug!("{}: Veltix v1 frame dropped: bad hash", io.peer);
+                    log::debug!("{}: Veltix v1 frame dropped: bad hash", io.peer());
                     cx.metrics().veltix_corrupt.inc();
                     return true;
                 }
@@ -356,7 +353,7 @@ impl VeltixStage {
             // v1 cannot resync past a frame it will not take.
             log::debug!(
                 "{}: Veltix v1 frame of {} bytes over the limit",
-                io.peer,
+                io.peer(),
                 e.size
             );
             cx.metrics().protocol_errors.inc();
@@ -371,15 +368,15 @@ impl VeltixStage {
 
     pub(crate) fn due(&self, _io: &Io, _t: &Timing) -> Option<u64> {
         match (&self.phase, &self.keepalive) {
-            (Phase::Hello { deadline, .. }, _) => Some(*deadline),
-            (Phase::V3(_), Some(k)) => k.due(self.pong_ticks),
+            (Phase::Hello { deadline, .. }, _) => Some(u64::from(*deadline)),
+            (Phase::V3(_), k) => k.due(u64::from(self.pong_ticks)),
             _ => None,
         }
     }
 
     pub(crate) fn on_deadline(&mut self, io: &mut Io, _me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         if let Phase::Hello { .. } = self.phase {
-            log::debug!("{}: Veltix handshake timeout", io.peer);
+            log::debug!("{}: Veltix handshake timeout", io.peer());
             cx.metrics().ws_handshake_timeouts.inc();
             return Outcome::Close(CloseReason::HandshakeTimeout);
         }
@@ -387,13 +384,11 @@ impl VeltixStage {
             return Outcome::Continue;
         };
         let every = l.ping_interval.map(|p| Timing::ticks(p, TICK));
-        let pong = self.pong_ticks;
-        let Some(k) = self.keepalive.as_mut() else {
-            return Outcome::Continue;
-        };
+        let pong = u64::from(self.pong_ticks);
+        let k = &mut self.keepalive;
         match k.on_deadline(cx.now(), every, pong) {
             Due::Dead => {
-                log::debug!("{}: Veltix ping unanswered", io.peer);
+                log::debug!("{}: Veltix ping unanswered", io.peer());
                 cx.metrics().ws_ping_timeouts.inc();
                 Outcome::Close(CloseReason::PingTimeout)
             }

@@ -20,7 +20,7 @@ use crate::engine::io::{CloseReason, Io, Queued};
 use crate::engine::keepalive::{Due, Keepalive};
 use crate::engine::message::{Message, Wire};
 use crate::engine::route::Ctx;
-use crate::engine::tags::{apply_changes, Selector, Tag};
+use crate::engine::tags::{apply_changes, Selector, Tag, TagList};
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
 use crate::protocol::rely::{self, Frame, Parse};
@@ -44,7 +44,7 @@ pub(crate) struct WsStage {
     decoder: Decoder,
     role: Role,
     /// Its tags (key, value), sorted by key.
-    tags: Vec<Tag>,
+    tags: TagList,
     keepalive: Keepalive,
     /// For `on_message: broadcast`: the connections sharing this one's
     /// `broadcast_tag` value (None: it has no such tag).
@@ -92,7 +92,7 @@ impl WsStage {
         WsStage {
             decoder: Decoder::new(ep.max_message_size),
             role: Role::Endpoint(index as u16),
-            tags,
+            tags: tags.into(),
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast,
             deflate: None,
@@ -165,7 +165,7 @@ impl WsStage {
         WsStage {
             decoder: Decoder::new(max_message),
             role: Role::Source(src),
-            tags: Vec::new(),
+            tags: TagList::default(),
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
             deflate: None,
@@ -184,7 +184,7 @@ impl WsStage {
         WsStage {
             decoder: Decoder::new(ep.max_message_size),
             role: Role::Session { endpoint, channel },
-            tags,
+            tags: tags.into(),
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
             deflate: None,
@@ -221,7 +221,7 @@ impl WsStage {
         // Inflated messages land here (the core's buffer, while in use).
         let mut inflated: Vec<u8> = Vec::new();
         let res = decoder.feed(input, |ev| {
-            io.last_active = cx.now();
+            io.touch(cx.now());
             match ev {
                 Event::Message {
                     text,
@@ -245,7 +245,7 @@ impl WsStage {
                                     &inflated
                                 }
                                 Err(e) => {
-                                    log::debug!("{}: WebSocket {e}", io.peer);
+                                    log::debug!("{}: WebSocket {e}", io.peer());
                                     cx.metrics().protocol_errors.inc();
                                     goodbye = Some((e.close_code(), "", CloseReason::Protocol));
                                     return false;
@@ -339,7 +339,7 @@ impl WsStage {
             cx.codec().put_buf(inflated);
         }
         if let Err(e) = res {
-            log::debug!("{}: WebSocket {e}", io.peer);
+            log::debug!("{}: WebSocket {e}", io.peer());
             cx.metrics().protocol_errors.inc();
             goodbye = Some((e.close_code(), "", CloseReason::Protocol));
         }
@@ -355,7 +355,7 @@ impl WsStage {
 
     pub(crate) fn due(&self, io: &Io, t: &Timing) -> Option<u64> {
         let ping = self.keepalive.due(t.ws_pong);
-        let idle = t.ws_idle.map(|i| io.last_active + i);
+        let idle = t.ws_idle.map(|i| io.last_active() + i);
         match (ping, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -367,11 +367,11 @@ impl WsStage {
     pub(crate) fn on_deadline(&mut self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) -> Outcome {
         let (now, t) = (cx.now(), cx.timing());
         if self.keepalive.dead(now, t.ws_pong) {
-            log::debug!("{}: ping unanswered", io.peer);
+            log::debug!("{}: ping unanswered", io.peer());
             cx.metrics().ws_ping_timeouts.inc();
             return Outcome::Close(CloseReason::PingTimeout);
         }
-        if t.ws_idle.is_some_and(|i| io.last_active + i <= now) {
+        if t.ws_idle.is_some_and(|i| io.last_active() + i <= now) {
             cx.metrics().idle_timeouts.inc();
             close_with(
                 io,
@@ -449,7 +449,7 @@ impl WsStage {
             return false;
         };
         let slot = me.slot as usize;
-        let (removed, added) = apply_changes(&mut self.tags, changes);
+        let (removed, added) = apply_changes(self.tags.vec_mut(), changes);
         cx.untag(slot, &removed);
         cx.tag(slot, &added);
         if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize) {
@@ -481,7 +481,7 @@ impl WsStage {
             out.extend_from_slice(entry.to_string().as_bytes());
         } else {
             out.extend_from_slice(format!("id={id}").as_bytes());
-            for (k, v) in &self.tags {
+            for (k, v) in self.tags.iter() {
                 out.extend_from_slice(format!(" {k}={v}").as_bytes());
             }
             out.push(b'\n');
