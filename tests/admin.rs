@@ -405,3 +405,76 @@ fn a_request_that_never_completes_gets_408() {
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut t, &mut rest).expect("closed after the 408");
 }
+
+/// A generated id is made when /status first shows it (an idle client of
+/// such an endpoint holds no id until then): the ids are distinct, carry
+/// the endpoint's prefix, stay the same on the next /status, and address
+/// exactly their own client.
+#[test]
+fn generated_ids_are_made_when_status_shows_them() {
+    let (s, ws) = ws_server(
+        2,
+        "  endpoints:\n    - path: /g\n      id_prefix: \"n1-\"\n",
+        |_| {},
+    );
+    let admin = s.handle.admin_addrs()[0];
+    let mut clients: Vec<WsRaw> = (0..3)
+        .map(|_| {
+            let before = s.handle.metrics().ws_upgrades;
+            let c = WsRaw::connect(ws, "/g");
+            wait_until(|| s.handle.metrics().ws_upgrades > before, "upgraded");
+            c
+        })
+        .collect();
+    let ids = |text: String| -> Vec<String> {
+        let mut v: Vec<String> = text
+            .lines()
+            .map(|l| {
+                l.trim()
+                    .strip_prefix("id=")
+                    .expect("an id= line")
+                    .to_owned()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let first = ids(http(admin, "GET", "/status", &[], b"").text());
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert_eq!(first.iter().collect::<HashSet<_>>().len(), 3, "distinct");
+    for id in &first {
+        let uuid = id.strip_prefix("n1-").expect("the endpoint's prefix");
+        assert_eq!(uuid.len(), 36, "{id}");
+    }
+    assert_eq!(
+        ids(http(admin, "GET", "/status", &[], b"").text()),
+        first,
+        "an id, once shown, stays"
+    );
+    for id in &first {
+        let r = http(admin, "POST", &format!("/send?id={id}"), &[], b"hi");
+        assert_eq!(r.text(), "1", "{id} reached");
+        // Whichever client it is gets it (bounded rounds of short reads);
+        // then none of the others has anything.
+        let mut got = None;
+        for _ in 0..100 {
+            got = (0..clients.len()).find(|&i| {
+                matches!(clients[i].read_within(Duration::from_millis(20)), Ok(Some(f)) if f.payload == b"hi")
+            });
+            if got.is_some() {
+                break;
+            }
+        }
+        let got = got.expect("one client got it");
+        for (i, c) in clients.iter_mut().enumerate().filter(|(i, _)| *i != got) {
+            assert!(
+                c.read_within(Duration::from_millis(100)).is_err(),
+                "client {i} got {id}'s message too"
+            );
+        }
+    }
+    assert_eq!(
+        http(admin, "POST", "/send?id=n1-unknown", &[], b"x").text(),
+        "0"
+    );
+}

@@ -1081,7 +1081,9 @@ impl Core {
                     }
                     true
                 }
-                op => c.stage.admin_op(&c.io, id, op, &mut ctx!(self), &mut text),
+                op => c
+                    .stage
+                    .admin_op(&mut c.io, id, op, &mut ctx!(self), &mut text),
             };
             n += u64::from(touched);
         }

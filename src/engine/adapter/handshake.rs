@@ -14,6 +14,7 @@ use super::deflate::ConnDeflate;
 use super::session::SessionOpen;
 use super::ws::WsStage;
 use super::{Outcome, Stage};
+use crate::config::OnMessage;
 use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits};
 use crate::engine::route::Ctx;
@@ -181,16 +182,28 @@ impl HandshakeStage {
             (Some((endpoint, params)), _) => {
                 let ep = &ws.endpoints[endpoint];
                 let tags = endpoint_tags(ep, &params);
+                // A generated id nobody can see yet is made when it is first
+                // shown (see `WsStage::ensure_id`): wsgateway never sends it
+                // to the client, so until an event or /status names it no one
+                // can address it, and an idle client holds neither the id nor
+                // its directory entry.
                 let id = match &ep.id_param {
-                    Some(p) => params
-                        .iter()
-                        .find(|(k, _)| k == p)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default(),
-                    None => uuid::Uuid::new_v4().to_string(),
+                    Some(p) => Some(
+                        params
+                            .iter()
+                            .find(|(k, _)| k == p)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default(),
+                    ),
+                    None if ep.events || ep.on_message == OnMessage::Rely => {
+                        Some(uuid::Uuid::new_v4().to_string())
+                    }
+                    None => None,
                 };
-                let id = format!("{}{id}", ep.id_prefix);
-                io.login = Some(cx.login(id.as_bytes(), me));
+                if let Some(id) = id {
+                    let id = format!("{}{id}", ep.id_prefix);
+                    io.login = Some(cx.login(id.as_bytes(), me));
+                }
                 cx.tag(me.slot as usize, &tags);
                 let broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
                 io.limits = Limits {
@@ -199,8 +212,9 @@ impl HandshakeStage {
                     policy: ws.slow_consumer,
                 };
                 // wsgateway's open event, after the endpoint's tags are set.
-                if ep.events {
-                    crate::engine::events::on_open(cx, me, ep, id.as_bytes(), &tags, io.peer());
+                if let (true, Some(l)) = (ep.events, io.login.as_ref()) {
+                    let id = l.id.clone();
+                    crate::engine::events::on_open(cx, me, ep, &id, &tags, io.peer());
                 }
                 WsStage::endpoint(endpoint, ep, tags, broadcast, cx)
             }

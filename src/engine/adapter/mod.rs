@@ -299,7 +299,7 @@ impl Stage {
     /// status lines. Returns whether the connection was touched.
     pub(crate) fn admin_op(
         &mut self,
-        io: &Io,
+        io: &mut Io,
         me: ConnId,
         op: &FanOp,
         cx: &mut Ctx<'_>,
@@ -307,7 +307,7 @@ impl Stage {
     ) -> bool {
         match (self, op) {
             (Stage::Ws(s), FanOp::SetTags(changes)) => s.set_tags(io, me, changes, cx),
-            (Stage::Ws(s), FanOp::Status { json }) => s.status(io, *json, out),
+            (Stage::Ws(s), FanOp::Status { json }) => s.status(io, me, *json, out, cx),
             _ => false,
         }
     }

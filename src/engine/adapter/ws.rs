@@ -461,8 +461,39 @@ impl WsStage {
         true
     }
 
+    /// Gives a client of an endpoint that generates ids the id it has not
+    /// been given yet (see the handshake): /status is about to show it.
+    fn ensure_id(&self, io: &mut Io, me: ConnId, cx: &mut Ctx<'_>) {
+        if io.login.is_some() {
+            return;
+        }
+        let Role::Endpoint(i) = self.role else {
+            return;
+        };
+        let Some(prefix) = cx
+            .cfg()
+            .ws()
+            .endpoints
+            .get(i as usize)
+            .filter(|ep| ep.id_param.is_none())
+            .map(|ep| ep.id_prefix.clone())
+        else {
+            return;
+        };
+        let id = format!("{prefix}{}", uuid::Uuid::new_v4());
+        io.login = Some(cx.login(id.as_bytes(), me));
+    }
+
     /// Appends this connection's /status entry.
-    pub(crate) fn status(&self, io: &Io, json: bool, out: &mut Vec<u8>) -> bool {
+    pub(crate) fn status(
+        &self,
+        io: &mut Io,
+        me: ConnId,
+        json: bool,
+        out: &mut Vec<u8>,
+        cx: &mut Ctx<'_>,
+    ) -> bool {
+        self.ensure_id(io, me, cx);
         let id = io
             .login
             .as_ref()
