@@ -80,10 +80,29 @@ pub struct Timer {
     pub gen: u64,
 }
 
+/// A timer as the wheel keeps it: 16 bytes, not 24 (one per connection
+/// with a deadline; ticks as `tick32`, slab keys are u32 as in `ConnId`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    due: u32,
+    key: u32,
+    gen: u64,
+}
+
+impl Entry {
+    fn timer(self) -> Timer {
+        Timer {
+            due: u64::from(self.due),
+            key: self.key as usize,
+            gen: self.gen,
+        }
+    }
+}
+
 /// The wheel: `slots.len()` buckets of one tick each.
 #[derive(Debug)]
 pub struct Wheel {
-    slots: Vec<Vec<Timer>>,
+    slots: Vec<Vec<Entry>>,
     /// Last tick processed.
     now: u64,
     len: usize,
@@ -118,7 +137,11 @@ impl Wheel {
         let due = t.due.max(self.now + 1);
         let mask = self.slots.len() as u64 - 1;
         let slot = (due & mask) as usize;
-        self.slots[slot].push(Timer { due, ..t });
+        self.slots[slot].push(Entry {
+            due: tick32(due),
+            key: t.key as u32,
+            gen: t.gen,
+        });
         self.len += 1;
         slot as u32
     }
@@ -128,7 +151,7 @@ impl Wheel {
         let Some(v) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        if let Some(i) = v.iter().position(|t| t.key == key && t.gen == gen) {
+        if let Some(i) = v.iter().position(|t| t.key as usize == key && t.gen == gen) {
             v.swap_remove(i);
             self.len -= 1;
         }
@@ -144,14 +167,19 @@ impl Wheel {
             let slot = &mut self.slots[(tick & mask) as usize];
             let before = slot.len();
             slot.retain(|t| {
-                if t.due <= now {
-                    fired.push(*t);
+                if u64::from(t.due) <= now {
+                    fired.push(t.timer());
                     false
                 } else {
                     true
                 }
             });
             self.len -= before - slot.len();
+            // A burst of deadlines (a wave of accepts) leaves no large
+            // empty slot behind.
+            if slot.is_empty() && slot.capacity() > 64 {
+                *slot = Vec::new();
+            }
         }
         self.now = self.now.max(now);
     }
