@@ -941,7 +941,7 @@ impl Core {
     /// connections could kick each other and leave the id to nobody).
     fn kick(&mut self, id: ConnId, epoch: u64) {
         let holds = self.conns.get(id.slot as usize).is_some_and(|c| {
-            c.gen == id.gen && c.io.login.as_ref().is_some_and(|l| l.epoch == epoch)
+            c.gen == id.gen && c.io.login.as_ref().is_some_and(|l| l.epoch() == epoch)
         });
         if !holds {
             return;
@@ -1551,12 +1551,12 @@ impl Core {
                 continue;
             };
             if let (Some(l), None) = (&c.io.login, c.io.closing) {
-                batch.push((l.id.clone(), l.epoch));
+                batch.push(l.clone());
             }
         }
         let mut cx = ctx!(self);
-        for (id, epoch) in &batch {
-            cx.claim(id, *epoch, true);
+        for l in &batch {
+            cx.claim(l.id(), l.epoch(), true);
         }
         self.reclaim = next;
     }

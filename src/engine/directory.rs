@@ -18,9 +18,10 @@
 //! the one read when the entry was filled under the read lock. In steady
 //! state a lookup is a local hash probe plus one shared, unwritten load.
 
-use std::collections::hash_map::{Entry as MapEntry, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::RwLock;
 
 use foldhash::fast::RandomState;
@@ -36,10 +37,101 @@ pub struct Holder {
     pub epoch: u64,
 }
 
+/// Bytes of an id kept inside its login's allocation; longer ids take one
+/// more allocation of their own.
+const INLINE_ID: usize = 22;
+
+/// An id's bytes: short ones inline (most ids: names, numbers), so a login
+/// is one allocation.
+#[derive(Debug)]
+enum IdBytes {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<[u8]>),
+}
+
+impl IdBytes {
+    fn new(id: &[u8]) -> Self {
+        if id.len() <= INLINE_ID {
+            let mut bytes = [0u8; INLINE_ID];
+            bytes[..id.len()].copy_from_slice(id);
+            IdBytes::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            IdBytes::Heap(id.into())
+        }
+    }
+
+    #[inline]
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            IdBytes::Inline { len, bytes } => &bytes[..*len as usize],
+            IdBytes::Heap(b) => b,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    holder: Holder,
+    id: IdBytes,
+}
+
+/// A login: an id and the connection holding it with its epoch, in one
+/// allocation that the directory's map and the holding connection share
+/// (the map holds a thin pointer per id, the connection another). A newer
+/// login of the id is a new `Login`; this one never changes.
+#[derive(Debug, Clone)]
+pub struct Login(Arc<Entry>);
+
+impl Login {
+    /// The id.
+    #[inline]
+    pub fn id(&self) -> &[u8] {
+        self.0.id.as_slice()
+    }
+
+    /// This login's epoch (see [`Directory::login`]).
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.0.holder.epoch
+    }
+
+    /// The connection and epoch.
+    #[inline]
+    pub fn holder(&self) -> Holder {
+        self.0.holder
+    }
+}
+
+/// The map's element: a login, hashed and compared by its id, so the map
+/// is looked up with the id's bytes.
+#[derive(Debug, Clone)]
+struct Key(Login);
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.id().hash(h);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.id() == o.0.id()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.0.id()
+    }
+}
+
 // Ids come from the network: the hasher is seeded per process (foldhash).
-// The key is the same allocation as the holding connection's `Login::id`
-// (one copy of each id per login, not two).
-type Map = HashMap<std::sync::Arc<[u8]>, Holder, RandomState>;
+type Map = HashSet<Key, RandomState>;
 
 /// One shard: the map and its change counter, each on its own cache line so
 /// readers of `version` are not disturbed by lock traffic.
@@ -82,7 +174,7 @@ impl Directory {
         Directory {
             shards: (0..n)
                 .map(|_| Shard {
-                    map: RwLock::new(HashMap::with_hasher(RandomState::default())),
+                    map: RwLock::new(HashSet::with_hasher(RandomState::default())),
                     version: Padded::default(),
                 })
                 .collect(),
@@ -123,32 +215,23 @@ impl Directory {
         &self.shards[self.shard_index(id)]
     }
 
-    /// Registers `conn` as the holder of `id`. Returns the new epoch and the
-    /// login it replaced, if any (never `conn`'s own): the kick names that
+    /// Registers `conn` as the holder of `id`. Returns the login and the
+    /// one it replaced, if any (never `conn`'s own): the kick names that
     /// login's epoch, so it reaches only a connection still holding it.
-    pub fn login(&self, id: &[u8], conn: ConnId) -> (u64, Option<Holder>) {
-        self.login_shared(&id.into(), conn)
-    }
-
-    /// As [`Directory::login`], keeping `id` itself as the key (the
-    /// connection's `Login::id` shares it).
-    pub fn login_shared(&self, id: &std::sync::Arc<[u8]>, conn: ConnId) -> (u64, Option<Holder>) {
+    pub fn login(&self, id: &[u8], conn: ConnId) -> (Login, Option<Holder>) {
         let shard = self.shard(id);
         let mut map = shard.write();
         let epoch = self.next_epoch();
-        let new = Holder { conn, epoch };
-        let replaced = match map.entry(id.clone()) {
-            MapEntry::Occupied(mut e) => {
-                let old = e.insert(new);
-                (old.conn != conn).then_some(old)
-            }
-            MapEntry::Vacant(e) => {
-                e.insert(new);
-                None
-            }
-        };
+        let new = Login(Arc::new(Entry {
+            holder: Holder { conn, epoch },
+            id: IdBytes::new(id),
+        }));
+        let replaced = map
+            .replace(Key(new.clone()))
+            .map(|Key(old)| old.holder())
+            .filter(|old| old.conn != conn);
         shard.bump();
-        (epoch, replaced)
+        (new, replaced)
     }
 
     /// Removes `id` if it is still held by the login with `epoch`.
@@ -156,7 +239,7 @@ impl Directory {
     pub fn logout(&self, id: &[u8], epoch: u64) -> bool {
         let shard = self.shard(id);
         let mut map = shard.write();
-        if map.get(id).is_some_and(|h| h.epoch == epoch) {
+        if map.get(id).is_some_and(|k| k.0.epoch() == epoch) {
             map.remove(id);
             shard.bump();
             true
@@ -168,12 +251,12 @@ impl Directory {
     /// The connection currently holding `id` (takes the shard's read lock;
     /// cores use [`LookupCache::lookup`] on the hot path).
     pub fn lookup(&self, id: &[u8]) -> Option<ConnId> {
-        self.shard(id).read().get(id).map(|h| h.conn)
+        self.shard(id).read().get(id).map(|k| k.0.holder().conn)
     }
 
     /// The holder with its epoch.
     pub fn holder(&self, id: &[u8]) -> Option<Holder> {
-        self.shard(id).read().get(id).copied()
+        self.shard(id).read().get(id).map(|k| k.0.holder())
     }
 
     /// Number of ids registered (walks every shard; for reports).
@@ -215,7 +298,7 @@ impl LookupCache {
         let (found, version) = {
             let map = shard.read();
             (
-                map.get(id).map(|h| h.conn),
+                map.get(id).map(|k| k.0.holder().conn),
                 shard.version.0.load(Ordering::Relaxed),
             )
         };
@@ -252,9 +335,11 @@ mod tests {
     #[test]
     fn last_login_wins_and_old_cleanup_is_harmless() {
         let d = Directory::new(2);
-        let (e1, k) = d.login(b"a", c(0, 1));
+        let (l1, k) = d.login(b"a", c(0, 1));
         assert_eq!(k, None);
-        let (e2, k) = d.login(b"a", c(1, 1));
+        let e1 = l1.epoch();
+        let (l2, k) = d.login(b"a", c(1, 1));
+        let e2 = l2.epoch();
         assert_eq!(
             k,
             Some(Holder {
@@ -270,16 +355,29 @@ mod tests {
     }
 
     #[test]
+    fn short_and_long_ids_are_kept_whole() {
+        let d = Directory::new(1);
+        let long = [b'x'; 300];
+        for id in [&b""[..], b"a", &[b'y'; 22], &[b'y'; 23], &long] {
+            let (l, _) = d.login(id, c(0, 1));
+            assert_eq!(l.id(), id);
+            assert_eq!(d.lookup(id), Some(c(0, 1)));
+        }
+        assert_eq!(d.len(), 5, "ids differing only in length are distinct");
+        assert_eq!(d.lookup(&[b'y'; 21]), None);
+    }
+
+    #[test]
     fn cache_follows_every_change() {
         let d = Directory::new(2);
         let mut cache = LookupCache::default();
         assert_eq!(cache.lookup(&d, b"a"), None);
-        let (e1, _) = d.login(b"a", c(0, 1));
+        let e1 = d.login(b"a", c(0, 1)).0.epoch();
         assert_eq!(cache.lookup(&d, b"a"), Some(c(0, 1)));
         assert_eq!(cache.lookup(&d, b"a"), Some(c(0, 1)), "hit");
         d.login(b"a", c(1, 2));
         assert_eq!(cache.lookup(&d, b"a"), Some(c(1, 2)), "newer login seen");
-        let (e3, _) = d.login(b"a", c(1, 3));
+        let e3 = d.login(b"a", c(1, 3)).0.epoch();
         assert!(!d.logout(b"a", e1));
         assert_eq!(cache.lookup(&d, b"a"), Some(c(1, 3)));
         assert!(d.logout(b"a", e3));

@@ -13,13 +13,8 @@ use super::stream::{Drain, Stream};
 use super::timer::tick32;
 use crate::config::SlowConsumer;
 
-/// A client id held by a connection.
-#[derive(Debug)]
-pub(crate) struct Login {
-    pub id: std::sync::Arc<[u8]>,
-    /// The directory epoch of this login (cleanup is epoch-checked).
-    pub epoch: u64,
-}
+/// A client id held by a connection (shared with the directory).
+pub(crate) use super::directory::Login;
 
 /// Why a connection closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

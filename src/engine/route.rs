@@ -130,8 +130,8 @@ impl<'a> Ctx<'a> {
     /// Registers `id` for `me` (last login wins) and arranges the kick of
     /// the connection it replaces, wherever it lives.
     pub(crate) fn login(&mut self, id: &[u8], me: ConnId) -> Login {
-        let key: std::sync::Arc<[u8]> = id.into();
-        let (epoch, replaced) = self.dir.login_shared(&key, me);
+        let (login, replaced) = self.dir.login(id, me);
+        let epoch = login.epoch();
         if let Some(old) = replaced {
             self.mesh.kick(old.conn.core as usize, old.conn, old.epoch);
         }
@@ -145,7 +145,7 @@ impl<'a> Ctx<'a> {
             }
             self.claim(id, epoch, false);
         }
-        Login { id: key, epoch }
+        login
     }
 
     /// Claims `id` for this node's login `epoch` (see
@@ -175,16 +175,16 @@ impl<'a> Ctx<'a> {
 
     /// Releases an id (only if this login still holds it).
     pub(crate) fn logout(&mut self, login: &Login) {
-        self.dir.logout(&login.id, login.epoch);
+        self.dir.logout(login.id(), login.epoch());
         if let Some(c) = &self.cfg.cluster {
             let m = self.metrics;
             if let (Some(r), Some(rc)) = self.redis_of(c.server) {
-                r.release(rc, m, &c.id_channel(&login.id));
+                r.release(rc, m, &c.id_channel(login.id()));
                 // The key goes only if it still names this login.
-                let e = login.epoch.to_string();
+                let e = login.epoch().to_string();
                 let args: [&[u8]; 4] = [
                     b"1",
-                    &c.owner_key(&login.id),
+                    &c.owner_key(login.id()),
                     c.node_id.as_bytes(),
                     e.as_bytes(),
                 ];

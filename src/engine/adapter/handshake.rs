@@ -213,8 +213,8 @@ impl HandshakeStage {
                 };
                 // wsgateway's open event, after the endpoint's tags are set.
                 if let (true, Some(l)) = (ep.events, io.login.as_ref()) {
-                    let id = l.id.clone();
-                    crate::engine::events::on_open(cx, me, ep, &id, &tags, io.peer());
+                    let l = l.clone();
+                    crate::engine::events::on_open(cx, me, ep, l.id(), &tags, io.peer());
                 }
                 WsStage::endpoint(endpoint, ep, tags, broadcast, cx)
             }

@@ -35,7 +35,7 @@ pub(crate) fn relay_transfer(
         cx.metrics().not_logged_in.inc();
         return Err(CloseReason::NotLoggedIn);
     };
-    if cx.cfg().rely.check_from && *l.id != *from {
+    if cx.cfg().rely.check_from && l.id() != from {
         cx.metrics().spoofed_from.inc();
         return Err(CloseReason::Spoofed);
     }
@@ -72,7 +72,7 @@ impl RelyStage {
             match frame {
                 Frame::Login { id } => {
                     if let Some(old) = io.login.take() {
-                        if *old.id != *id {
+                        if old.id() != id {
                             cx.logout(&old);
                         }
                     }

@@ -255,7 +255,7 @@ impl WsStage {
                     };
                     // wsgateway's message event, in this connection's order.
                     if let (Some(ep), Some(l)) = (events, io.login.as_ref()) {
-                        crate::engine::events::on_message(cx, me, ep, &l.id, tags, text, data);
+                        crate::engine::events::on_message(cx, me, ep, l.id(), tags, text, data);
                     }
                     let (Some(on_message), Role::Endpoint(_)) = (on_message, *role) else {
                         if let Role::Source(src) = *role {
@@ -387,7 +387,7 @@ impl WsStage {
             io.out.push_bytes(&[&f]);
             // A live connection keeps its sync hashes from expiring.
             if let (Role::Endpoint(_), Some(l)) = (self.role, io.login.as_ref()) {
-                crate::engine::events::refresh(cx, me, &l.id);
+                crate::engine::events::refresh(cx, me, l.id());
             }
         }
         Outcome::Continue
@@ -421,7 +421,7 @@ impl WsStage {
                 // A replaced connection's id now names the newer one: its
                 // close event goes out, but the newer one's hashes stay.
                 let replaced = io.closing.is_some_and(|c| c.reason == CloseReason::Kicked);
-                crate::engine::events::on_close(cx, me, ep, &l.id, &self.tags, !replaced);
+                crate::engine::events::on_close(cx, me, ep, l.id(), &self.tags, !replaced);
             }
         }
         match self.role {
@@ -455,7 +455,7 @@ impl WsStage {
         if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize) {
             self.broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &self.tags);
             if let Some(l) = io.login.as_ref() {
-                crate::engine::events::on_tags(cx, me, ep, &l.id, &removed, &added);
+                crate::engine::events::on_tags(cx, me, ep, l.id(), &removed, &added);
             }
         }
         true
@@ -497,7 +497,7 @@ impl WsStage {
         let id = io
             .login
             .as_ref()
-            .map(|l| String::from_utf8_lossy(&l.id).into_owned())
+            .map(|l| String::from_utf8_lossy(l.id()).into_owned())
             .unwrap_or_default();
         if json {
             let tags: serde_json::Map<String, serde_json::Value> = self
