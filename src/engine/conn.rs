@@ -95,12 +95,12 @@ mod tests {
     fn a_connection_entry_stays_small() {
         use std::mem::size_of;
         // mio keeps a selector id in each socket in debug builds.
-        let limit = if cfg!(debug_assertions) { 184 } else { 176 };
+        let limit = if cfg!(debug_assertions) { 168 } else { 160 };
         assert!(
             size_of::<super::Conn>() <= limit,
             "{}",
             size_of::<super::Conn>()
         );
-        assert!(size_of::<crate::engine::adapter::Stage>() <= 72);
+        assert!(size_of::<crate::engine::adapter::Stage>() <= 64);
     }
 }

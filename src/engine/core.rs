@@ -634,7 +634,7 @@ impl Core {
         let gen = self.next_gen;
         self.next_gen += 1;
         let mut io = Io::new(stream, peer, self.now);
-        io.limits = limits;
+        io.set_limits(limits);
         io.writable = writable;
         let mut conn = Conn::new(gen, io, stage);
         if let Some(due) = conn.due(&self.timing) {
@@ -763,8 +763,8 @@ impl Core {
         self.timing = Timing::new(&self.cfg, TICK);
         self.max_conns = self.cfg.max_connections.div_ceil(self.cfg.workers).max(1);
         for (_, c) in self.conns.iter_mut() {
-            if let Some(l) = c.stage.limits(&self.cfg, c.io.limits) {
-                c.io.limits = l;
+            if let Some(l) = c.stage.limits(&self.cfg, c.io.limits()) {
+                c.io.set_limits(l);
             }
         }
         let cfg = self.cfg.clone();
@@ -1163,7 +1163,7 @@ impl Core {
                 continue;
             };
             let id = conn_id(self.index, slot, c.gen);
-            let counts_msgs = c.io.limits.msgs != u32::MAX;
+            let counts_msgs = c.io.limits().msgs != u32::MAX;
             spans.clear();
             super::fanrun::stretches(k, run.skips_of(id), |a, b| spans.push((a, b)));
             if wire == Wire::WsOwn {
@@ -1194,7 +1194,7 @@ impl Core {
                 // All of it fits: admitting it as one decides as admitting
                 // each would. Else each is decided on its own, as the
                 // policy says (an empty queue takes any one message).
-                let whole = !counts_msgs && c.io.out.bytes() + len as usize <= c.io.limits.bytes;
+                let whole = !counts_msgs && c.io.out.bytes() + len as usize <= c.io.limits().bytes;
                 if whole {
                     n += self.queue_frames(slot, fr, a, b);
                 } else {
@@ -1889,7 +1889,7 @@ impl Core {
             };
             c.io.in_dirty = false;
             if !c.io.writable {
-                c.io.out.settle(c.io.limits.msgs != u32::MAX);
+                c.io.out.settle(c.io.limits().msgs != u32::MAX);
                 continue; // a writable event re-lists it
             }
             let (n, left) = c.io.flush();

@@ -128,7 +128,10 @@ pub(crate) struct Io {
     /// Peer address, for logs and the admin allow-list (see [`Io::peer`]).
     peer: Peer,
     pub out: Outbox,
-    pub limits: Limits,
+    /// The output limits, packed (see [`Io::limits`]).
+    limit_bytes: u32,
+    limit_msgs: u32,
+    policy: SlowConsumer,
     /// Client id, once it has one (RELY login, WebSocket id).
     pub login: Option<Login>,
     /// Edge-triggered readiness remembered until drained.
@@ -177,7 +180,9 @@ impl Io {
             stream,
             peer: peer.into(),
             out: Outbox::default(),
-            limits: Limits::NONE,
+            limit_bytes: u32::MAX,
+            limit_msgs: u32::MAX,
+            policy: Limits::NONE.policy,
             login: None,
             readable: false,
             read_closed: false,
@@ -188,6 +193,24 @@ impl Io {
             closing: None,
             stalled_since: NOT_STALLED,
         }
+    }
+
+    /// The output queue's limits. Bytes are kept as a u32 (8 bytes less in
+    /// every slab entry): a limit over 4 GiB is 4 GiB.
+    #[inline]
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            bytes: self.limit_bytes as usize,
+            msgs: self.limit_msgs,
+            policy: self.policy,
+        }
+    }
+
+    /// Sets the output queue's limits.
+    pub(crate) fn set_limits(&mut self, l: Limits) {
+        self.limit_bytes = u32::try_from(l.bytes).unwrap_or(u32::MAX);
+        self.limit_msgs = l.msgs;
+        self.policy = l.policy;
     }
 
     /// The peer's address.
@@ -231,7 +254,7 @@ impl Io {
     /// into an empty queue, so one maximal frame fits whatever the limit.
     #[inline]
     pub(crate) fn admit(&self, len: usize) -> Queued {
-        admit(&self.out, len, &self.limits)
+        admit(&self.out, len, &self.limits())
     }
 
     /// Queues one of the connection's own writes (an echo, a pong) under
@@ -307,7 +330,7 @@ impl Io {
         };
         if status == Flush::WouldBlock || held {
             self.writable = false;
-            self.out.settle(self.limits.msgs != u32::MAX);
+            self.out.settle(self.limit_msgs != u32::MAX);
             return (n, Flushed::Blocked);
         }
         let Some(closing) = self.closing.as_mut() else {

@@ -206,11 +206,11 @@ impl HandshakeStage {
                 }
                 cx.tag(me.slot as usize, &tags);
                 let broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
-                io.limits = Limits {
+                io.set_limits(Limits {
                     bytes: ws.max_output_bytes,
                     msgs: u32::MAX,
                     policy: ws.slow_consumer,
-                };
+                });
                 // wsgateway's open event, after the endpoint's tags are set.
                 if let (true, Some(l)) = (ep.events, io.login.as_ref()) {
                     let l = l.clone();
@@ -226,11 +226,11 @@ impl HandshakeStage {
                 };
                 let max = scfg.max_message_size;
                 cx.join(Channel::Source(src), me.slot as usize);
-                io.limits = Limits {
+                io.set_limits(Limits {
                     bytes: ws.max_output_bytes,
                     msgs: u32::try_from(cx.cfg().performance.max_queue_size).unwrap_or(u32::MAX),
                     policy: ws.slow_consumer,
-                };
+                });
                 WsStage::source_client(src, max, cx)
             }
             (None, None) => return self.refuse(io, HttpError::NotFound, cx),
@@ -336,7 +336,7 @@ mod tests {
         let out = stage(&t, Some(0)).on_bytes(&mut io, me(), &mut input, &mut t.cx());
         assert!(matches!(out, Outcome::Upgrade(Stage::Ws(_), _)));
         assert_eq!(t.channels.len(Channel::Source(0)), 1);
-        assert_eq!(io.limits.msgs, 77, "Veylor's max_queue_size");
+        assert_eq!(io.limits().msgs, 77, "Veylor's max_queue_size");
         assert!(t.dir.is_empty(), "no id");
     }
 

@@ -62,7 +62,9 @@ pub(crate) enum Stage {
     /// Boxed: a handful per server, and the largest stage after the
     /// WebSocket one (every connection's slab entry is the largest stage's size).
     Upstream(Box<upstream::UpstreamStage>),
-    Veltix(veltix::VeltixStage),
+    /// Boxed: its decoders and keepalive make it the largest stage, and a
+    /// Veltix client pays for that rather than every connection.
+    Veltix(Box<veltix::VeltixStage>),
     /// A wsproxy session between its request head and its 101.
     Session(Box<session::SessionOpen>),
 }

@@ -207,11 +207,11 @@ impl SessionOpen {
         let tags = std::mem::take(&mut self.tags);
         cx.tag(me.slot as usize, &tags);
         let ws_cfg = cx.cfg().ws();
-        io.limits = Limits {
+        io.set_limits(Limits {
             bytes: ws_cfg.max_output_bytes,
             msgs: u32::MAX,
             policy: ws_cfg.slow_consumer,
-        };
+        });
         io.out.push_bytes(&[&super::handshake::switching(
             &self.key,
             self.agreed.as_ref(),

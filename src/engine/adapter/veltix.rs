@@ -112,7 +112,7 @@ impl VeltixStage {
             counted: false,
             hub: None,
         };
-        (Stage::Veltix(st), limits)
+        (Stage::Veltix(Box::new(st)), limits)
     }
 
     fn cfg<'a>(&self, cx: &Ctx<'a>) -> Option<&'a VeltixConfig> {
