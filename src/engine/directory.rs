@@ -21,7 +21,6 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::sync::RwLock;
 
 use foldhash::fast::RandomState;
@@ -83,7 +82,7 @@ struct Entry {
 /// (the map holds a thin pointer per id, the connection another). A newer
 /// login of the id is a new `Login`; this one never changes.
 #[derive(Debug, Clone)]
-pub struct Login(Arc<Entry>);
+pub struct Login(triomphe::Arc<Entry>);
 
 impl Login {
     /// The id.
@@ -222,7 +221,7 @@ impl Directory {
         let shard = self.shard(id);
         let mut map = shard.write();
         let epoch = self.next_epoch();
-        let new = Login(Arc::new(Entry {
+        let new = Login(triomphe::Arc::new(Entry {
             holder: Holder { conn, epoch },
             id: IdBytes::new(id),
         }));
