@@ -11,7 +11,21 @@ use std::time::{Duration, Instant};
 /// The broker's start-up, on a loaded 2-CPU machine.
 const START_WAIT: Duration = Duration::from_secs(90);
 
+/// A port that binds now, below Linux's ephemeral range (32768 and up).
+/// Erlang binds its ports itself, later; an ephemeral port could meanwhile
+/// become the local port of one of the many client sockets the other tests
+/// open, and the broker then refuses to start (`dist_port_already_used`).
 fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..2000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
