@@ -85,6 +85,9 @@ enum Step {
 
 /// Queues shrinking by this much on one core give their memory back.
 const TRIM_AFTER: u64 = 1 << 20;
+/// Queues that held this much since the last trim and are now empty give
+/// their memory back too.
+const TRIM_DRAINED: u64 = 256 << 10;
 /// No more often than this per core.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
@@ -1939,9 +1942,12 @@ impl Core {
     /// `TRIM_EVERY` per core.
     fn trim_if_drained(&mut self, now: Instant) {
         self.queued_high = self.queued_high.max(self.queued);
-        if self.queued_high - self.queued < TRIM_AFTER
-            || self.last_trim.is_some_and(|t| now - t < TRIM_EVERY)
-        {
+        // Also once everything has drained: what shrank by less than
+        // TRIM_AFTER since the last trim (a backlog that drained slowly,
+        // after a cut) would otherwise stay resident.
+        let shrank = self.queued_high - self.queued >= TRIM_AFTER
+            || (self.queued == 0 && self.queued_high >= TRIM_DRAINED);
+        if !shrank || self.last_trim.is_some_and(|t| now - t < TRIM_EVERY) {
             return;
         }
         self.queued_high = self.queued;
