@@ -202,10 +202,10 @@ impl Outbox {
     /// Appends `parts` as one contiguous write, coalesced into the tail
     /// buffer when the last chunk is one.
     pub fn push_bytes(&mut self, parts: &[&[u8]]) {
-        if parts.iter().all(|p| p.is_empty()) {
-            return;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > 0 {
+            self.queue().push_bytes(parts, len);
         }
-        self.queue().push_bytes(parts);
     }
 
     /// Drops everything not yet started on the wire, keeping a partly
@@ -306,11 +306,7 @@ impl Queue {
     /// Appends `parts` as one contiguous write, coalesced into the tail
     /// buffer when the last chunk is one (one allocation for many small
     /// frames, not one each).
-    fn push_bytes(&mut self, parts: &[&[u8]]) {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        if len == 0 {
-            return;
-        }
+    fn push_bytes(&mut self, parts: &[&[u8]], len: usize) {
         self.bytes += len;
         if let Some(Chunk::Buf(v)) = self.q.back_mut() {
             if v.len() + len <= TAIL_MAX {

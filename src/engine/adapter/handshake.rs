@@ -12,7 +12,7 @@
 use super::admin::AdminStage;
 use super::deflate::ConnDeflate;
 use super::session::SessionOpen;
-use super::ws::WsStage;
+use super::ws::{generated_id, WsStage};
 use super::{Outcome, Stage};
 use crate::config::OnMessage;
 use crate::engine::channels::Channel;
@@ -188,20 +188,14 @@ impl HandshakeStage {
                 // can address it, and an idle client holds neither the id nor
                 // its directory entry.
                 let id = match &ep.id_param {
-                    Some(p) => Some(
-                        params
-                            .iter()
-                            .find(|(k, _)| k == p)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or_default(),
-                    ),
-                    None if ep.events || ep.on_message == OnMessage::Rely => {
-                        Some(uuid::Uuid::new_v4().to_string())
+                    Some(p) => {
+                        let v = params.iter().find(|(k, _)| k == p).map(|(_, v)| v.as_str());
+                        Some(format!("{}{}", ep.id_prefix, v.unwrap_or_default()))
                     }
+                    None if ep.events || ep.on_message == OnMessage::Rely => Some(generated_id(ep)),
                     None => None,
                 };
                 if let Some(id) = id {
-                    let id = format!("{}{id}", ep.id_prefix);
                     io.login = Some(cx.login(id.as_bytes(), me));
                 }
                 cx.tag(me.slot as usize, &tags);

@@ -53,6 +53,12 @@ pub(crate) struct WsStage {
     deflate: Option<Box<ConnDeflate>>,
 }
 
+/// A new id for a client of an endpoint without `id_param`: its prefix and a
+/// UUID v4, as wsgateway makes them.
+pub(crate) fn generated_id(ep: &Endpoint) -> String {
+    format!("{}{}", ep.id_prefix, uuid::Uuid::new_v4())
+}
+
 /// A close to send, and why.
 type Goodbye = (u16, &'static str, CloseReason);
 
@@ -470,17 +476,16 @@ impl WsStage {
         let Role::Endpoint(i) = self.role else {
             return;
         };
-        let Some(prefix) = cx
+        let Some(id) = cx
             .cfg()
             .ws()
             .endpoints
             .get(i as usize)
             .filter(|ep| ep.id_param.is_none())
-            .map(|ep| ep.id_prefix.clone())
+            .map(generated_id)
         else {
             return;
         };
-        let id = format!("{prefix}{}", uuid::Uuid::new_v4());
         io.login = Some(cx.login(id.as_bytes(), me));
     }
 
