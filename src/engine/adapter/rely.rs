@@ -71,10 +71,15 @@ impl RelyStage {
             io.touch(cx.now());
             match frame {
                 Frame::Login { id } => {
+                    // The same id again changes nothing: the connection
+                    // still holds it (a newer login elsewhere closes it),
+                    // and a second login would hold its cluster channel
+                    // twice and release it once.
+                    if io.login.as_ref().is_some_and(|l| l.id() == id) {
+                        return true;
+                    }
                     if let Some(old) = io.login.take() {
-                        if old.id() != id {
-                            cx.logout(&old);
-                        }
+                        cx.logout(&old);
                     }
                     log::debug!("{}: login {}", io.peer(), String::from_utf8_lossy(id));
                     io.login = Some(cx.login(id, me));

@@ -266,6 +266,7 @@ impl Client {
             Proto::Rely => {
                 rely::encode_login(&mut c.buf, id.as_bytes());
                 c.tx.write_all(&c.buf)?;
+                c.buf.clear();
             }
             Proto::Redis => {
                 c.tx.write_all(&resp_cmd(&[b"CLIENT", b"REPLY", b"OFF"]))?;
@@ -354,6 +355,53 @@ impl Client {
             }
         }
     }
+}
+
+impl Client {
+    /// Waits up to `d` for at least one message; false if none came.
+    fn recv_within(&mut self, d: Duration, f: impl FnMut(&[u8])) -> io::Result<bool> {
+        self.rx.set_read_timeout(Some(d))?;
+        let r = self.recv(f);
+        self.rx.set_read_timeout(None)?;
+        match r {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Sends probes from `from` to `to` until one arrives, then drains the
+/// rest. A RELY login has no answer, and a cluster node subscribes the
+/// id's channel a moment after it: traffic sent before then is dropped,
+/// which would stall a round trip or shrink a window for good. Bounded.
+fn until_routed(from: &mut Client, to: &mut Client) {
+    let die = |what: String| -> ! {
+        eprintln!("corerelay-bench: {what}");
+        std::process::exit(1)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let to_id = to.id.clone();
+    loop {
+        from.push(&to_id, b"probe");
+        if let Err(e) = from.flush() {
+            die(format!("probe {} -> {to_id}: {e}", from.id));
+        }
+        match to.recv_within(Duration::from_millis(50), |_| {}) {
+            Ok(true) => break,
+            Ok(false) if Instant::now() < deadline => {}
+            Ok(false) => die(format!("{to_id} never reachable from {}", from.id)),
+            Err(e) => die(format!("probe at {to_id}: {e}")),
+        }
+    }
+    while let Ok(true) = to.recv_within(Duration::from_millis(100), |_| {}) {}
 }
 
 fn resp_cmd(parts: &[&[u8]]) -> Vec<u8> {
@@ -546,6 +594,13 @@ fn make_pairs(a: &Args, s: &Setup) -> Vec<(Client, Client)> {
             });
             (ca, cb)
         })
+        .map(|(mut ca, mut cb)| {
+            if a.proto == Proto::Rely && s.server.is_none() {
+                until_routed(&mut ca, &mut cb);
+                until_routed(&mut cb, &mut ca);
+            }
+            (ca, cb)
+        })
         .collect()
 }
 
@@ -610,15 +665,21 @@ fn pingpong(a: &Args, s: &Setup) {
                 let mut h =
                     Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
                 let (ida, idb) = (ca.id.clone(), cb.id.clone());
+                // A lost message ends the run instead of hanging it.
+                for c in [&ca, &cb] {
+                    c.rx.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("read timeout");
+                }
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     ca.push(&idb, &payload);
                     ca.flush().expect("send a->b");
                     let mut got = vec![];
-                    cb.recv(|p| got = p.to_vec()).expect("recv at b");
+                    cb.recv(|p| got = p.to_vec())
+                        .expect("recv at b (lost, or 10 s late)");
                     cb.push(&ida, &got);
                     cb.flush().expect("send b->a");
-                    ca.recv(|_| {}).expect("recv at a");
+                    ca.recv(|_| {}).expect("recv at a (lost, or 10 s late)");
                     if measuring.load(Ordering::Relaxed) {
                         let _ = h.record(t.elapsed().as_nanos() as u64);
                         count.fetch_add(1, Ordering::Relaxed);
