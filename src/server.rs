@@ -6,7 +6,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -239,6 +239,7 @@ impl Server {
             deflate: Shared::deflate_stats(&cfg, workers),
             cluster_nodes: Default::default(),
             cluster_known: AtomicUsize::new(0),
+            cluster_heard: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             quiesced: AtomicUsize::new(0),
             cfg,

@@ -744,51 +744,71 @@ fn config_yaml_in_the_working_directory_is_used() {
 /// says so and runs without it.
 #[test]
 fn the_embedded_defaults_serve_the_admin_api_on_loopback() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(BIN)
-        .args(["-v", &port.to_string()])
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, logs) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufRead::lines(BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    // A child's start-up under a loaded test run (CI once took over 5 s).
-    let deadline = Instant::now() + 4 * WAIT;
-    let mut bound = None;
-    while bound.is_none() && Instant::now() < deadline {
-        match logs.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) if l.contains("listening: admin on 127.0.0.1:6666") => bound = Some(true),
-            Ok(l) if l.contains("default admin API on 127.0.0.1:6666 is not available") => {
-                bound = Some(false)
+    // The RELY port is a free one picked here; another test's client
+    // socket may take it before the child binds it, so a child that says
+    // so is started again on another (bounded).
+    let mut attempt = 0;
+    let (child, bound) = loop {
+        attempt += 1;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(BIN)
+            .args(["-v", &port.to_string()])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(BufReader::new(stderr)).map_while(Result::ok) {
+                let _ = tx.send(l);
             }
-            _ => {}
+        });
+        // A child's start-up under a loaded test run (CI once took over 5 s).
+        let deadline = Instant::now() + 4 * WAIT;
+        let mut bound = None;
+        let mut said = Vec::new();
+        while bound.is_none() && Instant::now() < deadline {
+            match logs.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) if l.contains("listening: admin on 127.0.0.1:6666") => bound = Some(true),
+                Ok(l) if l.contains("default admin API on 127.0.0.1:6666 is not available") => {
+                    bound = Some(false)
+                }
+                Ok(l) => said.push(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                // The child exited: what it said is why.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
-    }
+        if let Some(b) = bound {
+            break (child, b);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let taken = said
+            .iter()
+            .any(|l| l.contains(&format!("cannot listen on 0.0.0.0:{port}")));
+        assert!(
+            taken && attempt < 3,
+            "neither bound nor explained: {said:?}"
+        );
+    };
     // Killed whatever happens below.
     let mut child = KillOnDrop(child);
-    match bound {
-        Some(true) => {
-            let a: SocketAddr = "127.0.0.1:6666".parse().unwrap();
-            assert_eq!(
-                crate::support::http(a, "GET", "/health", &[], b"").status,
-                200
-            );
-            let m = crate::support::http(a, "GET", "/metrics", &[], b"").text();
-            assert!(m.contains("corerelay_accepted_total"), "{m}");
-        }
-        Some(false) => {} // another process holds it: said, and still serving RELY
-        None => panic!("neither bound nor explained"),
+    // Otherwise another process holds it: said, and still serving RELY.
+    if bound {
+        let a: SocketAddr = "127.0.0.1:6666".parse().unwrap();
+        assert_eq!(
+            crate::support::http(a, "GET", "/health", &[], b"").status,
+            200
+        );
+        let m = crate::support::http(a, "GET", "/metrics", &[], b"").text();
+        assert!(m.contains("corerelay_accepted_total"), "{m}");
     }
     signal(&child.0, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child.0).code(), Some(0));

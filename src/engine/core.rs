@@ -157,6 +157,13 @@ pub(crate) struct Core {
     /// login to claim anew (a batch per iteration, so a million logins
     /// never flood the connection's buffer).
     reclaim: Option<usize>,
+    /// With a cluster: the command connection came (back) up, so the ids
+    /// are to be claimed anew once this node's channel is heard.
+    reclaim_due: bool,
+    /// The `Shared::cluster_heard` subscription count at the last claim
+    /// anew: a node channel subscribed again (kicks may have been lost
+    /// meanwhile) is a reason to claim again too.
+    heard_gen: u64,
     /// With a cluster: when this core next claims its logins' ids again,
     /// renewing their keys (every half `owner_ttl`).
     next_refresh: Option<Instant>,
@@ -212,6 +219,8 @@ impl Core {
             registry: (setup.index == 0 && cfg.cluster.is_some())
                 .then(|| (super::cluster::Registry::default(), Instant::now())),
             reclaim: None,
+            reclaim_due: false,
+            heard_gen: 0,
             next_refresh: cfg
                 .cluster
                 .as_ref()
@@ -345,6 +354,11 @@ impl Core {
             let waited = self.mesh.flush();
             if waited > 0 {
                 self.metrics().mesh_overflow.add(waited);
+            }
+            // After every write of the iteration: off the path of what it
+            // delivers.
+            for r in self.redis.iter_mut().flatten() {
+                r.read_quiet(self.poll.registry(), &self.shared);
             }
             if self.drained(instant) {
                 break;
@@ -1517,6 +1531,7 @@ impl Core {
                 self.reclaim.get_or_insert(0);
             }
         }
+        self.cluster_reclaim();
         if let Some(from) = self.reclaim.take() {
             self.reclaim_batch(from);
         }
@@ -1535,6 +1550,43 @@ impl Core {
             self.publish_nodes();
         }
         self.cluster_publish(&channel, words.as_bytes());
+    }
+
+    /// Starts claiming this core's ids anew after Redis came back, but only
+    /// once this node's channel is subscribed again: a claim that displaces
+    /// a login here (or finds a newer one elsewhere) tells this node on
+    /// that channel, and a kick published before it is heard would leave
+    /// the id held on two nodes. The core holding the channel publishes
+    /// whether it is heard; every core claims when it is, after its own
+    /// command connection came up or the channel was subscribed anew.
+    fn cluster_reclaim(&mut self) {
+        let Some(c) = &self.cfg.cluster else {
+            return;
+        };
+        let Some(Some(r)) = self.redis.get(c.server) else {
+            return;
+        };
+        let heard = &self.shared.cluster_heard;
+        if let Some(now_heard) = r.node_heard() {
+            let v = heard.load(Ordering::Acquire);
+            if now_heard != (v & 1 == 1) {
+                let next = if now_heard {
+                    ((v >> 1) + 1) << 1 | 1
+                } else {
+                    v & !1
+                };
+                heard.store(next, Ordering::Release);
+            }
+        }
+        let v = heard.load(Ordering::Acquire);
+        if v & 1 == 0 || !r.ready().0 {
+            return;
+        }
+        if self.reclaim_due || v >> 1 != self.heard_gen {
+            self.reclaim_due = false;
+            self.heard_gen = v >> 1;
+            self.reclaim.get_or_insert(0);
+        }
     }
 
     /// Claims anew the ids of up to `RECLAIM_BATCH` logins from slab key
@@ -1745,7 +1797,7 @@ impl Core {
                 redis::Event::Said(words) => self.cluster_said(&words),
                 redis::Event::Up => {
                     if self.cfg.cluster.is_some() {
-                        self.reclaim = Some(0);
+                        self.reclaim_due = true;
                     }
                 }
             }

@@ -5,7 +5,7 @@ use super::*;
 use crate::config::Config;
 use crate::engine::directory::Directory;
 use crate::engine::mesh::Inbox;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
 /// A core with no listeners, driven by hand.
 fn core(yaml: &str) -> Core {
@@ -22,6 +22,7 @@ fn core(yaml: &str) -> Core {
         deflate: Shared::deflate_stats(&cfg, 1),
         cluster_nodes: Default::default(),
         cluster_known: AtomicUsize::new(0),
+        cluster_heard: AtomicU64::new(0),
         shutdown: AtomicBool::new(false),
         quiesced: AtomicUsize::new(0),
         cfg,

@@ -69,6 +69,9 @@ const READ_CHUNK: usize = 64 * 1024;
 const READS_PER_ITERATION: usize = 64;
 /// A connection that stayed up this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
+/// How long the command connection stays quiet (see [`Link::quiet`])
+/// after its last transfer before it listens for replies again.
+const QUIET_HOLD: Duration = Duration::from_secs(1);
 
 /// What a reply means to whoever asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +210,17 @@ struct Link {
     heard: Instant,
     /// The subscription connection's outstanding PING.
     ping_due: Option<Instant>,
+    /// Transfers (`Want::Transfer`) among `pending`.
+    transfers: usize,
+    /// Registered for writability only: while every request in flight is a
+    /// transfer, whose reply only counts it, the replies must not wake the
+    /// core (a wake-up per cross-node message costs the sending node as
+    /// much CPU as the message, and on a busy machine delays the node that
+    /// delivers it). They are read at the end of each iteration instead
+    /// ([`Redis::read_quiet`]); the core wakes at least every tick.
+    quiet: bool,
+    /// When the last transfer was queued (the quiet mode's hold).
+    last_transfer: Option<Instant>,
 }
 
 /// A channel this core subscribes.
@@ -274,6 +288,9 @@ impl Link {
             up_since: None,
             heard: now,
             ping_due: None,
+            transfers: 0,
+            quiet: false,
+            last_transfer: None,
         }
     }
 
@@ -355,6 +372,15 @@ impl Redis {
         }
         self.cluster = Some(names);
         self
+    }
+
+    /// Whether this node's channel is subscribed (confirmed) on this
+    /// core's connection, so kicks for this node reach it; None on a core
+    /// that does not hold it.
+    pub(crate) fn node_heard(&self) -> Option<bool> {
+        let node = &self.cluster.as_ref()?.node;
+        let s = self.subs.get(node)?;
+        Some(self.sub.ready() && s.subscribed && s.outstanding == 0)
     }
 
     /// Keeps channel `name` subscribed (now, or at the next connect) with
@@ -490,6 +516,8 @@ impl Redis {
         let now = self.now;
         l.pending
             .push_back((Want::Transfer, now + cfg.request_timeout, now));
+        l.transfers += 1;
+        l.last_transfer = Some(now);
         m.redis_requests.inc();
         true
     }
@@ -504,7 +532,9 @@ impl Redis {
     /// Input is waiting that the last iteration left (its read budget ran
     /// out): the core must not sleep.
     pub(crate) fn busy(&self) -> bool {
-        (self.cmd.readable && self.cmd.up()) || (self.sub.readable && self.sub.up())
+        (self.cmd.readable && self.cmd.up())
+            || (self.sub.readable && self.sub.up())
+            || !self.events.is_empty()
     }
 
     /// Sends a command whose reply goes to `me`'s stage, tagged `tag`.
@@ -815,6 +845,7 @@ impl Redis {
                 };
                 l.readable = false;
                 l.writable = false;
+                l.quiet = false;
             }
             Err(e) => {
                 log::debug!("core {core}: redis connect to {addr}: {e}");
@@ -1000,6 +1031,12 @@ impl Redis {
                 Ok(n) => {
                     l.inb.extend_from_slice(&scratch[..n]);
                     l.heard = Instant::now();
+                    if n < scratch.len() {
+                        // Drained: a new arrival raises a new edge (a
+                        // close too), so no read to hear WouldBlock.
+                        l.readable = false;
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     l.readable = false;
@@ -1059,6 +1096,9 @@ impl Redis {
             m.redis_bad_replies.inc();
             return Err("a reply nobody asked for".into());
         };
+        if want == Want::Transfer {
+            self.cmd.transfers -= 1;
+        }
         m.redis_replies.inc();
         m.redis_reply_ns.add(sent.elapsed().as_nanos() as u64);
         let answer = match v {
@@ -1296,6 +1336,57 @@ impl Redis {
                 self.drop_link(sub, registry, cfg, m, &why);
             }
         }
+        self.set_quiet(registry, cfg, m);
+    }
+
+    /// Registers the command connection quiet or not (see [`Link::quiet`]):
+    /// quiet while nothing but transfers is in flight and transfers went
+    /// out within [`QUIET_HOLD`]. Between bursts it listens again, so a
+    /// Redis that went away is noticed at once, as before; during a burst
+    /// the reads at each iteration's end notice it. One `epoll_ctl` per
+    /// change, not per message.
+    fn set_quiet(&mut self, registry: &Registry, cfg: &RedisConfig, m: &CoreMetrics) {
+        let l = &mut self.cmd;
+        let State::Up { stream } = &mut l.state else {
+            return;
+        };
+        let quiet = l.pending.len() == l.transfers
+            && (l.transfers > 0
+                || l.last_transfer
+                    .is_some_and(|t| self.now.saturating_duration_since(t) < QUIET_HOLD));
+        if quiet == l.quiet {
+            return;
+        }
+        let interest = if quiet {
+            Interest::WRITABLE
+        } else {
+            // Replies that came while quiet raise an event at once.
+            Interest::READABLE | Interest::WRITABLE
+        };
+        match registry.reregister(stream, l.token, interest) {
+            Ok(()) => l.quiet = quiet,
+            Err(e) => self.drop_link(false, registry, cfg, m, &format!("reregister: {e}")),
+        }
+    }
+
+    /// End of an iteration: reads the replies a quiet command connection
+    /// has (one read when none came), so they are counted without a
+    /// wake-up of their own.
+    pub(crate) fn read_quiet(&mut self, registry: &Registry, shared: &Arc<Shared>) {
+        // Nothing to read for transfers sent in this very iteration: Redis
+        // has not had them yet (their send time is this iteration's clock).
+        let l = &self.cmd;
+        if !(l.quiet && l.transfers > 0 && l.pending.front().is_some_and(|p| p.2 < self.now)) {
+            return;
+        }
+        let Some(cfg) = shared.cfg.redis_server(self.server) else {
+            return;
+        };
+        let m = &shared.metrics[self.core];
+        self.cmd.readable = true;
+        if let Err(why) = self.read(false, cfg, m) {
+            self.drop_link(false, registry, cfg, m, &why);
+        }
     }
 
     /// Ends a connection: every request it held fails, the backoff grows,
@@ -1338,6 +1429,8 @@ impl Redis {
         l.readable = false;
         l.writable = false;
         l.ping_due = None;
+        l.transfers = 0;
+        l.quiet = false;
         let failed: Vec<_> = l.pending.drain(..).collect();
         let name = l.name();
         if was_up {

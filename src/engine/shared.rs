@@ -2,7 +2,7 @@
 //! directory, each core's inbox and counters, each source's status, and the
 //! shutdown flags. Everything else a core owns alone.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::directory::Directory;
@@ -34,6 +34,12 @@ pub struct Shared {
     pub cluster_nodes: std::sync::Mutex<Vec<String>>,
     /// Their number.
     pub cluster_known: AtomicUsize,
+    /// Whether this node's channel is subscribed (bit 0), and how many
+    /// times it has been subscribed anew (the rest); written by the core
+    /// that holds it. Kicks for this node come on that channel, so a core
+    /// claims its ids again only once it is heard (see
+    /// `Core::cluster_reclaim`).
+    pub cluster_heard: AtomicU64,
     /// Set once to begin a graceful shutdown.
     pub shutdown: AtomicBool,
     /// Draining cores that will never send to another core again (they have

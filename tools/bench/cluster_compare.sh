@@ -5,6 +5,7 @@
 # times; prints medians and the ratios the cluster issue asks for.
 # Usage: tools/bench/cluster_compare.sh [RUNS] [DURATION_S] [PAIRS]
 # BUSY_POLL=true runs both nodes with busy_poll (no wake-up per message).
+# CORERELAY=path runs that server binary (an A/B against another build).
 # Needs redis-server on PATH (apt-get install redis-server).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,7 +32,7 @@ start_node() { # name -> sets PORT_<name> and PID_<name>
   port=$(free_port)
   printf 'workers: 1\nbusy_poll: %s\nrely:\n  listen: ["127.0.0.1:%s"]\n  idle_timeout: 0\nadmin:\n  listen: []\ncluster:\n  redis_url: redis://127.0.0.1:%s\n  node_id: %s\n' \
     "${BUSY_POLL:-false}" "$port" "$RPORT" "$name" > "$OUT/$name.yaml"
-  target/release/corerelay -c "$OUT/$name.yaml" 2>"$OUT/$name.log" & echo $! > "$OUT/$name.pid"
+  "${CORERELAY:-target/release/corerelay}" -c "$OUT/$name.yaml" 2>"$OUT/$name.log" & echo $! > "$OUT/$name.pid"
   for _ in $(seq 50); do grep -q "listening" "$OUT/$name.log" 2>/dev/null && break; sleep 0.1; done
   eval "PORT_$name=$port PID_$name=$(cat "$OUT/$name.pid")"
 }
