@@ -65,6 +65,9 @@ pub(crate) fn of_token(t: Token) -> (usize, bool) {
 const SUBSCRIBE_BATCH: usize = 512;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
+/// A read shorter than this ends the connection's reads for the
+/// iteration (see `read_into`).
+const SMALL_READ: usize = 4096;
 /// Reads per connection per iteration before the others get a turn.
 const READS_PER_ITERATION: usize = 64;
 /// A connection that stayed up this long resets the backoff.
@@ -1031,9 +1034,12 @@ impl Redis {
                 Ok(n) => {
                     l.inb.extend_from_slice(&scratch[..n]);
                     l.heard = Instant::now();
-                    if n < scratch.len() {
-                        // Drained: a new arrival raises a new edge (a
-                        // close too), so no read to hear WouldBlock.
+                    if n < SMALL_READ {
+                        // Drained, and little came: a new arrival raises a
+                        // new edge (a close too), so no read to hear
+                        // WouldBlock. After a larger read more is likely
+                        // on its way, and reading on batches it into this
+                        // iteration's writes (what a stream's rate needs).
                         l.readable = false;
                         break;
                     }
