@@ -1342,7 +1342,7 @@ impl Redis {
                 self.drop_link(sub, registry, cfg, m, &why);
             }
         }
-        self.set_quiet(registry, cfg, m);
+        self.set_quiet(registry, cfg, m, shared.cfg.busy_poll);
     }
 
     /// Registers the command connection quiet or not (see [`Link::quiet`]):
@@ -1350,13 +1350,21 @@ impl Redis {
     /// out within [`QUIET_HOLD`]. Between bursts it listens again, so a
     /// Redis that went away is noticed at once, as before; during a burst
     /// the reads at each iteration's end notice it. One `epoll_ctl` per
-    /// change, not per message.
-    fn set_quiet(&mut self, registry: &Registry, cfg: &RedisConfig, m: &CoreMetrics) {
+    /// change, not per message. Never with `busy_poll`: a spinning core
+    /// wakes for nothing, and reading each spin would only add reads.
+    fn set_quiet(
+        &mut self,
+        registry: &Registry,
+        cfg: &RedisConfig,
+        m: &CoreMetrics,
+        busy_poll: bool,
+    ) {
         let l = &mut self.cmd;
         let State::Up { stream } = &mut l.state else {
             return;
         };
-        let quiet = l.pending.len() == l.transfers
+        let quiet = !busy_poll
+            && l.pending.len() == l.transfers
             && (l.transfers > 0
                 || l.last_transfer
                     .is_some_and(|t| self.now.saturating_duration_since(t) < QUIET_HOLD));
