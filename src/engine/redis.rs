@@ -1103,7 +1103,7 @@ impl Redis {
             return Err("a reply nobody asked for".into());
         };
         if want == Want::Transfer {
-            self.cmd.transfers -= 1;
+            self.cmd.transfers = self.cmd.transfers.saturating_sub(1);
         }
         m.redis_replies.inc();
         m.redis_reply_ns.add(sent.elapsed().as_nanos() as u64);
@@ -1347,9 +1347,10 @@ impl Redis {
 
     /// Registers the command connection quiet or not (see [`Link::quiet`]):
     /// quiet while nothing but transfers is in flight and transfers went
-    /// out within [`QUIET_HOLD`]. Between bursts it listens again, so a
-    /// Redis that went away is noticed at once, as before; during a burst
-    /// the reads at each iteration's end notice it. One `epoll_ctl` per
+    /// out within [`QUIET_HOLD`]. A hold past a burst's end listens again,
+    /// so a Redis that closed the connection is noticed within it (the
+    /// subscription connection notices at once); during a burst the reads
+    /// at each iteration's end notice it. One `epoll_ctl` per
     /// change, not per message. Never with `busy_poll`: a spinning core
     /// wakes for nothing, and reading each spin would only add reads.
     fn set_quiet(
