@@ -31,6 +31,22 @@ fn spawn(config: &std::path::Path) -> (Child, SocketAddr) {
 /// Runs `cmd` (which starts the server), returning it, its RELY address and
 /// a channel of its later log lines.
 fn spawn_logged(cmd: &mut Command) -> (Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let (child, rx) = spawn_with_logs(cmd);
+    let deadline = Instant::now() + WAIT;
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("server logs its listener");
+        if let Some(a) = line.split("listening: rely on ").nth(1) {
+            break a.trim().parse().unwrap();
+        }
+    };
+    (child, addr, rx)
+}
+
+/// Runs `cmd`, returning it and a channel of its log lines (disconnected
+/// once it exits).
+fn spawn_with_logs(cmd: &mut Command) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut child = cmd
         .env_remove("RUST_LOG")
         .stderr(Stdio::piped())
@@ -60,16 +76,7 @@ fn spawn_logged(cmd: &mut Command) -> (Child, SocketAddr, std::sync::mpsc::Recei
             }
         }
     });
-    let deadline = Instant::now() + WAIT;
-    let addr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("server logs its listener");
-        if let Some(a) = line.split("listening: rely on ").nth(1) {
-            break a.trim().parse().unwrap();
-        }
-    };
-    (child, addr, rx)
+    (child, rx)
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -755,20 +762,7 @@ fn the_embedded_defaults_serve_the_admin_api_on_loopback() {
             .local_addr()
             .unwrap()
             .port();
-        let mut child = Command::new(BIN)
-            .args(["-v", &port.to_string()])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, logs) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufRead::lines(BufReader::new(stderr)).map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
+        let (mut child, logs) = spawn_with_logs(Command::new(BIN).args(["-v", &port.to_string()]));
         // A child's start-up under a loaded test run (CI once took over 5 s).
         let deadline = Instant::now() + 4 * WAIT;
         let mut bound = None;
