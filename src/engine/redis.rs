@@ -75,6 +75,12 @@ const STABLE: Duration = Duration::from_secs(10);
 /// How long the command connection stays quiet (see [`Link::quiet`])
 /// after its last transfer before it listens for replies again.
 const QUIET_HOLD: Duration = Duration::from_secs(1);
+/// A quiet connection's replies are read once this many transfers wait
+/// for theirs (one read for the lot, not one per transfer)...
+const QUIET_BATCH: usize = 64;
+/// ...or once the oldest has waited this long (the core wakes at least
+/// every tick, so a count lags by at most about a tick and a half).
+const QUIET_LAG: Duration = Duration::from_millis(50);
 
 /// What a reply means to whoever asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,8 +225,8 @@ struct Link {
     /// transfer, whose reply only counts it, the replies must not wake the
     /// core (a wake-up per cross-node message costs the sending node as
     /// much CPU as the message, and on a busy machine delays the node that
-    /// delivers it). They are read at the end of each iteration instead
-    /// ([`Redis::read_quiet`]); the core wakes at least every tick.
+    /// delivers it). They are read at an iteration's end instead, in
+    /// batches ([`Redis::read_quiet`]); the core wakes at least every tick.
     quiet: bool,
     /// When the last transfer was queued (the quiet mode's hold).
     last_transfer: Option<Instant>,
@@ -1385,13 +1391,17 @@ impl Redis {
     }
 
     /// End of an iteration: reads the replies a quiet command connection
-    /// has (one read when none came), so they are counted without a
-    /// wake-up of their own.
+    /// has, so they are counted without a wake-up of their own, once
+    /// [`QUIET_BATCH`] transfers wait or the oldest waited [`QUIET_LAG`].
     pub(crate) fn read_quiet(&mut self, registry: &Registry, shared: &Arc<Shared>) {
-        // Nothing to read for transfers sent in this very iteration: Redis
-        // has not had them yet (their send time is this iteration's clock).
+        // Replies only count transfers, so they wait for a batch (or a
+        // lag): one read per reply would cost a syscall per message.
         let l = &self.cmd;
-        if !(l.quiet && l.transfers > 0 && l.pending.front().is_some_and(|p| p.2 < self.now)) {
+        let due = l.transfers >= QUIET_BATCH
+            || l.pending
+                .front()
+                .is_some_and(|p| self.now.saturating_duration_since(p.2) >= QUIET_LAG);
+        if !(l.quiet && l.transfers > 0 && due) {
             return;
         }
         let Some(cfg) = shared.cfg.redis_server(self.server) else {
