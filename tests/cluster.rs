@@ -185,6 +185,59 @@ fn a_login_repeated_on_one_connection_is_held_once_and_let_go_at_close() {
     );
 }
 
+/// Transfer replies are read in batches, not as they come; a short
+/// `request_timeout` must still never take a reply that sat unread for a
+/// late one. Pings are slowed so nothing but the tick wakes the sender.
+#[test]
+fn replies_that_wait_for_their_batch_are_not_taken_for_timeouts() {
+    let redis = RedisServer::start();
+    let node_q = |name: &str| {
+        let yaml = node_yaml(&redis, name, "  redis:\n    request_timeout: 90ms\n")
+            .replace("ping_interval: 100ms", "ping_interval: 10s")
+            .replace("node_expiry: 1s", "node_expiry: 30s");
+        let n = Server::start(Config::from_yaml(&yaml, None).expect("cluster config"))
+            .expect("node starts");
+        wait_until(
+            || {
+                let m = n.metrics();
+                m.redis_cmd_up == 2 && m.redis_sub_up == 2
+            },
+            "the node's Redis connections up",
+        );
+        n
+    };
+    let (a, b) = (node_q("a"), node_q("b"));
+    let mut alice = login(&a, "alice");
+    let mut bob = login(&b, "bob");
+    until_routed(&mut bob, &mut alice);
+    wait_until(
+        || b.metrics().redis_in_flight == 0,
+        "the probes' replies read",
+    );
+    let before = b.metrics();
+    // Fewer than a batch, each then left to wait: the sending core sleeps
+    // a whole tick (100 ms, past the 90 ms timeout) before it reads.
+    for i in 0..3u32 {
+        bob.send(b"alice", &i.to_be_bytes()).unwrap();
+        let got = alice
+            .recv(Some(WAIT))
+            .unwrap()
+            .expect("frame within the wait");
+        assert_eq!(got.payload, i.to_be_bytes());
+        let want = before.cluster_out + u64::from(i) + 1;
+        wait_until(|| b.metrics().cluster_out >= want, "the transfer counted");
+    }
+    let m = b.metrics();
+    assert_eq!(
+        m.redis_timeouts, before.redis_timeouts,
+        "a reply taken for a timeout"
+    );
+    assert_eq!(m.cluster_dropped, before.cluster_dropped);
+    // And the link stayed up: one more still crosses.
+    bob.send(b"alice", b"after").unwrap();
+    assert_eq!(alice.recv(Some(WAIT)).unwrap().unwrap().payload, b"after");
+}
+
 #[test]
 fn rely_reaches_a_websocket_id_on_another_node_and_back() {
     let redis = RedisServer::start();

@@ -758,6 +758,12 @@ impl Redis {
             }
             self.dial(sub, registry, cfg, shared, now);
             self.finish_connect(sub, registry, cfg, m, now);
+            let l = self.link(sub);
+            if l.quiet && l.pending.front().is_some_and(|p| p.1 <= now) {
+                // A quiet connection's replies may sit unread: read them
+                // before judging a deadline (a short request_timeout).
+                l.readable = true;
+            }
             if let Err(why) = self.read(sub, cfg, m) {
                 self.drop_link(sub, registry, cfg, m, &why);
                 continue;
