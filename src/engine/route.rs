@@ -325,8 +325,8 @@ impl<'a> Ctx<'a> {
         self.channels.leave(ch, slot);
     }
 
-    /// Indexes `slot` under `tags`.
-    pub(crate) fn tag(&mut self, slot: usize, tags: &[Tag]) {
+    /// Indexes `slot` under `tags`, which then share the index's strings.
+    pub(crate) fn tag(&mut self, slot: usize, tags: &mut [Tag]) {
         self.tags.insert(slot, tags);
     }
 

@@ -8,9 +8,12 @@
 //! stale-tag bug is not copied).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-/// One tag: (key, value).
-pub type Tag = (Box<str>, Box<str>);
+/// One tag: (key, value). Shared strings: a core's index holds one copy of
+/// each key and value, and every connection carrying the tag points at it
+/// (a room of N members keeps its name once, not N times).
+pub type Tag = (Arc<str>, Arc<str>);
 
 /// A connection's tags, sorted by key: none (no allocation, and 8 bytes
 /// of the connection's slab entry, not a vector's 24) or a boxed list.
@@ -22,6 +25,11 @@ impl TagList {
     /// The list, for changes (made on the first).
     pub fn vec_mut(&mut self) -> &mut Vec<Tag> {
         self.0.get_or_insert_with(Default::default)
+    }
+
+    /// The tags, for [`TagIndex::insert`] (empty when there are none).
+    pub fn slice_mut(&mut self) -> &mut [Tag] {
+        self.0.as_deref_mut().map_or(&mut [], |v| v.as_mut_slice())
     }
 }
 
@@ -78,7 +86,7 @@ impl Selector {
 /// The index.
 #[derive(Debug, Default)]
 pub struct TagIndex {
-    by_tag: HashMap<Box<str>, HashMap<Box<str>, Members>>,
+    by_tag: HashMap<Arc<str>, HashMap<Arc<str>, Members>>,
 }
 
 /// The connections carrying one (key, value), and the selector of exactly
@@ -87,20 +95,22 @@ pub struct TagIndex {
 #[derive(Debug, Default)]
 struct Members {
     slots: HashSet<usize>,
-    selector: Option<std::sync::Arc<Selector>>,
+    selector: Option<Arc<Selector>>,
 }
 
 impl TagIndex {
-    /// Adds `slot` under each tag.
-    pub fn insert(&mut self, slot: usize, tags: &[Tag]) {
+    /// Adds `slot` under each tag, and points `tags` at the index's own
+    /// copies of the strings (so the caller's fresh ones are freed).
+    pub fn insert(&mut self, slot: usize, tags: &mut [Tag]) {
         for (k, v) in tags {
-            self.by_tag
-                .entry(k.clone())
-                .or_default()
-                .entry(v.clone())
-                .or_default()
-                .slots
-                .insert(slot);
+            if let Some((known, _)) = self.by_tag.get_key_value(&**k) {
+                *k = known.clone();
+            }
+            let values = self.by_tag.entry(k.clone()).or_default();
+            if let Some((known, _)) = values.get_key_value(&**v) {
+                *v = known.clone();
+            }
+            values.entry(v.clone()).or_default().slots.insert(slot);
         }
     }
 
@@ -144,14 +154,20 @@ impl TagIndex {
 
     /// The selector of connections tagged `k` = `v`, shared while any
     /// connection carries that tag (a new one when none does).
-    pub fn selector_of(&mut self, k: &str, v: &str) -> std::sync::Arc<Selector> {
-        let tag = || (Box::from(k), Box::from(v));
-        match self.by_tag.get_mut(k).and_then(|vals| vals.get_mut(v)) {
-            Some(m) => m
+    pub fn selector_of(&mut self, k: &str, v: &str) -> Arc<Selector> {
+        // The index's own strings, when it has them.
+        let key = self.by_tag.get_key_value(k).map(|(key, _)| key.clone());
+        let Some(values) = self.by_tag.get_mut(k) else {
+            return Arc::new(Selector::Tags(vec![(k.into(), v.into())]));
+        };
+        let key = key.unwrap_or_else(|| k.into());
+        let value = values.get_key_value(v).map(|(value, _)| value.clone());
+        match (values.get_mut(v), value) {
+            (Some(m), Some(value)) => m
                 .selector
-                .get_or_insert_with(|| std::sync::Arc::new(Selector::Tags(vec![tag()])))
+                .get_or_insert_with(|| Arc::new(Selector::Tags(vec![(key, value)])))
                 .clone(),
-            None => std::sync::Arc::new(Selector::Tags(vec![tag()])),
+            _ => Arc::new(Selector::Tags(vec![(key, v.into())])),
         }
     }
 
@@ -189,8 +205,8 @@ mod tests {
     #[test]
     fn members_of_one_value_share_one_selector_while_any_is_there() {
         let mut ix = TagIndex::default();
-        ix.insert(1, &t(&[("room", "a")]));
-        ix.insert(2, &t(&[("room", "a")]));
+        ix.insert(1, &mut t(&[("room", "a")]));
+        ix.insert(2, &mut t(&[("room", "a")]));
         let (s1, s2) = (ix.selector_of("room", "a"), ix.selector_of("room", "a"));
         assert!(std::sync::Arc::ptr_eq(&s1, &s2));
         assert_eq!(*s1, Selector::Tags(t(&[("room", "a")])));
@@ -198,12 +214,28 @@ mod tests {
         ix.remove(1, &t(&[("room", "a")]));
         ix.remove(2, &t(&[("room", "a")]));
         assert_eq!(ix.entries(), 0, "the last member takes the entry along");
-        ix.insert(3, &t(&[("room", "a")]));
+        ix.insert(3, &mut t(&[("room", "a")]));
         let s3 = ix.selector_of("room", "a");
         assert!(!std::sync::Arc::ptr_eq(&s1, &s3) && *s1 == *s3);
         let mut out = Vec::new();
         ix.select(&t(&[("room", "a")]), &mut out);
         assert_eq!(out, [3]);
+    }
+
+    #[test]
+    fn members_of_one_tag_share_its_strings_with_the_index() {
+        let mut ix = TagIndex::default();
+        let (mut a, mut b) = (t(&[("room", "x")]), t(&[("room", "x")]));
+        ix.insert(1, &mut a);
+        ix.insert(2, &mut b);
+        assert!(Arc::ptr_eq(&a[0].0, &b[0].0) && Arc::ptr_eq(&a[0].1, &b[0].1));
+        // The index's copy and the two members' references, nothing else.
+        assert_eq!(Arc::strong_count(&a[0].1), 3);
+        let s = ix.selector_of("room", "x");
+        let Selector::Tags(st) = &*s else {
+            panic!("a tag selector: {s:?}");
+        };
+        assert!(Arc::ptr_eq(&st[0].1, &a[0].1));
     }
 
     fn t(pairs: &[(&str, &str)]) -> Vec<Tag> {
@@ -237,18 +269,18 @@ mod tests {
     fn and_of_tags_and_no_stale_entries() {
         let mut ix = TagIndex::default();
         let mut a = t(&[("role", "admin"), ("room", "1")]);
-        ix.insert(1, &a);
-        ix.insert(2, &t(&[("room", "1")]));
+        ix.insert(1, &mut a);
+        ix.insert(2, &mut t(&[("room", "1")]));
         let mut out = vec![];
         ix.select(&t(&[("room", "1"), ("role", "admin")]), &mut out);
         assert_eq!(out, vec![1]);
         // Change room 1 -> 2 on slot 1: it leaves room 1 entirely.
-        let (removed, added) = apply_changes(
+        let (removed, mut added) = apply_changes(
             &mut a,
             &[("room".into(), "2".into()), ("role".into(), "".into())],
         );
         ix.remove(1, &removed);
-        ix.insert(1, &added);
+        ix.insert(1, &mut added);
         assert_eq!(a, t(&[("room", "2")]));
         out.clear();
         ix.select(&t(&[("room", "1")]), &mut out);

@@ -181,7 +181,7 @@ impl HandshakeStage {
             }
             (Some((endpoint, params)), _) => {
                 let ep = &ws.endpoints[endpoint];
-                let tags = endpoint_tags(ep, &params);
+                let mut tags = endpoint_tags(ep, &params);
                 // A generated id nobody can see yet is made when it is first
                 // shown (see `WsStage::ensure_id`): wsgateway never sends it
                 // to the client, so until an event or /status names it no one
@@ -198,7 +198,7 @@ impl HandshakeStage {
                 if let Some(id) = id {
                     io.login = Some(cx.login(id.as_bytes(), me));
                 }
-                cx.tag(me.slot as usize, &tags);
+                cx.tag(me.slot as usize, &mut tags);
                 let broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &tags);
                 io.set_limits(Limits {
                     bytes: ws.max_output_bytes,

@@ -204,8 +204,8 @@ impl SessionOpen {
             return Outcome::Close(CloseReason::Protocol);
         };
         cx.join(Channel::Redis(id), me.slot as usize);
-        let tags = std::mem::take(&mut self.tags);
-        cx.tag(me.slot as usize, &tags);
+        let mut tags = std::mem::take(&mut self.tags);
+        cx.tag(me.slot as usize, &mut tags);
         let ws_cfg = cx.cfg().ws();
         io.set_limits(Limits {
             bytes: ws_cfg.max_output_bytes,

@@ -457,7 +457,9 @@ impl WsStage {
         let slot = me.slot as usize;
         let (removed, added) = apply_changes(self.tags.vec_mut(), changes);
         cx.untag(slot, &removed);
-        cx.tag(slot, &added);
+        // All of them, not just `added`: the list must hold the index's
+        // strings (indexing a tag it already has changes nothing).
+        cx.tag(slot, self.tags.slice_mut());
         if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize) {
             self.broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &self.tags);
             if let Some(l) = io.login.as_ref() {
@@ -758,8 +760,8 @@ mod tests {
     #[test]
     fn closing_leaves_the_tag_index_and_the_channel() {
         let mut t = TestCx::new(CFG, 2);
-        let tags = vec![("room".into(), "r1".into())];
-        t.cx().tag(4, &tags);
+        let mut tags = vec![("room".into(), "r1".into())];
+        t.cx().tag(4, &mut tags);
         let mut st = client(&mut t, 1, tags.clone());
         st.on_close(&test_io("127.0.0.1:1"), me(), &mut t.cx());
         let mut slots = Vec::new();
