@@ -11,21 +11,21 @@ use std::sync::Arc;
 
 use corerelay::engine::directory::{Directory, LookupCache};
 use corerelay::engine::mesh::{Inbox, Item, Outgoing};
-use corerelay::engine::tags::{Tag, TagIndex};
+use corerelay::engine::tags::{Tag, TagIndex, TagList};
 use corerelay::engine::ConnId;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn selector(c: &mut Criterion) {
     let mut ix = TagIndex::default();
     for slot in 0..10_000usize {
-        let mut tags: Vec<Tag> = vec![
+        let tags: Vec<Tag> = vec![
             ("room".into(), format!("r{}", slot % 100).into()),
             (
                 "role".into(),
                 if slot % 10 == 0 { "admin" } else { "user" }.into(),
             ),
         ];
-        ix.insert(slot, &mut tags);
+        ix.insert(slot, &mut TagList::from(tags));
     }
     let want: Vec<Tag> = vec![
         ("role".into(), "admin".into()),

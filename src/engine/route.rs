@@ -20,7 +20,7 @@ use super::mesh::Outgoing;
 use super::message::{AdminCall, FanOp, Fanout, Message};
 use super::metrics::{CoreMetrics, SourceStatus};
 use super::redis::{remote, Answer, Join};
-use super::tags::{Selector, Tag, TagIndex};
+use super::tags::{Selector, Tag, TagIndex, TagList};
 use super::timer::Timing;
 use super::ConnId;
 use crate::config::{Config, RedisConfig, SESSIONS_SERVER};
@@ -325,8 +325,9 @@ impl<'a> Ctx<'a> {
         self.channels.leave(ch, slot);
     }
 
-    /// Indexes `slot` under `tags`, which then share the index's strings.
-    pub(crate) fn tag(&mut self, slot: usize, tags: &mut [Tag]) {
+    /// Indexes `slot` under `tags`, which becomes the list this core's
+    /// connections with the same tags share.
+    pub(crate) fn tag(&mut self, slot: usize, tags: &mut TagList) {
         self.tags.insert(slot, tags);
     }
 
@@ -343,8 +344,8 @@ impl<'a> Ctx<'a> {
         Some(self.tags.selector_of(k, v))
     }
 
-    /// Removes `slot` from the index under `tags`.
-    pub(crate) fn untag(&mut self, slot: usize, tags: &[Tag]) {
+    /// Removes `slot` from the index under `tags`, which it gives up.
+    pub(crate) fn untag(&mut self, slot: usize, tags: TagList) {
         self.tags.remove(slot, tags);
     }
 

@@ -16,26 +16,16 @@ use std::sync::Arc;
 pub type Tag = (Arc<str>, Arc<str>);
 
 /// A connection's tags, sorted by key: none (no allocation, and 8 bytes
-/// of the connection's slab entry, not a vector's 24) or a boxed list.
+/// of the connection's slab entry, not a vector's 24) or a list shared by
+/// every connection of its core with the same tags (see
+/// [`TagIndex::insert`]). A change is a new list: the old one is given
+/// back to the index ([`TagIndex::remove`]) and the new one indexed.
 #[derive(Debug, Default)]
-#[allow(clippy::box_collection)] // a thin pointer is the point
-pub struct TagList(Option<Box<Vec<Tag>>>);
-
-impl TagList {
-    /// The list, for changes (made on the first).
-    pub fn vec_mut(&mut self) -> &mut Vec<Tag> {
-        self.0.get_or_insert_with(Default::default)
-    }
-
-    /// The tags, for [`TagIndex::insert`] (empty when there are none).
-    pub fn slice_mut(&mut self) -> &mut [Tag] {
-        self.0.as_deref_mut().map_or(&mut [], |v| v.as_mut_slice())
-    }
-}
+pub struct TagList(Option<Arc<Vec<Tag>>>);
 
 impl From<Vec<Tag>> for TagList {
     fn from(v: Vec<Tag>) -> Self {
-        TagList((!v.is_empty()).then(|| Box::new(v)))
+        TagList((!v.is_empty()).then(|| Arc::new(v)))
     }
 }
 
@@ -87,6 +77,10 @@ impl Selector {
 #[derive(Debug, Default)]
 pub struct TagIndex {
     by_tag: HashMap<Arc<str>, HashMap<Arc<str>, Members>>,
+    /// The distinct tag lists its connections carry, each held by the
+    /// index and by every connection with exactly those tags (a room of N
+    /// members keeps one list, not N).
+    lists: HashSet<Arc<Vec<Tag>>>,
 }
 
 /// The connections carrying one (key, value), and the selector of exactly
@@ -99,23 +93,45 @@ struct Members {
 }
 
 impl TagIndex {
-    /// Adds `slot` under each tag, and points `tags` at the index's own
-    /// copies of the strings (so the caller's fresh ones are freed).
-    pub fn insert(&mut self, slot: usize, tags: &mut [Tag]) {
-        for (k, v) in tags {
-            if let Some((known, _)) = self.by_tag.get_key_value(&**k) {
-                *k = known.clone();
+    /// Adds `slot` under each of its tags, and makes `list` the one this
+    /// core's connections with the same tags share, whose strings are the
+    /// index's own (so the caller's fresh copies are freed).
+    pub fn insert(&mut self, slot: usize, list: &mut TagList) {
+        let Some(arc) = list.0.as_mut() else {
+            return;
+        };
+        if arc.is_empty() {
+            list.0 = None;
+            return;
+        }
+        match self.lists.get(&**arc) {
+            Some(shared) => *arc = shared.clone(),
+            None => {
+                self.share_strings(Arc::make_mut(arc).as_mut_slice());
+                self.lists.insert(arc.clone());
             }
-            let values = self.by_tag.entry(k.clone()).or_default();
-            if let Some((known, _)) = values.get_key_value(&**v) {
-                *v = known.clone();
+        }
+        for (k, v) in arc.iter() {
+            self.add(slot, k, v);
+        }
+    }
+
+    /// Removes `slot` from each of its tags, dropping emptied sets, and
+    /// lets go of the shared list when `slot` was its last holder. Takes
+    /// the list: a holder that kept it would keep it out of that count.
+    pub fn remove(&mut self, slot: usize, list: TagList) {
+        self.remove_tags(slot, &list);
+        if let Some(arc) = &list.0 {
+            // Held by the index and by this connection alone.
+            let ours = self.lists.get(&**arc).is_some_and(|s| Arc::ptr_eq(s, arc));
+            if ours && Arc::strong_count(arc) == 2 {
+                self.lists.remove(&**arc);
             }
-            values.entry(v.clone()).or_default().slots.insert(slot);
         }
     }
 
     /// Removes `slot` from each tag, dropping emptied sets.
-    pub fn remove(&mut self, slot: usize, tags: &[Tag]) {
+    fn remove_tags(&mut self, slot: usize, tags: &[Tag]) {
         for (k, v) in tags {
             if let Some(values) = self.by_tag.get_mut(k) {
                 if let Some(m) = values.get_mut(v) {
@@ -129,6 +145,31 @@ impl TagIndex {
                 }
             }
         }
+    }
+
+    /// Points `tags` at the index's copies of strings it already has (and
+    /// makes entries for the others, so they become the index's copies).
+    fn share_strings(&mut self, tags: &mut [Tag]) {
+        for (k, v) in tags {
+            if let Some((known, _)) = self.by_tag.get_key_value(&**k) {
+                *k = known.clone();
+            }
+            let values = self.by_tag.entry(k.clone()).or_default();
+            if let Some((known, _)) = values.get_key_value(&**v) {
+                *v = known.clone();
+            }
+            values.entry(v.clone()).or_default();
+        }
+    }
+
+    fn add(&mut self, slot: usize, k: &Arc<str>, v: &Arc<str>) {
+        self.by_tag
+            .entry(k.clone())
+            .or_default()
+            .entry(v.clone())
+            .or_default()
+            .slots
+            .insert(slot);
     }
 
     /// Slots carrying every tag in `want` (non-empty), smallest set first.
@@ -175,6 +216,11 @@ impl TagIndex {
     pub fn entries(&self) -> usize {
         self.by_tag.values().map(HashMap::len).sum()
     }
+
+    /// Distinct tag lists held (for memory checks and tests).
+    pub fn lists(&self) -> usize {
+        self.lists.len()
+    }
 }
 
 /// Applies a `settags` body to a sorted tag list: an empty value deletes.
@@ -205,37 +251,67 @@ mod tests {
     #[test]
     fn members_of_one_value_share_one_selector_while_any_is_there() {
         let mut ix = TagIndex::default();
-        ix.insert(1, &mut t(&[("room", "a")]));
-        ix.insert(2, &mut t(&[("room", "a")]));
+        let (mut m1, mut m2) = (l(&[("room", "a")]), l(&[("room", "a")]));
+        ix.insert(1, &mut m1);
+        ix.insert(2, &mut m2);
         let (s1, s2) = (ix.selector_of("room", "a"), ix.selector_of("room", "a"));
-        assert!(std::sync::Arc::ptr_eq(&s1, &s2));
+        assert!(Arc::ptr_eq(&s1, &s2));
         assert_eq!(*s1, Selector::Tags(t(&[("room", "a")])));
-        assert!(!std::sync::Arc::ptr_eq(&s1, &ix.selector_of("room", "b")));
-        ix.remove(1, &t(&[("room", "a")]));
-        ix.remove(2, &t(&[("room", "a")]));
+        assert!(!Arc::ptr_eq(&s1, &ix.selector_of("room", "b")));
+        ix.remove(1, m1);
+        ix.remove(2, m2);
         assert_eq!(ix.entries(), 0, "the last member takes the entry along");
-        ix.insert(3, &mut t(&[("room", "a")]));
+        assert_eq!(ix.lists(), 0, "and the list");
+        let mut m3 = l(&[("room", "a")]);
+        ix.insert(3, &mut m3);
         let s3 = ix.selector_of("room", "a");
-        assert!(!std::sync::Arc::ptr_eq(&s1, &s3) && *s1 == *s3);
+        assert!(!Arc::ptr_eq(&s1, &s3) && *s1 == *s3);
         let mut out = Vec::new();
         ix.select(&t(&[("room", "a")]), &mut out);
         assert_eq!(out, [3]);
     }
 
     #[test]
-    fn members_of_one_tag_share_its_strings_with_the_index() {
+    fn members_with_the_same_tags_share_one_list_and_the_index_strings() {
         let mut ix = TagIndex::default();
-        let (mut a, mut b) = (t(&[("room", "x")]), t(&[("room", "x")]));
+        let (mut a, mut b) = (l(&[("room", "x")]), l(&[("room", "x")]));
         ix.insert(1, &mut a);
         ix.insert(2, &mut b);
-        assert!(Arc::ptr_eq(&a[0].0, &b[0].0) && Arc::ptr_eq(&a[0].1, &b[0].1));
-        // The index's copy and the two members' references, nothing else.
-        assert_eq!(Arc::strong_count(&a[0].1), 3);
+        let (la, lb) = (a.0.as_ref().unwrap(), b.0.as_ref().unwrap());
+        assert!(Arc::ptr_eq(la, lb), "one list");
+        // The index's own and the two members'.
+        assert_eq!(Arc::strong_count(la), 3);
         let s = ix.selector_of("room", "x");
         let Selector::Tags(st) = &*s else {
             panic!("a tag selector: {s:?}");
         };
-        assert!(Arc::ptr_eq(&st[0].1, &a[0].1));
+        assert!(Arc::ptr_eq(&st[0].1, &a[0].1), "one copy of the value");
+        // A change gives the changed member a list of its own; the other
+        // keeps the shared one, and a list nobody holds is let go.
+        let b = change(&mut ix, 2, b, &[("room", "y")]);
+        assert!(!Arc::ptr_eq(a.0.as_ref().unwrap(), b.0.as_ref().unwrap()));
+        assert_eq!(&*b, &t(&[("room", "y")])[..]);
+        assert_eq!(ix.lists(), 2);
+        let mut out = Vec::new();
+        ix.select(&t(&[("room", "x")]), &mut out);
+        assert_eq!(out, [1]);
+        ix.remove(1, a);
+        ix.remove(2, b);
+        assert_eq!((ix.entries(), ix.lists()), (0, 0));
+    }
+
+    /// What /settags does: out under the old list, in under the new one.
+    fn change(ix: &mut TagIndex, slot: usize, old: TagList, changes: &[(&str, &str)]) -> TagList {
+        let mut v = old.to_vec();
+        ix.remove(slot, old);
+        let changes: Vec<(String, String)> = changes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        apply_changes(&mut v, &changes);
+        let mut new = TagList::from(v);
+        ix.insert(slot, &mut new);
+        new
     }
 
     fn t(pairs: &[(&str, &str)]) -> Vec<Tag> {
@@ -243,6 +319,10 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect()
+    }
+
+    fn l(pairs: &[(&str, &str)]) -> TagList {
+        t(pairs).into()
     }
 
     #[test]
@@ -268,28 +348,34 @@ mod tests {
     #[test]
     fn and_of_tags_and_no_stale_entries() {
         let mut ix = TagIndex::default();
-        let mut a = t(&[("role", "admin"), ("room", "1")]);
+        let mut a = l(&[("role", "admin"), ("room", "1")]);
+        let mut b = l(&[("room", "1")]);
         ix.insert(1, &mut a);
-        ix.insert(2, &mut t(&[("room", "1")]));
+        ix.insert(2, &mut b);
         let mut out = vec![];
         ix.select(&t(&[("room", "1"), ("role", "admin")]), &mut out);
         assert_eq!(out, vec![1]);
         // Change room 1 -> 2 on slot 1: it leaves room 1 entirely.
-        let (removed, mut added) = apply_changes(
-            &mut a,
+        let mut v = a.to_vec();
+        let (removed, added) = apply_changes(
+            &mut v,
             &[("room".into(), "2".into()), ("role".into(), "".into())],
         );
-        ix.remove(1, &removed);
-        ix.insert(1, &mut added);
-        assert_eq!(a, t(&[("room", "2")]));
+        assert_eq!(removed, t(&[("room", "1"), ("role", "admin")]));
+        assert_eq!(added, t(&[("room", "2")]));
+        let a = change(&mut ix, 1, a, &[("room", "2"), ("role", "")]);
+        assert_eq!(&*a, &t(&[("room", "2")])[..]);
         out.clear();
         ix.select(&t(&[("room", "1")]), &mut out);
         assert_eq!(out, vec![2]);
         out.clear();
         ix.select(&t(&[("role", "admin")]), &mut out);
         assert!(out.is_empty(), "deleted tag matches nothing");
-        ix.remove(1, &a);
-        ix.remove(2, &t(&[("room", "1")]));
-        assert_eq!(ix.entries(), 0);
+        // Deleting every tag leaves no list.
+        let a = change(&mut ix, 1, a, &[("room", "")]);
+        assert!(a.0.is_none());
+        ix.remove(1, a);
+        ix.remove(2, b);
+        assert_eq!((ix.entries(), ix.lists()), (0, 0));
     }
 }

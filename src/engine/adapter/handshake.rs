@@ -18,7 +18,7 @@ use crate::config::OnMessage;
 use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits};
 use crate::engine::route::Ctx;
-use crate::engine::tags::Tag;
+use crate::engine::tags::{Tag, TagList};
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
 use crate::protocol::deflate::{self, Agreed, Policy};
@@ -181,7 +181,7 @@ impl HandshakeStage {
             }
             (Some((endpoint, params)), _) => {
                 let ep = &ws.endpoints[endpoint];
-                let mut tags = endpoint_tags(ep, &params);
+                let mut tags: TagList = endpoint_tags(ep, &params).into();
                 // A generated id nobody can see yet is made when it is first
                 // shown (see `WsStage::ensure_id`): wsgateway never sends it
                 // to the client, so until an event or /status names it no one

@@ -19,7 +19,7 @@ use crate::engine::channels::Channel;
 use crate::engine::io::{CloseReason, Io, Limits, Queued};
 use crate::engine::redis::{Answer, Join, JoinState};
 use crate::engine::route::Ctx;
-use crate::engine::tags::Tag;
+use crate::engine::tags::{Tag, TagList};
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
 use crate::protocol::http::{self, Request};
@@ -204,7 +204,7 @@ impl SessionOpen {
             return Outcome::Close(CloseReason::Protocol);
         };
         cx.join(Channel::Redis(id), me.slot as usize);
-        let mut tags = std::mem::take(&mut self.tags);
+        let mut tags: TagList = std::mem::take(&mut self.tags).into();
         cx.tag(me.slot as usize, &mut tags);
         let ws_cfg = cx.cfg().ws();
         io.set_limits(Limits {

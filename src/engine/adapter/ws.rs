@@ -20,7 +20,7 @@ use crate::engine::io::{CloseReason, Io, Queued};
 use crate::engine::keepalive::{Due, Keepalive};
 use crate::engine::message::{Message, Wire};
 use crate::engine::route::Ctx;
-use crate::engine::tags::{apply_changes, Selector, Tag, TagList};
+use crate::engine::tags::{apply_changes, Selector, TagList};
 use crate::engine::timer::Timing;
 use crate::engine::ConnId;
 use crate::protocol::rely::{self, Frame, Parse};
@@ -91,14 +91,14 @@ impl WsStage {
     pub(crate) fn endpoint(
         index: usize,
         ep: &Endpoint,
-        tags: Vec<Tag>,
+        tags: TagList,
         broadcast: Option<Arc<Selector>>,
         cx: &Ctx<'_>,
     ) -> WsStage {
         WsStage {
             decoder: Decoder::new(ep.max_message_size),
             role: Role::Endpoint(index as u16),
-            tags: tags.into(),
+            tags,
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast,
             deflate: None,
@@ -184,13 +184,13 @@ impl WsStage {
         endpoint: u16,
         ep: &Endpoint,
         channel: u32,
-        tags: Vec<Tag>,
+        tags: TagList,
         cx: &Ctx<'_>,
     ) -> WsStage {
         WsStage {
             decoder: Decoder::new(ep.max_message_size),
             role: Role::Session { endpoint, channel },
-            tags: tags.into(),
+            tags,
             keepalive: Keepalive::new(cx.now(), cx.timing().ws_ping),
             broadcast: None,
             deflate: None,
@@ -421,7 +421,6 @@ impl WsStage {
 
     pub(crate) fn on_close(&mut self, io: &Io, me: ConnId, cx: &mut Ctx<'_>) {
         let slot = me.slot as usize;
-        cx.untag(slot, &self.tags);
         if let (Role::Endpoint(i), Some(l)) = (self.role, io.login.as_ref()) {
             if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize).filter(|e| e.events) {
                 // A replaced connection's id now names the newer one: its
@@ -430,6 +429,7 @@ impl WsStage {
                 crate::engine::events::on_close(cx, me, ep, l.id(), &self.tags, !replaced);
             }
         }
+        cx.untag(slot, std::mem::take(&mut self.tags));
         match self.role {
             Role::Source(src) => cx.leave(Channel::Source(src), slot),
             Role::Session { channel: ch, .. } => {
@@ -455,11 +455,13 @@ impl WsStage {
             return false;
         };
         let slot = me.slot as usize;
-        let (removed, added) = apply_changes(self.tags.vec_mut(), changes);
-        cx.untag(slot, &removed);
-        // All of them, not just `added`: the list must hold the index's
-        // strings (indexing a tag it already has changes nothing).
-        cx.tag(slot, self.tags.slice_mut());
+        // Out of the index under the old list, back in under the new one:
+        // the list may be shared, and the new one may match another's.
+        let mut tags = self.tags.to_vec();
+        cx.untag(slot, std::mem::take(&mut self.tags));
+        let (removed, added) = apply_changes(&mut tags, changes);
+        self.tags = tags.into();
+        cx.tag(slot, &mut self.tags);
         if let Some(ep) = cx.cfg().ws().endpoints.get(i as usize) {
             self.broadcast = cx.broadcast_selector(ep.broadcast_tag.as_deref(), &self.tags);
             if let Some(l) = io.login.as_ref() {
@@ -606,6 +608,7 @@ mod tests {
     use crate::engine::mesh::Item;
     use crate::engine::message::FanOp;
     use crate::engine::route::test::{deliveries, TestCx};
+    use crate::engine::tags::Tag;
 
     const CFG: &str = "workers: 2\npin: false\nwebsocket:\n  listen: []\n  endpoints:\n    - path: /echo\n      on_message: echo\n    - path: /room/{room}\n      on_message: broadcast\n      broadcast_tag: room\n    - path: /rely/{id}\n      id_param: id\n      on_message: rely\nsources:\n  - url: \"ws://127.0.0.1:9/feed\"\n    websocket_port: 0\n  - url: \"ws://127.0.0.1:9/other\"\n    websocket_port: 0\n";
 
@@ -628,6 +631,7 @@ mod tests {
         let mut cx = t.cx();
         let tag = cx.cfg().ws().endpoints[endpoint].broadcast_tag.clone();
         let b = cx.broadcast_selector(tag.as_deref(), &tags);
+        let tags = tags.into();
         let ep = &cx.cfg().ws().endpoints[endpoint];
         WsStage::endpoint(endpoint, ep, tags, b, &cx)
     }
@@ -760,9 +764,9 @@ mod tests {
     #[test]
     fn closing_leaves_the_tag_index_and_the_channel() {
         let mut t = TestCx::new(CFG, 2);
-        let mut tags = vec![("room".into(), "r1".into())];
-        t.cx().tag(4, &mut tags);
+        let tags: Vec<Tag> = vec![("room".into(), "r1".into())];
         let mut st = client(&mut t, 1, tags.clone());
+        t.cx().tag(4, &mut st.tags);
         st.on_close(&test_io("127.0.0.1:1"), me(), &mut t.cx());
         let mut slots = Vec::new();
         t.tags.select(&tags, &mut slots);
