@@ -25,9 +25,13 @@ fn node_yaml(redis: &RedisServer, name: &str, extra: &str) -> String {
 
 /// A node named `name` on `redis` (see [`node_yaml`]).
 fn node(redis: &RedisServer, name: &str, extra: &str) -> ServerHandle {
-    let yaml = node_yaml(redis, name, extra);
-    let n = Server::start(Config::from_yaml(&yaml, None).expect("cluster config"))
-        .expect("node starts");
+    node_of(&node_yaml(redis, name, extra))
+}
+
+/// A node of this YAML, once its Redis connections are up.
+fn node_of(yaml: &str) -> ServerHandle {
+    let n =
+        Server::start(Config::from_yaml(yaml, None).expect("cluster config")).expect("node starts");
     // Until its Redis connections are up a node serves alone (its logins
     // are claimed, and its kicks heard, from then on).
     wait_until(
@@ -192,19 +196,11 @@ fn a_login_repeated_on_one_connection_is_held_once_and_let_go_at_close() {
 fn replies_that_wait_for_their_batch_are_not_taken_for_timeouts() {
     let redis = RedisServer::start();
     let node_q = |name: &str| {
-        let yaml = node_yaml(&redis, name, "  redis:\n    request_timeout: 90ms\n")
-            .replace("ping_interval: 100ms", "ping_interval: 10s")
-            .replace("node_expiry: 1s", "node_expiry: 30s");
-        let n = Server::start(Config::from_yaml(&yaml, None).expect("cluster config"))
-            .expect("node starts");
-        wait_until(
-            || {
-                let m = n.metrics();
-                m.redis_cmd_up == 2 && m.redis_sub_up == 2
-            },
-            "the node's Redis connections up",
-        );
-        n
+        node_of(
+            &node_yaml(&redis, name, "  redis:\n    request_timeout: 90ms\n")
+                .replace("ping_interval: 100ms", "ping_interval: 10s")
+                .replace("node_expiry: 1s", "node_expiry: 30s"),
+        )
     };
     let (a, b) = (node_q("a"), node_q("b"));
     let mut alice = login(&a, "alice");
