@@ -929,12 +929,19 @@ fn conns(a: &Args, s: &Setup) {
         open.push(t);
     }
     if a.ws {
-        // Read each 101 so every connection has finished its upgrade.
-        for t in &mut open {
+        // Read each 101 so every connection has finished its upgrade (a
+        // refused one would measure nothing: say so and stop).
+        for (i, t) in open.iter_mut().enumerate() {
             let mut head = Vec::new();
             let mut b = [0u8; 1];
             while !head.ends_with(b"\r\n\r\n") && t.read(&mut b).unwrap_or(0) == 1 {
                 head.push(b[0]);
+            }
+            if !head.starts_with(b"HTTP/1.1 101") {
+                let line =
+                    String::from_utf8_lossy(head.split(|&c| c == b'\r').next().unwrap_or(&[]));
+                eprintln!("corerelay-bench: connection {i} was not upgraded: {line:?}");
+                std::process::exit(1);
             }
         }
     }
