@@ -1252,7 +1252,9 @@ impl Redis {
                     return Ok(());
                 }
                 if s.subscribed {
-                    for w in s.waiting.drain(..) {
+                    // Taken, not drained: an idle session's channel keeps
+                    // no buffer for joiners that came once.
+                    for w in std::mem::take(&mut s.waiting) {
                         self.events.push(Event::Ready(w, s.id));
                     }
                 } else if s.refs == 0 {

@@ -24,7 +24,10 @@ pub type Tag = (Arc<str>, Arc<str>);
 pub struct TagList(Option<Arc<Vec<Tag>>>);
 
 impl From<Vec<Tag>> for TagList {
-    fn from(v: Vec<Tag>) -> Self {
+    fn from(mut v: Vec<Tag>) -> Self {
+        // A list is built once and kept as long as its connections: no
+        // spare room (a vector of two pushed tags has room for four).
+        v.shrink_to_fit();
         TagList((!v.is_empty()).then(|| Arc::new(v)))
     }
 }

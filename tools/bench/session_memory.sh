@@ -3,6 +3,7 @@
 # per idle socket when each socket is its own session, when all share one
 # session, and for a plain /echo socket, each RUNS times; prints medians.
 # Usage: tools/bench/session_memory.sh [RUNS] [CONNS]
+# CORERELAY=path runs that server binary (an A/B against another build).
 # Needs redis-server on PATH (apt-get install redis-server).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,7 +47,7 @@ websocket:
 redis:
   url: redis://127.0.0.1:$RPORT
 YAML
-  taskset -c "$LAST" target/release/corerelay -c "$OUT/cr.yaml" >"$OUT/corerelay.log" 2>&1 & SPID=$!
+  taskset -c "$LAST" "${CORERELAY:-target/release/corerelay}" -c "$OUT/cr.yaml" >"$OUT/corerelay.log" 2>&1 & SPID=$!
   wait_port "$PORT" || { echo "corerelay did not open port $PORT" >&2; cat "$OUT/corerelay.log" >&2; exit 1; }
 }
 stop() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID=; }
