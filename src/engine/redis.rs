@@ -238,9 +238,9 @@ struct Sub {
     /// Its local channel id.
     id: u32,
     /// Members and joiners.
-    refs: usize,
+    refs: u32,
     /// Joiners waiting for the confirmation.
-    waiting: Vec<ConnId>,
+    waiting: Few<ConnId>,
     /// The last command sent for it was SUBSCRIBE.
     subscribed: bool,
     /// Confirmations still due for commands sent for it.
@@ -250,7 +250,54 @@ struct Sub {
     selector: Option<Arc<Selector>>,
     /// Joins per core from other cores (`redis.per_core: false`), indexed
     /// by core; empty while only this core's connections joined.
-    remote: Vec<u32>,
+    remote: Few<u32>,
+}
+
+/// A vector that costs one pointer while empty: most channels (an idle
+/// session's) have no joiner waiting and no member on another core, and
+/// a core holds one `Sub` per channel.
+#[derive(Debug)]
+#[allow(clippy::box_collection)] // 8 bytes, not a vector's 24, in every entry
+struct Few<T>(Option<Box<Vec<T>>>);
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Few(None)
+    }
+}
+
+impl<T> Few<T> {
+    /// The vector, for growing (made on the first).
+    fn vec(&mut self) -> &mut Vec<T> {
+        self.0.get_or_insert_with(Default::default)
+    }
+
+    /// Its items; it holds nothing after.
+    fn take(&mut self) -> Vec<T> {
+        self.0.take().map(|v| *v).unwrap_or_default()
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
+        if let Some(v) = self.0.as_mut() {
+            v.retain(keep);
+            if v.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Few<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl<T> std::ops::DerefMut for Few<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.0.as_deref_mut().map_or(&mut [], Vec::as_mut_slice)
+    }
 }
 
 /// One core's Redis client.
@@ -429,11 +476,11 @@ impl Redis {
             Sub {
                 id,
                 refs: 1,
-                waiting: Vec::new(),
+                waiting: Few::default(),
                 subscribed: sent,
                 outstanding: u32::from(sent),
                 selector,
-                remote: Vec::new(),
+                remote: Few::default(),
             },
         );
         id
@@ -669,7 +716,7 @@ impl Redis {
         if let Some(s) = self.subs.get_mut(name) {
             if let Some(c) = remote {
                 if s.remote.len() <= c {
-                    s.remote.resize(c + 1, 0);
+                    s.remote.vec().resize(c + 1, 0);
                 }
                 s.remote[c] += 1;
             }
@@ -688,7 +735,7 @@ impl Redis {
                 s.outstanding += 1;
             }
             s.refs += 1;
-            s.waiting.push(me);
+            s.waiting.vec().push(me);
             return Join::Pending(s.id);
         }
         if up && !self.sub.push(&[b"SUBSCRIBE", name], cfg.max_pending_bytes) {
@@ -696,9 +743,9 @@ impl Redis {
         }
         let id = self.insert_sub(name, up, true);
         if let Some(s) = self.subs.get_mut(name) {
-            s.waiting.push(me);
+            s.waiting.vec().push(me);
             if let Some(c) = remote {
-                s.remote.resize(c + 1, 0);
+                s.remote.vec().resize(c + 1, 0);
                 s.remote[c] = 1;
             }
         }
@@ -1254,7 +1301,7 @@ impl Redis {
                 if s.subscribed {
                     // Taken, not drained: an idle session's channel keeps
                     // no buffer for joiners that came once.
-                    for w in std::mem::take(&mut s.waiting) {
+                    for w in s.waiting.take() {
                         self.events.push(Event::Ready(w, s.id));
                     }
                 } else if s.refs == 0 {
@@ -1594,5 +1641,29 @@ fn resolve(host: String, port: u16, shared: Arc<Shared>, core: usize) -> State {
         None => State::Idle {
             retry_at: Instant::now() + Duration::from_secs(1),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_entry_stays_small_and_gives_its_buffers_back() {
+        // A core holds one per channel: an idle session's is one of these.
+        assert!(
+            std::mem::size_of::<Sub>() <= 40,
+            "{}",
+            std::mem::size_of::<Sub>()
+        );
+        let mut w: Few<u32> = Few::default();
+        w.vec().extend([1, 2, 3]);
+        w.retain(|&x| x != 2);
+        assert_eq!(&*w, &[1, 3]);
+        assert_eq!(w.take(), [1, 3]);
+        assert!(w.0.is_none() && w.is_empty());
+        w.vec().push(4);
+        w.retain(|_| false);
+        assert!(w.0.is_none(), "an emptied one holds no buffer");
     }
 }
