@@ -174,16 +174,18 @@ impl TagIndex {
             list.0 = None;
             return;
         }
-        match self.lists.get(&**arc) {
-            Some(shared) => *arc = shared.clone(),
-            None => {
-                self.share_strings(Arc::make_mut(arc).as_mut_slice());
-                self.lists.insert(arc.clone());
+        if let Some(shared) = self.lists.get(&**arc) {
+            // Its strings are the index's already.
+            *arc = shared.clone();
+            for (k, v) in arc.iter() {
+                self.add(slot, k, v);
             }
+            return;
         }
-        for (k, v) in arc.iter() {
-            self.add(slot, k, v);
+        for tag in Arc::make_mut(arc).iter_mut() {
+            *tag = self.add(slot, &tag.0, &tag.1);
         }
+        self.lists.insert(arc.clone());
     }
 
     /// Removes `slot` from each of its tags, dropping emptied sets, and
@@ -192,9 +194,12 @@ impl TagIndex {
     pub fn remove(&mut self, slot: usize, list: TagList) {
         self.remove_tags(slot, &list);
         if let Some(arc) = &list.0 {
-            // Held by the index and by this connection alone.
-            let ours = self.lists.get(&**arc).is_some_and(|s| Arc::ptr_eq(s, arc));
-            if ours && Arc::strong_count(arc) == 2 {
+            // Held by the index and by this connection alone (the count
+            // first: most closes leave a list others still share, and need
+            // not hash it).
+            if Arc::strong_count(arc) == 2
+                && self.lists.get(&**arc).is_some_and(|s| Arc::ptr_eq(s, arc))
+            {
                 self.lists.remove(&**arc);
             }
         }
@@ -217,29 +222,15 @@ impl TagIndex {
         }
     }
 
-    /// Points `tags` at the index's copies of strings it already has (and
-    /// makes entries for the others, so they become the index's copies).
-    fn share_strings(&mut self, tags: &mut [Tag]) {
-        for (k, v) in tags {
-            if let Some((known, _)) = self.by_tag.get_key_value(&**k) {
-                *k = known.clone();
-            }
-            let values = self.by_tag.entry(k.clone()).or_default();
-            if let Some((known, _)) = values.get_key_value(&**v) {
-                *v = known.clone();
-            }
-            values.entry(v.clone()).or_default();
-        }
-    }
-
-    fn add(&mut self, slot: usize, k: &Arc<str>, v: &Arc<str>) {
-        self.by_tag
-            .entry(k.clone())
-            .or_default()
-            .entry(v.clone())
-            .or_default()
-            .slots
-            .insert(slot);
+    /// Adds `slot` under (`k`, `v`); the index's own copies of the two
+    /// strings (these, if it had none).
+    fn add(&mut self, slot: usize, k: &Arc<str>, v: &Arc<str>) -> Tag {
+        let e = self.by_tag.entry(k.clone());
+        let key = e.key().clone();
+        let e = e.or_default().entry(v.clone());
+        let value = e.key().clone();
+        e.or_default().slots.insert(slot);
+        (key, value)
     }
 
     /// Slots carrying every tag in `want` (non-empty), smallest set first.
@@ -360,6 +351,10 @@ mod tests {
         let b = change(&mut ix, 2, b, &[("room", "y")]);
         assert!(!Arc::ptr_eq(a.0.as_ref().unwrap(), b.0.as_ref().unwrap()));
         assert_eq!(&*b, &t(&[("room", "y")])[..]);
+        assert!(
+            Arc::ptr_eq(&a[0].0, &b[0].0),
+            "one copy of the key across lists"
+        );
         assert_eq!(ix.lists(), 2);
         let mut out = Vec::new();
         ix.select(&t(&[("room", "x")]), &mut out);
