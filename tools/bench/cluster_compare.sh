@@ -17,13 +17,9 @@ B=target/release/corerelay-bench
 OUT=$(mktemp -d)
 trap 'kill $(cat "$OUT"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$OUT"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. tools/bench/common.sh
 
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log"
-for _ in $(seq 50); do [ -s "$OUT/redis.pid" ] && break; sleep 0.1; done
-RPID=$(cat "$OUT/redis.pid")
+start_redis "$OUT"
 
 # Two nodes of one cluster, one worker each (the machine has 2 CPUs and
 # also runs the client and redis-server).

@@ -13,13 +13,9 @@ ulimit -n 20000 2>/dev/null || true
 OUT=$(mktemp -d)
 trap 'kill $(cat "$OUT"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$OUT"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. tools/bench/common.sh
 
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log"
-for _ in $(seq 50); do [ -s "$OUT/redis.pid" ] && break; sleep 0.1; done
-RPID=$(cat "$OUT/redis.pid")
+start_redis "$OUT"
 
 CPORT=$(free_port)
 printf 'workers: 2\nrely:\n  listen: ["127.0.0.1:%s"]\n  idle_timeout: 0\n' "$CPORT" > "$OUT/corerelay.yaml"

@@ -20,8 +20,7 @@ ulimit -n 20000 2>/dev/null || true
 LAST=$(( $(nproc) - 1 ))
 # taskset execs the program: $! is the server's own PID (for --pid and kill).
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+. tools/bench/common.sh
 
 start() { # floor|corerelay -> SPID, PORT
   PORT=$(free_port)

@@ -17,13 +17,9 @@ trap '[ -n "$SPID" ] && kill $SPID 2>/dev/null; kill $(cat "$OUT/redis.pid" 2>/d
 ulimit -n 20000 2>/dev/null || true
 LAST=$(( $(nproc) - 1 ))
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+. tools/bench/common.sh
 
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log"
-wait_port "$RPORT"
+start_redis "$OUT"
 
 start() { # -> SPID, PORT
   PORT=$(free_port)

@@ -18,7 +18,7 @@ if ! "$VENV/bin/python" -c 'import veltix' 2>/dev/null; then
 fi
 OUT=$(mktemp -d)
 trap 'kill $(cat "$OUT"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$OUT"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. tools/bench/common.sh
 run() { # name, args...
   local name=$1; shift
   for _ in $(seq "$RUNS"); do
